@@ -1,0 +1,176 @@
+"""Options of ``tileseg segment``: defaults, YAML config files, validation.
+
+Precedence: built-in defaults < YAML config file < command-line flags. Every problem is a
+:class:`~pipeline.errors.TilesegError` naming the config file (or the flag) and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import TilesegError
+
+NORMALIZE = ("none", "percentile", "fixed")
+PRECISION = ("auto", "fp32", "bf16", "fp16")
+PROBABILITY_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Everything that decides how an image is segmented (and is recorded as provenance)."""
+
+    model: str | None = None
+    halo: int | None = None
+    align: int | None = None
+    tile: int | None = None  # default: 1024 (2D) / 128 (3D)
+    chunk: int | None = None  # default: min(512, tile) (2D) / min(64, tile) (3D)
+    batch_size: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    normalize: str = "percentile"
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    scale: float | None = None
+    offset: float | None = None
+    level: int = 0
+    axes: str | None = None
+    save_probabilities: bool = False
+    probability_dtype: str = "float16"
+    scheduler: str | None = None
+    workers: int = 1
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["percentiles"] = list(self.percentiles)
+        return data
+
+    def tile_and_chunk(self, ndim: int) -> tuple[int, int]:
+        tile = self.tile or (1024 if ndim == 2 else 128)
+        chunk = self.chunk or min(512 if ndim == 2 else 64, tile)
+        return tile, chunk
+
+
+# Expected type per option; (type, None) means the value may also be null.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str, type(None)),
+    "halo": (int, type(None)),
+    "align": (int, type(None)),
+    "tile": (int, type(None)),
+    "chunk": (int, type(None)),
+    "batch_size": (int,),
+    "device": (str,),
+    "precision": (str,),
+    "normalize": (str,),
+    "percentiles": (list, tuple),
+    "scale": (float, int, type(None)),
+    "offset": (float, int, type(None)),
+    "level": (int,),
+    "axes": (str, type(None)),
+    "save_probabilities": (bool,),
+    "probability_dtype": (str,),
+    "scheduler": (str, type(None)),
+    "workers": (int,),
+    "overwrite": (bool,),
+}
+assert set(_TYPES) == {f.name for f in fields(SegmentOptions)}
+
+
+def _check(key: str, value: Any, source: str | None) -> Any:
+    """Validate one option value and return it in its canonical form."""
+    where = source or f"--{key.replace('_', '-')}"
+
+    def bad(problem: str) -> TilesegError:
+        return TilesegError(where, f"{key}: {problem}")
+
+    types = _TYPES[key]
+    # bool is an int subclass: reject True for an int option explicitly.
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise bad(f"expected {names}, got {value!r}")
+    if key in ("halo",) and value is not None and value < 0:
+        raise bad("must be >= 0")
+    if key in ("align", "tile", "chunk", "batch_size", "workers") and value is not None:
+        if value < 1:
+            raise bad("must be >= 1")
+    if key == "level" and value < 0:
+        raise bad("must be >= 0")
+    choices = {
+        "normalize": NORMALIZE,
+        "precision": PRECISION,
+        "probability_dtype": PROBABILITY_DTYPES,
+    }
+    if key in choices and value not in choices[key]:
+        raise bad(f"must be one of {', '.join(choices[key])}, got {value!r}")
+    if key == "device" and not (value in ("auto", "cpu") or value.startswith("cuda")):
+        raise bad(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    if key == "percentiles":
+        if len(value) != 2 or not all(isinstance(v, int | float) for v in value):
+            raise bad("must be two numbers [low, high]")
+        lo, hi = float(value[0]), float(value[1])
+        if not 0 <= lo < hi <= 100:
+            raise bad("need 0 <= low < high <= 100")
+        return (lo, hi)
+    if key in ("scale", "offset") and value is not None:
+        return float(value)
+    if key == "axes" and value is not None:
+        axes = value.upper()
+        if len(set(axes)) != len(axes) or not set(axes) <= set("TCZYXS"):
+            raise bad(f"axes must be letters from TCZYXS without repeats, got {value!r}")
+        return axes
+    return value
+
+
+def options_from_mapping(
+    data: dict[str, Any], *, base: SegmentOptions | None = None, source: str | None = None
+) -> SegmentOptions:
+    """Apply a mapping of option values (from YAML or flags) on top of ``base``."""
+    known = {f.name for f in fields(SegmentOptions)}
+    for key in data:
+        if key not in known:
+            known_list = ", ".join(sorted(known))
+            raise TilesegError(source, f"unknown option {key!r} (known: {known_list})")
+    checked = {key: _check(key, value, source) for key, value in data.items()}
+    options = replace(base or SegmentOptions(), **checked)
+    if options.normalize == "fixed" and options.scale is None:
+        raise TilesegError(source or "--normalize", "normalize: fixed needs a scale (--scale)")
+    return options
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into a mapping of options (validated by the caller)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TilesegError(path, f"cannot read config ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TilesegError(path, f"invalid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TilesegError(path, "config must be a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # One file may also hold other commands' sections (e.g. `train:`); `segment:` is ours.
+    if isinstance(data.get("segment"), dict):
+        data = {str(k).replace("-", "_"): v for k, v in data["segment"].items()}
+    return data
+
+
+def resolve_options(
+    *, config: str | os.PathLike[str] | None, flags: dict[str, Any]
+) -> SegmentOptions:
+    """Defaults, then the config file, then the flags that were given (not None)."""
+    options = SegmentOptions()
+    if config is not None:
+        options = options_from_mapping(load_config(config), base=options, source=os.fspath(config))
+    given = {k: v for k, v in flags.items() if v is not None}
+    return options_from_mapping(given, base=options)

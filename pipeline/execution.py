@@ -1,0 +1,88 @@
+"""Running independent tasks on Dask: embedded threads by default, or an existing cluster.
+
+Tasks take small picklable specs and return small result dicts; the data they produce goes
+straight to the output store, never through the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, TypeVar
+
+import dask
+from dask.callbacks import Callback
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Progress(Callback):
+    """Dask local-scheduler hook calling ``on_done`` with each finished task's result."""
+
+    def __init__(self, keys: set[Any], on_done: Callable[[Any], None]) -> None:
+        super().__init__()
+        self._keys = keys
+        self._on_done = on_done
+
+    def _posttask(self, key, result, dsk, state, worker_id) -> None:
+        if key in self._keys:
+            self._on_done(result)
+
+
+def run_tasks(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    scheduler: str | None = None,
+    workers: int = 1,
+    on_done: Callable[[R], None] | None = None,
+    name: str = "tileseg",
+) -> list[R]:
+    """Run ``fn`` on every item and return the results in order.
+
+    Parameters
+    ----------
+    scheduler
+        ``None`` runs on Dask's embedded threaded scheduler with ``workers`` threads (no server);
+        an address (``tcp://host:8786``) runs on that existing distributed cluster, where a lost
+        worker's tasks are rescheduled elsewhere.
+    on_done
+        Called in the calling process with each result as it finishes (progress reporting).
+    """
+    if not items:
+        return []
+    if scheduler is None:
+        tasks = [
+            dask.delayed(fn, pure=False)(item, dask_key_name=(name, i))
+            for i, item in enumerate(items)
+        ]
+        progress = _Progress({t.key for t in tasks}, on_done) if on_done else nullcontext()
+        with progress:
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+    return _run_distributed(fn, items, scheduler=scheduler, on_done=on_done)
+
+
+def _run_distributed(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    scheduler: str,
+    on_done: Callable[[R], None] | None,
+) -> list[R]:
+    from distributed import Client, as_completed
+
+    with Client(scheduler, set_as_default=False) as client:
+        futures = client.map(fn, list(items), pure=False)
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list[Any] = [None] * len(futures)
+        try:
+            for future in as_completed(futures):
+                # .result() re-raises a task's exception here, with its original type.
+                results[index[future.key]] = result = future.result()
+                if on_done:
+                    on_done(result)
+        except BaseException:
+            client.cancel(futures)
+            raise
+    return results

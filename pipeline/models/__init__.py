@@ -1,0 +1,85 @@
+"""Models: the built-in U-Net, its file format, external TorchScript models, and loading."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import TilesegError
+from pipeline.models.files import (
+    LoadedModel,
+    default_model,
+    load_torchscript,
+    load_unet,
+    save_unet,
+)
+from pipeline.models.unet import UNet, UNetConfig, seeded_unet
+
+__all__ = [
+    "LoadedModel",
+    "ModelSpec",
+    "UNet",
+    "UNetConfig",
+    "load_model",
+    "save_unet",
+    "seeded_unet",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to use: small and picklable, so workers load the model themselves."""
+
+    path: str | None = None
+    halo: int | None = None
+    align: int | None = None
+
+    def load(self) -> LoadedModel:
+        return load_model(self)
+
+
+_cache: dict[tuple[ModelSpec, tuple[int, int] | None], LoadedModel] = {}
+_cache_lock = threading.Lock()
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    """A model file replaced in place (retrained) must not be served from the cache."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_mtime_ns, st.st_size)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load a model once per process (cached by spec and file stamp)."""
+    key = (spec, _stamp(spec.path))
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = _load_uncached(spec)
+        return _cache[key]
+
+
+def _load_uncached(spec: ModelSpec) -> LoadedModel:
+    path = None if spec.path is None else Path(spec.path)
+    if path is not None and path.suffix in (".pt", ".pth", ".ts", ".torchscript"):
+        if not path.is_file():
+            raise TilesegError(path, "model file not found")
+        return load_torchscript(path, halo=spec.halo, align=spec.align)
+    if spec.halo is not None or spec.align is not None:
+        # A built-in U-Net knows its geometry; a silent override could break exactness.
+        raise TilesegError(path, "--halo/--align apply to TorchScript models only")
+    if path is None:
+        return default_model()
+    if not path.is_file():
+        raise TilesegError(path, "model file not found")
+    if path.suffix != ".safetensors":
+        raise TilesegError(path, "unknown model format (expected .safetensors or TorchScript .pt)")
+    return load_unet(path)
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()

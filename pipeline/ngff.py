@@ -1,0 +1,240 @@
+"""The output: an OME-Zarr (NGFF 0.4, Zarr v2, '/'-separated chunks) holding the label image as
+a multiscale NGFF labels image and, on request, the class probabilities as the root image.
+
+Layout of ``OUTPUT.zarr``::
+
+    .zattrs            {"tileseg": provenance + status}; "multiscales" if probabilities are saved
+    0, 1, ...          probabilities pyramid (c, [z,] y, x), optional
+    labels/.zattrs     {"labels": ["segmentation"]}
+    labels/segmentation/0, 1, ...   label pyramid ([z,] y, x)
+
+Writers only ever write whole chunks of arrays that already exist (created up front by
+:func:`create_output`), so concurrent tasks need no locks and never read-modify-write.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+
+from pipeline.errors import TilesegError
+
+NGFF_VERSION = "0.4"
+LABEL_NAME = "segmentation"
+LABELS_PATH = f"labels/{LABEL_NAME}"
+_COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+_COLORS = [
+    [0, 0, 0, 0], [255, 64, 64, 255], [64, 200, 64, 255], [64, 128, 255, 255],
+    [255, 200, 0, 255], [200, 64, 255, 255], [0, 220, 220, 255], [255, 128, 0, 255],
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Shapes, chunks and dtypes of every array of one output."""
+
+    spatial_shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    classes: int
+    label_dtype: str
+    probability_dtype: str | None = None
+    pixel_size: tuple[float, ...] | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def levels(self) -> list[tuple[int, ...]]:
+        """Spatial shape of each pyramid level: y and x halve (z is kept) until they fit a chunk."""
+        shapes = [self.spatial_shape]
+        while any(n > c for n, c in zip(shapes[-1][-2:], self.chunks[-2:], strict=True)):
+            *z, y, x = shapes[-1]
+            shapes.append((*z, math.ceil(y / 2), math.ceil(x / 2)))
+        return shapes
+
+    def level_chunks(self, level: int) -> tuple[int, ...]:
+        return tuple(min(c, n) for c, n in zip(self.chunks, self.levels[level], strict=True))
+
+    def scale(self, level: int) -> list[float]:
+        base = self.pixel_size or (1.0,) * self.ndim
+        factor = [1] * (self.ndim - 2) + [2**level, 2**level]
+        return [float(b) * f for b, f in zip(base, factor, strict=True)]
+
+
+def _axes(ndim: int, *, channel: bool, unit: str | None) -> list[dict[str, str]]:
+    axes = [{"name": "c", "type": "channel"}] if channel else []
+    for name in "zyx"[3 - ndim :]:
+        axis = {"name": name, "type": "space"}
+        if unit:
+            axis["unit"] = unit
+        axes.append(axis)
+    return axes
+
+
+def _multiscales(layout: OutputLayout, *, name: str, channel: bool) -> list[dict[str, Any]]:
+    unit = "micrometer" if layout.pixel_size else None
+    datasets = []
+    for level in range(len(layout.levels)):
+        scale = ([1.0] if channel else []) + layout.scale(level)
+        datasets.append(
+            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
+    return [
+        {
+            "version": NGFF_VERSION,
+            "name": name,
+            "axes": _axes(layout.ndim, channel=channel, unit=unit),
+            "datasets": datasets,
+            "type": "nearest" if not channel else "mean",
+        }
+    ]
+
+
+def create_output(
+    path: str | os.PathLike[str], layout: OutputLayout, *, overwrite: bool, attrs: dict[str, Any]
+) -> None:
+    """Create every array and all NGFF metadata; the data is written later, chunk by chunk."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise TilesegError(path, "output already exists (use --overwrite to replace it)")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    labels = root.create_group("labels")
+    labels.attrs["labels"] = [LABEL_NAME]
+    seg = labels.create_group(LABEL_NAME)
+    for level, shape in enumerate(layout.levels):
+        _create(seg, str(level), shape, layout.level_chunks(level), layout.label_dtype)
+        if layout.probability_dtype:
+            chunks = (layout.classes, *layout.level_chunks(level))
+            _create(root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype)
+    seg.attrs.update(
+        {
+            "multiscales": _multiscales(layout, name=LABEL_NAME, channel=False),
+            "image-label": {
+                "version": NGFF_VERSION,
+                "colors": [
+                    {"label-value": k, "rgba": _COLORS[k % len(_COLORS)]}
+                    for k in range(max(layout.classes, 2))
+                ],
+                "source": {"image": "../../"},
+            },
+        }
+    )
+    if layout.probability_dtype:
+        root.attrs["multiscales"] = _multiscales(layout, name="probabilities", channel=True)
+    root.attrs["tileseg"] = {**attrs, "status": "running"}
+
+
+def _create(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
+    group.create_array(
+        name,
+        shape=tuple(shape),
+        chunks=tuple(chunks),
+        dtype=dtype,
+        fill_value=0,
+        compressors=_COMPRESSOR,
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+
+
+_arrays: dict[tuple[str, str], zarr.Array] = {}
+_arrays_lock = threading.Lock()
+
+
+def open_array(path: str | os.PathLike[str], name: str) -> zarr.Array:
+    """Open an output array once per process (metadata never changes after creation)."""
+    key = (os.fspath(path), name)
+    with _arrays_lock:
+        if key not in _arrays:
+            _arrays[key] = zarr.open_array(Path(path) / name, mode="r+", zarr_format=2)
+        return _arrays[key]
+
+
+def forget_arrays(path: str | os.PathLike[str]) -> None:
+    """Drop cached handles of an output (after it is replaced)."""
+    with _arrays_lock:
+        for key in [k for k in _arrays if k[0] == os.fspath(path)]:
+            del _arrays[key]
+
+
+def label_array_name(level: int) -> str:
+    return f"{LABELS_PATH}/{level}"
+
+
+def write_region(
+    path: str | os.PathLike[str],
+    region: Sequence[slice],
+    labels: np.ndarray,
+    probabilities: np.ndarray | None,
+    *,
+    level: int = 0,
+) -> None:
+    """Write one chunk-aligned region of labels (and probabilities) at a pyramid level."""
+    open_array(path, label_array_name(level))[tuple(region)] = labels
+    if probabilities is not None:
+        open_array(path, str(level))[(slice(None), *region)] = probabilities
+
+
+def level_regions(layout: OutputLayout, level: int, *, chunks_per_region: int = 4) -> list:
+    """Chunk-aligned regions covering a pyramid level, a few chunks per side each."""
+    shape = layout.levels[level]
+    step = tuple(c * chunks_per_region for c in layout.level_chunks(level))
+    grid = [range(0, n, s) for n, s in zip(shape, step, strict=True)]
+    regions = []
+    for start in np.ndindex(*(len(g) for g in grid)):
+        origin = [g[i] for g, i in zip(grid, start, strict=True)]
+        regions.append(
+            tuple(slice(o, min(o + s, n)) for o, s, n in zip(origin, step, shape, strict=True))
+        )
+    return regions
+
+
+def downsample_region(
+    path: str | os.PathLike[str], layout: OutputLayout, level: int, region: Sequence[slice]
+) -> None:
+    """Compute one region of pyramid ``level`` from level - 1: labels by taking every second
+    pixel in y and x (labels must never be blended), probabilities by 2x2 means."""
+    src = [slice(s.start, s.stop) for s in region[:-2]] + [
+        slice(2 * s.start, 2 * s.stop) for s in region[-2:]
+    ]
+    labels = open_array(path, label_array_name(level - 1))[tuple(src)][..., ::2, ::2]
+    probabilities = None
+    if layout.probability_dtype:
+        p = open_array(path, str(level - 1))[(slice(None), *src)].astype(np.float32)
+        probabilities = _mean2(p).astype(layout.probability_dtype)
+    write_region(path, region, labels, probabilities, level=level)
+
+
+def _mean2(p: np.ndarray) -> np.ndarray:
+    """2x2 mean over the last two axes; an odd edge row/column is averaged with itself."""
+    pad = [(0, 0)] * (p.ndim - 2) + [(0, p.shape[-2] % 2), (0, p.shape[-1] % 2)]
+    p = np.pad(p, pad, mode="edge")
+    return 0.25 * (p[..., ::2, ::2] + p[..., 1::2, ::2] + p[..., ::2, 1::2] + p[..., 1::2, 1::2])
+
+
+def mark_complete(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Written last: an output without ``status == "complete"`` is not finished."""
+    root = zarr.open_group(path, mode="r+", zarr_format=2)
+    root.attrs["tileseg"] = {**record, "status": "complete"}
+
+
+def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The provenance record of an output, or None when there is no readable output there."""
+    try:
+        root = zarr.open_group(path, mode="r", zarr_format=2)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
+        return None
+    record = root.attrs.get("tileseg")
+    return dict(record) if isinstance(record, dict) else None

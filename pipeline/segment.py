@@ -1,0 +1,294 @@
+"""Segmenting one image: plan in the driver, infer in tasks that each own a block of output chunks.
+
+The driver opens the image and the model only to learn shapes, checks everything that can be
+checked before any work starts, decides the normalisation, creates the output arrays, and then
+runs :func:`run_block` tasks. Each task reads its input windows (halo included, mirrored at the
+image border), infers in batches and writes its own chunk-aligned regions once. Pyramid levels
+follow, each computed from the level below, and the provenance record is written last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.config import SegmentOptions
+from pipeline.errors import TilesegError
+from pipeline.execution import run_tasks
+from pipeline.geometry import TileGrid, apply_window, group_tiles, plan_tiles, window_read
+from pipeline.inference import Predictor, label_dtype, labels_from_probabilities
+from pipeline.models import LoadedModel, ModelSpec, load_model
+from pipeline.ngff import (
+    OutputLayout,
+    create_output,
+    downsample_region,
+    forget_arrays,
+    level_regions,
+    mark_complete,
+    write_region,
+)
+from pipeline.normalize import Normalization, compute_normalization
+from pipeline.readers import ImageSpec, LazyImage, open_image
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """One task: a group of tiles of one image. Small and picklable; workers load the rest."""
+
+    image: ImageSpec
+    model: ModelSpec
+    normalization: Normalization
+    grid: TileGrid
+    tiles: tuple[tuple[int, ...], ...]
+    output: str
+    layout: OutputLayout
+    device: str
+    precision: str
+    batch_size: int
+
+
+@dataclass
+class SegmentResult:
+    """What a finished segmentation reports."""
+
+    input: str
+    output: str
+    spatial_shape: tuple[int, ...]
+    tiles: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return float(np.prod(self.spatial_shape)) / 1e6 / max(self.seconds, 1e-9)
+
+
+# Per-process caches: a worker loads each image handle and each model once, not per tile.
+_images: dict[str, LazyImage] = {}
+_predictors: dict[tuple[str, str, str, str], Predictor] = {}
+_cache_lock = threading.Lock()
+
+
+def _image(spec: ImageSpec) -> LazyImage:
+    try:
+        stamp = os.stat(spec.path).st_mtime_ns  # a replaced input file must be reopened
+    except OSError:
+        stamp = None
+    key = f"{spec!r}@{stamp}"
+    with _cache_lock:
+        if key not in _images:
+            _images[key] = LazyImage.from_spec(spec)
+        return _images[key]
+
+
+def _predictor(spec: ModelSpec, device: str, precision: str) -> Predictor:
+    model = load_model(spec)
+    key = (model.source, model.sha256, device, precision)
+    with _cache_lock:
+        if key not in _predictors:
+            _predictors[key] = Predictor.create(model, device=device, precision=precision)
+        return _predictors[key]
+
+
+def read_window(image: LazyImage, start, stop) -> np.ndarray:
+    """Read a (C, *window) input window whose parts outside the image are mirrored."""
+    plan = window_read(start, stop, image.spatial_shape)
+    return apply_window(image.read(plan.source), plan, first_spatial_axis=1)
+
+
+def run_block(task: BlockTask) -> dict[str, float]:
+    """Infer one block of tiles and write their outputs. Returns timings and counts."""
+    t0 = time.perf_counter()
+    image = _image(task.image)
+    predictor = _predictor(task.model, task.device, task.precision)
+    timings = {"read": 0.0, "infer": 0.0, "write": 0.0, "tiles": 0, "pixels": 0}
+    tiles = [task.grid.tile_at(index) for index in task.tiles]
+    ldtype = np.dtype(task.layout.label_dtype)
+    pdtype = task.layout.probability_dtype
+    for i in range(0, len(tiles), task.batch_size):
+        batch = tiles[i : i + task.batch_size]
+        t = time.perf_counter()
+        windows = [
+            task.normalization.apply(read_window(image, tile.window_start, tile.window_stop))
+            for tile in batch
+        ]
+        timings["read"] += time.perf_counter() - t
+        t = time.perf_counter()
+        probabilities = predictor.probabilities(np.stack(windows))
+        timings["infer"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for tile, p in zip(batch, probabilities, strict=True):
+            p = p[(slice(None), *tile.crop_region)]
+            labels = labels_from_probabilities(p, dtype=ldtype)
+            write_region(task.output, tile.region, labels, p.astype(pdtype) if pdtype else None)
+            timings["pixels"] += int(np.prod(tile.shape))
+        timings["write"] += time.perf_counter() - t
+        timings["tiles"] += len(batch)
+    timings["task"] = time.perf_counter() - t0
+    return timings
+
+
+def _pyramid_block(args: tuple[str, OutputLayout, int, tuple[slice, ...]]) -> dict[str, float]:
+    output, layout, level, region = args
+    downsample_region(output, layout, level, region)
+    return {"tiles": 0}
+
+
+def check_compatible(image: LazyImage, model: LoadedModel) -> None:
+    """Refuse image/model combinations that cannot work, before any work starts."""
+    g = model.geometry
+    if len(image.spatial_shape) != g.ndim:
+        raise TilesegError(
+            image.path,
+            f"image has {len(image.spatial_shape)} spatial axes ({image.spatial_axes}) "
+            f"but the model ({model.source}) is {g.ndim}D",
+        )
+    if model.in_channels is not None and image.n_channels != model.in_channels:
+        raise TilesegError(
+            image.path,
+            f"image has {image.n_channels} channel(s) but the model ({model.source}) "
+            f"expects {model.in_channels}",
+        )
+
+
+def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileGrid:
+    g = model.geometry
+    tile, chunk = options.tile_and_chunk(g.ndim)
+    for axis, a in enumerate(g.align):
+        if tile < a or tile % a:
+            problem = f"tile {tile} is not a multiple of the model's alignment {a} (axis {axis})"
+            raise TilesegError("--tile", problem)
+    if tile % chunk:
+        raise TilesegError("--tile", f"tile {tile} is not a multiple of the output chunk {chunk}")
+    return plan_tiles(
+        image.spatial_shape, geometry=g, tile=(tile,) * g.ndim, chunk=(chunk,) * g.ndim
+    )
+
+
+def segment_image(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    options: SegmentOptions,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> SegmentResult:
+    """Segment one image into an OME-Zarr output.
+
+    ``progress(done_pixels, total_pixels)`` is called in this process as tiles finish.
+    """
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    output = os.fspath(Path(output_path).absolute())
+    image = open_image(input_path, level=options.level, axes=options.axes)
+    model_spec = ModelSpec(options.model, options.halo, options.align)
+    model = load_model(model_spec)
+    check_compatible(image, model)
+    grid = plan(image, model, options)
+    normalization = compute_normalization(
+        image,
+        mode=options.normalize,
+        percentiles=options.percentiles,
+        scale=options.scale,
+        offset=options.offset,
+    )
+    classes = int(model.classes or 0) or _probe_classes(model_spec, options, grid)
+    _, chunk = options.tile_and_chunk(grid.geometry.ndim)
+    layout = OutputLayout(
+        spatial_shape=image.spatial_shape,
+        chunks=tuple(min(chunk, n) for n in image.spatial_shape),
+        classes=classes,
+        label_dtype=label_dtype(max(classes, 2)).str,
+        probability_dtype=options.probability_dtype if options.save_probabilities else None,
+        pixel_size=image.pixel_size,
+    )
+    record: dict[str, Any] = {
+        "version": __version__,
+        "input": os.fspath(Path(input_path).absolute()),
+        "level": options.level,
+        "model": {"source": model.source, "sha256": model.sha256, **model.info},
+        "config": options.to_dict(),
+        "normalization": normalization.to_dict(),
+        "geometry": {
+            "halo": list(grid.geometry.halo),
+            "align": list(grid.geometry.align),
+            "tile": list(grid.tile),
+            "window": list(grid.window),
+            "chunks": list(layout.chunks),
+        },
+        "started": started_at,
+    }
+    forget_arrays(output)
+    create_output(output, layout, overwrite=options.overwrite, attrs=record)
+
+    groups = group_tiles(grid, per_group=options.batch_size)
+    tasks = [
+        BlockTask(
+            image=image.spec,
+            model=model_spec,
+            normalization=normalization,
+            grid=grid,
+            tiles=tuple(t.index for t in group),
+            output=output,
+            layout=layout,
+            device=options.device,
+            precision=options.precision,
+            batch_size=options.batch_size,
+        )
+        for group in groups
+    ]
+    total = int(np.prod(image.spatial_shape))
+    done = 0
+
+    def on_done(result: dict[str, float]) -> None:
+        nonlocal done
+        done += int(result.get("pixels", 0))
+        if progress:
+            progress(done, total)
+
+    t = time.perf_counter()
+    results = run_tasks(
+        run_block, tasks, scheduler=options.scheduler, workers=options.workers, on_done=on_done
+    )
+    infer_wall = time.perf_counter() - t
+    t = time.perf_counter()
+    for level in range(1, len(layout.levels)):
+        jobs = [(output, layout, level, r) for r in level_regions(layout, level)]
+        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=options.workers)
+    pyramid_wall = time.perf_counter() - t
+    seconds = time.perf_counter() - started
+    timings = {
+        key: float(sum(r[key] for r in results)) for key in ("read", "infer", "write", "task")
+    }
+    timings.update(
+        {"segment_wall": infer_wall, "pyramid_wall": pyramid_wall, "total_wall": seconds}
+    )
+    record.update(
+        {
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "timings": timings,
+            "tiles": len(grid),
+            "spatial_shape": list(image.spatial_shape),
+            "megapixels_per_second": total / 1e6 / max(seconds, 1e-9),
+        }
+    )
+    mark_complete(output, record)
+    return SegmentResult(
+        os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record
+    )
+
+
+def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> int:
+    """Number of output classes of a model that does not declare it: one dummy window."""
+    predictor = _predictor(spec, "cpu", "fp32")
+    cin = predictor.model.in_channels or 1
+    return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])

@@ -1,0 +1,145 @@
+"""The signature property: tiled output equals one forward pass over the whole mirrored image.
+
+Real files end to end: a Zarr/TIFF input, a model file, ``segment_image`` with Dask, the
+OME-Zarr output read back, against :func:`predict_whole` on the in-memory image.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imagefiles import write_tiff, write_zarr
+from pipeline.config import SegmentOptions
+from pipeline.inference import Predictor, predict_whole
+from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
+from pipeline.ngff import LABELS_PATH
+from pipeline.segment import segment_image
+
+TOLERANCE = 1e-4
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give BatchNorm layers non-trivial running statistics so they are exercised too."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def make_model(directory: Path, config: UNetConfig, seed: int = 0) -> str:
+    path = directory / "model.safetensors"
+    save_unet(randomise_batchnorm(seeded_unet(config, seed=seed), seed), path)
+    return str(path)
+
+
+def reference(model_path: str, image: np.ndarray) -> np.ndarray:
+    model = load_model(ModelSpec(model_path))
+    predictor = Predictor.create(model, device="cpu", precision="fp32")
+    return predict_whole(predictor, image.astype(np.float32), geometry=model.geometry)
+
+
+def run(input_path, output_path, **options) -> tuple[np.ndarray, np.ndarray]:
+    opts = SegmentOptions(
+        normalize="none", save_probabilities=True, probability_dtype="float32", **options
+    )
+    segment_image(input_path, output_path, opts)
+    root = zarr.open_group(output_path, mode="r")
+    return root["0"][...], root[f"{LABELS_PATH}/0"][...]
+
+
+def check(probabilities: np.ndarray, labels: np.ndarray, expected: np.ndarray) -> None:
+    assert probabilities.shape == expected.shape
+    assert np.abs(probabilities - expected).max() < TOLERANCE
+    if expected.shape[0] == 1:
+        decided = np.abs(expected[0] - 0.5) > TOLERANCE
+        truth = expected[0] > 0.5
+    else:
+        top2 = np.sort(expected, axis=0)[-2:]
+        decided = top2[1] - top2[0] > TOLERANCE
+        truth = np.argmax(expected, axis=0)
+    np.testing.assert_array_equal(labels[decided], truth[decided])
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.sampled_from([2, 2, 3]))
+    depth = draw(st.integers(1, 2))
+    config = UNetConfig(
+        ndim=ndim,
+        in_channels=draw(st.integers(1, 2)),
+        classes=draw(st.integers(1, 3)),
+        depth=depth,
+        width=2,
+        padding=draw(st.sampled_from(["valid", "same"])),
+    )
+    if ndim == 2:
+        shape = (draw(st.integers(1, 70)), draw(st.integers(1, 70)))
+    else:
+        shape = (draw(st.integers(2, 14)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
+    chunk = 2**depth * draw(st.integers(1, 4))
+    tile = chunk * draw(st.integers(1, 2))
+    return config, shape, tile, chunk, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(cases())
+def test_tiled_equals_whole_image(case):
+    config, shape, tile, chunk, batch, seed = case
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(config.in_channels, *shape)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = make_model(tmp, config, seed)
+        axes = ("C" if config.in_channels > 1 else "") + ("ZYX" if config.ndim == 3 else "YX")
+        data = image if config.in_channels > 1 else image[0]
+        write_zarr(tmp / "in.zarr", data, chunks=(7,) * data.ndim)
+        probs, labels = run(
+            tmp / "in.zarr", tmp / "out.zarr",
+            model=model, tile=tile, chunk=chunk, batch_size=batch, axes=axes,
+        )  # fmt: skip
+        check(probs, labels, reference(model, image))
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_paper_sized_unet_on_a_tiled_tiff(tmp_path, padding):
+    """Depth 3 (align 8, halo 44/56), an odd-sized image, tiles smaller than the halo."""
+    config = UNetConfig(depth=3, width=4, padding=padding, classes=2)
+    model = make_model(tmp_path, config, seed=1)
+    image = np.random.default_rng(1).integers(0, 255, (101, 77)).astype(np.uint8)
+    write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(32, 32), compression="zlib")
+    probs, labels = run(tmp_path / "in.tif", tmp_path / "out.zarr", model=model, tile=32, chunk=16)
+    check(probs, labels, reference(model, image[None]))
+
+
+def test_percentile_normalisation_is_global(tmp_path):
+    """With percentile normalisation the tiles still match one whole-image pass, because the
+    statistics are computed once and applied to every tile."""
+    config = UNetConfig(depth=2, width=4, padding="same", classes=2)
+    model = make_model(tmp_path, config, seed=2)
+    image = np.random.default_rng(2).gamma(2.0, 100.0, (90, 120)).astype(np.uint16)
+    write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(32, 32))
+    opts = SegmentOptions(
+        model=model, tile=32, chunk=32, normalize="percentile", save_probabilities=True,
+        probability_dtype="float32",
+    )  # fmt: skip
+    result = segment_image(tmp_path / "in.tif", tmp_path / "out.zarr", opts)
+    norm = result.record["normalization"]
+    lo, hi = np.percentile(image.astype(np.float64), [1.0, 99.8])
+    assert norm["scale"][0] == pytest.approx(1 / (hi - lo))
+    normalised = image[None].astype(np.float32) * norm["scale"][0] + norm["offset"][0]
+    probs = zarr.open_group(tmp_path / "out.zarr", mode="r")["0"][...]
+    assert np.abs(probs - reference(model, normalised)).max() < TOLERANCE
