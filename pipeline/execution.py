@@ -77,7 +77,7 @@ def _run_distributed(
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 # .result() re-raises a task's exception here, with its original type.
                 results[index[future.key]] = result = future.result()
                 if on_done:

@@ -15,8 +15,8 @@ import torch
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from imagefiles import write_tiff, write_zarr
+
 from pipeline.config import SegmentOptions
 from pipeline.inference import Predictor, predict_whole
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
@@ -85,7 +85,7 @@ def cases(draw):
     if ndim == 2:
         shape = (draw(st.integers(1, 70)), draw(st.integers(1, 70)))
     else:
-        shape = (draw(st.integers(2, 14)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
+        shape = (draw(st.integers(1, 14)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
     chunk = 2**depth * draw(st.integers(1, 4))
     tile = chunk * draw(st.integers(1, 2))
     return config, shape, tile, chunk, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))

@@ -82,7 +82,7 @@ def test_safetensors_round_trip(tmp_path):
 def test_model_file_without_metadata_is_refused(tmp_path):
     path = tmp_path / "bare.safetensors"
     save_file({"w": torch.zeros(2)}, str(path))
-    with pytest.raises(TilesegError, match="not a tileseg model: metadata key 'tileseg.format' is missing"):
+    with pytest.raises(TilesegError, match=r"metadata key 'tileseg\.format' is missing"):
         load_unet(path)
 
 

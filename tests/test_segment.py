@@ -1,0 +1,213 @@
+"""``tileseg segment`` end to end: CLI contract, output format, configs, errors, Dask cluster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from imagefiles import write_tiff, write_zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Multiscales, Reader
+
+from pipeline.cli import main
+from pipeline.config import SegmentOptions
+from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.models.files import file_sha256
+from pipeline.ngff import LABELS_PATH, read_record
+from pipeline.segment import segment_image
+
+SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=3)
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "small.safetensors"
+    save_unet(seeded_unet(SMALL, seed=0), path)
+    return str(path)
+
+
+@pytest.fixture
+def slide(tmp_path):
+    rng = np.random.default_rng(0)
+    image = (rng.random((300, 260)) * 4000).astype(np.uint16)
+    path = tmp_path / "slide.ome.tif"
+    write_tiff(path, image, axes="YX", tile=(64, 64), compression="zlib", pixel_size=(0.5, 0.5))
+    return path, image
+
+
+def test_cli_segment_writes_a_readable_ome_zarr(tmp_path, slide, model, capsys):
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(slide[0]), str(out), "--model", model, "--tile", "128", "--chunk", "64"]
+    assert main([*args, "--save-probabilities", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "300x260 px" in printed and "MP/s" in printed
+
+    root = zarr.open_group(out, mode="r")
+    labels = root[f"{LABELS_PATH}/0"]
+    assert labels.shape == (300, 260) and labels.dtype == np.uint8 and labels.chunks == (64, 64)
+    assert set(np.unique(labels[...])) <= {0, 1, 2}
+    probs = root["0"]
+    assert probs.shape == (3, 300, 260) and probs.dtype == np.float16
+    np.testing.assert_allclose(probs[...].astype(np.float32).sum(0), 1.0, atol=3e-3)
+
+    # pyramid: labels halve by taking every other pixel until a level fits one chunk
+    assert [root[f"{LABELS_PATH}/{k}"].shape for k in range(4)] == [
+        (300, 260), (150, 130), (75, 65), (38, 33),
+    ]  # fmt: skip
+    np.testing.assert_array_equal(root[f"{LABELS_PATH}/1"][...], labels[...][::2, ::2])
+
+    # provenance, written last
+    record = read_record(out)
+    assert record["status"] == "complete"
+    assert record["model"]["sha256"] == file_sha256(model)
+    assert record["config"]["tile"] == 128 and record["tiles"] == 9
+    assert record["timings"]["infer"] > 0
+
+    # ome-zarr-py reads the labels image with its pyramid and pixel size
+    nodes = list(Reader(parse_url(str(out / LABELS_PATH)))())
+    label_node = next(n for n in nodes if any(isinstance(s, Label) for s in n.specs))
+    assert any(isinstance(s, Multiscales) for s in label_node.specs)
+    assert len(label_node.data) == 4
+    scale = label_node.metadata["coordinateTransformations"][0][0]["scale"]
+    assert scale == [0.5, 0.5]
+    image_nodes = list(Reader(parse_url(str(out)))())
+    assert image_nodes[0].data[0].shape == (3, 300, 260)
+
+
+def test_config_file_and_flag_precedence(tmp_path, slide, model):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model}\ntile: 256\nchunk: 128\nnormalize: none\nbatch-size: 2\n")
+    out = tmp_path / "out.zarr"
+    assert main(["segment", str(slide[0]), str(out), "--config", str(config), "--tile", "128"]) == 0
+    record = read_record(out)["config"]
+    assert (record["tile"], record["chunk"], record["normalize"], record["batch_size"]) == (
+        128, 128, "none", 2,
+    )  # fmt: skip
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        (lambda d: (str(d / "missing.tif"), []), "missing.tif: no such file"),
+        (lambda d: (d / "junk.tif").write_bytes(b"II*\x00garbage") and (str(d / "junk.tif"), []),
+         "junk.tif"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--tile", "90"]), "the model's alignment"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--tile", "128", "--chunk", "96"]),
+         "multiple of the output chunk"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--model", str(d / "nope.safetensors")]),
+         "model file not found"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--level", "5"]), "level"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_2(tmp_path, slide, model, capsys, setup, expected):
+    target, extra = setup(tmp_path)
+    out = tmp_path / "out.zarr"
+    model_args = [] if "--model" in extra else ["--model", model]
+    code = main(["segment", target, str(out), "--no-progress", *model_args, *extra])
+    assert code == 2
+    line = one_error_line(capsys)
+    assert line.startswith("tileseg: error: ") and expected in line
+    assert read_record(out) is None or read_record(out)["status"] != "complete"
+
+
+def test_bad_config_is_refused(tmp_path, slide, capsys):
+    config = tmp_path / "bad.yaml"
+    for text, expected in [
+        ("tile: 256\ncolour: red\n", "unknown option 'colour'"),
+        ("tile: big\n", "tile: expected int"),
+        ("normalize: zscore\n", "normalize: must be one of"),
+        ("tile: [1\n", "invalid YAML"),
+    ]:
+        config.write_text(text)
+        args = ["segment", str(slide[0]), str(tmp_path / "o.zarr"), "--config", str(config)]
+        assert main(args) == 2
+        line = one_error_line(capsys)
+        assert str(config) in line and expected in line
+
+
+def test_channel_mismatch_is_refused(tmp_path, model, capsys):
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    write_tiff(tmp_path / "rgb.tif", rgb, axes="YXS", tile=None)
+    args = ["segment", str(tmp_path / "rgb.tif"), str(tmp_path / "o.zarr"), "--model", model]
+    assert main(args) == 2
+    assert "3 channel(s) but the model" in one_error_line(capsys)
+
+
+def test_existing_output_needs_overwrite(tmp_path, slide, model, capsys):
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(slide[0]), str(out), "--model", model, "--no-progress"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already exists" in one_error_line(capsys)
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_directory_input_isolates_a_corrupt_slide(tmp_path, model, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.tif", "b.ome.tif"):
+        write_tiff(src / name, rng.integers(0, 255, (70, 90)).astype(np.uint8), axes="YX")
+    good = (src / "a.tif").read_bytes()
+    (src / "c.tif").write_bytes(good[: len(good) // 3])  # truncated
+    out = tmp_path / "out"
+    assert main(["segment", str(src), str(out), "--model", model, "--no-progress"]) == 2
+    assert "c.tif" in capsys.readouterr().err
+    assert read_record(out / "a.zarr")["status"] == "complete"
+    assert read_record(out / "b.zarr")["status"] == "complete"
+    assert read_record(out / "c.zarr") is None
+
+
+def test_default_model_runs_without_model_option(tmp_path, slide):
+    out = tmp_path / "out.zarr"
+    result = segment_image(slide[0], out, SegmentOptions(tile=512, chunk=256))
+    assert result.record["model"]["source"] in ("builtin:seeded",) or result.record["model"][
+        "source"
+    ].endswith("default.safetensors")
+    assert read_record(out)["status"] == "complete"
+
+
+def test_3d_volume(tmp_path):
+    config = UNetConfig(ndim=3, depth=1, width=2, padding="same", classes=2)
+    model = tmp_path / "m3.safetensors"
+    save_unet(seeded_unet(config), model)
+    volume = np.random.default_rng(0).random((10, 40, 30)).astype(np.float32)
+    write_zarr(tmp_path / "vol.zarr", volume, chunks=(5, 16, 16))
+    out = tmp_path / "out.zarr"
+    opts = SegmentOptions(model=str(model), tile=16, chunk=8, axes="ZYX")
+    segment_image(tmp_path / "vol.zarr", out, opts)
+    root = zarr.open_group(out, mode="r")
+    assert root[f"{LABELS_PATH}/0"].shape == (10, 40, 30)
+    assert root[f"{LABELS_PATH}/0"].chunks == (8, 8, 8)
+    assert root[f"{LABELS_PATH}/1"].shape == (10, 20, 15)  # z is not downsampled
+
+
+@pytest.mark.slow
+def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, slide, model):
+    from distributed import LocalCluster
+
+    base = SegmentOptions(model=model, tile=128, chunk=64, save_probabilities=True, batch_size=1)
+    segment_image(slide[0], tmp_path / "local.zarr", base)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        from dataclasses import replace
+
+        opts = replace(base, scheduler=cluster.scheduler_address)
+        result = segment_image(slide[0], tmp_path / "cluster.zarr", opts)
+    assert result.record["config"]["scheduler"] == cluster.scheduler_address
+    a = zarr.open_group(tmp_path / "local.zarr", mode="r")
+    b = zarr.open_group(tmp_path / "cluster.zarr", mode="r")
+    for name in (f"{LABELS_PATH}/0", f"{LABELS_PATH}/2", "0", "1"):
+        np.testing.assert_array_equal(a[name][...], b[name][...])
+    assert json.dumps(read_record(tmp_path / "cluster.zarr")["geometry"]) == json.dumps(
+        read_record(tmp_path / "local.zarr")["geometry"]
+    )
