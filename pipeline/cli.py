@@ -61,7 +61,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tileseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _segment_parser(sub)
+    demo = sub.add_parser(
+        "demo",
+        help="generate a synthetic slide with ground truth, segment it and report",
+        description="Generate a synthetic nuclei slide (tiled pyramidal OME-TIFF) with ground "
+        "truth, segment it with the default model (or --model), print size, time, throughput "
+        "and foreground Dice, and write a QC overlay picture.",
+    )
+    demo.add_argument("--dir", default="demo-output", help="working directory (demo-output)")
+    demo.add_argument("--size", type=int, default=8192, help="slide side in pixels (8192)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--model", help="model file instead of the default")
+    demo.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    demo.add_argument("--workers", type=int, help="parallel tasks")
+    demo.add_argument("--no-progress", action="store_true")
+    _train_parser(sub)
     return parser
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the built-in U-Net on image/mask pairs or generated data",
+        description="Train the built-in U-Net from image/mask pairs (masks: class or instance "
+        "label images, matched to images by name) or from generated nuclei (--synthetic), with "
+        "augmentation, a validation split and early stopping; write one .safetensors model "
+        "with its config and training record. Options come from --config (see "
+        "configs/train-default.yaml); flags override it.",
+    )
+    p.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    p.add_argument("--config", help="YAML training recipe (flags override it)")
+    p.add_argument("--images", help="directory of training images (TIFF/Zarr)")
+    p.add_argument("--masks", help="directory of label masks named like the images")
+    p.add_argument("--synthetic", action="store_true", help="train on generated nuclei images")
+    p.add_argument("--epochs", type=int, help="maximum number of epochs")
+    p.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
+    p.add_argument("--batch-size", type=int, help="crops per step")
+    p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, help="random seed of the whole run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -115,6 +154,41 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.config import options_from_mapping
+    from pipeline.demo import run_demo
+
+    if args.size < 64:
+        raise TilesegError("--size", f"size {args.size} is too small (at least 64)")
+    given = {"model": args.model, "device": args.device, "workers": args.workers}
+    options = options_from_mapping({k: v for k, v in given.items() if v is not None})
+    run_demo(
+        args.dir, size=args.size, seed=args.seed, options=options, progress=not args.no_progress
+    )
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.train import TrainConfig, load_train_config, train, with_overrides
+
+    if args.synthetic and (args.images or args.masks):
+        raise TilesegError("--synthetic", "give --images/--masks or --synthetic, not both")
+    config = load_train_config(args.config) if args.config else TrainConfig()
+    flags = ("images", "masks", "synthetic", "epochs", "steps_per_epoch", "batch_size", "device")
+    config = with_overrides(config, seed=args.seed, **{k: getattr(args, k) for k in flags})
+    result = train(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+    r = result.record
+    print(
+        f"{result.path}: {result.path.stat().st_size / 1e6:.1f} MB, {r['epochs']} epochs "
+        f"(best {r['best_epoch']}{', stopped early' if r['stopped_early'] else ''}), "
+        f"val loss {r['val_loss']:.4f}, val Dice {r['val_dice']:.4f}, {r['seconds']:.0f} s"
+    )
+    if "heldout" in r:
+        h = r["heldout"]
+        print(f"held-out Dice on {len(h['seeds'])} generated images: {h['pooled_dice']:.4f}")
+    return 0
+
+
 def _is_zarr(path: Path) -> bool:
     return any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
 
@@ -125,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "segment":
             return _segment(args)
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "train":
+            return _train(args)
     except TilesegError as exc:
         print(f"tileseg: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

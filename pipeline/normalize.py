@@ -64,6 +64,8 @@ def compute_normalization(
     ``none`` casts to float32; ``fixed`` uses ``scale``/``offset``; ``percentile`` maps the
     per-channel low/high percentiles to 0/1, estimated from a bounded sample of the image.
     """
+    if mode not in MODES:
+        raise ValueError(f"normalize must be one of {MODES}, not {mode!r}")
     c = image.n_channels
     if mode == "none":
         return Normalization((1.0,) * c, (0.0,) * c, "none")
@@ -71,8 +73,6 @@ def compute_normalization(
         if scale is None:
             raise ValueError("fixed normalisation needs a scale")
         return Normalization((float(scale),) * c, (float(offset or 0.0),) * c, "fixed")
-    if mode != "percentile":
-        raise ValueError(f"normalize must be one of {MODES}, not {mode!r}")
     sample, source = _sample(image)
     lo_p, hi_p = percentiles
     flat = sample.reshape(c, -1).astype(np.float64)

@@ -13,19 +13,21 @@ import datetime as dt
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import TileGrid, apply_window, group_tiles, plan_tiles, window_read
-from pipeline.inference import Predictor, label_dtype, labels_from_probabilities
+from pipeline.inference import Predictor, label_dtype, labels_from_probabilities, resolve_device
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.ngff import (
     OutputLayout,
@@ -256,9 +258,10 @@ def segment_image(
             progress(done, total)
 
     t = time.perf_counter()
-    results = run_tasks(
-        run_block, tasks, scheduler=options.scheduler, workers=options.workers, on_done=on_done
-    )
+    with _shared_cpu(options):
+        results = run_tasks(
+            run_block, tasks, scheduler=options.scheduler, workers=options.workers, on_done=on_done
+        )
     infer_wall = time.perf_counter() - t
     t = time.perf_counter()
     for level in range(1, len(layout.levels)):
@@ -285,6 +288,21 @@ def segment_image(
     return SegmentResult(
         os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record
     )
+
+
+@contextmanager
+def _shared_cpu(options: SegmentOptions) -> Iterator[None]:
+    """Local CPU runs with several task threads split the cores between them: each forward
+    would otherwise start one thread per core and they would fight over the cores."""
+    if options.scheduler or options.workers < 2 or resolve_device(options.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> int:

@@ -1,0 +1,105 @@
+"""Quality-control pictures and scores computed block by block from an output.
+
+Nothing here holds a full-resolution image in memory: thumbnails come from a pyramid level
+(or strided block reads), and scores accumulate over chunk-sized blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.ngff import LABELS_PATH
+from pipeline.readers import LazyImage
+
+_FILL = np.array(
+    [[0, 0, 0], [255, 60, 60], [60, 220, 60], [70, 130, 255], [255, 200, 0], [200, 70, 255]],
+    np.float32,
+)
+
+
+def thumbnail(image: LazyImage, *, max_side: int = 2048, block: int = 2048) -> np.ndarray:
+    """A (C, y, x) view of a 2D image whose longer side is at most ``max_side``: the smallest
+    pyramid level that is large enough, subsampled by striding, read in blocks."""
+    level = image.level
+    for k, shape in enumerate(image.level_shapes):
+        if max(shape[-2:]) >= max_side or k == 0:
+            level = k
+    lazy = image.at_level(level) if level != image.level else image
+    h, w = lazy.spatial_shape[-2:]
+    step = max(1, math.ceil(max(h, w) / max_side))
+    rows = []
+    for y in range(0, h, block - block % step):
+        cols = []
+        for x in range(0, w, block - block % step):
+            box = lazy.read((slice(y, min(y + block, h)), slice(x, min(x + block, w))))
+            cols.append(box[:, ::step, ::step])
+        rows.append(np.concatenate(cols, axis=2))
+    return np.concatenate(rows, axis=1)
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    """Contrast-stretched float RGB in [0, 1] from (C, y, x)."""
+    x = image.astype(np.float32)
+    lo, hi = np.percentile(x, [1, 99.5])
+    x = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+    if x.shape[0] >= 3:
+        return np.moveaxis(x[:3], 0, -1)
+    return np.repeat(x[0][..., None], 3, axis=-1)
+
+
+def _resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    ys = (np.arange(shape[0]) * labels.shape[0] / shape[0]).astype(np.int64)
+    xs = (np.arange(shape[1]) * labels.shape[1] / shape[1]).astype(np.int64)
+    return labels[np.ix_(ys, xs)]
+
+
+def overlay_png(
+    image: LazyImage,
+    output: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    *,
+    max_side: int = 2048,
+    alpha: float = 0.45,
+) -> Path:
+    """Write a downsampled picture of the image with the labels painted over it."""
+    from skimage.io import imsave
+    from skimage.segmentation import find_boundaries
+
+    thumb = _to_rgb(thumbnail(image, max_side=max_side))
+    root = zarr.open_group(output, mode="r")
+    pyramid = root[LABELS_PATH]
+    levels = sorted(int(k) for k in pyramid.array_keys())
+    # the smallest label level at least as large as the thumbnail
+    level = max([k for k in levels if pyramid[str(k)].shape[-2] >= thumb.shape[0]] or [levels[0]])
+    labels = _resize_nearest(pyramid[str(level)][...], thumb.shape[:2])
+    colours = _FILL[labels % len(_FILL)] / 255.0
+    fg = (labels > 0)[..., None]
+    rgb = np.where(fg, (1 - alpha) * thumb + alpha * colours, thumb)
+    edges = find_boundaries(labels, mode="inner")[..., None]
+    rgb = np.where(edges, colours, rgb)
+    png = Path(png)
+    imsave(png, (rgb * 255).astype(np.uint8), check_contrast=False)
+    return png
+
+
+def foreground_dice(
+    output: str | os.PathLike[str], truth: zarr.Array | np.ndarray, *, block: int = 2048
+) -> float:
+    """Dice of foreground (label > 0) between an output's labels and a truth array, blockwise."""
+    labels = zarr.open_group(output, mode="r")[f"{LABELS_PATH}/0"]
+    if tuple(labels.shape) != tuple(truth.shape):
+        raise ValueError(f"labels {labels.shape} and truth {truth.shape} differ in shape")
+    inter = total = 0
+    for y in range(0, labels.shape[0], block):
+        for x in range(0, labels.shape[1], block):
+            region = (slice(y, y + block), slice(x, x + block))
+            a = np.asarray(labels[region]) > 0
+            b = np.asarray(truth[region]) > 0
+            inter += int(np.count_nonzero(a & b))
+            total += int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * inter / total

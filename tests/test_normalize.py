@@ -1,0 +1,55 @@
+"""Normalisation is decided once per image from a bounded sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from imagefiles import write_tiff
+
+from pipeline import normalize
+from pipeline.normalize import Normalization, compute_normalization
+from pipeline.readers import open_image
+
+
+def test_percentiles_come_from_a_small_pyramid_level(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    image = rng.gamma(2.0, 50.0, (2, 256, 256)).astype(np.uint16)
+    image[1] *= 3
+    path = write_tiff(tmp_path / "p.ome.tif", image, axes="CYX", tile=(64, 64), pyramid_levels=2)
+    monkeypatch.setattr(normalize, "SAMPLE_PIXELS", 64 * 64)
+    norm = compute_normalization(open_image(path), mode="percentile", percentiles=(1, 99))
+    assert "pyramid level 2" in norm.source
+    small = image[:, ::4, ::4].reshape(2, -1).astype(np.float64)
+    lo, hi = np.percentile(small, [1, 99], axis=1)
+    np.testing.assert_allclose(norm.scale, 1 / (hi - lo))
+    np.testing.assert_allclose(norm.offset, -lo / (hi - lo))
+    out = norm.apply(image[:, :8, :8])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[1], image[1, :8, :8] * norm.scale[1] + norm.offset[1], rtol=1e-6)
+
+
+def test_without_pyramid_windows_are_sampled(tmp_path, monkeypatch):
+    image = np.tile(np.arange(600, dtype=np.uint16), (500, 1))
+    path = write_tiff(tmp_path / "flat.tif", image, axes="YX", tile=(64, 64))
+    monkeypatch.setattr(normalize, "SAMPLE_PIXELS", 1000)
+    monkeypatch.setattr(normalize, "SAMPLE_WINDOW", 100)
+    norm = compute_normalization(open_image(path), mode="percentile", percentiles=(0, 100))
+    assert "sampled windows" in norm.source
+    # windows spread over the whole width see (nearly) the full range 0..599
+    lo, hi = -norm.offset[0] / norm.scale[0], -norm.offset[0] / norm.scale[0] + 1 / norm.scale[0]
+    assert lo < 30 and hi > 570
+
+
+def test_flat_channel_does_not_divide_by_zero(tmp_path):
+    path = write_tiff(tmp_path / "c.tif", np.full((64, 64), 7, np.uint8), axes="YX", tile=None)
+    norm = compute_normalization(open_image(path), mode="percentile")
+    assert np.isfinite(norm.apply(np.full((1, 2, 2), 7, np.uint8))).all()
+
+
+def test_none_and_fixed():
+    x = np.array([[[1, 2]]], np.uint8)
+    assert Normalization((1.0,), (0.0,), "none").apply(x).tolist() == [[[1.0, 2.0]]]
+    fixed = Normalization((0.5,), (1.0,), "fixed").apply(x)
+    assert fixed.tolist() == [[[1.5, 2.0]]]
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        compute_normalization(None, mode="zscore")  # type: ignore[arg-type]
