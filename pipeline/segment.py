@@ -191,6 +191,10 @@ def segment_image(
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output = os.fspath(Path(output_path).absolute())
+    try:
+        resolve_device(options.device)
+    except (ValueError, RuntimeError) as exc:
+        raise TilesegError("--device", str(exc)) from None
     image = open_image(input_path, level=options.level, axes=options.axes)
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)

@@ -105,6 +105,7 @@ def one_error_line(capsys) -> str:
         (lambda d: (str(d / "slide.ome.tif"), ["--model", str(d / "nope.safetensors")]),
          "model file not found"),
         (lambda d: (str(d / "slide.ome.tif"), ["--level", "5"]), "level"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--device", "cuda:7"]), "--device"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2(tmp_path, slide, model, capsys, setup, expected):
