@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from pipeline import __version__
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, help="parallel tasks")
     demo.add_argument("--no-progress", action="store_true")
     _train_parser(sub)
+    # Other packages add commands through this entry-point group (flows/ adds the Prefect
+    # ones), so the library never imports them: each plugin's register(subparsers) adds its
+    # parsers and sets `handler` on them with set_defaults(handler=function(args) -> int).
+    for entry in entry_points(group="tileseg.commands"):
+        entry.load()(sub)
     return parser
 
 
@@ -144,9 +150,14 @@ def _segment(args: argparse.Namespace) -> int:
             continue
         bar.close()
         shape = "x".join(map(str, result.spatial_shape))
+        if result.skipped:
+            print(f"{image}: already complete with the same input, model and config -> "
+                  f"{result.output} (skipped)")  # fmt: skip
+            continue
+        resumed = f", resumed {result.resumed_tasks} done tasks" if result.resumed_tasks else ""
         print(
             f"{image}: {shape} px, {result.tiles} tiles, {result.seconds:.1f} s, "
-            f"{result.megapixels_per_second:.2f} MP/s -> {result.output}"
+            f"{result.megapixels_per_second:.2f} MP/s{resumed} -> {result.output}"
         )
     if failures:
         print(f"tileseg: {failures} of {len(images)} images failed", file=sys.stderr)
@@ -158,8 +169,8 @@ def _demo(args: argparse.Namespace) -> int:
     from pipeline.config import options_from_mapping
     from pipeline.demo import run_demo
 
-    if args.size < 64:
-        raise TilesegError("--size", f"size {args.size} is too small (at least 64)")
+    if args.size < 256:
+        raise TilesegError("--size", f"size {args.size} is too small (at least 256)")
     given = {"model": args.model, "device": args.device, "workers": args.workers}
     options = options_from_mapping({k: v for k, v in given.items() if v is not None})
     run_demo(
@@ -203,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "train":
             return _train(args)
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
     except TilesegError as exc:
         print(f"tileseg: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -36,9 +36,11 @@ from pipeline.ngff import (
     forget_arrays,
     level_regions,
     mark_complete,
+    read_record,
     write_region,
 )
 from pipeline.normalize import Normalization, compute_normalization
+from pipeline.provenance import done_dir, fingerprint, is_done, mark_done, output_state
 from pipeline.readers import ImageSpec, LazyImage, open_image
 
 
@@ -56,6 +58,7 @@ class BlockTask:
     device: str
     precision: str
     batch_size: int
+    name: str  # completion marker written when every tile of the task is written
 
 
 @dataclass
@@ -69,6 +72,8 @@ class SegmentResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # the output was already complete for the same fingerprint
+    resumed_tasks: int = 0  # tasks found done from an interrupted run
 
     @property
     def megapixels_per_second(self) -> float:
@@ -132,17 +137,34 @@ def run_block(task: BlockTask) -> dict[str, float]:
         for tile, p in zip(batch, probabilities, strict=True):
             p = p[(slice(None), *tile.crop_region)]
             labels = labels_from_probabilities(p, dtype=ldtype)
-            write_region(task.output, tile.region, labels, p.astype(pdtype) if pdtype else None)
+            with _writing(task.output):
+                probs = p.astype(pdtype) if pdtype else None
+                write_region(task.output, tile.region, labels, probs)
             timings["pixels"] += int(np.prod(tile.shape))
         timings["write"] += time.perf_counter() - t
         timings["tiles"] += len(batch)
+    with _writing(task.output):
+        mark_done(task.output, task.name)
     timings["task"] = time.perf_counter() - t0
     return timings
 
 
-def _pyramid_block(args: tuple[str, OutputLayout, int, tuple[slice, ...]]) -> dict[str, float]:
-    output, layout, level, region = args
-    downsample_region(output, layout, level, region)
+@contextmanager
+def _writing(output: str) -> Iterator[None]:
+    """A full disk or an unwritable output is the user's to fix: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise TilesegError(output, f"cannot write output ({exc.strerror or exc})") from None
+
+
+def _pyramid_block(
+    args: tuple[str, OutputLayout, int, tuple[slice, ...], str],
+) -> dict[str, float]:
+    output, layout, level, region, name = args
+    with _writing(output):
+        downsample_region(output, layout, level, region)
+        mark_done(output, name)
     return {"tiles": 0}
 
 
@@ -154,6 +176,21 @@ def check_compatible(image: LazyImage, model: LoadedModel) -> None:
             image.path,
             f"image has {len(image.spatial_shape)} spatial axes ({image.spatial_axes}) "
             f"but the model ({model.source}) is {g.ndim}D",
+        )
+    if image.dtype.kind not in "biuf":
+        raise TilesegError(image.path, f"unsupported pixel type {image.dtype} (need integer/float)")
+    small = [
+        f"{ax}={n} < {h}"
+        for ax, n, h in zip(image.spatial_axes, image.spatial_shape, g.halo, strict=True)
+        if n < h
+    ]
+    if small:
+        # Context for the border pixels would be mirrored many times over: not a real image
+        # for this model. Use a finer pyramid level or a model with a smaller halo.
+        raise TilesegError(
+            image.path,
+            f"image is smaller than the model's halo ({', '.join(small)} px): too little "
+            "context to segment it",
         )
     if model.in_channels is not None and image.n_channels != model.in_channels:
         raise TilesegError(
@@ -200,6 +237,20 @@ def segment_image(
     model = load_model(model_spec)
     check_compatible(image, model)
     grid = plan(image, model, options)
+    print_ = fingerprint(input_path, options, model_sha256=model.sha256)
+    state = "missing" if options.overwrite else output_state(output, print_)
+    if state == "complete":
+        record = read_record(output) or {}
+        return SegmentResult(
+            os.fspath(input_path), output, image.spatial_shape, len(grid), 0.0,
+            record.get("timings", {}), record, skipped=True,
+        )  # fmt: skip
+    if state in ("different", "foreign"):
+        what = {
+            "different": "was made from a different input, model or configuration",
+            "foreign": "is not a tileseg output",
+        }[state]
+        raise TilesegError(output, f"already exists and {what} (use --overwrite to replace it)")
     normalization = compute_normalization(
         image,
         mode=options.normalize,
@@ -232,11 +283,18 @@ def segment_image(
             "chunks": list(layout.chunks),
         },
         "started": started_at,
+        "fingerprint": print_,
     }
     forget_arrays(output)
-    create_output(output, layout, overwrite=options.overwrite, attrs=record)
+    if state != "partial":
+        with _writing(output):
+            create_output(output, layout, overwrite=options.overwrite, attrs=record)
+            done_dir(output).mkdir(parents=True)
 
+    # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
+    # run did and rewrites byte-identical chunks.
     groups = group_tiles(grid, per_group=options.batch_size)
+    names = [f"tiles-{i:07d}" for i in range(len(groups))]
     tasks = [
         BlockTask(
             image=image.spec,
@@ -249,11 +307,14 @@ def segment_image(
             device=options.device,
             precision=options.precision,
             batch_size=options.batch_size,
+            name=name,
         )
-        for group in groups
+        for group, name in zip(groups, names, strict=True)
+        if not is_done(output, name)
     ]
+    resumed = len(groups) - len(tasks)
     total = int(np.prod(image.spatial_shape))
-    done = 0
+    done = int(total * resumed / max(len(groups), 1))
 
     def on_done(result: dict[str, float]) -> None:
         nonlocal done
@@ -269,13 +330,18 @@ def segment_image(
     infer_wall = time.perf_counter() - t
     t = time.perf_counter()
     for level in range(1, len(layout.levels)):
-        jobs = [(output, layout, level, r) for r in level_regions(layout, level)]
+        jobs = [
+            (output, layout, level, region, f"pyramid-{level}-{i:07d}")
+            for i, region in enumerate(level_regions(layout, level))
+        ]
+        jobs = [job for job in jobs if not is_done(output, job[-1])]
         run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=options.workers)
     pyramid_wall = time.perf_counter() - t
     seconds = time.perf_counter() - started
     timings = {
         key: float(sum(r[key] for r in results)) for key in ("read", "infer", "write", "task")
     }
+    timings["resumed_tasks"] = resumed
     timings.update(
         {"segment_wall": infer_wall, "pyramid_wall": pyramid_wall, "total_wall": seconds}
     )
@@ -288,10 +354,12 @@ def segment_image(
             "megapixels_per_second": total / 1e6 / max(seconds, 1e-9),
         }
     )
-    mark_complete(output, record)
+    with _writing(output):
+        mark_complete(output, record)
     return SegmentResult(
-        os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record
-    )
+        os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record,
+        resumed_tasks=resumed,
+    )  # fmt: skip
 
 
 @contextmanager

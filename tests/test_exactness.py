@@ -73,7 +73,7 @@ def check(probabilities: np.ndarray, labels: np.ndarray, expected: np.ndarray) -
 @st.composite
 def cases(draw):
     ndim = draw(st.sampled_from([2, 2, 3]))
-    depth = draw(st.integers(1, 2))
+    depth = draw(st.integers(1, 2 if ndim == 2 else 1))
     config = UNetConfig(
         ndim=ndim,
         in_channels=draw(st.integers(1, 2)),
@@ -82,10 +82,11 @@ def cases(draw):
         width=2,
         padding=draw(st.sampled_from(["valid", "same"])),
     )
-    if ndim == 2:
-        shape = (draw(st.integers(1, 70)), draw(st.integers(1, 70)))
-    else:
-        shape = (draw(st.integers(1, 14)), draw(st.integers(1, 20)), draw(st.integers(1, 20)))
+    # Images smaller than the halo are refused (too little context); anything larger works,
+    # including images smaller than one tile.
+    halo = config.geometry.halo[0]
+    side = st.integers(halo, halo + (50 if ndim == 2 else 12))
+    shape = tuple(draw(side) for _ in range(ndim))
     chunk = 2**depth * draw(st.integers(1, 4))
     tile = chunk * draw(st.integers(1, 2))
     return config, shape, tile, chunk, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))

@@ -142,13 +142,21 @@ def test_channel_mismatch_is_refused(tmp_path, model, capsys):
     assert "3 channel(s) but the model" in one_error_line(capsys)
 
 
-def test_existing_output_needs_overwrite(tmp_path, slide, model, capsys):
+def test_existing_output_is_skipped_or_refused_or_overwritten(tmp_path, slide, model, capsys):
     out = tmp_path / "out.zarr"
     args = ["segment", str(slide[0]), str(out), "--model", model, "--no-progress"]
     assert main(args) == 0
-    assert main(args) == 2
-    assert "already exists" in one_error_line(capsys)
-    assert main([*args, "--overwrite"]) == 0
+    first = read_record(out)
+    assert main(args) == 0  # same input, model and config: nothing to do
+    assert "(skipped)" in capsys.readouterr().out
+    assert read_record(out)["finished"] == first["finished"]
+    assert main([*args, "--tile", "128"]) == 2  # another config must not mix with this output
+    assert "different input, model or configuration" in one_error_line(capsys)
+    assert main([*args, "--tile", "128", "--overwrite"]) == 0
+    assert read_record(out)["config"]["tile"] == 128
+    (tmp_path / "other.zarr").mkdir()
+    assert main(["segment", str(slide[0]), str(tmp_path / "other.zarr"), "--model", model]) == 2
+    assert "not a tileseg output" in one_error_line(capsys)
 
 
 def test_directory_input_isolates_a_corrupt_slide(tmp_path, model, capsys):

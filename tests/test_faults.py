@@ -1,0 +1,194 @@
+"""Fault injection: killed runs resume to identical output, lost workers are survived, and bad
+input or a failing disk stops the run with one line and nothing marked done."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from imagefiles import write_tiff, write_zarr
+
+from pipeline.config import SegmentOptions
+from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.ngff import read_record
+from pipeline.provenance import done_dir
+from pipeline.segment import segment_image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_unet(seeded_unet(UNetConfig(depth=2, width=8, padding="same", classes=2), seed=0), path)
+    return str(path)
+
+
+@pytest.fixture
+def slide(tmp_path):
+    image = np.random.default_rng(0).integers(0, 255, (384, 448)).astype(np.uint8)
+    return write_tiff(tmp_path / "slide.tif", image, axes="YX", tile=(64, 64), compression="zlib")
+
+
+def chunk_files(output: Path) -> dict[str, bytes]:
+    """Every array chunk of an output (metadata and markers excluded), by relative path."""
+    files = {}
+    for path in sorted(output.rglob("*")):
+        rel = path.relative_to(output)
+        if path.is_file() and not path.name.startswith(".") and ".tileseg" not in rel.parts:
+            files[str(rel)] = path.read_bytes()
+    return files
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    """``tileseg segment`` in a child process (call communicate() on it, also after a kill)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "segment", *args, "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_sigkill_mid_run_then_resume_gives_identical_output(tmp_path, slide, model):
+    args = ["--model", model, "--tile", "32", "--chunk", "32", "--batch-size", "2"]
+    reference = tmp_path / "reference.zarr"
+    assert cli(str(slide), str(reference), *args).communicate() and True
+    assert read_record(reference)["status"] == "complete"
+
+    out = tmp_path / "out.zarr"
+    proc = cli(str(slide), str(out), *args)
+    markers = done_dir(out)
+    deadline = time.monotonic() + 120
+    while not (markers.exists() and len(list(markers.glob("tiles-*"))) >= 5):
+        assert proc.poll() is None, "run finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert read_record(out)["status"] == "running"
+    killed_at = len(list(markers.glob("tiles-*")))
+
+    again = cli(str(slide), str(out), *args)
+    stdout, stderr = again.communicate()
+    assert again.returncode == 0, stderr
+    assert "resumed" in stdout
+    resumed = int(stdout.split("resumed ")[1].split()[0])
+    assert resumed >= killed_at - 1 >= 4  # only unfinished blocks were recomputed
+    assert read_record(out)["status"] == "complete"
+    assert chunk_files(out) == chunk_files(reference)
+
+
+def test_lost_worker_is_survived_with_identical_output(tmp_path, slide, model):
+    from distributed import Client, LocalCluster
+
+    options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=2)
+    segment_image(slide, tmp_path / "reference.zarr", options)
+    out = tmp_path / "out.zarr"
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                segment_image(slide, out, replace(options, scheduler=cluster.scheduler_address))
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= 3):
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        pids = client.run(os.getpid)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)  # its nanny starts a new one
+        thread.join(timeout=240)
+    assert not errors, errors
+    assert read_record(out)["status"] == "complete"
+    assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
+
+
+def test_corrupt_tile_data_fails_with_one_line_and_nothing_done(tmp_path, model):
+    image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.uint8)
+    path = write_tiff(tmp_path / "bad.tif", image, axes="YX", tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * count)
+    out = tmp_path / "out.zarr"
+    # no percentile statistics: the driver reads nothing, so the failure happens in a task
+    args = ["--model", model, "--tile", "64", "--chunk", "64", "--normalize", "none"]
+    proc = cli(str(path), str(out), *args)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 2
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("tileseg: error: ") and "bad.tif" in lines[-1]
+    assert "cannot read region" in lines[-1]
+    assert read_record(out)["status"] != "complete"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d: write_zarr(d / "c.zarr", np.zeros((64, 64), np.complex64), chunks=(32, 32)),
+         "unsupported pixel type complex64"),
+        (lambda d: write_zarr(d / "tiny.zarr", np.zeros((10, 300), np.uint8), chunks=(10, 64)),
+         "smaller than the model's halo"),
+        (lambda d: write_zarr(d / "empty.zarr", np.zeros((0, 64), np.uint8), chunks=(1, 64)),
+         "zero-size"),
+    ],
+)  # fmt: skip
+def test_unusable_images_are_refused(tmp_path, model, make, expected):
+    path = make(tmp_path)
+    proc = cli(str(path), str(tmp_path / "o.zarr"), "--model", model)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    assert expected in stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_unwritable_output_is_refused(tmp_path, slide, model):
+    """An output below a regular file cannot be created, whoever runs the test (root too)."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    proc = cli(str(slide), str(blocker / "out.zarr"), "--model", model)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "cannot write output" in line and "out.zarr" in line
+
+
+def test_full_disk_stops_with_one_line_and_no_done_record(tmp_path, slide, model):
+    """A file-size limit makes chunk writes fail like a full disk (EFBIG instead of ENOSPC)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    out = tmp_path / "out.zarr"
+    args = ["--model", model, "--save-probabilities", "--probability-dtype", "float32"]
+    proc = cli(str(slide), str(out), *args, preexec_fn=limit)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "cannot write output" in line and "out.zarr" in line
+    record = read_record(out)
+    assert record is None or record["status"] != "complete"
