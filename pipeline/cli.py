@@ -39,6 +39,12 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=int, help="pyramid level of the input to segment")
     p.add_argument("--axes", help="axes of the input when they cannot be read (e.g. YX, CYX)")
     p.add_argument(
+        "--allow-missing-chunks",
+        action="store_true",
+        default=None,
+        help="read chunks missing from a Zarr input as fill values instead of failing",
+    )
+    p.add_argument(
         "--save-probabilities", action="store_true", default=None, help="also save probabilities"
     )
     p.add_argument("--probability-dtype", choices=["float16", "float32"])
@@ -50,7 +56,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 
 _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "device", "precision", "normalize",
-    "percentiles", "scale", "offset", "level", "axes", "save_probabilities",
+    "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
     "probability_dtype", "scheduler", "workers", "overwrite",
 )  # fmt: skip
 

@@ -38,6 +38,7 @@ class SegmentOptions:
     offset: float | None = None
     level: int = 0
     axes: str | None = None
+    allow_missing_chunks: bool = False
     save_probabilities: bool = False
     probability_dtype: str = "float16"
     scheduler: str | None = None
@@ -71,6 +72,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "offset": (float, int, type(None)),
     "level": (int,),
     "axes": (str, type(None)),
+    "allow_missing_chunks": (bool,),
     "save_probabilities": (bool,),
     "probability_dtype": (str,),
     "scheduler": (str, type(None)),

@@ -11,6 +11,7 @@ Every problem with the input is raised as :class:`~pipeline.errors.TilesegError`
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -286,19 +287,59 @@ def _zarr_node(path: str, directory: Path) -> tuple[str, int, dict[str, Any]] | 
     return None
 
 
-def reopen_zarr_array(path: str, dataset: str) -> ArrayHandle:
+def reopen_zarr_array(path: str, dataset: str, *, allow_missing: bool = False) -> ArrayHandle:
     """Open the array ``dataset`` ('' for the root) of a Zarr directory, read-only.
 
-    A chunk missing from the store reads as the fill value. zarr 3.1.6 has no setting to make it
-    an error instead (its ``zarr.config`` "array" section holds only ``order``,
-    ``write_empty_chunks`` and ``target_shard_size_bytes``), and zarr itself omits chunks equal to
-    the fill value when writing, so a missing chunk is legitimate data, not corruption.
+    zarr reads a chunk missing from the store as the fill value, with no setting to make that
+    an error. An input image with a missing chunk is far more often a broken copy or an
+    interrupted conversion than an intentionally empty area, and segmenting fill values would
+    silently produce background, so reads fail on missing chunks unless ``allow_missing``
+    (zarr-python 3 omits all-fill chunks when writing: such arrays need it).
     """
     try:
-        return ArrayHandle(zarr.open_array(store=path, mode="r", path=dataset))
+        array = zarr.open_array(store=path, mode="r", path=dataset)
     except Exception as exc:  # zarr raises many types for missing/corrupt metadata
         where = f"array '{dataset}'" if dataset else "array"
         raise TilesegError(path, f"cannot open Zarr {where} ({reason(exc)})") from exc
+    return ArrayHandle(array if allow_missing else _ChunkChecked(array, Path(path) / dataset))
+
+
+class MissingChunkError(LookupError):
+    pass
+
+
+class _ChunkChecked:
+    """A Zarr array whose reads fail on chunks that are missing from the (local) store."""
+
+    def __init__(self, array: Any, directory: Path) -> None:
+        self._array = array
+        self._directory = directory
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        # keys name shards when the array is sharded, chunks otherwise
+        self._grid = tuple(getattr(array, "shards", None) or array.chunks)
+
+    def __getattr__(self, name: str) -> Any:  # metadata, attrs, chunks, ... of the array
+        return getattr(self._array, name)
+
+    def __getitem__(self, index: tuple[Any, ...]) -> Any:
+        ranges = []
+        for sel, n, c in zip(index, self.shape, self._grid, strict=True):
+            if isinstance(sel, slice):
+                start, stop, _ = sel.indices(n)
+                if stop <= start:
+                    return self._array[index]
+                ranges.append(range(start // c, (stop - 1) // c + 1))
+            else:
+                ranges.append((int(sel) // c,))
+        for coords in itertools.product(*ranges):
+            key = self._array.metadata.encode_chunk_key(coords)
+            if not (self._directory / key).exists():
+                raise MissingChunkError(
+                    f"chunk {key!r} is missing from the store (an incomplete copy or "
+                    "conversion?); use --allow-missing-chunks if it is meant to read as fill"
+                )
+        return self._array[index]
 
 
 def _dimension_letters(array: Any, attrs: dict[str, Any]) -> str | None:
@@ -312,7 +353,9 @@ def _dimension_letters(array: Any, attrs: dict[str, Any]) -> str | None:
     return letters if len(set(letters)) == len(letters) else None
 
 
-def open_zarr(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
+def open_zarr(
+    path: str, level: int, series: int, *, allow_missing: bool = False
+) -> tuple[Probe, ArrayHandle]:
     """Probe and open a plain Zarr array or one level of an OME-Zarr image (NGFF 0.1-0.5)."""
     node = _zarr_node(path, Path(path))
     if node is None:
@@ -325,7 +368,7 @@ def open_zarr(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
     if kind == "array":
         check_index(path, "series", series, 1)
         check_index(path, "level", level, 1)
-        handle = reopen_zarr_array(path, "")
+        handle = reopen_zarr_array(path, "", allow_missing=allow_missing)
         shape = tuple(handle.array.shape)
         dtype = np.dtype(handle.array.dtype)
         axes = _dimension_letters(handle.array, attrs)
@@ -351,7 +394,9 @@ def open_zarr(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
         )
     check_index(path, "series", series, len(multiscales))
     try:
-        return _open_multiscale(path, multiscales[series], prefix, level)
+        return _open_multiscale(
+            path, multiscales[series], prefix, level, allow_missing=allow_missing
+        )
     except TilesegError:
         raise
     except Exception as exc:  # malformed metadata: wrong types, missing keys
@@ -359,13 +404,16 @@ def open_zarr(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
 
 
 def _open_multiscale(
-    path: str, multiscale: dict[str, Any], prefix: str, level: int
+    path: str, multiscale: dict[str, Any], prefix: str, level: int, *, allow_missing: bool
 ) -> tuple[Probe, ArrayHandle]:
     datasets = multiscale.get("datasets") or []
     if not datasets:
         raise TilesegError(path, "OME-Zarr multiscales metadata lists no datasets")
     check_index(path, "level", level, len(datasets))
-    handles = [reopen_zarr_array(path, prefix + str(ds["path"])) for ds in datasets]
+    handles = [
+        reopen_zarr_array(path, prefix + str(ds["path"]), allow_missing=allow_missing)
+        for ds in datasets
+    ]
     level_shapes = [tuple(h.array.shape) for h in handles]
     handle = handles[level]
     ndim = len(level_shapes[level])

@@ -17,6 +17,7 @@ handles must not be shared between threads.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import weakref
@@ -75,6 +76,7 @@ class ImageSpec:
     store_shape: tuple[int, ...] = ()
     dataset: str = ""
     axes_override: str | None = None
+    allow_missing_chunks: bool = False
 
 
 class LazyImage:
@@ -266,7 +268,10 @@ class LazyImage:
     def at_level(self, level: int) -> LazyImage:
         """The same image (same series and axes override) at pyramid level ``level``."""
         spec = self.spec
-        return open_image(spec.path, level=level, axes=spec.axes_override, series=spec.series)
+        return open_image(
+            spec.path, level=level, axes=spec.axes_override, series=spec.series,
+            allow_missing_chunks=spec.allow_missing_chunks,
+        )  # fmt: skip
 
 
 def _reopen(spec: ImageSpec) -> ArrayHandle:
@@ -277,7 +282,7 @@ def _reopen(spec: ImageSpec) -> ArrayHandle:
         probe, handle = open_tiff(spec.path, spec.level, spec.series)
         shape = probe.shape
     else:
-        handle = reopen_zarr_array(spec.path, spec.dataset)
+        handle = reopen_zarr_array(spec.path, spec.dataset, allow_missing=spec.allow_missing_chunks)
         shape = tuple(handle.array.shape)
     if shape != spec.store_shape:
         handle.close()
@@ -289,7 +294,12 @@ def _reopen(spec: ImageSpec) -> ArrayHandle:
 
 
 def open_image(
-    path: str | os.PathLike[str], *, level: int = 0, axes: str | None = None, series: int = 0
+    path: str | os.PathLike[str],
+    *,
+    level: int = 0,
+    axes: str | None = None,
+    series: int = 0,
+    allow_missing_chunks: bool = False,
 ) -> LazyImage:
     """Open an image file or Zarr directory lazily.
 
@@ -309,6 +319,9 @@ def open_image(
         (tifffile's Q/I) are guessed the same way: one is Z, two are C then Z.
     series
         TIFF series, OME-Zarr multiscales entry, or bioformats2raw image.
+    allow_missing_chunks
+        Read chunks missing from a Zarr store as the fill value instead of failing (for arrays
+        written with zarr-python 3's default of omitting all-fill chunks).
 
     Raises
     ------
@@ -321,7 +334,7 @@ def open_image(
     if not p.exists():
         raise TilesegError(shown, "no such file or directory")
     if p.is_dir():
-        probe, handle = open_zarr(shown, level, series)
+        probe, handle = open_zarr(shown, level, series, allow_missing=allow_missing_chunks)
     elif p.is_file():
         if not (p.name.lower().endswith(TIFF_SUFFIXES) or _has_tiff_header(shown)):
             raise TilesegError(
@@ -334,6 +347,7 @@ def open_image(
         raise TilesegError(shown, "not a regular file or directory")
     try:
         spec = _make_spec(shown, probe, level, series, axes)
+        spec = dataclasses.replace(spec, allow_missing_chunks=allow_missing_chunks)
     except BaseException:
         handle.close()
         raise

@@ -232,7 +232,12 @@ def segment_image(
         resolve_device(options.device)
     except (ValueError, RuntimeError) as exc:
         raise TilesegError("--device", str(exc)) from None
-    image = open_image(input_path, level=options.level, axes=options.axes)
+    image = open_image(
+        input_path,
+        level=options.level,
+        axes=options.axes,
+        allow_missing_chunks=options.allow_missing_chunks,
+    )
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)
     check_compatible(image, model)

@@ -165,6 +165,21 @@ def test_unusable_images_are_refused(tmp_path, model, make, expected):
     assert not (tmp_path / "o.zarr").exists()
 
 
+def test_zarr_with_a_missing_chunk_is_refused_unless_allowed(tmp_path, model):
+    data = np.random.default_rng(2).integers(1, 255, (96, 96)).astype(np.uint8)
+    path = write_zarr(tmp_path / "holey.zarr", data, chunks=(32, 32))
+    (path / "c" / "1" / "2").unlink()
+    args = ["--model", model, "--normalize", "none", "--tile", "32", "--chunk", "32"]
+    proc = cli(str(path), str(tmp_path / "o.zarr"), *args)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "holey.zarr" in line and "'c/1/2' is missing" in line
+    assert read_record(tmp_path / "o.zarr")["status"] != "complete"
+    proc = cli(str(path), str(tmp_path / "o.zarr"), *args, "--allow-missing-chunks", "--overwrite")
+    assert proc.communicate() and proc.returncode == 0
+
+
 def test_unwritable_output_is_refused(tmp_path, slide, model):
     """An output below a regular file cannot be created, whoever runs the test (root too)."""
     blocker = tmp_path / "not-a-directory"

@@ -458,8 +458,13 @@ def test_zarr_read_touches_only_intersecting_chunks(tmp_path):
             chunk.unlink()
     image = open_image(path, axes="CYX")
     np.testing.assert_array_equal(image.read(window), data[:, 45:75, 0:30])
-    # zarr 3.1 has no option to make missing chunks an error: they read as the fill value.
-    assert not image.read((slice(0, 10), slice(0, 10))).any()
+    # a window touching a missing chunk is an error, not silent fill values...
+    with pytest.raises(TilesegError, match=r"chunk .* is missing"):
+        image.read((slice(0, 10), slice(0, 10)))
+    # ...unless the caller says the store omits all-fill chunks on purpose
+    lenient = open_image(path, axes="CYX", allow_missing_chunks=True)
+    assert not lenient.read((slice(0, 10), slice(0, 10))).any()
+    assert pickle.loads(pickle.dumps(lenient)).read((slice(0, 10), slice(0, 10))).shape[0] == 2
 
 
 # ----------------------------------------------------------------------------------- errors
