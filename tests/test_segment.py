@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from imagefiles import write_tiff, write_zarr
 from ome_zarr.io import parse_url
@@ -93,6 +94,18 @@ def one_error_line(capsys) -> str:
     return err[-1]
 
 
+def truncated(directory):
+    whole = (directory / "slide.ome.tif").read_bytes()
+    (directory / "cut.tif").write_bytes(whole[: len(whole) // 2])
+    return directory / "cut.tif"
+
+
+def pickled(directory) -> str:
+    path = directory / "checkpoint.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    return str(path)
+
+
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
@@ -106,6 +119,9 @@ def one_error_line(capsys) -> str:
          "model file not found"),
         (lambda d: (str(d / "slide.ome.tif"), ["--level", "5"]), "level"),
         (lambda d: (str(d / "slide.ome.tif"), ["--device", "cuda:7"]), "--device"),
+        (lambda d: (str(truncated(d)), []), "cut.tif"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--axes", "ZYX"]), "axes"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--model", pickled(d)]), "not a TorchScript"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2(tmp_path, slide, model, capsys, setup, expected):
@@ -154,6 +170,10 @@ def test_existing_output_is_skipped_or_refused_or_overwritten(tmp_path, slide, m
     assert "different input, model or configuration" in one_error_line(capsys)
     assert main([*args, "--tile", "128", "--overwrite"]) == 0
     assert read_record(out)["config"]["tile"] == 128
+    other = tmp_path / "other-model.safetensors"
+    save_unet(seeded_unet(SMALL, seed=1), other)
+    assert main([*args, "--tile", "128", "--model", str(other)]) == 2  # another model
+    assert "different input, model or configuration" in one_error_line(capsys)
     (tmp_path / "other.zarr").mkdir()
     assert main(["segment", str(slide[0]), str(tmp_path / "other.zarr"), "--model", model]) == 2
     assert "not a tileseg output" in one_error_line(capsys)
