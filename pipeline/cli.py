@@ -48,6 +48,21 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         "--save-probabilities", action="store_true", default=None, help="also save probabilities"
     )
     p.add_argument("--probability-dtype", choices=["float16", "float32"])
+    p.add_argument(
+        "--tissue",
+        choices=["none", "otsu", "triangle"],
+        help="skip output tiles without tissue, from a low-resolution mask (default none)",
+    )
+    p.add_argument(
+        "--instances",
+        choices=["none", "connected", "watershed"],
+        help="also write object ids (labels/instances), unique across chunk borders",
+    )
+    p.add_argument(
+        "--table",
+        choices=["none", "parquet", "csv"],
+        help="per-object measurements (needs --instances), written to OUTPUT/objects.<format>",
+    )
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
     p.add_argument("--workers", type=int, help="parallel tasks in the local run")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace OUTPUT")
@@ -57,7 +72,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "device", "precision", "normalize",
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
-    "probability_dtype", "scheduler", "workers", "overwrite",
+    "probability_dtype", "tissue", "instances", "table", "scheduler", "workers", "overwrite",
 )  # fmt: skip
 
 

@@ -18,6 +18,9 @@ from pipeline.errors import TilesegError
 NORMALIZE = ("none", "percentile", "fixed")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
 PROBABILITY_DTYPES = ("float16", "float32")
+TISSUE = ("none", "otsu", "triangle")
+INSTANCES = ("none", "connected", "watershed")
+TABLES = ("none", "parquet", "csv")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class SegmentOptions:
     allow_missing_chunks: bool = False
     save_probabilities: bool = False
     probability_dtype: str = "float16"
+    tissue: str = "none"  # skip output tiles without tissue (low-resolution mask)
+    instances: str = "none"  # object ids across chunk borders: connected | watershed
+    table: str = "none"  # per-object measurements: parquet | csv
     scheduler: str | None = None
     workers: int = 1
     overwrite: bool = False
@@ -75,6 +81,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "allow_missing_chunks": (bool,),
     "save_probabilities": (bool,),
     "probability_dtype": (str,),
+    "tissue": (str,),
+    "instances": (str,),
+    "table": (str,),
     "scheduler": (str, type(None)),
     "workers": (int,),
     "overwrite": (bool,),
@@ -105,6 +114,9 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         "normalize": NORMALIZE,
         "precision": PRECISION,
         "probability_dtype": PROBABILITY_DTYPES,
+        "tissue": TISSUE,
+        "instances": INSTANCES,
+        "table": TABLES,
     }
     if key in choices and value not in choices[key]:
         raise bad(f"must be one of {', '.join(choices[key])}, got {value!r}")
@@ -138,6 +150,8 @@ def options_from_mapping(
             raise TilesegError(source, f"unknown option {key!r} (known: {known_list})")
     checked = {key: _check(key, value, source) for key, value in data.items()}
     options = replace(base or SegmentOptions(), **checked)
+    if options.table != "none" and options.instances == "none":
+        raise TilesegError(source or "--table", "table: per-object tables need --instances")
     if options.normalize == "fixed" and options.scale is None:
         raise TilesegError(source or "--normalize", "normalize: fixed needs a scale (--scale)")
     return options

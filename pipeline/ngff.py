@@ -238,3 +238,89 @@ def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     record = root.attrs.get("tileseg")
     return dict(record) if isinstance(record, dict) else None
+
+
+# ----------------------------------------------------------------------------- more label images
+
+
+def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
+    """The layout of an existing output, read back from its arrays and NGFF metadata."""
+    try:
+        root = zarr.open_group(path, mode="r", zarr_format=2)
+        seg = root[LABELS_PATH]
+        level0 = seg["0"]
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError) as exc:
+        raise TilesegError(path, f"not a tileseg output ({exc})") from None
+    if "0" in root:
+        classes = int(root["0"].shape[0])
+    else:  # the colour table has one entry per class (at least two)
+        classes = len(seg.attrs.get("image-label", {}).get("colors", [])) or 2
+    datasets = seg.attrs.get("multiscales", [{}])[0].get("datasets", [])
+    pixel_size = None
+    axes = seg.attrs.get("multiscales", [{}])[0].get("axes", [])
+    if datasets and any(a.get("unit") for a in axes):
+        scale = datasets[0]["coordinateTransformations"][0]["scale"]
+        pixel_size = tuple(float(s) for s in scale)
+    return OutputLayout(
+        spatial_shape=tuple(level0.shape),
+        chunks=tuple(level0.chunks),
+        classes=classes,
+        label_dtype=level0.dtype.str,
+        probability_dtype=root["0"].dtype.str if "0" in root else None,
+        pixel_size=pixel_size,
+    )
+
+
+def labels_image_path(name: str) -> str:
+    return f"labels/{name}"
+
+
+def create_labels_image(
+    path: str | os.PathLike[str],
+    name: str,
+    layout: OutputLayout,
+    dtype: str,
+    *,
+    attrs: dict[str, Any] | None = None,
+) -> None:
+    """Add (or replace) the NGFF labels image ``labels/<name>`` with the pyramid of ``layout``.
+
+    Its arrays are created empty (fill 0 = background) and written later, whole chunks at a
+    time, like the segmentation. ``name`` is appended to ``labels/.zattrs["labels"]``.
+    """
+    if name == LABEL_NAME or not name or "/" in name:
+        raise ValueError(f"invalid labels image name {name!r}")
+    root = zarr.open_group(path, mode="r+", zarr_format=2)
+    labels = root.require_group("labels")
+    if name in labels:
+        del labels[name]
+    forget_arrays(path)
+    group = labels.create_group(name)
+    for level, shape in enumerate(layout.levels):
+        _create(group, str(level), shape, layout.level_chunks(level), dtype)
+    group.attrs.update(
+        {
+            "multiscales": _multiscales(layout, name=name, channel=False),
+            "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+            **(attrs or {}),
+        }
+    )
+    names = list(labels.attrs.get("labels", []))
+    if name not in names:
+        labels.attrs["labels"] = [*names, name]
+
+
+def downsample_labels_region(
+    path: str | os.PathLike[str], name: str, level: int, region: Sequence[slice]
+) -> None:
+    """Compute one chunk-aligned region of level ``level`` of ``labels/<name>`` from the level
+    below by taking every second pixel in y and x (as :func:`downsample_region`)."""
+    src = [slice(s.start, s.stop) for s in region[:-2]] + [
+        slice(2 * s.start, 2 * s.stop) for s in region[-2:]
+    ]
+    # Opened afresh (not cached): a labels image may be recreated with another dtype.
+    base = Path(path) / labels_image_path(name)
+    data = zarr.open_array(base / str(level - 1), mode="r", zarr_format=2)[tuple(src)]
+    zarr.open_array(base / str(level), mode="r+", zarr_format=2)[tuple(region)] = data[
+        ..., ::2, ::2
+    ]

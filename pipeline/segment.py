@@ -28,6 +28,8 @@ from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import TileGrid, apply_window, group_tiles, plan_tiles, window_read
 from pipeline.inference import Predictor, label_dtype, labels_from_probabilities, resolve_device
+from pipeline.instances import label_instances
+from pipeline.measure import measure_objects
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.ngff import (
     OutputLayout,
@@ -42,6 +44,7 @@ from pipeline.ngff import (
 from pipeline.normalize import Normalization, compute_normalization
 from pipeline.provenance import done_dir, fingerprint, is_done, mark_done, output_state
 from pipeline.readers import ImageSpec, LazyImage, open_image
+from pipeline.tissue import tissue_mask
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class BlockTask:
     precision: str
     batch_size: int
     name: str  # completion marker written when every tile of the task is written
+    skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
 
 
 @dataclass
@@ -119,9 +123,19 @@ def run_block(task: BlockTask) -> dict[str, float]:
     image = _image(task.image)
     predictor = _predictor(task.model, task.device, task.precision)
     timings = {"read": 0.0, "infer": 0.0, "write": 0.0, "tiles": 0, "pixels": 0}
-    tiles = [task.grid.tile_at(index) for index in task.tiles]
     ldtype = np.dtype(task.layout.label_dtype)
     pdtype = task.layout.probability_dtype
+    skip = set(task.skip)
+    for index in task.skip:
+        tile = task.grid.tile_at(index)
+        labels = np.zeros(tile.shape, ldtype)
+        p = np.zeros((task.layout.classes, *tile.shape), pdtype) if pdtype else None
+        if p is not None and task.layout.classes > 1:
+            p[0] = 1  # background for certain, not "no class at all"
+        with _writing(task.output):
+            write_region(task.output, tile.region, labels, p)
+        timings["pixels"] += int(np.prod(tile.shape))
+    tiles = [task.grid.tile_at(index) for index in task.tiles if index not in skip]
     for i in range(0, len(tiles), task.batch_size):
         batch = tiles[i : i + task.batch_size]
         t = time.perf_counter()
@@ -263,6 +277,7 @@ def segment_image(
         scale=options.scale,
         offset=options.offset,
     )
+    mask = None if options.tissue == "none" else tissue_mask(image, method=options.tissue)
     classes = int(model.classes or 0) or _probe_classes(model_spec, options, grid)
     _, chunk = options.tile_and_chunk(grid.geometry.ndim)
     layout = OutputLayout(
@@ -287,6 +302,7 @@ def segment_image(
             "window": list(grid.window),
             "chunks": list(layout.chunks),
         },
+        "tissue": None if mask is None else mask.to_dict(),
         "started": started_at,
         "fingerprint": print_,
     }
@@ -313,6 +329,7 @@ def segment_image(
             precision=options.precision,
             batch_size=options.batch_size,
             name=name,
+            skip=tuple(t.index for t in group if mask is not None and not mask.covers(t.region)),
         )
         for group, name in zip(groups, names, strict=True)
         if not is_done(output, name)
@@ -342,6 +359,7 @@ def segment_image(
         jobs = [job for job in jobs if not is_done(output, job[-1])]
         run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=options.workers)
     pyramid_wall = time.perf_counter() - t
+    record.update(_objects(output, image, options))
     seconds = time.perf_counter() - started
     timings = {
         key: float(sum(r[key] for r in results)) for key in ("read", "infer", "write", "task")
@@ -380,6 +398,27 @@ def _shared_cpu(options: SegmentOptions) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _objects(output: str, image: LazyImage, options: SegmentOptions) -> dict[str, Any]:
+    """Instance labels and the object table, as steps after the class labels are complete.
+    Each is redone whole unless its marker says it finished (both are idempotent)."""
+    found: dict[str, Any] = {}
+    run = {"scheduler": options.scheduler, "workers": options.workers}
+    if options.instances != "none" and not is_done(output, "instances"):
+        with _writing(output):
+            summary = label_instances(output, watershed=options.instances == "watershed", **run)
+            found["instances"] = summary.to_dict()
+            mark_done(output, "instances")
+    if options.table != "none" and not is_done(output, "table"):
+        with _writing(output):
+            table = measure_objects(
+                output, image, table_path=Path(output) / f"objects.{options.table}",
+                format=options.table, pixel_size=image.pixel_size, **run,
+            )  # fmt: skip
+            found["table"] = table.to_dict()
+            mark_done(output, "table")
+    return found
 
 
 def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> int:

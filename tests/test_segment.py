@@ -240,3 +240,57 @@ def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, sli
     assert json.dumps(read_record(tmp_path / "cluster.zarr")["geometry"]) == json.dumps(
         read_record(tmp_path / "local.zarr")["geometry"]
     )
+
+
+def threshold_model(path, *, level: float) -> str:
+    """A built-in U-Net wired by hand to label pixels brighter than ``level`` (normalised):
+    depth 0, one feature passing the pixel through both ReLU convs, a steep 1x1 classifier."""
+    config = UNetConfig(depth=0, width=1, padding="same", norm="none", classes=2)
+    net = seeded_unet(config)
+    with torch.no_grad():
+        for conv in (net.bottom[0], net.bottom[2]):
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0
+            conv.bias.zero_()
+        net.head.weight.zero_()
+        net.head.weight[1, 0] = 50.0
+        net.head.bias.copy_(torch.tensor([0.0, -50.0 * level]))
+    save_unet(net, path)
+    return str(path)
+
+
+def test_tissue_skipping_instances_and_table(tmp_path):
+    """Tiles without tissue are skipped and written as background; objects get ids across
+    chunk borders and a table; all of it is recorded."""
+    from pipeline.synthetic import SyntheticConfig, synthetic_pair
+
+    model = threshold_model(tmp_path / "threshold.safetensors", level=0.35)
+    config = SyntheticConfig(seed=4, tissue_fraction=0.4, tissue_scale=300.0, dtype="uint8")
+    image, truth = synthetic_pair((512, 512), config=config)
+    path = write_tiff(tmp_path / "t.tif", image, axes="YX", tile=(64, 64), pyramid_levels=2)
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(path), str(out), "--model", model, "--tile", "64", "--chunk", "64"]
+    extra = ["--tissue", "otsu", "--instances", "connected", "--table", "csv"]
+    assert main([*args, *extra, "--save-probabilities", "--no-progress"]) == 0
+    record = read_record(out)
+    assert 0 < record["tissue"]["fraction"] < 0.9
+    assert record["instances"]["objects"] > 0
+    assert record["table"]["objects"] == record["instances"]["objects"]
+    assert (out / "objects.csv").read_text().count("\n") == record["table"]["objects"] + 1
+
+    root = zarr.open_group(out, mode="r")
+    labels, probs = root[f"{LABELS_PATH}/0"][...], root["0"][...]
+    instances = root["labels/instances/0"][...]
+    assert instances.shape == labels.shape and ((instances > 0) == (labels > 0)).all()
+    # some 64-px tiles were skipped: all background, probability of background exactly 1
+    skipped = [
+        (y, x)
+        for y in range(0, 512, 64)
+        for x in range(0, 512, 64)
+        if (probs[0, y : y + 64, x : x + 64] == 1).all()
+    ]
+    assert skipped
+    for y, x in skipped:
+        assert not labels[y : y + 64, x : x + 64].any()
+        assert not truth[y : y + 64, x : x + 64].any()  # no nucleus was lost
+    assert "instances" in root["labels"].attrs["labels"]

@@ -1,0 +1,43 @@
+"""Fake segmentation outputs (no model): real OME-Zarr files holding given class labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.ngff import LABELS_PATH, OutputLayout, create_output, forget_arrays, open_array
+
+
+def make_output(
+    path: Path,
+    labels: np.ndarray,
+    chunks: tuple[int, ...],
+    *,
+    classes: int = 2,
+    probabilities: np.ndarray | None = None,
+    pixel_size: tuple[float, ...] | None = None,
+) -> OutputLayout:
+    """Write ``labels`` (and ``probabilities``, (classes, ...)) as level 0 of a new output."""
+    layout = OutputLayout(
+        spatial_shape=labels.shape,
+        chunks=tuple(min(c, n) for c, n in zip(chunks, labels.shape)),
+        classes=classes,
+        label_dtype="|u1",
+        probability_dtype="<f4" if probabilities is not None else None,
+        pixel_size=pixel_size,
+    )
+    create_output(path, layout, overwrite=True, attrs={})
+    forget_arrays(path)
+    open_array(path, f"{LABELS_PATH}/0")[...] = labels.astype(np.uint8)
+    if probabilities is not None:
+        open_array(path, "0")[...] = probabilities.astype(np.float32)
+    return layout
+
+
+def one_to_one(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when the nonzero labels of a and b are the same partition (labels renumbered)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
