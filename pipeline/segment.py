@@ -256,8 +256,8 @@ def segment_image(
     model = load_model(model_spec)
     check_compatible(image, model)
     grid = plan(image, model, options)
-    print_ = fingerprint(input_path, options, model_sha256=model.sha256)
-    state = "missing" if options.overwrite else output_state(output, print_)
+    run_fingerprint = fingerprint(input_path, options, model_sha256=model.sha256)
+    state = "missing" if options.overwrite else output_state(output, run_fingerprint)
     if state == "complete":
         record = read_record(output) or {}
         return SegmentResult(
@@ -304,7 +304,7 @@ def segment_image(
         },
         "tissue": None if mask is None else mask.to_dict(),
         "started": started_at,
-        "fingerprint": print_,
+        "fingerprint": run_fingerprint,
     }
     forget_arrays(output)
     if state != "partial":

@@ -1,0 +1,208 @@
+"""One Dask cluster per directory run, shared by all of its slides.
+
+A cluster config (the ``cluster:`` section of a directory config, or a file of its own such as
+``configs/slurm-gpu.yaml``) says which one:
+
+- ``type: local`` (default): a ``LocalCluster`` on this machine; with ``gpus: N``, one worker
+  process per GPU, each seeing only its GPU (``CUDA_VISIBLE_DEVICES``) and declaring ``GPU=1``.
+- ``type: address``: an existing scheduler (``address: tcp://head:8786``).
+- ``type: slurm``: a ``dask_jobqueue.SLURMCluster`` (keyword arguments under ``slurm:``) scaled
+  to ``jobs:`` jobs, or adaptively with ``adapt: {minimum_jobs, maximum_jobs}``.
+- ``type: none``: no cluster; each slide runs on Dask's embedded threads (small runs, tests).
+
+``task_resources`` (e.g. ``{GPU: 1}``) is what every segmentation task asks of a worker, so a
+worker declaring ``GPU=1`` runs one model at a time; it defaults to ``{GPU: 1}`` whenever the
+cluster's workers are declared as GPU workers here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import TilesegError
+
+TYPES = ("local", "address", "slurm", "none")
+GPU = {"GPU": 1}
+LOOPBACK = "127.0.0.1"  # a local cluster serves this machine only (as LocalCluster does)
+_LOCAL_KEYS = (
+    "n_workers", "threads_per_worker", "processes", "memory_limit", "gpus", "dashboard_address",
+)  # fmt: skip
+_COMMON_KEYS = ("type", "task_resources")
+_KEYS = {
+    "local": _LOCAL_KEYS,
+    "address": ("address",),
+    "slurm": ("slurm", "jobs", "adapt"),
+    "none": (),
+}
+
+
+@dataclass(frozen=True)
+class ClusterHandle:
+    """A running cluster as the slides see it."""
+
+    address: str | None  # None: embedded threads, no cluster
+    task_resources: dict[str, float] | None
+    description: str
+
+
+def load_cluster_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A cluster config file: the mapping itself, or its ``cluster:`` section."""
+    source = os.fspath(path)
+    try:
+        data = yaml.safe_load(Path(source).read_text())
+    except OSError as exc:
+        raise TilesegError(source, f"cannot read cluster config ({exc.strerror or exc})") from None
+    except yaml.YAMLError:
+        raise TilesegError(source, "invalid YAML") from None
+    if isinstance(data, dict) and isinstance(data.get("cluster"), dict):
+        data = data["cluster"]
+    if not isinstance(data, dict):
+        raise TilesegError(source, "cluster config must be a mapping")
+    check_cluster_config(data, source=source)
+    return data
+
+
+def check_cluster_config(spec: dict[str, Any], *, source: str = "cluster") -> None:
+    """Refuse unknown types and keys before anything starts (a typo must not be ignored)."""
+    kind = spec.get("type", "local")
+    if kind not in TYPES:
+        raise TilesegError(source, f"cluster type must be one of {', '.join(TYPES)}, got {kind!r}")
+    unknown = sorted(set(spec) - set(_COMMON_KEYS) - set(_KEYS[kind]))
+    if unknown:
+        known = ", ".join((*_COMMON_KEYS, *_KEYS[kind]))
+        raise TilesegError(source, f"unknown key(s) {unknown} for type {kind} (known: {known})")
+    if kind == "address" and not spec.get("address"):
+        raise TilesegError(source, "type address needs address: tcp://HOST:PORT")
+    if kind == "slurm" and not isinstance(spec.get("slurm", {}), dict):
+        raise TilesegError(source, "slurm: must be a mapping of SLURMCluster arguments")
+    resources = spec.get("task_resources")
+    if resources is not None and not (
+        isinstance(resources, dict) and all(isinstance(v, int | float) for v in resources.values())
+    ):
+        raise TilesegError(source, "task_resources: must map resource names to numbers")
+
+
+def choose_cluster(*, scheduler: str | None, cluster: dict[str, Any] | None) -> dict[str, Any]:
+    """An explicit scheduler address wins, then a cluster config, then a local cluster."""
+    if scheduler:
+        return {"type": "address", "address": scheduler, **_resources_of(cluster)}
+    return dict(cluster) if cluster else {"type": "local"}
+
+
+def _resources_of(cluster: dict[str, Any] | None) -> dict[str, Any]:
+    if cluster and cluster.get("task_resources") is not None:
+        return {"task_resources": cluster["task_resources"]}
+    return {}
+
+
+@contextmanager
+def open_cluster(spec: dict[str, Any]) -> Iterator[ClusterHandle]:
+    """Start (or connect to) the cluster for one run and shut down what was started."""
+    check_cluster_config(spec)
+    kind = spec.get("type", "local")
+    if kind == "none":
+        yield ClusterHandle(None, None, "embedded Dask threads (no cluster)")
+        return
+    if kind == "address":
+        resources = spec.get("task_resources")
+        yield ClusterHandle(spec["address"], resources, f"existing scheduler {spec['address']}")
+        return
+    cluster = _local_cluster(spec) if kind == "local" else _slurm_cluster(spec)
+    try:
+        yield ClusterHandle(cluster.scheduler_address, _task_resources(spec), _describe(spec))
+    finally:
+        cluster.close()
+
+
+def _task_resources(spec: dict[str, Any]) -> dict[str, float] | None:
+    if "task_resources" in spec:
+        return spec["task_resources"] or None
+    if spec.get("type", "local") == "local":
+        return dict(GPU) if spec.get("gpus") else None
+    args = [str(a) for a in (spec.get("slurm") or {}).get("worker_extra_args", [])]
+    # SLURM workers declared as GPU workers (--resources GPU=1): tasks must ask for the GPU.
+    return dict(GPU) if any("GPU=" in a for a in args) else None
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    if spec.get("type", "local") == "slurm":
+        size = spec.get("adapt") or f"{spec.get('jobs', 1)} job(s)"
+        return f"SLURM cluster ({size})"
+    if spec.get("gpus"):
+        return f"local cluster, {spec['gpus']} GPU worker(s)"
+    return f"local cluster, {spec.get('n_workers', 1)} worker(s)"
+
+
+def _local_cluster(spec: dict[str, Any]) -> Any:
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    # ":0" picks a free port: a fixed 8787 clashes with another run's dashboard.
+    dashboard = spec.get("dashboard_address", ":0")
+    threads = int(spec.get("threads_per_worker", 1))
+    gpus = int(spec.get("gpus", 0) or 0)
+    if gpus:
+        # One process per GPU, started with only that GPU visible, so "cuda" means its own GPU
+        # and the GPU=1 resource lets it run one segmentation task (one model) at a time.
+        devices = _gpu_ids(gpus)
+        workers = {
+            f"gpu-{i}": {
+                "cls": Nanny,
+                "options": {
+                    "nthreads": threads,
+                    "host": LOOPBACK,
+                    "resources": dict(GPU),
+                    "env": {"CUDA_VISIBLE_DEVICES": devices[i]},
+                    **_memory(spec),
+                },
+            }
+            for i in range(gpus)
+        }
+        options = {"host": LOOPBACK, "dashboard_address": dashboard}
+        scheduler = {"cls": Scheduler, "options": options}
+        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+    return LocalCluster(
+        n_workers=int(spec.get("n_workers", 1)),
+        threads_per_worker=threads,
+        processes=bool(spec.get("processes", True)),
+        dashboard_address=dashboard,
+        silence_logs=40,
+        **_memory(spec),
+    )
+
+
+def _gpu_ids(gpus: int) -> list[str]:
+    """The GPUs this process may use: inside a SLURM job (or any CUDA_VISIBLE_DEVICES) only
+    the ones it was given, which need not be 0..N-1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    if ids is None:
+        return [str(i) for i in range(gpus)]
+    if len(ids) < gpus:
+        raise TilesegError("cluster.gpus", f"{gpus} GPU workers but CUDA_VISIBLE_DEVICES={visible}")
+    return ids[:gpus]
+
+
+def _memory(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"memory_limit": spec["memory_limit"]} if "memory_limit" in spec else {}
+
+
+def _slurm_cluster(spec: dict[str, Any]) -> Any:
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise TilesegError(
+            "cluster", "type slurm needs dask-jobqueue: pip install 'tileseg[flows]'"
+        ) from None
+    cluster = SLURMCluster(**(spec.get("slurm") or {}))
+    if spec.get("adapt"):
+        cluster.adapt(**spec["adapt"])
+    else:
+        cluster.scale(jobs=int(spec.get("jobs", 1)))
+    return cluster

@@ -1,0 +1,348 @@
+"""Prefect orchestration (flows/): directory runs, skipping, failure isolation, configs, files.
+
+Prefect runs against its test harness (a temporary local server and SQLite database): no
+Prefect server, account or network is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Prefect reads its settings when imported: keep it off any user profile, server or telemetry.
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tileseg-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # no log shipping after the server stops
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import numpy as np
+import pytest
+import yaml
+from imagefiles import write_tiff
+
+from flows.cluster import _task_resources, load_cluster_config
+from flows.core import load_directory_config, plan_directory, run_batch
+from pipeline.cli import main
+from pipeline.errors import TilesegError
+from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.ngff import read_record
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=2)
+GPU = {"GPU": 1}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def slides(tmp_path) -> Path:
+    """Two small slides and one truncated TIFF (its tiles cut off half way)."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("a.ome.tif", (200, 180)), ("b.tif", (150, 230))):
+        image = (rng.random(shape) * 4000).astype(np.uint16)
+        write_tiff(folder / name, image, axes="YX", tile=(64, 64), compression="zlib")
+    broken = write_tiff(
+        folder / "broken.tif", (rng.random((200, 200)) * 4000).astype(np.uint16), axes="YX",
+        tile=(64, 64), compression="zlib",
+    )  # fmt: skip
+    os.truncate(broken, broken.stat().st_size // 2)
+    (folder / "notes.txt").write_text("not a slide")
+    return folder
+
+
+def write_config(path: Path, model: Path, **segment) -> Path:
+    config = {
+        "segment": {"model": str(model), "tile": 64, "chunk": 64, "device": "cpu", **segment},
+        "run": {"retries": 1, "retry_delay_seconds": 0, "max_concurrent_slides": 2},
+        "cluster": {"type": "none"},  # embedded threads: no cluster start-up in the tests
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    path = tmp_path / "small.safetensors"
+    save_unet(seeded_unet(SMALL, seed=0), path)
+    return path
+
+
+@pytest.fixture
+def config(tmp_path, model) -> Path:
+    return write_config(tmp_path / "directory.yaml", model)
+
+
+def no_inference(monkeypatch) -> list[str]:
+    """Make any inference fail loudly, and record attempts."""
+    calls: list[str] = []
+
+    def refuse(task):
+        calls.append(task.name)
+        raise AssertionError("inference ran for a slide that was already complete")
+
+    monkeypatch.setattr("pipeline.segment.run_block", refuse)
+    return calls
+
+
+def table(key: str) -> list[dict[str, str]]:
+    """The latest table artifact with this key (a closed client: Artifact.get leaks one)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            limit=1,
+            sort=ArtifactSort.UPDATED_DESC,
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+        )
+    return json.loads(artifact.data)
+
+
+def test_pipeline_never_imports_prefect():
+    code = (
+        "import sys, pipeline, pipeline.cli, pipeline.segment, pipeline.config, pipeline.qc, "
+        "pipeline.execution, pipeline.provenance, pipeline.readers\n"
+        "pipeline.cli.build_parser()  # loads the flows CLI plugin too\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_config(
+    harness, slides, model, config, tmp_path, monkeypatch
+):
+    from flows.segment_flows import SlidesFailed, segment_directory
+
+    out = tmp_path / "results"
+    args = {"input_dir": str(slides), "output_dir": str(out), "config": str(config)}
+
+    state = segment_directory(**args, return_state=True)
+    assert state.is_failed()  # the run reports the broken slide ...
+    with pytest.raises(SlidesFailed, match=r"1 of 3 slide\(s\) failed: broken.tif"):
+        state.result()
+    for stem, shape in (("a", [200, 180]), ("b", [150, 230])):  # ... after the others finished
+        record = read_record(out / f"{stem}.zarr")
+        assert record["status"] == "complete" and record["spatial_shape"] == shape
+        assert (out / "qc" / f"{stem}.png").stat().st_size > 0
+    assert (read_record(out / "broken.zarr") or {}).get("status") != "complete"
+    rows = {row["slide"]: row for row in table("tileseg-results")}
+    assert set(rows) == {"a.ome.tif", "b.tif", "broken.tif"}
+    assert rows["a.ome.tif"]["status"] == "done" and rows["a.ome.tif"]["size"] == "200x180"
+    assert rows["b.tif"]["throughput (MP/s)"] != "" and rows["b.tif"]["time (s)"] != ""
+    assert rows["broken.tif"]["status"].startswith("failed: ")
+    assert "cannot read" in rows["broken.tif"]["status"]  # the library's one-line error
+
+    # Second run: both done slides are skipped without any inference.
+    calls = no_inference(monkeypatch)
+    state = segment_directory(**args, return_state=True)
+    assert state.is_failed() and calls == []
+    rows = {row["slide"]: row for row in table("tileseg-results")}
+    assert [rows[s]["status"] for s in ("a.ome.tif", "b.tif")] == ["skipped", "skipped"]
+
+    # A changed config (another batch size changes the fingerprint) reprocesses both.
+    monkeypatch.undo()
+    before = read_record(out / "a.zarr")["fingerprint"]
+    write_config(config, model, batch_size=2)
+    segment_directory(**args, patterns=["*.tif"], return_state=True)
+    rows = {row["slide"]: row for row in table("tileseg-results")}
+    assert [rows[s]["status"] for s in ("a.ome.tif", "b.tif")] == ["done", "done"]
+    after = read_record(out / "a.zarr")
+    assert after["fingerprint"] != before and after["config"]["batch_size"] == 2
+
+
+def test_batch_command_needs_no_prefect_server(slides, config, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "batch"
+    argv = ["batch", str(slides), str(out), "--config", str(config), "--no-progress"]
+    assert main(argv) == 2  # one slide failed: the others are written
+    printed = capsys.readouterr().out
+    assert "FAILED  broken.tif: " in printed and "3 slide(s): 2 done, 0 skipped" in printed
+    assert read_record(out / "b.zarr")["status"] == "complete"
+
+    calls = no_inference(monkeypatch)
+    assert main([*argv, "--pattern", "*.ome.tif", "--pattern", "b.*"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 slide(s): 0 done, 2 skipped" in printed and calls == []
+
+
+def test_batch_on_a_cluster_asks_each_task_for_a_gpu(slides, config, tmp_path):
+    """Tasks sent to GPU workers request GPU=1, so a GPU worker runs one model at a time."""
+    from distributed import LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Restrictions(SchedulerPlugin):
+        def __init__(self, scheduler) -> None:
+            self.scheduler = scheduler
+            self.seen: dict[str, dict] = {}
+
+        def transition(self, key, start, finish, *args, **kwargs) -> None:
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None and "run_block" in str(key):
+                self.seen[str(key)] = dict(ts.resource_restrictions or {})
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, resources=GPU,
+        dashboard_address=":0",
+    ) as cluster:  # fmt: skip
+        plugin = Restrictions(cluster.scheduler)
+        cluster.scheduler.add_plugin(plugin)
+        cluster_file = tmp_path / "cluster.yaml"
+        spec = {"type": "address", "address": cluster.scheduler_address, "task_resources": GPU}
+        cluster_file.write_text(yaml.safe_dump(spec))
+        plan = plan_directory(
+            slides, tmp_path / "out", config=config, patterns=["a.*"], cluster_config=cluster_file
+        )
+        [report] = run_batch(plan)
+    assert report.status == "done"
+    assert plugin.seen and all(r == GPU for r in plugin.seen.values())
+
+
+def test_example_configs_are_valid():
+    directory = load_directory_config(ROOT / "configs" / "directory.yaml")
+    assert directory.run.patterns and directory.cluster["type"] in ("local", "slurm", "address")
+
+    spec = load_cluster_config(ROOT / "configs" / "slurm-gpu.yaml")
+    assert spec["type"] == "slurm" and _task_resources(spec) == {"GPU": 1}
+    from dask_jobqueue import SLURMCluster
+
+    # Builds the job script only: no job is submitted (scale is never called).
+    with SLURMCluster(**spec["slurm"]) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+
+
+def test_config_mistakes_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("segment: {tile: 64}\nrun: {retrys: 3}\n")
+    with pytest.raises(TilesegError, match=r"run: unknown key\(s\) \['retrys'\]"):
+        load_directory_config(bad)
+    bad.write_text("cluster: {type: kubernetes}\n")
+    with pytest.raises(TilesegError, match="cluster type must be one of"):
+        plan_directory(tmp_path, tmp_path / "out", config=bad)
+    bad.write_text("segment: {tile: 64}\nnightly: true\n")
+    with pytest.raises(TilesegError, match="unknown section"):
+        load_directory_config(bad)
+
+
+def test_serve_refuses_to_run_without_a_server(tmp_path, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["serve", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "prefect server start" in capsys.readouterr().err
+
+
+def test_serve_creates_a_cron_deployment(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.segment_flows import segment_directory
+
+    seen = {}
+    monkeypatch.setattr(segment_directory, "serve", lambda **kw: seen.update(kw))
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        argv = ["serve", "in", "out", "--cron", "30 1 * * *", "--timezone", "Europe/Berlin"]
+        assert main([*argv, "--pattern", "*.svs"]) == 0
+    [schedule] = seen["schedules"]
+    assert schedule.cron == "30 1 * * *" and schedule.timezone == "Europe/Berlin"
+    assert seen["parameters"]["input_dir"] == str(Path("in").absolute())
+    assert seen["parameters"]["patterns"] == ["*.svs"] and seen["limit"] == 1
+
+
+def test_prefect_yaml_declares_a_nightly_deployment_of_the_flow():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+
+    data = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(data)
+    [deployment] = [d for d in model.deployments if d.name == "nightly"]
+    path, name = deployment.entrypoint.split(":")
+    assert (ROOT / path).is_file() and name == "segment_directory"
+    [schedule] = [
+        _schedule_config_to_deployment_schedule(s.model_dump(exclude_unset=True))
+        for s in deployment.schedules
+    ]
+    assert schedule["schedule"].cron.count(" ") == 4
+    assert set(deployment.parameters) >= {"input_dir", "output_dir", "config"}
+
+
+def test_compose_file_has_server_scheduler_and_gpu_worker():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"prefect-server", "dask-scheduler", "gpu-worker"} <= set(services)
+    devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] for d in devices)
+    command = " ".join(services["gpu-worker"]["command"])
+    assert "--resources GPU=1" in command and "dask-scheduler:8786" in command
+    flows = services["flows"]["command"]
+    cluster = load_cluster_config(ROOT / flows[flows.index("--cluster-config") + 1])
+    assert cluster["task_resources"] == GPU
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "cuda" in dockerfile.lower() and ".[flows]" in dockerfile
+
+
+def test_transient_errors_are_retried_and_bad_slides_are_not(tmp_path, monkeypatch):
+    from prefect.states import Failed
+
+    from flows import core
+    from flows.segment_flows import _retry_transient
+
+    assert _retry_transient(None, None, Failed(data=OSError("worker lost")))
+    assert not _retry_transient(None, None, Failed(data=TilesegError("x.tif", "corrupt")))
+
+    outcomes = [ConnectionError("worker lost"), core.SlideReport("a.tif", "a.zarr", "done")]
+    attempts = []
+
+    def flaky(job, options, **kwargs):
+        attempts.append(job.name)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(core, "process_slide", flaky)
+    settings = core.RunSettings(retries=2, retry_delay_seconds=0)
+    job = core.SlideJob(tmp_path / "a.tif", tmp_path / "a.zarr")
+    report = core.run_with_retries(job, core.SegmentOptions(), settings, sleep=lambda s: None)
+    assert report.status == "done" and attempts == ["a.tif", "a.tif"]
+
+    outcomes[:] = [TilesegError("a.tif", "not a readable TIFF file")]
+    report = core.run_with_retries(job, core.SegmentOptions(), settings, sleep=lambda s: None)
+    assert report.status == "failed" and report.error == "not a readable TIFF file"
+    assert len(attempts) == 3  # a bad slide is not retried
+
+
+def test_local_gpu_cluster_gives_each_worker_its_own_gpu(monkeypatch):
+    """One worker process per GPU, seeing only its GPU, declaring GPU=1 (no GPU needed here:
+    nothing touches CUDA)."""
+    from distributed import Client
+
+    from flows.cluster import open_cluster
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # e.g. what SLURM gave this job
+    with open_cluster({"type": "local", "gpus": 2}) as handle:
+        assert handle.task_resources == GPU
+        with Client(handle.address, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            workers = client.scheduler_info()["workers"].values()
+            # os.getenv pickles by reference (os.environ.get would carry our environ along)
+            seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
+    assert all(w["resources"] == GPU for w in workers)
+    assert sorted(seen.values()) == ["3", "5"]
