@@ -121,6 +121,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="directory of training images (TIFF/Zarr)")
     p.add_argument("--masks", help="directory of label masks named like the images")
     p.add_argument("--synthetic", action="store_true", help="train on generated nuclei images")
+    p.add_argument(
+        "--allow-missing-chunks", action="store_true", default=None,
+        help="read chunks missing from a Zarr image as fill (masks always may omit empty chunks)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=int, help="maximum number of epochs")
     p.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     p.add_argument("--batch-size", type=int, help="crops per step")
@@ -206,7 +210,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.synthetic and (args.images or args.masks):
         raise TilesegError("--synthetic", "give --images/--masks or --synthetic, not both")
     config = load_train_config(args.config) if args.config else TrainConfig()
-    flags = ("images", "masks", "synthetic", "epochs", "steps_per_epoch", "batch_size", "device")
+    flags = (
+        "images", "masks", "synthetic", "allow_missing_chunks", "epochs", "steps_per_epoch",
+        "batch_size", "device",
+    )  # fmt: skip
     config = with_overrides(config, seed=args.seed, **{k: getattr(args, k) for k in flags})
     result = train(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     r = result.record
