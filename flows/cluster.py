@@ -21,11 +21,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.config import read_yaml_mapping
 from pipeline.errors import TilesegError
 
 TYPES = ("local", "address", "slurm", "none")
@@ -55,16 +53,9 @@ class ClusterHandle:
 def load_cluster_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A cluster config file: the mapping itself, or its ``cluster:`` section."""
     source = os.fspath(path)
-    try:
-        data = yaml.safe_load(Path(source).read_text())
-    except OSError as exc:
-        raise TilesegError(source, f"cannot read cluster config ({exc.strerror or exc})") from None
-    except yaml.YAMLError:
-        raise TilesegError(source, "invalid YAML") from None
-    if isinstance(data, dict) and isinstance(data.get("cluster"), dict):
+    data = read_yaml_mapping(source, what="cluster config")
+    if isinstance(data.get("cluster"), dict):
         data = data["cluster"]
-    if not isinstance(data, dict):
-        raise TilesegError(source, "cluster config must be a mapping")
     check_cluster_config(data, source=source)
     return data
 

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import yaml
 
-from pipeline.config import SegmentOptions, options_from_mapping
+from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
 from pipeline.errors import TilesegError
 from pipeline.models import ModelSpec, load_model
 from pipeline.provenance import fingerprint, output_state
@@ -70,7 +69,7 @@ def load_directory_config(path: str | os.PathLike[str] | None) -> DirectoryConfi
     if path is None:
         return DirectoryConfig()
     source = os.fspath(path)
-    data = _read_yaml(source)
+    data = read_yaml_mapping(source)
     if not any(key in data for key in SECTIONS):
         data = {"segment": data}
     unknown = sorted(set(data) - set(SECTIONS))
@@ -83,20 +82,6 @@ def load_directory_config(path: str | os.PathLike[str] | None) -> DirectoryConfi
     run = _run_settings(_section(data, "run", source), source)
     cluster = _section(data, "cluster", source) or None
     return DirectoryConfig(options=options, run=run, cluster=cluster)
-
-
-def _read_yaml(source: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(source).read_text())
-    except OSError as exc:
-        raise TilesegError(source, f"cannot read config ({exc.strerror or exc})") from None
-    except yaml.YAMLError:
-        raise TilesegError(source, "invalid YAML") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TilesegError(source, "config must be a mapping")
-    return data
 
 
 def _section(data: dict[str, Any], name: str, source: str) -> dict[str, Any]:

@@ -157,13 +157,13 @@ def options_from_mapping(
     return options
 
 
-def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a mapping of options (validated by the caller)."""
+def read_yaml_mapping(path: str | os.PathLike[str], *, what: str = "config") -> dict[str, Any]:
+    """A YAML file holding a mapping (an empty file is an empty one), with one-line errors."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise TilesegError(path, f"cannot read config ({exc.strerror or exc})") from None
+        raise TilesegError(path, f"cannot read {what} ({exc.strerror or exc})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -173,7 +173,13 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise TilesegError(path, "config must be a mapping of option: value")
+        raise TilesegError(path, f"{what} must be a mapping of option: value")
+    return data
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file into a mapping of options (validated by the caller)."""
+    data = read_yaml_mapping(path)
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     # One file may also hold other commands' sections (e.g. `train:`); `segment:` is ours.
     if isinstance(data.get("segment"), dict):
