@@ -11,12 +11,9 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import dask
 
 from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
 from pipeline.errors import TilesegError
@@ -240,10 +237,9 @@ def process_slide(
         log.info("%s: output was made with another config/model/input: reprocessing", job.name)
         options = replace(options, overwrite=True)
     job.output.parent.mkdir(parents=True, exist_ok=True)
-    # dask.annotate is a context variable: it reaches the Client.map calls that segment_image
-    # makes in this thread only, so concurrent slides (threads) do not disturb each other.
-    with dask.annotate(resources=resources) if resources else nullcontext():
-        result = segment_image(job.input, job.output, options, progress=progress)
+    if resources:
+        options = replace(options, resources=resources)  # inference tasks only, not the pyramid
+    result = segment_image(job.input, job.output, options, progress=progress)
     report = _report_from_record(job, status="skipped" if result.skipped else "done")
     report.seconds = result.seconds
     report.megapixels_per_second = None if result.skipped else result.megapixels_per_second

@@ -48,6 +48,7 @@ class SegmentOptions:
     instances: str = "none"  # object ids across chunk borders: connected | watershed
     table: str = "none"  # per-object measurements: parquet | csv
     scheduler: str | None = None
+    resources: dict[str, float] | None = None  # asked of distributed workers by inference tasks
     workers: int = 1
     overwrite: bool = False
 
@@ -85,6 +86,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "instances": (str,),
     "table": (str,),
     "scheduler": (str, type(None)),
+    "resources": (dict, type(None)),
     "workers": (int,),
     "overwrite": (bool,),
 }
@@ -129,6 +131,11 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         if not 0 <= lo < hi <= 100:
             raise bad("need 0 <= low < high <= 100")
         return (lo, hi)
+    if key == "resources" and value is not None:
+        if not all(isinstance(k, str) and isinstance(v, int | float) and v > 0
+                   for k, v in value.items()):  # fmt: skip
+            raise bad("must map resource names to positive numbers, e.g. {GPU: 1}")
+        return {k: float(v) for k, v in value.items()}
     if key in ("scale", "offset") and value is not None:
         return float(value)
     if key == "axes" and value is not None:

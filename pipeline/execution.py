@@ -38,6 +38,7 @@ def run_tasks(
     workers: int = 1,
     on_done: Callable[[R], None] | None = None,
     name: str = "tileseg",
+    resources: dict[str, float] | None = None,
 ) -> list[R]:
     """Run ``fn`` on every item and return the results in order.
 
@@ -49,6 +50,9 @@ def run_tasks(
         worker's tasks are rescheduled elsewhere.
     on_done
         Called in the calling process with each result as it finishes (progress reporting).
+    resources
+        Worker resources each task needs on a distributed cluster (e.g. ``{"GPU": 1}``, so a GPU
+        worker runs one model at a time); ignored by the embedded scheduler.
     """
     if not items:
         return []
@@ -60,7 +64,7 @@ def run_tasks(
         progress = _Progress({t.key for t in tasks}, on_done) if on_done else nullcontext()
         with progress:
             return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
-    return _run_distributed(fn, items, scheduler=scheduler, on_done=on_done)
+    return _run_distributed(fn, items, scheduler=scheduler, on_done=on_done, resources=resources)
 
 
 def _run_distributed(
@@ -69,11 +73,12 @@ def _run_distributed(
     *,
     scheduler: str,
     on_done: Callable[[R], None] | None,
+    resources: dict[str, float] | None = None,
 ) -> list[R]:
     from distributed import Client, as_completed
 
     with Client(scheduler, set_as_default=False) as client:
-        futures = client.map(fn, list(items), pure=False)
+        futures = client.map(fn, list(items), pure=False, resources=resources)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)
         try:

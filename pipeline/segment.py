@@ -347,8 +347,9 @@ def segment_image(
     t = time.perf_counter()
     with _shared_cpu(options):
         results = run_tasks(
-            run_block, tasks, scheduler=options.scheduler, workers=options.workers, on_done=on_done
-        )
+            run_block, tasks, scheduler=options.scheduler, workers=options.workers,
+            on_done=on_done, resources=options.resources,
+        )  # fmt: skip
     infer_wall = time.perf_counter() - t
     t = time.perf_counter()
     for level in range(1, len(layout.levels)):

@@ -195,7 +195,7 @@ def test_batch_on_a_cluster_asks_each_task_for_a_gpu(slides, config, tmp_path):
 
         def transition(self, key, start, finish, *args, **kwargs) -> None:
             ts = self.scheduler.tasks.get(key)
-            if ts is not None and "run_block" in str(key):
+            if ts is not None and ("run_block" in str(key) or "pyramid" in str(key)):
                 self.seen[str(key)] = dict(ts.resource_restrictions or {})
 
     with LocalCluster(
@@ -212,7 +212,10 @@ def test_batch_on_a_cluster_asks_each_task_for_a_gpu(slides, config, tmp_path):
         )
         [report] = run_batch(plan)
     assert report.status == "done"
-    assert plugin.seen and all(r == GPU for r in plugin.seen.values())
+    infer = {k: r for k, r in plugin.seen.items() if "run_block" in k}
+    pyramid = {k: r for k, r in plugin.seen.items() if "pyramid" in k}
+    assert infer and all(r == GPU for r in infer.values())
+    assert pyramid and not any(pyramid.values())  # downsampling needs no GPU
 
 
 def test_example_configs_are_valid():
