@@ -78,8 +78,3 @@ def _load_uncached(spec: ModelSpec) -> LoadedModel:
     if path.suffix != ".safetensors":
         raise TilesegError(path, "unknown model format (expected .safetensors or TorchScript .pt)")
     return load_unet(path)
-
-
-def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
