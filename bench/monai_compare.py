@@ -1,21 +1,23 @@
 """tileseg against MONAI's ``sliding_window_inference`` on the same model and image.
 
 Both predict class probabilities for one generated fluorescence image with the same 'same'-padded
-U-Net (MONAI's inferer needs output size == input size). The reference is one forward pass over
-the whole image, mirror-padded by the halo (what tileseg promises to equal). Each contender runs
-in its own child process so its peak RSS is its own.
+U-Net (MONAI's inferer needs output size == input size). The reference is one float32 forward
+pass on the CPU over the whole image, mirror-padded by the halo (what tileseg promises to equal).
+Each contender runs in its own child process so its peak memory is its own. On CUDA both run in
+the precision tileseg picks there (autocast bf16), and both are timed warm (after one untimed
+run): CUDA start-up and cuDNN autotuning would otherwise swamp a small image.
 
 Usage: ``python bench/monai_compare.py [--size 2048] [--tile 1024] [--overlap 0.25]``
-(needs ``pip install monai``; not a tileseg dependency).
+(needs ``pip install monai``; not a tileseg dependency). ``bench/run.py`` runs it as one part.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from children import run_child
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,18 +34,21 @@ print("{}")
 """
 
 COMMON = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, tifffile, torch
-from pipeline.inference import Predictor, predict_whole
+from pipeline.inference import Predictor, predict_whole, resolve_device, resolve_precision
 from pipeline.models import ModelSpec, load_model
 from pipeline.normalize import compute_normalization
 from pipeline.readers import open_image
 out, tile, overlap, batch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+device = resolve_device(sys.argv[5])
 model = load_model(ModelSpec(out + "/same.safetensors"))
 image = open_image(out + "/image.tif")
 norm = compute_normalization(image, mode="percentile")
-def rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def deviation(p):
+    ref = np.load(out + "/reference.npy")
+    return {"max_abs_dev": float(np.abs(p - ref).max()),
+            "label_disagreement": float((p.argmax(0) != ref.argmax(0)).mean())}
 """
 
 REFERENCE = (
@@ -54,7 +59,7 @@ t = time.perf_counter()
 predictor = Predictor.create(model, device="cpu", precision="fp32")
 p = predict_whole(predictor, x, geometry=model.geometry)
 np.save(out + "/reference.npy", p)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mib": rss()}))
+print(json.dumps({"seconds": time.perf_counter() - t, **peak_memory()}))
 """
 )
 
@@ -62,17 +67,23 @@ MONAI = (
     COMMON
     + """
 from monai.inferers import sliding_window_inference
+module = model.module.to(device).eval()
+autocast = resolve_precision("auto", device)  # what tileseg runs in on this device
+def run():
+    x = torch.from_numpy(norm.apply(image.read((slice(None), slice(None))))[None]).to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast,
+                                                enabled=autocast is not None):
+        logits = sliding_window_inference(x, roi_size=(tile, tile), sw_batch_size=batch,
+                                          predictor=lambda w: module(w).float(),  # blend in fp32
+                                          overlap=overlap, mode="gaussian")
+        return torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+if device.type == "cuda":
+    run()
 t0 = time.perf_counter()
-x = torch.from_numpy(norm.apply(image.read((slice(None), slice(None))))[None])
-with torch.inference_mode():
-    logits = sliding_window_inference(x, roi_size=(tile, tile), sw_batch_size=batch,
-                                      predictor=model.module, overlap=overlap, mode="gaussian")
-    p = torch.softmax(logits, dim=1)[0].numpy()
+p = run()
 seconds = time.perf_counter() - t0
-ref = np.load(out + "/reference.npy")
-print(json.dumps({"seconds": seconds, "peak_rss_mib": rss(),
-                  "max_abs_dev": float(np.abs(p - ref).max()),
-                  "label_disagreement": float((p.argmax(0) != ref.argmax(0)).mean())}))
+print(json.dumps({"seconds": seconds, "precision": str(autocast or "float32"), **peak_memory(),
+                  **deviation(p)}))
 """
 )
 
@@ -84,25 +95,62 @@ from pipeline.config import SegmentOptions
 from pipeline.segment import segment_image
 # tile = output tile; tileseg's window adds the halo (the model's own geometry)
 opts = SegmentOptions(model=out + "/same.safetensors", tile=tile, batch_size=batch,
-                      save_probabilities=True, probability_dtype="float32", overwrite=True)
+                      device=str(device), save_probabilities=True, probability_dtype="float32",
+                      overwrite=True)
+if device.type == "cuda":
+    segment_image(out + "/image.tif", out + "/tileseg.zarr", opts)
 r = segment_image(out + "/image.tif", out + "/tileseg.zarr", opts)
 p = zarr.open_group(out + "/tileseg.zarr", mode="r")["0"][...]
-ref = np.load(out + "/reference.npy")
-print(json.dumps({"seconds": r.seconds, "peak_rss_mib": rss(),
-                  "window": r.record["geometry"]["window"],
-                  "max_abs_dev": float(np.abs(p - ref).max()),
-                  "label_disagreement": float((p.argmax(0) != ref.argmax(0)).mean())}))
+print(json.dumps({"seconds": r.seconds, "window": r.record["geometry"]["window"],
+                  "precision": str(resolve_precision("auto", device) or "float32"),
+                  **peak_memory(), **deviation(p)}))
 """
 )
 
 
-def child(code: str, *args: str) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=HERE.parent
-    )
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def compare(
+    out: Path, *, size: int, tile: int, overlap: float = 0.25, batch_size: int, device: str
+) -> dict:
+    """Reference, tileseg, and MONAI with roi = tileseg's output tile and = its whole window."""
+    out = out.resolve()  # children run in the repository root
+    out.mkdir(parents=True, exist_ok=True)
+    run_child(SETUP, str(out), str(size))
+    args = (str(out), str(tile), str(overlap), str(batch_size), device)
+    ref, _ = run_child(REFERENCE, *args)
+    ours, _ = run_child(TILESEG, *args)
+    # The same roi as tileseg's output tile (same overlap setting), and tileseg's full window
+    # (the same cost per forward).
+    monai_tile, _ = run_child(MONAI, *args)
+    window = ours["window"][0]
+    monai_window, _ = run_child(MONAI, str(out), str(window), *args[2:])
+    return {
+        "size": size, "tile": tile, "window": window, "overlap": overlap,
+        "batch_size": batch_size, "device": device, "reference": ref, "tileseg": ours,
+        f"monai_roi_{tile}": monai_tile, f"monai_roi_{window}": monai_window,
+    }  # fmt: skip
+
+
+def table(result: dict) -> list[str]:
+    """The comparison as Markdown lines."""
+    mp = result["size"] ** 2 / 1e6
+    names = ("tileseg", f"monai_roi_{result['tile']}", f"monai_roi_{result['window']}")
+    cuda = "peak_cuda_mib" in result["tileseg"]
+    lines = [
+        "| method | seconds | MP/s | peak RSS MiB |" + (" peak CUDA MiB |" if cuda else "")
+        + " max \\|p − whole\\| | labels differing |",
+        "| --- | --- | --- | --- |" + (" --- |" if cuda else "") + " --- | --- |",
+    ]  # fmt: skip
+    for name in names:
+        r = result[name]
+        gpu = f" {r.get('peak_cuda_mib', 0):.0f} |" if cuda else ""
+        lines.append(
+            f"| {name} | {r['seconds']:.2f} | {mp / r['seconds']:.3f} | {r['peak_rss_mib']:.0f} |"
+            f"{gpu} {r['max_abs_dev']:.2e} | {r['label_disagreement']:.2e} |"
+        )
+    ours = result["tileseg"]["seconds"]
+    for name in names[1:]:
+        lines.append(f"tileseg / {name} throughput: {result[name]['seconds'] / ours:.2f}x")
+    return lines
 
 
 def main() -> None:
@@ -111,35 +159,14 @@ def main() -> None:
     p.add_argument("--tile", type=int, default=1024, help="tileseg output tile / MONAI roi side")
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(HERE / "results" / "monai"))
     a = p.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    args = (str(out), str(a.tile), str(a.overlap), str(a.batch_size))
-    child(SETUP, str(out), str(a.size))
-    ref = child(REFERENCE, *args)
-    ours = child(TILESEG, *args)
-    # MONAI with the same roi as tileseg's output tile, and with tileseg's full window
-    monai_tile = child(MONAI, *args)
-    window = str(ours["window"][0])
-    monai_window = child(MONAI, str(out), window, str(a.overlap), str(a.batch_size))
-    result = {
-        "size": a.size, "tile": a.tile, "overlap": a.overlap, "batch_size": a.batch_size,
-        "reference": ref, "tileseg": ours,
-        f"monai_roi_{a.tile}": monai_tile, f"monai_roi_{window}": monai_window,
-    }  # fmt: skip
+    result = compare(out, size=a.size, tile=a.tile, overlap=a.overlap, batch_size=a.batch_size,
+                     device=a.device)  # fmt: skip
     (out / "compare.json").write_text(json.dumps(result, indent=2))
-    mp = a.size * a.size / 1e6
-    print("| method | seconds | MP/s | peak RSS MiB | max |p - whole| | labels differing |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name in ("tileseg", f"monai_roi_{a.tile}", f"monai_roi_{window}"):
-        r = result[name]
-        print(
-            f"| {name} | {r['seconds']:.1f} | {mp / r['seconds']:.3f} | {r['peak_rss_mib']:.0f} "
-            f"| {r['max_abs_dev']:.2e} | {r['label_disagreement']:.2e} |"
-        )
-    for name in (f"monai_roi_{a.tile}", f"monai_roi_{window}"):
-        print(f"tileseg / {name} throughput: {result[name]['seconds'] / ours['seconds']:.2f}x")
+    print("\n".join(table(result)))
 
 
 if __name__ == "__main__":

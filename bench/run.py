@@ -1,16 +1,19 @@
-"""End-to-end throughput and memory of ``tileseg segment`` against the raw model.
+"""tileseg's benchmark suite: every part in one run, each step in its own child process.
 
-In one run:
+1. ``throughput``: ``tileseg segment`` (``segment_image``) on a generated N x N slide (tiled
+   pyramidal OME-TIFF) against the bare model forward on the same number of tiles of the same
+   window and batch size (the ceiling: no reading, normalisation or writing), and their ratio.
+2. ``rss``: peak memory of ``segment`` on N x N and on 2N x 2N (4x the pixels) with a cheap
+   model of the same geometry, to show memory does not grow with the image (``--skip-rss``).
+3. ``monai``: MONAI's ``sliding_window_inference`` (overlap 0.25, gaussian) against tileseg on
+   the same 'same'-padded model and a --monai-size image: time, peak memory, deviation from one
+   whole-image forward (``bench/monai_compare.py``; skipped when monai is not installed).
+4. ``tissue``: ``segment`` with ``tissue="otsu"`` on --tissue-size slides where tissue covers
+   a share f of 0.25, 0.5 and 1 of the area: seconds relative to f = 1 (``--skip-tissue``).
 
-1. ``segment``: ``tileseg segment`` on a generated N x N slide (tiled pyramidal OME-TIFF), in a
-   child process; its wall time and peak RSS.
-2. ``raw``: the bare model forward on the same number of tiles of the same window size and
-   batch size, in a child process (the ceiling: no reading, no normalisation, no writing).
-3. ``rss``: peak RSS of ``segment`` on N x N and on 2N x 2N (4x the pixels) with a cheap model
-   of the same geometry, to show memory does not grow with the image.
-
+Peak memory is each child's own peak RSS and, on CUDA, ``torch.cuda.max_memory_allocated``.
 Usage: ``python bench/run.py [--size 8192] [--device cpu] [--out bench/results]``.
-Prints a Markdown table and writes ``<out>/bench-<size>.json``.
+Prints a summary table per part and writes ``<out>/bench-<size>-<device>.json``, after every part.
 """
 
 from __future__ import annotations
@@ -19,48 +22,38 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+
+import monai_compare
+import tissue_fraction
+from children import ChildError, run_child
 
 HERE = Path(__file__).resolve().parent
 
-
-def child(args: list[str]) -> tuple[dict, float, float]:
-    """Run ``python -c`` child code; returns (its JSON answer, wall seconds, peak RSS MiB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, check=False, cwd=HERE.parent
-    )
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        sys.exit(f"child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: run the biggest last or
-    # read the child's own figure, which it prints.
-    answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    rss = answer.get("peak_rss_mib", max(peak, before) / 1024)
-    return answer, wall, rss
-
-
 SEGMENT = """
-import json, resource, sys
+import json, sys
 from pipeline.config import SegmentOptions
 from pipeline.segment import segment_image
+from pipeline.inference import resolve_device
 src, dst, model, device, tile, batch, workers = sys.argv[1:8]
-opts = SegmentOptions(model=model or None, device=device, tile=int(tile), batch_size=int(batch),
-                      workers=int(workers), overwrite=True)
+opts = SegmentOptions(model=model or None, device=device, tile=int(tile),
+                      batch_size=batch if batch == "auto" else int(batch),
+                      workers=int(workers) or None, overwrite=True)
+if resolve_device(device).type == "cuda":
+    # Timed warm, like the raw forward: CUDA context, cuDNN autotuning and compilation are
+    # paid once per worker process, not per slide.
+    segment_image(src, dst + "-warm-up", opts)
 r = segment_image(src, dst, opts)
 print(json.dumps({"seconds": r.seconds, "tiles": r.tiles, "timings": r.timings,
+                  "batch_size": r.record["run"]["batch_size"],
                   "window": r.record["geometry"]["window"], "shape": list(r.spatial_shape),
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  **peak_memory()}))
 """
 
 RAW = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import torch
 from pipeline.inference import Predictor
@@ -70,7 +63,7 @@ window, tiles, batch = int(window), int(tiles), int(batch)
 predictor = Predictor.create(load_model(ModelSpec(model or None)), device=device)
 cin = predictor.model.in_channels or 1
 x = np.random.default_rng(0).random((batch, cin, window, window), dtype=np.float32)
-predictor.logits(x[:1])  # warm-up
+predictor.logits(x)  # warm-up at the timed shape (cuDNN autotunes each new shape)
 if predictor.device.type == "cuda":
     torch.cuda.synchronize()
 t = time.perf_counter()
@@ -81,8 +74,7 @@ while done < tiles:
     done += n
 if predictor.device.type == "cuda":
     torch.cuda.synchronize()
-print(json.dumps({"seconds": time.perf_counter() - t, "tiles": tiles,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": time.perf_counter() - t, "tiles": tiles, **peak_memory()}))
 """
 
 CHEAP_MODEL = """
@@ -105,73 +97,156 @@ def slide(out: Path, size: int) -> Path:
     path = out / f"bench-{size}.ome.tif"
     if not path.exists():
         print(f"generating {path} ...", file=sys.stderr, flush=True)
-        child(["-c", SLIDE, str(path), str(size)])
+        run_child(SLIDE, str(path), str(size))
     return path
+
+
+def throughput(a: argparse.Namespace, out: Path) -> dict:
+    """``segment`` on the N x N slide, then the bare forward on as many tiles."""
+    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers)]
+    seg, seg_wall = run_child(SEGMENT, str(slide(out, a.size)), str(out / "seg.zarr"), a.model,
+                              *common)  # fmt: skip
+    raw, _ = run_child(
+        RAW, a.model, a.device, str(seg["window"][0]), str(seg["tiles"]), str(seg["batch_size"])
+    )
+    mp = a.size * a.size / 1e6
+    return {
+        "size": a.size, "tiles": seg["tiles"], "window": seg["window"],
+        "batch_size": seg["batch_size"],
+        "segment": {**seg, "process_seconds": seg_wall, "mp_per_s": mp / seg["seconds"]},
+        "raw": {**raw, "mp_per_s": mp / raw["seconds"]},
+        "ratio": raw["seconds"] / seg["seconds"],  # = segment throughput / raw throughput
+    }  # fmt: skip
+
+
+def rss_vs_size(a: argparse.Namespace, out: Path) -> dict:
+    """``segment`` with a cheap model of the same geometry on N x N and 2N x 2N."""
+    cheap = out / "cheap.safetensors"
+    run_child(CHEAP_MODEL, str(cheap))
+    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers)]
+    runs = {}
+    for size in (a.size, 2 * a.size):
+        ans, _ = run_child(SEGMENT, str(slide(out, size)), str(out / f"rss-{size}.zarr"),
+                           str(cheap), *common)  # fmt: skip
+        runs[str(size)] = {k: v for k, v in ans.items() if k.startswith(("peak", "seconds"))}
+    small, big = runs[str(a.size)], runs[str(2 * a.size)]
+    return {"runs": runs, "ratio_4x_pixels": big["peak_rss_mib"] / small["peak_rss_mib"]}
+
+
+def monai(a: argparse.Namespace, out: Path) -> dict:
+    try:
+        run_child("import monai.inferers\nprint('{}')")
+    except ChildError:
+        return {"skipped": "monai is not importable (pip install -c constraints.txt monai)"}
+    size = a.monai_size or min(a.size, 2048)
+    return monai_compare.compare(out / "monai", size=size, tile=a.tile, overlap=0.25,
+                                 batch_size=int(a.batch_size), device=a.device)  # fmt: skip
+
+
+def tissue(a: argparse.Namespace, out: Path) -> dict:
+    return tissue_fraction.time_vs_tissue(
+        out, size=a.tissue_size, model=a.model, device=a.device, tile=a.tile,
+        batch_size=a.batch_size, workers=a.workers,
+    )  # fmt: skip
+
+
+def summary(result: dict) -> list[str]:
+    """A small Markdown table per part."""
+    lines = [f"# {result['machine']}, device {result['device']}"]
+    t = result.get("throughput")
+    if t:
+        runs = (("raw model", t["raw"]), ("segment", t["segment"]))
+        cuda = any("peak_cuda_mib" in r for _, r in runs)
+        lines += [
+            "", f"## raw model vs `tileseg segment` ({t['size']}², {t['tiles']} tiles, "
+            f"window {t['window'][0]}²)", "",
+            "| | seconds | MP/s | peak RSS MiB |" + (" peak CUDA MiB |" if cuda else ""),
+            "| --- | --- | --- | --- |" + (" --- |" if cuda else ""),
+            *(f"| {name} | {r['seconds']:.2f} | {r['mp_per_s']:.3f} | {r['peak_rss_mib']:.0f} |"
+              + (f" {_cuda(r)} |" if cuda else "") for name, r in runs),
+            f"ratio (segment throughput / raw): **{t['ratio']:.3f}**",
+        ]  # fmt: skip
+    for part, title, rows in (
+        ("rss", "peak memory vs image size (cheap model)", _rss_table),
+        ("monai", "MONAI sliding_window_inference (overlap 0.25, gaussian)", _monai_table),
+        ("tissue", "time vs tissue fraction (tissue=otsu)", tissue_fraction.table),
+    ):
+        r = result.get(part)
+        if r is None:
+            continue
+        lines += ["", f"## {title}", ""]
+        lines += [f"skipped: {r['skipped']}"] if "skipped" in r else rows(r)
+    return lines
+
+
+def _cuda(r: dict) -> str:
+    return f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else "-"
+
+
+def _rss_table(r: dict) -> list[str]:
+    runs = list(r["runs"].values())
+    lines = [
+        "| | " + " | ".join(f"{s}²" for s in r["runs"]) + " | ratio |",
+        "| --- | --- | --- | --- |",
+        "| peak RSS MiB | " + " | ".join(f"{x['peak_rss_mib']:.0f}" for x in runs)
+        + f" | **{r['ratio_4x_pixels']:.3f}** |",
+        "| seconds | " + " | ".join(f"{x['seconds']:.1f}" for x in runs) + " | |",
+    ]  # fmt: skip
+    if any("peak_cuda_mib" in x for x in runs):
+        lines.insert(3, "| peak CUDA MiB | " + " | ".join(_cuda(x) for x in runs) + " | |")
+    return lines
+
+
+def _monai_table(r: dict) -> list[str]:
+    return [f"{r['size']}², roi/tile {r['tile']}, batch {r['batch_size']}, "
+            f"precision {r['tileseg']['precision']}", "", *monai_compare.table(r)]  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=8192)
     p.add_argument("--model", default="", help="model file (default: the built-in default)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every part)")
     p.add_argument("--tile", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--batch-size", default="4", help="tiles per forward, or auto")
+    p.add_argument("--workers", type=int, default=0, help="local tasks in parallel (0: auto)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--skip-rss", action="store_true", help="skip the 2N x 2N memory run")
+    p.add_argument("--skip-monai", action="store_true", help="skip the MONAI comparison")
+    p.add_argument("--monai-size", type=int, help="MONAI comparison image side (min(size, 2048))")
+    p.add_argument("--skip-tissue", action="store_true", help="skip time vs tissue fraction")
+    p.add_argument("--tissue-size", type=int, default=4096, help="tissue-fraction slide side")
     a = p.parse_args()
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # children run in the repository root
     out.mkdir(parents=True, exist_ok=True)
-    src = slide(out, a.size)
-
-    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers)]
-    seg, seg_wall, seg_rss = child(
-        ["-c", SEGMENT, str(src), str(out / "seg.zarr"), a.model, *common]
-    )
-    raw, _, raw_rss = child(
-        ["-c", RAW, a.model, a.device, str(seg["window"][0]), str(seg["tiles"]), str(a.batch_size)]
-    )
-    mp = a.size * a.size / 1e6
-    result = {
+    result: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "device": a.device,
-        "size": a.size,
-        "tiles": seg["tiles"],
-        "window": seg["window"],
-        "batch_size": a.batch_size,
-        "workers": a.workers,
-        "segment_seconds": seg["seconds"],
-        "segment_process_seconds": seg_wall,
-        "segment_timings": seg["timings"],
-        "raw_seconds": raw["seconds"],
-        "segment_mp_per_s": mp / seg["seconds"],
-        "raw_mp_per_s": mp / raw["seconds"],
-        "ratio": raw["seconds"] / seg["seconds"],
-        "segment_peak_rss_mib": seg_rss,
-        "raw_peak_rss_mib": raw_rss,
+        "options": {k: v for k, v in vars(a).items() if k != "out"},
     }
-    if not a.skip_rss:
-        cheap = out / "cheap.safetensors"
-        child(["-c", CHEAP_MODEL, str(cheap)])
-        rss = {}
-        for size in (a.size, 2 * a.size):
-            ans, _, peak = child(
-                ["-c", SEGMENT, str(slide(out, size)), str(out / f"rss-{size}.zarr"),
-                 str(cheap), *common]
-            )  # fmt: skip
-            rss[size] = {"peak_rss_mib": peak, "seconds": ans["seconds"]}
-        result["rss"] = rss
-        result["rss_ratio_4x_pixels"] = (
-            rss[2 * a.size]["peak_rss_mib"] / rss[a.size]["peak_rss_mib"]
-        )
-    (out / f"bench-{a.size}-{a.device}.json").write_text(json.dumps(result, indent=2))
-    print(f"| {result['machine']} | {a.device} | {a.size}² | {seg['tiles']} tiles "
-          f"| raw {result['raw_mp_per_s']:.2f} MP/s | segment {result['segment_mp_per_s']:.2f} "
-          f"MP/s | ratio {result['ratio']:.3f} | RSS {seg_rss:.0f} MiB |")  # fmt: skip
-    if "rss" in result:
-        print(f"peak RSS {a.size}²: {result['rss'][a.size]['peak_rss_mib']:.0f} MiB, "
-              f"{2 * a.size}²: {result['rss'][2 * a.size]['peak_rss_mib']:.0f} MiB, "
-              f"ratio {result['rss_ratio_4x_pixels']:.3f}")  # fmt: skip
+    path = out / f"bench-{a.size}-{a.device.replace(':', '')}.json"
+    parts: list[tuple[str, Callable[[argparse.Namespace, Path], dict], str | None]] = [
+        ("throughput", throughput, None),
+        ("rss", rss_vs_size, "--skip-rss" if a.skip_rss else None),
+        ("monai", monai, "--skip-monai" if a.skip_monai else None),
+        ("tissue", tissue, "--skip-tissue" if a.skip_tissue else None),
+    ]
+    for name, run, skipped_by in parts:
+        if skipped_by:
+            result[name] = {"skipped": skipped_by}
+            continue
+        print(f"== {name} ...", file=sys.stderr, flush=True)
+        try:
+            result[name] = run(a, out)
+        except ChildError as exc:
+            path.write_text(json.dumps(result, indent=2))
+            sys.exit(f"{name}: {exc}")
+        path.write_text(json.dumps(result, indent=2))  # a later failure keeps what is done
+        if name == "throughput":
+            a.batch_size = str(result[name]["batch_size"])  # "auto" resolved, for MONAI too
+        if name == "monai" and "skipped" in result[name]:
+            print(f"   skipped: {result[name]['skipped']}", file=sys.stderr, flush=True)
+    print("\n".join(["", *summary(result), "", f"results: {path}"]))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,21 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--align", type=int, help="tile origin alignment (TorchScript models)")
     p.add_argument("--tile", type=int, help="output tile size in pixels (multiple of the chunk)")
     p.add_argument("--chunk", type=int, help="output chunk size in pixels")
-    p.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    p.add_argument(
+        "--batch-size", type=_int_or_auto,
+        help="tiles per forward pass, or auto: from free GPU memory (4 on the CPU)",
+    )  # fmt: skip
+    p.add_argument("--batches-per-task", type=int, help="batches per task (default 4)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--channels-last", choices=["auto", "on", "off"], help="channels-last layout (auto: CUDA)"
+    )
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument(
+        "--prefetch", type=int,
+        help="batches read ahead of and written behind inference (default 2; 0: serial)",
+    )  # fmt: skip
     p.add_argument("--normalize", choices=["none", "percentile", "fixed"])
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
     p.add_argument("--scale", type=float, help="fixed normalisation: x * scale + offset")
@@ -64,16 +76,28 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         help="per-object measurements (needs --instances), written to OUTPUT/objects.<format>",
     )
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
-    p.add_argument("--workers", type=int, help="parallel tasks in the local run")
+    p.add_argument(
+        "--workers", type=int, help="parallel tasks in a local run (default: one per GPU, or 1)"
+    )
     p.add_argument("--overwrite", action="store_true", default=None, help="replace OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 _FLAG_KEYS = (
-    "model", "halo", "align", "tile", "chunk", "batch_size", "device", "precision", "normalize",
+    "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
+    "precision", "channels_last", "compile", "prefetch", "normalize",
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
     "probability_dtype", "tissue", "instances", "table", "scheduler", "workers", "overwrite",
 )  # fmt: skip
+
+
+def _int_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

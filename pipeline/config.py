@@ -17,6 +17,7 @@ from pipeline.errors import TilesegError
 
 NORMALIZE = ("none", "percentile", "fixed")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
+CHANNELS_LAST = ("auto", "on", "off")
 PROBABILITY_DTYPES = ("float16", "float32")
 TISSUE = ("none", "otsu", "triangle")
 INSTANCES = ("none", "connected", "watershed")
@@ -32,9 +33,13 @@ class SegmentOptions:
     align: int | None = None
     tile: int | None = None  # default: 1024 (2D) / 128 (3D)
     chunk: int | None = None  # default: min(512, tile) (2D) / min(64, tile) (3D)
-    batch_size: int = 4
+    batch_size: int | str = "auto"  # from free GPU memory; 4 on the CPU
+    batches_per_task: int = 4  # a task reads, infers and writes this many batches, overlapped
     device: str = "auto"
     precision: str = "auto"
+    channels_last: str = "auto"  # on for CUDA
+    compile: bool = False  # torch.compile the model (pays off on long runs on a GPU)
+    prefetch: int = 2  # batches read ahead of, and written behind, inference (0: serial)
     normalize: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.8)
     scale: float | None = None
@@ -49,7 +54,7 @@ class SegmentOptions:
     table: str = "none"  # per-object measurements: parquet | csv
     scheduler: str | None = None
     resources: dict[str, float] | None = None  # asked of distributed workers by inference tasks
-    workers: int = 1
+    workers: int | None = None  # local run: one per GPU on CUDA, else 1
     overwrite: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,9 +75,13 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "align": (int, type(None)),
     "tile": (int, type(None)),
     "chunk": (int, type(None)),
-    "batch_size": (int,),
+    "batch_size": (int, str),
+    "batches_per_task": (int,),
     "device": (str,),
     "precision": (str,),
+    "channels_last": (str,),
+    "compile": (bool,),
+    "prefetch": (int,),
     "normalize": (str,),
     "percentiles": (list, tuple),
     "scale": (float, int, type(None)),
@@ -87,7 +96,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "table": (str,),
     "scheduler": (str, type(None)),
     "resources": (dict, type(None)),
-    "workers": (int,),
+    "workers": (int, type(None)),
     "overwrite": (bool,),
 }
 assert set(_TYPES) == {f.name for f in fields(SegmentOptions)}
@@ -107,14 +116,19 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         raise bad(f"expected {names}, got {value!r}")
     if key in ("halo",) and value is not None and value < 0:
         raise bad("must be >= 0")
-    if key in ("align", "tile", "chunk", "batch_size", "workers") and value is not None:
-        if value < 1:
+    if key == "batch_size" and isinstance(value, str):
+        if value != "auto":
+            raise bad(f"must be a number or auto, got {value!r}")
+        return value
+    if key in ("align", "tile", "chunk", "batch_size", "batches_per_task", "workers"):
+        if value is not None and value < 1:
             raise bad("must be >= 1")
-    if key == "level" and value < 0:
+    if key in ("level", "prefetch") and value < 0:
         raise bad("must be >= 0")
     choices = {
         "normalize": NORMALIZE,
         "precision": PRECISION,
+        "channels_last": CHANNELS_LAST,
         "probability_dtype": PROBABILITY_DTYPES,
         "tissue": TISSUE,
         "instances": INSTANCES,

@@ -2,10 +2,16 @@
 
 The model returns logits (N, C, *spatial). Probabilities are the softmax over C (the sigmoid
 when C == 1); labels are the argmax (p > 0.5 when C == 1).
+
+On CUDA the batch travels through pinned host memory with non-blocking copies, the model may
+run in channels-last layout, under autocast and compiled, and only what is kept comes back:
+labels as one byte per pixel and probabilities only when they are saved, in their saved dtype.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +21,8 @@ from pipeline.geometry import ModelGeometry, padded_whole
 from pipeline.models import LoadedModel
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHANNELS_LAST = ("auto", "on", "off")
+CPU_BATCH_SIZE = 4  # CPU throughput is flat in batch size; memory is not
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,36 +46,213 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
+def resolve_channels_last(channels_last: str, device: torch.device) -> bool:
+    """Channels-last feeds tensor cores without layout transposes; on the CPU it is only used
+    when asked for (the default keeps CPU results bit-for-bit as they always were)."""
+    if channels_last not in CHANNELS_LAST:
+        raise ValueError(f"channels_last must be one of {CHANNELS_LAST}, not {channels_last!r}")
+    return channels_last == "on" or (channels_last == "auto" and device.type == "cuda")
+
+
+def _memory_format(ndim: int) -> torch.memory_format:
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+_slots: dict[int, int] = {}
+_slots_lock = threading.Lock()
+
+
+def worker_device(device: str) -> str:
+    """The device for the calling worker thread: with several GPUs and a device of ``auto`` or
+    ``cuda``, the threads of a local run are spread over the GPUs in turn (threads on one GPU
+    share its one model)."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    count = torch.cuda.device_count()
+    if count < 2:
+        return device
+    with _slots_lock:
+        slot = _slots.setdefault(threading.get_ident(), len(_slots) % count)
+    return f"cuda:{slot}"
+
+
+@dataclass
+class Prediction:
+    """Host results for a batch: labels (N, *out) and, when kept, probabilities (N, C, *out)."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+
+
 @dataclass
 class Predictor:
-    """A model placed on a device, turning float32 input batches into probabilities."""
+    """A model placed on a device, turning float32 input batches into labels/probabilities."""
 
     model: LoadedModel
     device: torch.device
     autocast: torch.dtype | None = None
+    channels_last: bool = False
+    module: torch.nn.Module | None = None  # the model's module on the device (a copy)
+    compiled: torch.nn.Module | None = None  # torch.compile of ``module``, when asked for
+    batch_size: int | None = None  # compiled runs pad short batches to this (one shape)
 
     @classmethod
-    def create(cls, model: LoadedModel, *, device: str = "auto", precision: str = "auto"):
+    def create(
+        cls,
+        model: LoadedModel,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        channels_last: str = "auto",
+        compile: bool = False,
+        batch_size: int | None = None,
+    ) -> Predictor:
         dev = resolve_device(device)
-        model.module.to(dev)
-        return cls(model, dev, resolve_precision(precision, dev))
+        cl = resolve_channels_last(channels_last, dev)
+        module = model.module
+        if dev.type != "cpu" or cl:
+            # The loaded model is shared per process: each device gets its own copy.
+            module = copy.deepcopy(module).to(dev)
+            if cl:
+                module = module.to(memory_format=_memory_format(2 + model.geometry.ndim))
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape
+        compiled = torch.compile(module, dynamic=False) if compile else None
+        return cls(model, dev, resolve_precision(precision, dev), cl, module, compiled, batch_size)
 
-    def logits(self, batch: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+    def __post_init__(self) -> None:
+        if self.module is None:
+            self.module = self.model.module.to(self.device)
+
+    # -- host <-> device -------------------------------------------------------------------
+
+    def stage(self, batch: np.ndarray) -> torch.Tensor:
+        """A host batch ready for an asynchronous copy (pinned on CUDA). Thread-safe: readers
+        call it so the inference thread only launches the copy."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        return x.pin_memory() if self.device.type == "cuda" else x
+
+    def _to_device(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = batch if isinstance(batch, torch.Tensor) else self.stage(batch)
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=_memory_format(x.ndim))
+        return x
+
+    def _to_host(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        if self.device.type != "cuda":
+            return [t.numpy() for t in tensors]
+        host = []
+        for t in tensors:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            host.append(buf)
+        torch.cuda.current_stream(self.device).synchronize()
+        return [h.numpy() for h in host]
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _forward(self, x: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
+        n = x.shape[0]
+        module = self.module if eager or self.compiled is None else self.compiled
+        if module is self.compiled and self.batch_size and n < self.batch_size:
+            # A compiled module is specialised to one shape: pad the last short batch.
+            pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
+            x = torch.cat([x, pad])
         with torch.inference_mode():
             if self.autocast is not None:
                 with torch.autocast(self.device.type, dtype=self.autocast):
-                    y = self.model.module(x)
+                    y = module(x)
             else:
-                y = self.model.module(x)
-        return y.float()
+                y = module(x)
+        return y[:n].float()
+
+    def logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw model output (N, C, *out) as float32 on the device."""
+        return self._forward(self._to_device(batch))
+
+    def predict(
+        self,
+        batch: np.ndarray | torch.Tensor,
+        *,
+        label_dtype: np.dtype | str = np.uint8,
+        probability_dtype: np.dtype | str | None = None,
+    ) -> Prediction:
+        """Labels and (when ``probability_dtype`` is given) probabilities of a (N, Cin, *window)
+        batch, computed on the device; only those cross back to the host."""
+        label_dtype = np.dtype(label_dtype)
+        with torch.inference_mode():
+            p = _probabilities(self.logits(batch))
+            labels = p[:, 0] > 0.5 if p.shape[1] == 1 else torch.argmax(p, dim=1)
+            # uint8 labels travel as uint8; wider ones as int32 (torch has few uint16 ops).
+            labels = labels.to(torch.uint8 if label_dtype.itemsize == 1 else torch.int32)
+            keep = [labels]
+            if probability_dtype is not None:
+                keep.append(p.to(_TORCH_FLOATS[np.dtype(probability_dtype).name]))
+            host = self._to_host(keep)
+        return Prediction(
+            host[0].astype(label_dtype, copy=False), host[1] if len(host) > 1 else None
+        )
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C, *out) as float32 numpy for a (N, Cin, *window) batch."""
-        y = self.logits(batch)
-        with torch.inference_mode():
-            p = torch.sigmoid(y) if y.shape[1] == 1 else torch.softmax(y, dim=1)
-        return p.cpu().numpy()
+        return self.predict(batch, probability_dtype=np.float32).probabilities
+
+    def probe_memory(self, window: tuple[int, ...], in_channels: int) -> tuple[int, int]:
+        """Bytes of device memory a forward needs: (fixed, per tile), measured with batches of
+        one and two windows on the eager module (a compiled one would compile twice more)."""
+        dev = self.device
+        peaks = []
+        for n in (1, 2):
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            x = torch.zeros((n, in_channels, *window), device=dev)
+            if self.channels_last:
+                x = x.contiguous(memory_format=_memory_format(x.ndim))
+            _probabilities(self._forward(x, eager=True))
+            del x
+            torch.cuda.synchronize(dev)
+            peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+        per_tile = max(peaks[1] - peaks[0], 1)
+        return max(peaks[0] - per_tile, 0), per_tile
+
+
+_TORCH_FLOATS = {"float16": torch.float16, "float32": torch.float32}
+
+
+def _probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+TASKS_PER_GPU = 2  # a local run keeps two tasks in flight per GPU (see local_workers)
+
+
+def batch_size_from_memory(
+    *, free_bytes: int, fixed_bytes: int, per_tile_bytes: int, fraction: float = 0.8,
+    limit: int = 16,
+) -> int:  # fmt: skip
+    """The largest batch whose forward fits in ``fraction`` of the free device memory (the rest
+    is headroom for the allocator), between 1 and ``limit``. Beyond ~16 windows of a million
+    pixels a GPU is saturated: larger batches only make tasks coarser."""
+    usable = int(free_bytes * fraction) - fixed_bytes
+    return int(min(max(usable // max(per_tile_bytes, 1), 1), limit))
+
+
+def auto_batch_size(
+    predictor: Predictor, *, window: tuple[int, ...], in_channels: int, limit: int = 16
+) -> int:
+    """The batch size for ``--batch-size auto``: from free GPU memory on CUDA, else fixed.
+    The memory is shared by the forwards of ``TASKS_PER_GPU`` tasks in flight."""
+    if predictor.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(predictor.device)
+    fixed, per_tile = predictor.probe_memory(window, in_channels)
+    torch.cuda.empty_cache()
+    return batch_size_from_memory(
+        free_bytes=free // TASKS_PER_GPU, fixed_bytes=fixed, per_tile_bytes=per_tile, limit=limit
+    )
 
 
 def labels_from_probabilities(p: np.ndarray, *, dtype: np.dtype | str = np.uint8) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 An output records a *fingerprint* of everything that decides its pixels: the input file's
 identity, the model's sha256, and every option that changes the result. Options that only
-decide where the work runs (scheduler, resources, workers, overwrite) are left out, so a run can
-be resumed on another cluster. Batch size and device stay in: they can change the last bits of
-a float result, and a resumed output must be byte-identical to an uninterrupted one.
+decide where and how the work runs (scheduler, resources, workers, prefetch, overwrite) are
+left out, so a run can be resumed on another cluster. Batch size, tiles per task, device and
+compilation stay in: they can change the last bits of a float result, and a resumed output
+must be byte-identical to an uninterrupted one (``batch_size: auto`` resumes with the batch
+size the interrupted run measured, which its record holds).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from pipeline.config import SegmentOptions
 from pipeline.ngff import read_record
 
-RUNTIME_ONLY = ("scheduler", "resources", "workers", "overwrite")
+RUNTIME_ONLY = ("scheduler", "resources", "workers", "prefetch", "overwrite")
 _ZARR_METADATA = (".zarray", ".zgroup", ".zattrs", "zarr.json")
 
 

@@ -26,8 +26,23 @@ from pipeline import __version__
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
-from pipeline.geometry import TileGrid, apply_window, group_tiles, plan_tiles, window_read
-from pipeline.inference import Predictor, label_dtype, labels_from_probabilities, resolve_device
+from pipeline.geometry import (
+    Tile,
+    TileGrid,
+    apply_window,
+    group_tiles,
+    plan_tiles,
+    window_read,
+)
+from pipeline.inference import (
+    TASKS_PER_GPU,
+    Prediction,
+    Predictor,
+    auto_batch_size,
+    label_dtype,
+    resolve_device,
+    worker_device,
+)
 from pipeline.instances import label_instances
 from pipeline.measure import measure_objects
 from pipeline.models import LoadedModel, ModelSpec, load_model
@@ -44,7 +59,20 @@ from pipeline.ngff import (
 from pipeline.normalize import Normalization, compute_normalization
 from pipeline.provenance import done_dir, fingerprint, is_done, mark_done, output_state
 from pipeline.readers import ImageSpec, LazyImage, open_image
+from pipeline.stages import run_stages
 from pipeline.tissue import tissue_mask
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a worker runs the model: device, numerics and the overlap of the stages."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    batch_size: int = 4
+    prefetch: int = 2
 
 
 @dataclass(frozen=True)
@@ -58,9 +86,7 @@ class BlockTask:
     tiles: tuple[tuple[int, ...], ...]
     output: str
     layout: OutputLayout
-    device: str
-    precision: str
-    batch_size: int
+    run: RunSettings
     name: str  # completion marker written when every tile of the task is written
     skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
 
@@ -86,7 +112,7 @@ class SegmentResult:
 
 # Per-process caches: a worker loads each image handle and each model once, not per tile.
 _images: dict[str, LazyImage] = {}
-_predictors: dict[tuple[str, str, str, str], Predictor] = {}
+_predictors: dict[tuple[str, str, str, tuple], Predictor] = {}
 _cache_lock = threading.Lock()
 
 
@@ -102,12 +128,31 @@ def _image(spec: ImageSpec) -> LazyImage:
         return _images[key]
 
 
-def _predictor(spec: ModelSpec, device: str, precision: str) -> Predictor:
+def _predictor(
+    spec: ModelSpec,
+    run: RunSettings,
+    *,
+    window: tuple[int, ...] | None = None,
+    in_channels: int = 1,
+) -> Predictor:
+    """The worker's predictor for a model and run settings. A compiled one is compiled here,
+    under the lock, on a batch of ``window``s: task threads sharing it must not race to
+    compile it."""
     model = load_model(spec)
-    key = (model.source, model.sha256, device, precision)
+    device = worker_device(run.device)
+    # What the predictor depends on: not the prefetch, nor the batch size unless compiled.
+    numerics = (run.precision, run.channels_last, run.compile, run.compile and run.batch_size)
+    key = (model.source, model.sha256, device, numerics)
     with _cache_lock:
         if key not in _predictors:
-            _predictors[key] = Predictor.create(model, device=device, precision=precision)
+            predictor = Predictor.create(
+                model, device=device, precision=run.precision, channels_last=run.channels_last,
+                compile=run.compile, batch_size=run.batch_size,
+            )  # fmt: skip
+            if run.compile and window is not None:
+                shape = (run.batch_size, in_channels, *window)
+                predictor.predict(np.zeros(shape, np.float32))
+            _predictors[key] = predictor
         return _predictors[key]
 
 
@@ -118,49 +163,61 @@ def read_window(image: LazyImage, start, stop) -> np.ndarray:
 
 
 def run_block(task: BlockTask) -> dict[str, float]:
-    """Infer one block of tiles and write their outputs. Returns timings and counts."""
+    """Infer one block of tiles and write their outputs. Returns timings and counts.
+
+    Reads of the next batches and writes of the finished ones overlap inference (see
+    :mod:`pipeline.stages`); the task's done marker is written after the last write.
+    """
     t0 = time.perf_counter()
     image = _image(task.image)
-    predictor = _predictor(task.model, task.device, task.precision)
-    timings = {"read": 0.0, "infer": 0.0, "write": 0.0, "tiles": 0, "pixels": 0}
-    ldtype = np.dtype(task.layout.label_dtype)
-    pdtype = task.layout.probability_dtype
+    predictor = _predictor(
+        task.model, task.run, window=task.grid.window, in_channels=image.n_channels
+    )
+    layout = task.layout
+    ldtype = np.dtype(layout.label_dtype)
+    pdtype = layout.probability_dtype
+    pixels = 0
     skip = set(task.skip)
     for index in task.skip:
         tile = task.grid.tile_at(index)
         labels = np.zeros(tile.shape, ldtype)
-        p = np.zeros((task.layout.classes, *tile.shape), pdtype) if pdtype else None
-        if p is not None and task.layout.classes > 1:
+        p = np.zeros((layout.classes, *tile.shape), pdtype) if pdtype else None
+        if p is not None and layout.classes > 1:
             p[0] = 1  # background for certain, not "no class at all"
         with _writing(task.output):
             write_region(task.output, tile.region, labels, p)
-        timings["pixels"] += int(np.prod(tile.shape))
+        pixels += int(np.prod(tile.shape))
     tiles = [task.grid.tile_at(index) for index in task.tiles if index not in skip]
-    for i in range(0, len(tiles), task.batch_size):
-        batch = tiles[i : i + task.batch_size]
-        t = time.perf_counter()
+    size = task.run.batch_size
+    batches = [tuple(tiles[i : i + size]) for i in range(0, len(tiles), size)]
+
+    def read(batch: tuple[Tile, ...]):
         windows = [
             task.normalization.apply(read_window(image, tile.window_start, tile.window_stop))
             for tile in batch
         ]
-        timings["read"] += time.perf_counter() - t
-        t = time.perf_counter()
-        probabilities = predictor.probabilities(np.stack(windows))
-        timings["infer"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for tile, p in zip(batch, probabilities, strict=True):
-            p = p[(slice(None), *tile.crop_region)]
-            labels = labels_from_probabilities(p, dtype=ldtype)
+        return predictor.stage(np.stack(windows))
+
+    def infer(batch: tuple[Tile, ...], x) -> Prediction:
+        return predictor.predict(x, label_dtype=ldtype, probability_dtype=pdtype)
+
+    def write(batch: tuple[Tile, ...], out: Prediction) -> None:
+        for k, tile in enumerate(batch):
+            crop = tile.crop_region
+            labels = out.labels[k][crop]
+            p = out.probabilities
+            probs = None if p is None else p[k][(slice(None), *crop)]
             with _writing(task.output):
-                probs = p.astype(pdtype) if pdtype else None
                 write_region(task.output, tile.region, labels, probs)
-            timings["pixels"] += int(np.prod(tile.shape))
-        timings["write"] += time.perf_counter() - t
-        timings["tiles"] += len(batch)
+
+    times = run_stages(batches, read=read, infer=infer, write=write, depth=task.run.prefetch)
     with _writing(task.output):
         mark_done(task.output, task.name)
-    timings["task"] = time.perf_counter() - t0
-    return timings
+    pixels += sum(int(np.prod(tile.shape)) for tile in tiles)
+    return {
+        **times.to_dict(), "tiles": len(tiles), "pixels": pixels,
+        "task": time.perf_counter() - t0,
+    }  # fmt: skip
 
 
 @contextmanager
@@ -306,6 +363,13 @@ def segment_image(
         "started": started_at,
         "fingerprint": run_fingerprint,
     }
+    workers = options.workers or local_workers(options)
+    run = RunSettings(
+        device=options.device, precision=options.precision, channels_last=options.channels_last,
+        compile=options.compile, prefetch=options.prefetch,
+        batch_size=_batch_size(options, model_spec, image, grid, output, state),
+    )  # fmt: skip
+    record["run"] = {"batch_size": run.batch_size, "batches_per_task": options.batches_per_task}
     forget_arrays(output)
     if state != "partial":
         with _writing(output):
@@ -314,7 +378,7 @@ def segment_image(
 
     # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
     # run did and rewrites byte-identical chunks.
-    groups = group_tiles(grid, per_group=options.batch_size)
+    groups = group_tiles(grid, per_group=run.batch_size * options.batches_per_task)
     names = [f"tiles-{i:07d}" for i in range(len(groups))]
     tasks = [
         BlockTask(
@@ -325,9 +389,7 @@ def segment_image(
             tiles=tuple(t.index for t in group),
             output=output,
             layout=layout,
-            device=options.device,
-            precision=options.precision,
-            batch_size=options.batch_size,
+            run=run,
             name=name,
             skip=tuple(t.index for t in group if mask is not None and not mask.covers(t.region)),
         )
@@ -345,9 +407,9 @@ def segment_image(
             progress(done, total)
 
     t = time.perf_counter()
-    with _shared_cpu(options):
+    with _shared_cpu(options, workers):
         results = run_tasks(
-            run_block, tasks, scheduler=options.scheduler, workers=options.workers,
+            run_block, tasks, scheduler=options.scheduler, workers=workers,
             on_done=on_done, resources=options.resources,
         )  # fmt: skip
     infer_wall = time.perf_counter() - t
@@ -358,14 +420,16 @@ def segment_image(
             for i, region in enumerate(level_regions(layout, level))
         ]
         jobs = [job for job in jobs if not is_done(output, job[-1])]
-        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=options.workers)
+        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
     pyramid_wall = time.perf_counter() - t
-    record.update(_objects(output, image, options))
+    record.update(_objects(output, image, options, workers=workers))
     seconds = time.perf_counter() - started
     timings = {
-        key: float(sum(r[key] for r in results)) for key in ("read", "infer", "write", "task")
+        key: float(sum(r[key] for r in results))
+        for key in ("read", "infer", "write", "stall", "task")
     }
     timings["resumed_tasks"] = resumed
+    timings["tiles_inferred"] = int(sum(r["tiles"] for r in results))
     timings.update(
         {"segment_wall": infer_wall, "pyramid_wall": pyramid_wall, "total_wall": seconds}
     )
@@ -387,25 +451,27 @@ def segment_image(
 
 
 @contextmanager
-def _shared_cpu(options: SegmentOptions) -> Iterator[None]:
+def _shared_cpu(options: SegmentOptions, workers: int) -> Iterator[None]:
     """Local CPU runs with several task threads split the cores between them: each forward
     would otherwise start one thread per core and they would fight over the cores."""
-    if options.scheduler or options.workers < 2 or resolve_device(options.device).type != "cpu":
+    if options.scheduler or workers < 2 or resolve_device(options.device).type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.workers))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def _objects(output: str, image: LazyImage, options: SegmentOptions) -> dict[str, Any]:
+def _objects(
+    output: str, image: LazyImage, options: SegmentOptions, *, workers: int
+) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
     Each is redone whole unless its marker says it finished (both are idempotent)."""
     found: dict[str, Any] = {}
-    run = {"scheduler": options.scheduler, "workers": options.workers}
+    run = {"scheduler": options.scheduler, "workers": workers}
     if options.instances != "none" and not is_done(output, "instances"):
         with _writing(output):
             summary = label_instances(output, watershed=options.instances == "watershed", **run)
@@ -424,6 +490,58 @@ def _objects(output: str, image: LazyImage, options: SegmentOptions) -> dict[str
 
 def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> int:
     """Number of output classes of a model that does not declare it: one dummy window."""
-    predictor = _predictor(spec, "cpu", "fp32")
+    predictor = _predictor(spec, RunSettings(device="cpu", precision="fp32", channels_last="off"))
     cin = predictor.model.in_channels or 1
     return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])
+
+
+def local_workers(options: SegmentOptions) -> int:
+    """Tasks in parallel when ``workers`` is not given. On the CPU one (a forward already uses
+    every core). On CUDA two per GPU, spread over the GPUs by
+    :func:`~pipeline.inference.worker_device`: while one task of a GPU reads its first batch
+    or writes its last, the other keeps the GPU busy; both share the GPU's one model."""
+    if options.scheduler is not None or resolve_device(options.device).type != "cuda":
+        return 1
+    gpus = torch.cuda.device_count() if options.device in ("auto", "cuda") else 1  # or cuda:N
+    return TASKS_PER_GPU * gpus
+
+
+@dataclass(frozen=True)
+class _BatchProbe:
+    model: ModelSpec
+    run: RunSettings
+    window: tuple[int, ...]
+    in_channels: int
+
+
+def _probe_batch_size(probe: _BatchProbe) -> int:
+    predictor = _predictor(probe.model, probe.run)
+    return auto_batch_size(predictor, window=probe.window, in_channels=probe.in_channels)
+
+
+def _batch_size(
+    options: SegmentOptions,
+    spec: ModelSpec,
+    image: LazyImage,
+    grid: TileGrid,
+    output: str,
+    state: str,
+) -> int:
+    """The batch size: as given, or for ``auto`` measured where inference runs (a task on the
+    same workers, asking the same resources) from free device memory. A resumed run reuses
+    the batch size of the run it continues, so its tasks batch tiles exactly as before."""
+    if options.batch_size != "auto":
+        return int(options.batch_size)
+    if state == "partial":
+        previous = (read_record(output) or {}).get("run", {}).get("batch_size")
+        if previous:
+            return int(previous)
+    run = RunSettings(
+        device=options.device, precision=options.precision, channels_last=options.channels_last
+    )
+    probe = _BatchProbe(spec, run, grid.window, image.n_channels)
+    [size] = run_tasks(
+        _probe_batch_size, [probe], scheduler=options.scheduler, workers=1,
+        resources=options.resources, name="tileseg-batch-probe",
+    )  # fmt: skip
+    return int(size)

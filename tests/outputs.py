@@ -41,3 +41,13 @@ def one_to_one(a: np.ndarray, b: np.ndarray) -> bool:
         return False
     pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
+def chunk_files(output: Path) -> dict[str, bytes]:
+    """Every array chunk of an output (metadata and markers excluded), by relative path."""
+    files = {}
+    for path in sorted(output.rglob("*")):
+        rel = path.relative_to(output)
+        if path.is_file() and not path.name.startswith(".") and ".tileseg" not in rel.parts:
+            files[str(rel)] = path.read_bytes()
+    return files

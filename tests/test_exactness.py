@@ -6,6 +6,7 @@ OME-Zarr output read back, against :func:`predict_whole` on the in-memory image.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -89,7 +90,14 @@ def cases(draw):
     shape = tuple(draw(side) for _ in range(ndim))
     chunk = 2**depth * draw(st.integers(1, 4))
     tile = chunk * draw(st.integers(1, 2))
-    return config, shape, tile, chunk, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))
+    # How the work is run must not change the result: batching, tasks, overlap, layout.
+    run = {
+        "batch_size": draw(st.integers(1, 3)),
+        "batches_per_task": draw(st.integers(1, 3)),
+        "prefetch": draw(st.integers(0, 2)),
+        "channels_last": draw(st.sampled_from(["auto", "on"])),
+    }
+    return config, shape, tile, chunk, run, draw(st.integers(0, 2**16))
 
 
 @settings(
@@ -99,7 +107,7 @@ def cases(draw):
 )
 @given(cases())
 def test_tiled_equals_whole_image(case):
-    config, shape, tile, chunk, batch, seed = case
+    config, shape, tile, chunk, run_options, seed = case
     rng = np.random.default_rng(seed)
     image = rng.normal(size=(config.in_channels, *shape)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +118,7 @@ def test_tiled_equals_whole_image(case):
         write_zarr(tmp / "in.zarr", data, chunks=(7,) * data.ndim)
         probs, labels = run(
             tmp / "in.zarr", tmp / "out.zarr",
-            model=model, tile=tile, chunk=chunk, batch_size=batch, axes=axes,
+            model=model, tile=tile, chunk=chunk, axes=axes, **run_options,
         )  # fmt: skip
         check(probs, labels, reference(model, image))
 
@@ -123,6 +131,22 @@ def test_paper_sized_unet_on_a_tiled_tiff(tmp_path, padding):
     image = np.random.default_rng(1).integers(0, 255, (101, 77)).astype(np.uint8)
     write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(32, 32), compression="zlib")
     probs, labels = run(tmp_path / "in.tif", tmp_path / "out.zarr", model=model, tile=32, chunk=16)
+    check(probs, labels, reference(model, image[None]))
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler"
+)
+def test_compiled_model_is_exact_too(tmp_path):
+    """torch.compile'd model, last batch short (padded to the compiled shape)."""
+    config = UNetConfig(depth=2, width=4, padding="valid", classes=2)
+    model = make_model(tmp_path, config, seed=3)
+    image = np.random.default_rng(3).normal(size=(70, 90)).astype(np.float32)
+    write_zarr(tmp_path / "in.zarr", image, chunks=(16, 16))
+    probs, labels = run(
+        tmp_path / "in.zarr", tmp_path / "out.zarr",
+        model=model, tile=32, chunk=32, batch_size=4, compile=True,
+    )  # fmt: skip
     check(probs, labels, reference(model, image[None]))
 
 

@@ -11,12 +11,12 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 from imagefiles import write_tiff, write_zarr
+from outputs import chunk_files
 
 from pipeline.config import SegmentOptions
 from pipeline.models import UNetConfig, save_unet, seeded_unet
@@ -38,16 +38,6 @@ def model(tmp_path):
 def slide(tmp_path):
     image = np.random.default_rng(0).integers(0, 255, (384, 448)).astype(np.uint8)
     return write_tiff(tmp_path / "slide.tif", image, axes="YX", tile=(64, 64), compression="zlib")
-
-
-def chunk_files(output: Path) -> dict[str, bytes]:
-    """Every array chunk of an output (metadata and markers excluded), by relative path."""
-    files = {}
-    for path in sorted(output.rglob("*")):
-        rel = path.relative_to(output)
-        if path.is_file() and not path.name.startswith(".") and ".tileseg" not in rel.parts:
-            files[str(rel)] = path.read_bytes()
-    return files
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:

@@ -11,10 +11,11 @@ import zarr
 from imagefiles import write_tiff, write_zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
+from outputs import chunk_files
 
 from pipeline.cli import main
 from pipeline.config import SegmentOptions
-from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
 from pipeline.models.files import file_sha256
 from pipeline.ngff import LABELS_PATH, read_record
 from pipeline.segment import segment_image
@@ -142,12 +143,54 @@ def test_bad_config_is_refused(tmp_path, slide, capsys):
         ("tile: big\n", "tile: expected int"),
         ("normalize: zscore\n", "normalize: must be one of"),
         ("tile: [1\n", "invalid YAML"),
+        ("batch_size: lots\n", "batch_size: must be a number or auto"),
+        ("prefetch: -1\n", "prefetch: must be >= 0"),
+        ("channels_last: sometimes\n", "channels_last: must be one of"),
+        ("compile: 1\n", "compile: expected bool"),
     ]:
         config.write_text(text)
         args = ["segment", str(slide[0]), str(tmp_path / "o.zarr"), "--config", str(config)]
         assert main(args) == 2
         line = one_error_line(capsys)
         assert str(config) in line and expected in line
+
+
+def test_how_the_work_runs_does_not_change_a_byte(tmp_path, slide, model):
+    """Prefetch depth, tiles per task and `--batch-size auto` (4 on the CPU) run the same
+    batches: identical chunks. Prefetch only decides how the work runs, so a finished output
+    is not redone for it; `auto` is recorded with the batch size it resolved to."""
+    base = ["segment", str(slide[0])]
+    opts = ["--model", model, "--tile", "64", "--chunk", "64", "--save-probabilities",
+            "--no-progress"]  # fmt: skip
+    first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
+    assert main([*base, str(first), *opts, "--batch-size", "auto", "--prefetch", "0"]) == 0
+    record = read_record(first)
+    assert record["config"]["batch_size"] == "auto" and record["run"]["batch_size"] == 4
+    assert record["timings"]["stall"] >= 0
+
+    assert main([*base, str(first), *opts, "--batch-size", "auto", "--prefetch", "3"]) == 0
+    assert read_record(first)["finished"] == record["finished"]  # skipped, not redone
+
+    args = ["--batch-size", "4", "--prefetch", "2", "--batches-per-task", "1"]
+    assert main([*base, str(second), *opts, *args]) == 0
+    assert chunk_files(second) == chunk_files(first)
+
+
+def test_resumed_auto_batch_size_is_the_one_the_run_started_with(tmp_path, slide, model):
+    from pipeline.readers import open_image
+    from pipeline.segment import _batch_size, plan
+
+    out = tmp_path / "out.zarr"
+    options = SegmentOptions(model=model, tile=64, chunk=64, batch_size="auto")
+    segment_image(slide[0], out, options)
+    root = zarr.open_group(out, mode="r+", zarr_format=2)
+    root.attrs["tileseg"] = {**root.attrs["tileseg"], "run": {"batch_size": 3}}
+    image = open_image(slide[0])
+    loaded = load_model(ModelSpec(model))
+    grid = plan(image, loaded, options)
+    args = (options, ModelSpec(model), image, grid, str(out))
+    assert _batch_size(*args, "partial") == 3
+    assert _batch_size(*args, "missing") == 4
 
 
 def test_channel_mismatch_is_refused(tmp_path, model, capsys):

@@ -1,0 +1,50 @@
+"""One benchmark step per child process, so that its peak memory is its own.
+
+A child is ``python -c CODE ARGS...`` run in the repository root; the last line it prints is its
+JSON answer. :data:`PEAK` is prepended to every child's code: ``peak_memory()`` gives the
+child's own peak RSS and, when it used CUDA, the peak of ``torch.cuda.max_memory_allocated``
+(the parent's ``RUSAGE_CHILDREN`` is a maximum over all children so far, not per child).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PEAK = """
+def peak_memory():
+    import resource, sys
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        # several GPUs (one task thread each): the largest, which is what has to fit
+        out["peak_cuda_mib"] = max(
+            torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
+        ) / 2**20
+    return out
+"""
+
+
+class ChildError(RuntimeError):
+    """A child process failed; the message holds the end of its stderr."""
+
+
+def run_child(code: str, *args: str) -> tuple[dict, float]:
+    """Run ``code`` with ``args`` in a child; returns (its JSON answer, wall seconds)."""
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK + code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise ChildError(f"child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall

@@ -1,0 +1,96 @@
+"""The predictor: labels/probabilities on the device, layouts, batch sizing, device choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.inference import (
+    CPU_BATCH_SIZE,
+    Predictor,
+    auto_batch_size,
+    batch_size_from_memory,
+    labels_from_probabilities,
+    resolve_channels_last,
+    worker_device,
+)
+from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
+
+
+def loaded(tmp_path, **config):
+    path = tmp_path / "m.safetensors"
+    save_unet(seeded_unet(UNetConfig(depth=2, width=4, **config), seed=0), path)
+    return load_model(ModelSpec(str(path)))
+
+
+def batch(model, n=2, extra=8, seed=0):
+    side = model.geometry.size_min[0] + extra
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 1, side, side)).astype(np.float32)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_labels_on_the_device_match_labels_from_probabilities(tmp_path, classes):
+    model = loaded(tmp_path, classes=classes)
+    predictor = Predictor.create(model, device="cpu")
+    x = batch(model)
+    out = predictor.predict(x, probability_dtype="float32")
+    assert out.labels.dtype == np.uint8 and out.probabilities.dtype == np.float32
+    expected = np.stack([labels_from_probabilities(p) for p in out.probabilities])
+    np.testing.assert_array_equal(out.labels, expected)
+    np.testing.assert_array_equal(out.probabilities, predictor.probabilities(x))
+    # Only what is kept comes back: no probabilities unless asked, in the asked dtype.
+    assert predictor.predict(x).probabilities is None
+    half = predictor.predict(x, probability_dtype="float16").probabilities
+    np.testing.assert_array_equal(half, out.probabilities.astype(np.float16))
+    wide = predictor.predict(x, label_dtype=np.uint16).labels
+    assert wide.dtype == np.uint16 and np.array_equal(wide, out.labels)
+
+
+def test_channels_last_gives_the_same_result(tmp_path):
+    model = loaded(tmp_path, classes=2, padding="valid")
+    x = batch(model, n=3)
+    plain = Predictor.create(model, device="cpu", channels_last="off")
+    cl = Predictor.create(model, device="cpu", channels_last="on")
+    assert cl.channels_last and not plain.channels_last
+    assert cl.module is not model.module  # the shared, cached model is left as it was
+    assert next(model.module.parameters()).is_contiguous()
+    a, b = plain.predict(x, probability_dtype="float32"), cl.predict(x, probability_dtype="float32")
+    assert np.abs(a.probabilities - b.probabilities).max() < 1e-5
+
+
+def test_channels_last_auto_means_cuda_only():
+    assert not resolve_channels_last("auto", torch.device("cpu"))
+    assert resolve_channels_last("auto", torch.device("cuda"))
+    assert resolve_channels_last("on", torch.device("cpu"))
+    with pytest.raises(ValueError, match="channels_last"):
+        resolve_channels_last("yes", torch.device("cpu"))
+
+
+@given(
+    free=st.integers(0, 2**40),
+    fixed=st.integers(0, 2**34),
+    per_tile=st.integers(1, 2**34),
+    limit=st.integers(1, 128),
+)
+def test_batch_size_from_memory_is_the_largest_that_fits(free, fixed, per_tile, limit):
+    n = batch_size_from_memory(
+        free_bytes=free, fixed_bytes=fixed, per_tile_bytes=per_tile, fraction=0.8, limit=limit
+    )
+    usable = int(free * 0.8)
+    assert 1 <= n <= limit
+    if n > 1:
+        assert fixed + n * per_tile <= usable
+    if n < limit:
+        assert fixed + (n + 1) * per_tile > usable
+
+
+def test_cpu_batch_size_and_devices(tmp_path):
+    predictor = Predictor.create(loaded(tmp_path, classes=2), device="cpu")
+    assert auto_batch_size(predictor, window=(64, 64), in_channels=1) == CPU_BATCH_SIZE
+    assert worker_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert worker_device("auto") == "auto"
