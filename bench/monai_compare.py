@@ -1,7 +1,8 @@
 """tileseg against MONAI's ``sliding_window_inference`` on the same model and image.
 
-Both predict class probabilities for one generated fluorescence image with the same 'same'-padded
-U-Net (MONAI's inferer needs output size == input size). The reference is one float32 forward
+Both predict class probabilities for one generated fluorescence image with the same U-Net: the
+shipped default's architecture (depth 3, width 16) but 'same'-padded, since MONAI's inferer needs
+output size == input size (``--depth`` changes the depth). The reference is one float32 forward
 pass on the CPU over the whole image, mirror-padded by the halo (what tileseg promises to equal).
 Each contender runs in its own child process so its peak memory is its own. On CUDA both run in
 the precision tileseg picks there (autocast bf16), and both are timed warm (after one untimed
@@ -25,8 +26,8 @@ SETUP = """
 import sys, numpy as np, tifffile
 from pipeline.models import UNetConfig, save_unet, seeded_unet
 from pipeline.synthetic import SyntheticConfig, synthetic_pair
-out, size = sys.argv[1], int(sys.argv[2])
-config = UNetConfig(depth=4, width=16, padding="same")
+out, size, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+config = UNetConfig(depth=depth, width=16, padding="same")
 save_unet(seeded_unet(config, seed=0), out + "/same.safetensors")
 image, _ = synthetic_pair((size, size), config=SyntheticConfig(seed=3))
 tifffile.imwrite(out + "/image.tif", image, tile=(256, 256), compression="zlib")
@@ -109,12 +110,19 @@ print(json.dumps({"seconds": r.seconds, "window": r.record["geometry"]["window"]
 
 
 def compare(
-    out: Path, *, size: int, tile: int, overlap: float = 0.25, batch_size: int, device: str
+    out: Path,
+    *,
+    size: int,
+    tile: int,
+    overlap: float = 0.25,
+    batch_size: int,
+    device: str,
+    depth: int = 3,
 ) -> dict:
     """Reference, tileseg, and MONAI with roi = tileseg's output tile and = its whole window."""
     out = out.resolve()  # children run in the repository root
     out.mkdir(parents=True, exist_ok=True)
-    run_child(SETUP, str(out), str(size))
+    run_child(SETUP, str(out), str(size), str(depth))
     args = (str(out), str(tile), str(overlap), str(batch_size), device)
     ref, _ = run_child(REFERENCE, *args)
     ours, _ = run_child(TILESEG, *args)
@@ -124,7 +132,7 @@ def compare(
     window = ours["window"][0]
     monai_window, _ = run_child(MONAI, str(out), str(window), *args[2:])
     return {
-        "size": size, "tile": tile, "window": window, "overlap": overlap,
+        "size": size, "depth": depth, "tile": tile, "window": window, "overlap": overlap,
         "batch_size": batch_size, "device": device, "reference": ref, "tileseg": ours,
         f"monai_roi_{tile}": monai_tile, f"monai_roi_{window}": monai_window,
     }  # fmt: skip
@@ -160,11 +168,12 @@ def main() -> None:
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--depth", type=int, default=3, help="U-Net depth (width 16, same padding)")
     p.add_argument("--out", default=str(HERE / "results" / "monai"))
     a = p.parse_args()
     out = Path(a.out)
     result = compare(out, size=a.size, tile=a.tile, overlap=a.overlap, batch_size=a.batch_size,
-                     device=a.device)  # fmt: skip
+                     device=a.device, depth=a.depth)  # fmt: skip
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     print("\n".join(table(result)))
 

@@ -4,15 +4,18 @@ A cluster config (the ``cluster:`` section of a directory config, or a file of i
 ``configs/slurm-gpu.yaml``) says which one:
 
 - ``type: local`` (default): a ``LocalCluster`` on this machine; with ``gpus: N``, one worker
-  process per GPU, each seeing only its GPU (``CUDA_VISIBLE_DEVICES``) and declaring ``GPU=1``.
+  process per GPU, each seeing only its GPU (``CUDA_VISIBLE_DEVICES``), declaring ``GPU=1`` and
+  running at least two task threads.
 - ``type: address``: an existing scheduler (``address: tcp://head:8786``).
 - ``type: slurm``: a ``dask_jobqueue.SLURMCluster`` (keyword arguments under ``slurm:``) scaled
   to ``jobs:`` jobs, or adaptively with ``adapt: {minimum_jobs, maximum_jobs}``.
 - ``type: none``: no cluster; each slide runs on Dask's embedded threads (small runs, tests).
 
-``task_resources`` (e.g. ``{GPU: 1}``) is what every segmentation task asks of a worker, so a
-worker declaring ``GPU=1`` runs one model at a time; it defaults to ``{GPU: 1}`` whenever the
-cluster's workers are declared as GPU workers here.
+``task_resources`` is what every inference task asks of a worker. It defaults to
+``{GPU: 0.5}`` whenever the cluster's workers are declared as GPU workers here: a worker
+declaring ``GPU=1`` then runs two tasks at a time, sharing its one model, so that one task's
+first read and last write are hidden behind the other's inference (as local runs do, see
+``pipeline.segment.local_workers``). ``{GPU: 1}`` gives one task at a time per GPU.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from typing import Any
 
 from pipeline.config import read_yaml_mapping
 from pipeline.errors import TilesegError
+from pipeline.inference import TASKS_PER_GPU
 
 TYPES = ("local", "address", "slurm", "none")
-GPU = {"GPU": 1}
+GPU = {"GPU": 1}  # what a GPU worker declares
+GPU_TASK = {"GPU": 1 / TASKS_PER_GPU}  # what an inference task asks of it
 LOOPBACK = "127.0.0.1"  # a local cluster serves this machine only (as LocalCluster does)
 _LOCAL_KEYS = (
     "n_workers", "threads_per_worker", "processes", "memory_limit", "gpus", "dashboard_address",
@@ -116,10 +121,10 @@ def _task_resources(spec: dict[str, Any]) -> dict[str, float] | None:
     if "task_resources" in spec:
         return spec["task_resources"] or None
     if spec.get("type", "local") == "local":
-        return dict(GPU) if spec.get("gpus") else None
+        return dict(GPU_TASK) if spec.get("gpus") else None
     args = [str(a) for a in (spec.get("slurm") or {}).get("worker_extra_args", [])]
     # SLURM workers declared as GPU workers (--resources GPU=1): tasks must ask for the GPU.
-    return dict(GPU) if any("GPU=" in a for a in args) else None
+    return dict(GPU_TASK) if any("GPU=" in a for a in args) else None
 
 
 def _describe(spec: dict[str, Any]) -> str:
@@ -139,14 +144,14 @@ def _local_cluster(spec: dict[str, Any]) -> Any:
     threads = int(spec.get("threads_per_worker", 1))
     gpus = int(spec.get("gpus", 0) or 0)
     if gpus:
-        # One process per GPU, started with only that GPU visible, so "cuda" means its own GPU
-        # and the GPU=1 resource lets it run one segmentation task (one model) at a time.
+        # One process per GPU, started with only that GPU visible, so "cuda" means its own GPU;
+        # GPU=1 against tasks asking GPU_TASK lets it run TASKS_PER_GPU tasks on its one model.
         devices = _gpu_ids(gpus)
         workers = {
             f"gpu-{i}": {
                 "cls": Nanny,
                 "options": {
-                    "nthreads": threads,
+                    "nthreads": max(threads, TASKS_PER_GPU),
                     "host": LOOPBACK,
                     "resources": dict(GPU),
                     "env": {"CUDA_VISIBLE_DEVICES": devices[i]},

@@ -50,9 +50,11 @@ def reference(model_path: str, image: np.ndarray) -> np.ndarray:
 
 
 def run(input_path, output_path, **options) -> tuple[np.ndarray, np.ndarray]:
+    # fp32 on any device (bf16 autocast is the CUDA default): exactness is a float32 property.
     opts = SegmentOptions(
-        normalize="none", save_probabilities=True, probability_dtype="float32", **options
-    )
+        normalize="none", save_probabilities=True, probability_dtype="float32", precision="fp32",
+        **options,
+    )  # fmt: skip
     segment_image(input_path, output_path, opts)
     root = zarr.open_group(output_path, mode="r")
     return root["0"][...], root[f"{LABELS_PATH}/0"][...]
@@ -159,7 +161,7 @@ def test_percentile_normalisation_is_global(tmp_path):
     write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(32, 32))
     opts = SegmentOptions(
         model=model, tile=32, chunk=32, normalize="percentile", save_probabilities=True,
-        probability_dtype="float32",
+        probability_dtype="float32", precision="fp32",
     )  # fmt: skip
     result = segment_image(tmp_path / "in.tif", tmp_path / "out.zarr", opts)
     norm = result.record["normalization"]

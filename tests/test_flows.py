@@ -37,6 +37,7 @@ from pipeline.ngff import read_record
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=2)
 GPU = {"GPU": 1}
+GPU_TASK = {"GPU": 0.5}  # two tasks per GPU, sharing its model
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_batch_command_needs_no_prefect_server(slides, config, tmp_path, capsys,
 
 
 def test_batch_on_a_cluster_asks_each_task_for_a_gpu(slides, config, tmp_path):
-    """Tasks sent to GPU workers request GPU=1, so a GPU worker runs one model at a time."""
+    """Inference tasks sent to GPU workers ask for the GPU resource; pyramid tasks do not."""
     from distributed import LocalCluster
     from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -223,7 +224,7 @@ def test_example_configs_are_valid():
     assert directory.run.patterns and directory.cluster["type"] in ("local", "slurm", "address")
 
     spec = load_cluster_config(ROOT / "configs" / "slurm-gpu.yaml")
-    assert spec["type"] == "slurm" and _task_resources(spec) == {"GPU": 1}
+    assert spec["type"] == "slurm" and _task_resources(spec) == GPU_TASK
     from dask_jobqueue import SLURMCluster
 
     # Builds the job script only: no job is submitted (scale is never called).
@@ -296,7 +297,7 @@ def test_compose_file_has_server_scheduler_and_gpu_worker():
     assert "--resources GPU=1" in command and "dask-scheduler:8786" in command
     flows = services["flows"]["command"]
     cluster = load_cluster_config(ROOT / flows[flows.index("--cluster-config") + 1])
-    assert cluster["task_resources"] == GPU
+    assert cluster["task_resources"] == GPU_TASK
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert "cuda" in dockerfile.lower() and ".[flows]" in dockerfile
 
@@ -333,19 +334,19 @@ def test_transient_errors_are_retried_and_bad_slides_are_not(tmp_path, monkeypat
 
 
 def test_local_gpu_cluster_gives_each_worker_its_own_gpu(monkeypatch):
-    """One worker process per GPU, seeing only its GPU, declaring GPU=1 (no GPU needed here:
-    nothing touches CUDA)."""
+    """One worker process per GPU, seeing only its GPU, declaring GPU=1 with two task threads
+    (no GPU needed here: nothing touches CUDA)."""
     from distributed import Client
 
     from flows.cluster import open_cluster
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # e.g. what SLURM gave this job
     with open_cluster({"type": "local", "gpus": 2}) as handle:
-        assert handle.task_resources == GPU
+        assert handle.task_resources == GPU_TASK
         with Client(handle.address, set_as_default=False) as client:
             client.wait_for_workers(2, timeout=60)
             workers = client.scheduler_info()["workers"].values()
             # os.getenv pickles by reference (os.environ.get would carry our environ along)
             seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
-    assert all(w["resources"] == GPU for w in workers)
+    assert all(w["resources"] == GPU and w["nthreads"] == 2 for w in workers)
     assert sorted(seen.values()) == ["3", "5"]

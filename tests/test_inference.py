@@ -94,3 +94,13 @@ def test_cpu_batch_size_and_devices(tmp_path):
     assert worker_device("cpu") == "cpu"
     if not torch.cuda.is_available():
         assert worker_device("auto") == "auto"
+
+
+@given(classes=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_device_argmax_takes_the_first_maximum_like_numpy(classes, seed):
+    from pipeline.inference import _argmax
+
+    rng = np.random.default_rng(seed)
+    # Few distinct values: many ties.
+    p = torch.from_numpy(rng.integers(0, 3, (2, classes, 7, 5)).astype(np.float32))
+    np.testing.assert_array_equal(_argmax(p, dtype=torch.int32).numpy(), p.numpy().argmax(1))
