@@ -85,10 +85,11 @@ print("{}")
 """
 
 SLIDE = """
-import sys
+import os, sys
 from pipeline.synthetic import SyntheticConfig, write_synthetic_slide
 n = int(sys.argv[2])
-write_synthetic_slide(sys.argv[1], shape=(n, n), config=SyntheticConfig(seed=1))
+write_synthetic_slide(sys.argv[1], shape=(n, n), config=SyntheticConfig(seed=1),
+                      workers=os.cpu_count())
 print("{}")
 """
 

@@ -52,7 +52,7 @@ def write_partial_slide(path: Path, *, size: int, fraction: float, tile: int = 5
 
     shapes = pyramid_shapes((size, size))
     comp = {"compression": "zlib", "compressionargs": {"level": 1}}
-    pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1))  # as the generator's own writer
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
     with pool, tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         for k, (h, w) in enumerate(shapes):
             px = 0.5 * 2**k

@@ -13,7 +13,9 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } \
   | tee "$OUT/machine.txt"
+# Another torch/numpy there may deprecate what ours does not: ignore those warnings there.
 timeout 180 python3 -m pytest -q -x -p no:cacheprovider -o addopts= \
+  -W ignore::DeprecationWarning -W ignore::FutureWarning \
   tests/test_gpu.py tests/test_inference.py tests/test_stages.py 2>&1 | tee "$OUT/tests.log"
 timeout "${BENCH_SECONDS:-300}" python3 bench/run.py --device cuda --size "${SIZE:-16384}" \
   --batch-size auto --skip-rss --tissue-size 8192 --out /tmp/bench 2>&1 | tee "$OUT/bench.log"
