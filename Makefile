@@ -30,6 +30,7 @@ demo: install
 	$(BIN)/tileseg demo
 
 bench: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
 	$(BIN)/python bench/run.py
 
 clean:
