@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 SETUP = """
 import sys, numpy as np, tifffile
 from pipeline.models import UNetConfig, save_unet, seeded_unet
-from pipeline.synthetic import SyntheticConfig, synthetic_pair
+from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
 out, size, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 config = UNetConfig(depth=depth, width=16, padding="same")
 save_unet(seeded_unet(config, seed=0), out + "/same.safetensors")

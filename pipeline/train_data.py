@@ -22,7 +22,7 @@ from pipeline.errors import TilesegError
 from pipeline.geometry import apply_window, window_read
 from pipeline.normalize import Normalization, compute_normalization
 from pipeline.readers import LazyImage, find_images, image_stem, open_image
-from pipeline.synthetic import SyntheticConfig, render_block
+from pipeline.synthetic_render import SyntheticConfig, render_block
 
 if TYPE_CHECKING:
     import torch

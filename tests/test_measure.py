@@ -16,7 +16,7 @@ from pipeline.errors import TilesegError
 from pipeline.instances import label_instances
 from pipeline.measure import measure_objects
 from pipeline.readers import open_image
-from pipeline.synthetic import SyntheticConfig, synthetic_pair
+from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
 
 
 def instances(out) -> np.ndarray:

@@ -305,7 +305,7 @@ def threshold_model(path, *, level: float) -> str:
 def test_tissue_skipping_instances_and_table(tmp_path):
     """Tiles without tissue are skipped and written as background; objects get ids across
     chunk borders and a table; all of it is recorded."""
-    from pipeline.synthetic import SyntheticConfig, synthetic_pair
+    from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
 
     model = threshold_model(tmp_path / "threshold.safetensors", level=0.35)
     config = SyntheticConfig(seed=4, tissue_fraction=0.4, tissue_scale=300.0, dtype="uint8")

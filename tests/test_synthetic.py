@@ -1,4 +1,4 @@
-"""Tests of the synthetic slide generator (pipeline.synthetic)."""
+"""Tests of the synthetic slide generator (pipeline.synthetic_render, pipeline.synthetic)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ import zarr
 from scipy import ndimage
 from skimage.measure import regionprops as _regionprops
 
-from pipeline.synthetic import (
-    SyntheticConfig,
-    pyramid_shapes,
-    render_block,
-    synthetic_pair,
-    write_synthetic_slide,
-)
+from pipeline.synthetic import pyramid_shapes, write_synthetic_slide
+from pipeline.synthetic_render import SyntheticConfig, render_block, synthetic_pair
 
 # a dense, all-tissue region: statistics do not depend on where the tissue field happens to be
 DENSE = SyntheticConfig(seed=3, tissue=False)

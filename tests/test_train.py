@@ -16,7 +16,7 @@ from pipeline.models import ModelSpec, load_model
 from pipeline.models.files import DEFAULT_MODEL
 from pipeline.qc import foreground_dice
 from pipeline.segment import segment_image
-from pipeline.synthetic import SyntheticConfig, synthetic_pair
+from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
 from pipeline.train import TrainConfig, config_from_mapping, crop_geometry, train
 from pipeline.train_data import augment, file_pairs, read_crop
 
