@@ -33,7 +33,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=_int_or_auto,
         help="tiles per forward pass, or auto: from free GPU memory (4 on the CPU)",
     )  # fmt: skip
-    p.add_argument("--batches-per-task", type=int, help="batches per task (default 4)")
+    p.add_argument("--batches-per-task", type=int, help="batches per task, at most (default 4)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument(

@@ -34,7 +34,7 @@ class SegmentOptions:
     tile: int | None = None  # default: 1024 (2D) / 128 (3D)
     chunk: int | None = None  # default: min(512, tile) (2D) / min(64, tile) (3D)
     batch_size: int | str = "auto"  # from free GPU memory; 4 on the CPU
-    batches_per_task: int = 4  # a task reads, infers and writes this many batches, overlapped
+    batches_per_task: int = 4  # at most; a task overlaps reading, inferring, writing its batches
     device: str = "auto"
     precision: str = "auto"
     channels_last: str = "auto"  # on for CUDA

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
@@ -35,13 +33,9 @@ from pipeline.geometry import (
     window_read,
 )
 from pipeline.inference import (
-    TASKS_PER_GPU,
     Prediction,
-    Predictor,
-    auto_batch_size,
     label_dtype,
     resolve_device,
-    worker_device,
 )
 from pipeline.instances import label_instances
 from pipeline.measure import measure_objects
@@ -61,18 +55,15 @@ from pipeline.provenance import done_dir, fingerprint, is_done, mark_done, outpu
 from pipeline.readers import ImageSpec, LazyImage, open_image
 from pipeline.stages import run_stages
 from pipeline.tissue import tissue_mask
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """How a worker runs the model: device, numerics and the overlap of the stages."""
-
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: str = "auto"
-    compile: bool = False
-    batch_size: int = 4
-    prefetch: int = 2
+from pipeline.worker import (
+    RunSettings,
+    batches_per_task,
+    cached_image,
+    cached_predictor,
+    local_workers,
+    resolve_batch_size,
+    shared_cpu,
+)
 
 
 @dataclass(frozen=True)
@@ -110,52 +101,6 @@ class SegmentResult:
         return float(np.prod(self.spatial_shape)) / 1e6 / max(self.seconds, 1e-9)
 
 
-# Per-process caches: a worker loads each image handle and each model once, not per tile.
-_images: dict[str, LazyImage] = {}
-_predictors: dict[tuple[str, str, str, tuple], Predictor] = {}
-_cache_lock = threading.Lock()
-
-
-def _image(spec: ImageSpec) -> LazyImage:
-    try:
-        stamp = os.stat(spec.path).st_mtime_ns  # a replaced input file must be reopened
-    except OSError:
-        stamp = None
-    key = f"{spec!r}@{stamp}"
-    with _cache_lock:
-        if key not in _images:
-            _images[key] = LazyImage.from_spec(spec)
-        return _images[key]
-
-
-def _predictor(
-    spec: ModelSpec,
-    run: RunSettings,
-    *,
-    window: tuple[int, ...] | None = None,
-    in_channels: int = 1,
-) -> Predictor:
-    """The worker's predictor for a model and run settings. A compiled one is compiled here,
-    under the lock, on a batch of ``window``s: task threads sharing it must not race to
-    compile it."""
-    model = load_model(spec)
-    device = worker_device(run.device)
-    # What the predictor depends on: not the prefetch, nor the batch size unless compiled.
-    numerics = (run.precision, run.channels_last, run.compile, run.compile and run.batch_size)
-    key = (model.source, model.sha256, device, numerics)
-    with _cache_lock:
-        if key not in _predictors:
-            predictor = Predictor.create(
-                model, device=device, precision=run.precision, channels_last=run.channels_last,
-                compile=run.compile, batch_size=run.batch_size,
-            )  # fmt: skip
-            if run.compile and window is not None:
-                shape = (run.batch_size, in_channels, *window)
-                predictor.predict(np.zeros(shape, np.float32))
-            _predictors[key] = predictor
-        return _predictors[key]
-
-
 def read_window(image: LazyImage, start, stop) -> np.ndarray:
     """Read a (C, *window) input window whose parts outside the image are mirrored."""
     plan = window_read(start, stop, image.spatial_shape)
@@ -169,8 +114,8 @@ def run_block(task: BlockTask) -> dict[str, float]:
     :mod:`pipeline.stages`); the task's done marker is written after the last write.
     """
     t0 = time.perf_counter()
-    image = _image(task.image)
-    predictor = _predictor(
+    image = cached_image(task.image)
+    predictor = cached_predictor(
         task.model, task.run, window=task.grid.window, in_channels=image.n_channels
     )
     layout = task.layout
@@ -367,9 +312,10 @@ def segment_image(
     run = RunSettings(
         device=options.device, precision=options.precision, channels_last=options.channels_last,
         compile=options.compile, prefetch=options.prefetch,
-        batch_size=_batch_size(options, model_spec, image, grid, output, state),
+        batch_size=resolve_batch_size(options, model_spec, image, grid, output, state),
     )  # fmt: skip
-    record["run"] = {"batch_size": run.batch_size, "batches_per_task": options.batches_per_task}
+    per_task = batches_per_task(options, grid, run.batch_size)
+    record["run"] = {"batch_size": run.batch_size, "batches_per_task": per_task}
     forget_arrays(output)
     if state != "partial":
         with _writing(output):
@@ -378,7 +324,7 @@ def segment_image(
 
     # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
     # run did and rewrites byte-identical chunks.
-    groups = group_tiles(grid, per_group=run.batch_size * options.batches_per_task)
+    groups = group_tiles(grid, per_group=run.batch_size * per_task)
     names = [f"tiles-{i:07d}" for i in range(len(groups))]
     tasks = [
         BlockTask(
@@ -407,7 +353,7 @@ def segment_image(
             progress(done, total)
 
     t = time.perf_counter()
-    with _shared_cpu(options, workers):
+    with shared_cpu(options, workers):
         results = run_tasks(
             run_block, tasks, scheduler=options.scheduler, workers=workers,
             on_done=on_done, resources=options.resources,
@@ -450,21 +396,6 @@ def segment_image(
     )  # fmt: skip
 
 
-@contextmanager
-def _shared_cpu(options: SegmentOptions, workers: int) -> Iterator[None]:
-    """Local CPU runs with several task threads split the cores between them: each forward
-    would otherwise start one thread per core and they would fight over the cores."""
-    if options.scheduler or workers < 2 or resolve_device(options.device).type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _objects(
     output: str, image: LazyImage, options: SegmentOptions, *, workers: int
 ) -> dict[str, Any]:
@@ -490,58 +421,8 @@ def _objects(
 
 def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> int:
     """Number of output classes of a model that does not declare it: one dummy window."""
-    predictor = _predictor(spec, RunSettings(device="cpu", precision="fp32", channels_last="off"))
+    predictor = cached_predictor(
+        spec, RunSettings(device="cpu", precision="fp32", channels_last="off")
+    )
     cin = predictor.model.in_channels or 1
     return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])
-
-
-def local_workers(options: SegmentOptions) -> int:
-    """Tasks in parallel when ``workers`` is not given. On the CPU one (a forward already uses
-    every core). On CUDA two per GPU, spread over the GPUs by
-    :func:`~pipeline.inference.worker_device`: while one task of a GPU reads its first batch
-    or writes its last, the other keeps the GPU busy; both share the GPU's one model."""
-    if options.scheduler is not None or resolve_device(options.device).type != "cuda":
-        return 1
-    gpus = torch.cuda.device_count() if options.device in ("auto", "cuda") else 1  # or cuda:N
-    return TASKS_PER_GPU * gpus
-
-
-@dataclass(frozen=True)
-class _BatchProbe:
-    model: ModelSpec
-    run: RunSettings
-    window: tuple[int, ...]
-    in_channels: int
-
-
-def _probe_batch_size(probe: _BatchProbe) -> int:
-    predictor = _predictor(probe.model, probe.run)
-    return auto_batch_size(predictor, window=probe.window, in_channels=probe.in_channels)
-
-
-def _batch_size(
-    options: SegmentOptions,
-    spec: ModelSpec,
-    image: LazyImage,
-    grid: TileGrid,
-    output: str,
-    state: str,
-) -> int:
-    """The batch size: as given, or for ``auto`` measured where inference runs (a task on the
-    same workers, asking the same resources) from free device memory. A resumed run reuses
-    the batch size of the run it continues, so its tasks batch tiles exactly as before."""
-    if options.batch_size != "auto":
-        return int(options.batch_size)
-    if state == "partial":
-        previous = (read_record(output) or {}).get("run", {}).get("batch_size")
-        if previous:
-            return int(previous)
-    run = RunSettings(
-        device=options.device, precision=options.precision, channels_last=options.channels_last
-    )
-    probe = _BatchProbe(spec, run, grid.window, image.n_channels)
-    [size] = run_tasks(
-        _probe_batch_size, [probe], scheduler=options.scheduler, workers=1,
-        resources=options.resources, name="tileseg-batch-probe",
-    )  # fmt: skip
-    return int(size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -55,7 +56,9 @@ def run(input_path, output_path, **options) -> tuple[np.ndarray, np.ndarray]:
         normalize="none", save_probabilities=True, probability_dtype="float32", precision="fp32",
         **options,
     )  # fmt: skip
-    segment_image(input_path, output_path, opts)
+    # Tiny images have few batches: let tasks hold several anyway, as on a large image.
+    with mock.patch("pipeline.worker.MIN_TASKS", 1):
+        segment_image(input_path, output_path, opts)
     root = zarr.open_group(output_path, mode="r")
     return root["0"][...], root[f"{LABELS_PATH}/0"][...]
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
@@ -15,12 +17,14 @@ from outputs import chunk_files
 
 from pipeline.cli import main
 from pipeline.config import SegmentOptions
+from pipeline.geometry import ModelGeometry, plan_tiles
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
 from pipeline.models.files import file_sha256
 from pipeline.ngff import LABELS_PATH, read_record
 from pipeline.segment import segment_image
 
 SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=3)
+GEOMETRY = ModelGeometry.uniform(2, halo=0, align=1, shrink=0, size_min=1, size_step=1)
 
 
 @pytest.fixture
@@ -155,17 +159,19 @@ def test_bad_config_is_refused(tmp_path, slide, capsys):
         assert str(config) in line and expected in line
 
 
-def test_how_the_work_runs_does_not_change_a_byte(tmp_path, slide, model):
+def test_how_the_work_runs_does_not_change_a_byte(tmp_path, slide, model, monkeypatch):
     """Prefetch depth, tiles per task and `--batch-size auto` (4 on the CPU) run the same
     batches: identical chunks. Prefetch only decides how the work runs, so a finished output
     is not redone for it; `auto` is recorded with the batch size it resolved to."""
+    monkeypatch.setattr("pipeline.worker.MIN_TASKS", 1)  # several batches per task, small image
     base = ["segment", str(slide[0])]
-    opts = ["--model", model, "--tile", "64", "--chunk", "64", "--save-probabilities",
+    opts = ["--model", model, "--tile", "32", "--chunk", "32", "--save-probabilities",
             "--no-progress"]  # fmt: skip
     first, second = tmp_path / "first.zarr", tmp_path / "second.zarr"
     assert main([*base, str(first), *opts, "--batch-size", "auto", "--prefetch", "0"]) == 0
     record = read_record(first)
     assert record["config"]["batch_size"] == "auto" and record["run"]["batch_size"] == 4
+    assert record["run"]["batches_per_task"] == 4  # 90 tiles: 23 batches, 6 tasks
     assert record["timings"]["stall"] >= 0
 
     assert main([*base, str(first), *opts, "--batch-size", "auto", "--prefetch", "3"]) == 0
@@ -178,7 +184,8 @@ def test_how_the_work_runs_does_not_change_a_byte(tmp_path, slide, model):
 
 def test_resumed_auto_batch_size_is_the_one_the_run_started_with(tmp_path, slide, model):
     from pipeline.readers import open_image
-    from pipeline.segment import _batch_size, plan
+    from pipeline.segment import plan
+    from pipeline.worker import resolve_batch_size
 
     out = tmp_path / "out.zarr"
     options = SegmentOptions(model=model, tile=64, chunk=64, batch_size="auto")
@@ -189,8 +196,22 @@ def test_resumed_auto_batch_size_is_the_one_the_run_started_with(tmp_path, slide
     loaded = load_model(ModelSpec(model))
     grid = plan(image, loaded, options)
     args = (options, ModelSpec(model), image, grid, str(out))
-    assert _batch_size(*args, "partial") == 3
-    assert _batch_size(*args, "missing") == 4
+    assert resolve_batch_size(*args, "partial") == 3
+    assert resolve_batch_size(*args, "missing") == 4
+
+
+@given(tiles=st.integers(1, 3000), batch=st.integers(1, 16), most=st.integers(1, 8))
+def test_small_images_get_enough_tasks(tiles, batch, most):
+    from pipeline.worker import MIN_TASKS, batches_per_task
+
+    grid = plan_tiles((tiles * 8, 8), geometry=GEOMETRY, tile=(8, 8), chunk=(8, 8))
+    per_task = batches_per_task(SegmentOptions(batches_per_task=most), grid, batch)
+    batches = -(-tiles // batch)
+    tasks = -(-batches // per_task)
+    assert 1 <= per_task <= most
+    assert tasks >= min(MIN_TASKS, batches)
+    if per_task < most:  # lowered only as far as needed
+        assert batches // (per_task + 1) < MIN_TASKS
 
 
 def test_channel_mismatch_is_refused(tmp_path, model, capsys):

@@ -1,0 +1,167 @@
+"""What a worker keeps and decides: how a run uses its devices, threads and memory.
+
+Per-process caches (each image handle and each model is opened once per worker, not per tile),
+the run settings every task carries, how many tasks run at once in a local run, how large a
+batch is (``auto``: measured where the tasks run), and how many batches a task holds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import SegmentOptions
+from pipeline.execution import run_tasks
+from pipeline.geometry import TileGrid
+from pipeline.inference import (
+    TASKS_PER_GPU,
+    Predictor,
+    auto_batch_size,
+    resolve_device,
+    worker_device,
+)
+from pipeline.models import ModelSpec, load_model
+from pipeline.ngff import read_record
+from pipeline.readers import ImageSpec, LazyImage
+
+MIN_TASKS = 16  # per image, when it has that many batches: progress steps and parallelism
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a worker runs the model: device, numerics and the overlap of the stages."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    batch_size: int = 4
+    prefetch: int = 2
+
+
+# Per-process caches: a worker loads each image handle and each model once, not per tile.
+_images: dict[str, LazyImage] = {}
+_predictors: dict[tuple[str, str, str, tuple], Predictor] = {}
+_cache_lock = threading.Lock()
+
+
+def cached_image(spec: ImageSpec) -> LazyImage:
+    try:
+        stamp = os.stat(spec.path).st_mtime_ns  # a replaced input file must be reopened
+    except OSError:
+        stamp = None
+    key = f"{spec!r}@{stamp}"
+    with _cache_lock:
+        if key not in _images:
+            _images[key] = LazyImage.from_spec(spec)
+        return _images[key]
+
+
+def cached_predictor(
+    spec: ModelSpec,
+    run: RunSettings,
+    *,
+    window: tuple[int, ...] | None = None,
+    in_channels: int = 1,
+) -> Predictor:
+    """The worker's predictor for a model and run settings. A compiled one is compiled here,
+    under the lock, on a batch of ``window``s: task threads sharing it must not race to
+    compile it."""
+    model = load_model(spec)
+    device = worker_device(run.device)
+    # What the predictor depends on: not the prefetch, nor the batch size unless compiled.
+    numerics = (run.precision, run.channels_last, run.compile, run.compile and run.batch_size)
+    key = (model.source, model.sha256, device, numerics)
+    with _cache_lock:
+        if key not in _predictors:
+            predictor = Predictor.create(
+                model, device=device, precision=run.precision, channels_last=run.channels_last,
+                compile=run.compile, batch_size=run.batch_size,
+            )  # fmt: skip
+            if run.compile and window is not None:
+                shape = (run.batch_size, in_channels, *window)
+                predictor.predict(np.zeros(shape, np.float32))
+            _predictors[key] = predictor
+        return _predictors[key]
+
+
+@contextmanager
+def shared_cpu(options: SegmentOptions, workers: int) -> Iterator[None]:
+    """Local CPU runs with several task threads split the cores between them: each forward
+    would otherwise start one thread per core and they would fight over the cores."""
+    if options.scheduler or workers < 2 or resolve_device(options.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def local_workers(options: SegmentOptions) -> int:
+    """Tasks in parallel when ``workers`` is not given. On the CPU one (a forward already uses
+    every core). On CUDA two per GPU, spread over the GPUs by
+    :func:`~pipeline.inference.worker_device`: while one task of a GPU reads its first batch
+    or writes its last, the other keeps the GPU busy; both share the GPU's one model."""
+    if options.scheduler is not None or resolve_device(options.device).type != "cuda":
+        return 1
+    gpus = torch.cuda.device_count() if options.device in ("auto", "cuda") else 1  # or cuda:N
+    return TASKS_PER_GPU * gpus
+
+
+@dataclass(frozen=True)
+class _BatchProbe:
+    model: ModelSpec
+    run: RunSettings
+    window: tuple[int, ...]
+    in_channels: int
+
+
+def _probe_batch_size(probe: _BatchProbe) -> int:
+    predictor = cached_predictor(probe.model, probe.run)
+    return auto_batch_size(predictor, window=probe.window, in_channels=probe.in_channels)
+
+
+def resolve_batch_size(
+    options: SegmentOptions,
+    spec: ModelSpec,
+    image: LazyImage,
+    grid: TileGrid,
+    output: str,
+    state: str,
+) -> int:
+    """The batch size: as given, or for ``auto`` measured where inference runs (a task on the
+    same workers, asking the same resources) from free device memory. A resumed run reuses
+    the batch size of the run it continues, so its tasks batch tiles exactly as before."""
+    if options.batch_size != "auto":
+        return int(options.batch_size)
+    if state == "partial":
+        previous = (read_record(output) or {}).get("run", {}).get("batch_size")
+        if previous:
+            return int(previous)
+    run = RunSettings(
+        device=options.device, precision=options.precision, channels_last=options.channels_last
+    )
+    probe = _BatchProbe(spec, run, grid.window, image.n_channels)
+    [size] = run_tasks(
+        _probe_batch_size, [probe], scheduler=options.scheduler, workers=1,
+        resources=options.resources, name="tileseg-batch-probe",
+    )  # fmt: skip
+    return int(size)
+
+
+def batches_per_task(options: SegmentOptions, grid: TileGrid, batch_size: int) -> int:
+    """``batches_per_task``, lowered on small images so that each has at least ``MIN_TASKS``
+    tasks where it has that many batches. Fixed by the image and options alone, so a resumed
+    run groups tiles exactly as the run it continues."""
+    batches = math.ceil(len(grid) / batch_size)
+    return max(1, min(options.batches_per_task, batches // MIN_TASKS))
