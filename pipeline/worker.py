@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import SegmentOptions
+from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import TileGrid
 from pipeline.inference import (
@@ -86,10 +87,20 @@ def cached_predictor(
                 compile=run.compile, batch_size=run.batch_size,
             )  # fmt: skip
             if run.compile and window is not None:
-                shape = (run.batch_size, in_channels, *window)
-                predictor.predict(np.zeros(shape, np.float32))
+                _compile_now(predictor, (run.batch_size, in_channels, *window))
             _predictors[key] = predictor
         return _predictors[key]
+
+
+def _compile_now(predictor: Predictor, shape: tuple[int, ...]) -> None:
+    """torch.compile compiles at the first call: a missing C++ compiler or an unsupported
+    model surfaces here, as one line, not as a compiler traceback from the middle of a run."""
+    try:
+        predictor.predict(np.zeros(shape, np.float32))
+    except Exception as exc:  # torch raises many kinds from its compiler stack
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        problem = f"torch.compile failed ({type(exc).__name__}: {first}); run without --compile"
+        raise TilesegError("--compile", problem) from None
 
 
 @contextmanager

@@ -358,3 +358,18 @@ def test_tissue_skipping_instances_and_table(tmp_path):
         assert not labels[y : y + 64, x : x + 64].any()
         assert not truth[y : y + 64, x : x + 64].any()  # no nucleus was lost
     assert "instances" in root["labels"].attrs["labels"]
+
+
+def test_a_failing_torch_compile_is_one_line(tmp_path, slide, model, monkeypatch, capsys):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken())
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(slide[0]), str(out), "--model", model, "--compile", "--no-progress"]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("tileseg: error: --compile: torch.compile failed (RuntimeError: ")
+    assert "No working C++ compiler" in line and "more detail" not in line
+    assert read_record(out)["status"] != "complete"
