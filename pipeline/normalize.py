@@ -32,9 +32,13 @@ class Normalization:
     mode: str = "none"
     source: str = ""
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Normalise a (C, *spatial) array, returning float32."""
-        out = x.astype(np.float32, copy=True)
+    def apply(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise a (C, *spatial) array, returning float32 (written into ``out`` when given,
+        e.g. a slot of a pinned batch, with the same arithmetic)."""
+        if out is None:
+            out = x.astype(np.float32, copy=True)
+        else:
+            out[...] = x
         if self.mode == "none":
             return out
         shape = (-1,) + (1,) * (x.ndim - 1)

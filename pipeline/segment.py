@@ -61,6 +61,7 @@ from pipeline.worker import (
     cached_image,
     cached_predictor,
     local_workers,
+    read_pool,
     resolve_batch_size,
     shared_cpu,
 )
@@ -137,11 +138,19 @@ def run_block(task: BlockTask) -> dict[str, float]:
     batches = [tuple(tiles[i : i + size]) for i in range(0, len(tiles), size)]
 
     def read(batch: tuple[Tile, ...]):
-        windows = [
-            task.normalization.apply(read_window(image, tile.window_start, tile.window_stop))
-            for tile in batch
-        ]
-        return predictor.stage(np.stack(windows))
+        x, view = predictor.batch_buffer((len(batch), image.n_channels, *task.grid.window))
+
+        def fill(k: int) -> None:
+            tile = batch[k]
+            window = read_window(image, tile.window_start, tile.window_stop)
+            task.normalization.apply(window, out=view[k])
+
+        if predictor.device.type == "cuda":
+            list(read_pool().map(fill, range(len(batch))))
+        else:
+            for k in range(len(batch)):
+                fill(k)
+        return x
 
     def infer(batch: tuple[Tile, ...], x) -> Prediction:
         return predictor.predict(x, label_dtype=ldtype, probability_dtype=pdtype)

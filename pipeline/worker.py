@@ -11,6 +11,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,6 +102,21 @@ def _compile_now(predictor: Predictor, shape: tuple[int, ...]) -> None:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         problem = f"torch.compile failed ({type(exc).__name__}: {first}); run without --compile"
         raise TilesegError("--compile", problem) from None
+
+
+_read_pool: ThreadPoolExecutor | None = None
+
+
+def read_pool() -> ThreadPoolExecutor:
+    """Threads that read the windows of one batch in parallel for a GPU, which consumes a batch
+    faster than one thread decodes it (decoders release the GIL). CPU runs read serially: the
+    cores are the model's."""
+    global _read_pool
+    with _cache_lock:
+        if _read_pool is None:
+            n = min(16, os.cpu_count() or 1)
+            _read_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileseg-window")
+        return _read_pool
 
 
 @contextmanager
