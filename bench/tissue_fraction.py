@@ -27,7 +27,7 @@ def write_partial_slide(path: Path, *, size: int, fraction: float, tile: int = 5
     """A size x size fluorescence slide whose rows ``y < fraction * size`` hold tissue."""
     import tifffile
 
-    from pipeline.synthetic import SyntheticConfig, pyramid_shapes, render_block
+    from pipeline.synthetic import SyntheticConfig, pyramid_shapes, render_block, write_pyramid
 
     tissue = SyntheticConfig(seed=1, tissue=False)  # tissue everywhere
     # 1e-9: a tissue threshold of 0.5 + 6 sd of the tissue noise, which never reaches it
@@ -50,29 +50,13 @@ def write_partial_slide(path: Path, *, size: int, fraction: float, tile: int = 5
             row = [(scale, y, x, min(tile, h - y), min(tile, w - x)) for x in range(0, w, tile)]
             yield from pool.map(lambda b: block(*b), row)
 
-    shapes = pyramid_shapes((size, size))
     comp = {"compression": "zlib", "compressionargs": {"level": 1}}
     pool = ThreadPoolExecutor(os.cpu_count() or 1)
     with pool, tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for k, (h, w) in enumerate(shapes):
-            px = 0.5 * 2**k
-            level = (
-                {"subifds": len(shapes) - 1, "metadata": {"axes": "YX", "PhysicalSizeX": px,
-                                                         "PhysicalSizeY": px}}
-                if k == 0
-                else {"subfiletype": 1, "metadata": None}  # sub-resolutions of level 0
-            )  # fmt: skip
-            tif.write(
-                tiles(pool, 2**k, h, w),
-                shape=(h, w),
-                dtype=tissue.out_dtype,
-                tile=(tile, tile),
-                photometric="minisblack",
-                resolution=(1e4 / px, 1e4 / px),
-                resolutionunit="CENTIMETER",
-                **comp,
-                **level,
-            )
+        write_pyramid(
+            tif, pyramid_shapes((size, size)), lambda k, h, w: tiles(pool, 2**k, h, w),
+            dtype=tissue.out_dtype, tile=tile, pixel_size=0.5, comp=comp,
+        )  # fmt: skip
 
 
 SLIDE = """

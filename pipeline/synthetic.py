@@ -1,6 +1,7 @@
 """Synthetic slides written to files: tiled pyramidal OME-TIFF images and their ground truth.
 
-Holds :func:`write_synthetic_slide`, :func:`pyramid_shapes` and the tiling and TIFF helpers. The
+Holds :func:`write_synthetic_slide`, :func:`pyramid_shapes`, :func:`write_pyramid` (any
+tile source into a pyramidal OME-TIFF) and the tiling and TIFF helpers. The
 image content comes from :mod:`pipeline.synthetic_render`, whose public names (the config,
 :func:`render_block`, :func:`synthetic_pair`) are re-exported here so that one import gives both.
 """
@@ -8,7 +9,7 @@ image content comes from :mod:`pipeline.synthetic_render`, whose public names (t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = [
     "pyramid_shapes",
     "render_block",
     "synthetic_pair",
+    "write_pyramid",
     "write_synthetic_slide",
 ]
 
@@ -105,6 +107,29 @@ def _write_tiff_level(tif, tiles, shape, dtype, tile: int, size: float, comp: di
     )
 
 
+def write_pyramid(
+    tif,
+    shapes: list[tuple[int, int]],
+    level_tiles: Callable[[int, int, int], Iterator[np.ndarray]],
+    *,
+    dtype,
+    tile: int,
+    pixel_size: float,
+    comp: dict,
+    channels: tuple[int, ...] = (),
+) -> None:
+    """One pyramidal image into an open OME ``TiffWriter``: level 0 with its SubIFDs, then the
+    sub-resolutions. ``level_tiles(k, h, w)`` yields level k's row-major tiles."""
+    for k, (h, w) in enumerate(shapes):
+        kw = {"subifds": len(shapes) - 1} if k == 0 else {"subfiletype": 1}
+        if k:
+            kw["metadata"] = None  # sub-resolutions belong to the level-0 image
+        _write_tiff_level(
+            tif, level_tiles(k, h, w), (h, w, *channels), dtype, tile, pixel_size * 2**k, comp,
+            **kw,
+        )  # fmt: skip
+
+
 def write_synthetic_slide(
     path: str | os.PathLike[str],
     *,
@@ -146,21 +171,12 @@ def write_synthetic_slide(
     try:
         with ThreadPoolExecutor(workers) as pool:
             with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-                for k, (h, w) in enumerate(shapes):
-                    tiles = _tiles(config, (h, w), tile, 2**k, pool, workers, bar=bar)
-                    kw = {"subifds": len(shapes) - 1} if k == 0 else {"subfiletype": 1}
-                    if k:
-                        kw["metadata"] = None  # sub-resolutions belong to the level-0 image
-                    _write_tiff_level(
-                        tif,
-                        tiles,
-                        (h, w, *extra),
-                        config.out_dtype,
-                        tile,
-                        pixel_size * 2**k,
-                        comp,
-                        **kw,
-                    )
+                write_pyramid(
+                    tif, shapes,
+                    lambda k, h, w: _tiles(config, (h, w), tile, 2**k, pool, workers, bar=bar),
+                    dtype=config.out_dtype, tile=tile, pixel_size=pixel_size, comp=comp,
+                    channels=extra,
+                )  # fmt: skip
             if truth_path is None:
                 return
             # a labels-only pass: much cheaper than the image and keeps memory bounded
