@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.config import CHANNELS_LAST, PRECISION
 from pipeline.geometry import ModelGeometry, padded_whole
 from pipeline.models import LoadedModel
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHANNELS_LAST = ("auto", "on", "off")
 CPU_BATCH_SIZE = 4  # CPU throughput is flat in batch size; memory is not
 
 
@@ -39,8 +38,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain float32 (always on CPU: exactness first)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision not in PRECISION:
+        raise ValueError(f"precision must be one of {PRECISION}, not {precision!r}")
     if device.type != "cuda" or precision == "fp32":
         return None
     return torch.float16 if precision == "fp16" else torch.bfloat16
@@ -182,8 +181,8 @@ class Predictor:
         return x, x.numpy()
 
     def stage(self, batch: np.ndarray) -> torch.Tensor:
-        """A host batch ready for an asynchronous copy (pinned on CUDA). Thread-safe: readers
-        call it so the inference thread only launches the copy."""
+        """A host batch ready for an asynchronous copy (pinned on CUDA), for callers that hold
+        a plain numpy batch (the engine's readers fill :meth:`batch_buffer` instead)."""
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         return x.pin_memory() if self.device.type == "cuda" else x
 
@@ -325,13 +324,6 @@ def auto_batch_size(
     return batch_size_from_memory(
         free_bytes=free // TASKS_PER_GPU, fixed_bytes=fixed, per_tile_bytes=per_tile, limit=limit
     )
-
-
-def labels_from_probabilities(p: np.ndarray, *, dtype: np.dtype | str = np.uint8) -> np.ndarray:
-    """Class labels from (C, *spatial) probabilities."""
-    if p.shape[0] == 1:
-        return (p[0] > 0.5).astype(dtype)
-    return np.argmax(p, axis=0).astype(dtype)
 
 
 def label_dtype(classes: int) -> np.dtype:

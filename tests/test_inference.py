@@ -13,11 +13,15 @@ from pipeline.inference import (
     Predictor,
     auto_batch_size,
     batch_size_from_memory,
-    labels_from_probabilities,
     resolve_channels_last,
     worker_device,
 )
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
+
+
+def labels_from_probabilities(p: np.ndarray) -> np.ndarray:
+    """The definition, in numpy: argmax over classes (first on ties), p > 0.5 for one class."""
+    return (p[0] > 0.5).astype(np.uint8) if p.shape[0] == 1 else np.argmax(p, 0).astype(np.uint8)
 
 
 def loaded(tmp_path, **config):
