@@ -30,6 +30,30 @@ def peak_memory():
 """
 
 
+# ``segment_image`` on one slide: SRC DST MODEL DEVICE TILE BATCH WORKERS TISSUE (MODEL "" for
+# the default, BATCH a number or auto, WORKERS 0 for auto, TISSUE none|otsu|triangle).
+SEGMENT = """
+import json, sys
+from pipeline.config import SegmentOptions
+from pipeline.segment import segment_image
+from pipeline.inference import resolve_device
+src, dst, model, device, tile, batch, workers, tissue = sys.argv[1:9]
+opts = SegmentOptions(model=model or None, device=device, tile=int(tile),
+                      batch_size=batch if batch == "auto" else int(batch),
+                      workers=int(workers) or None, tissue=tissue, overwrite=True)
+if resolve_device(device).type == "cuda":
+    # Timed warm, like the raw forward: CUDA context, cuDNN autotuning and compilation are
+    # paid once per worker process, not per slide.
+    segment_image(src, dst + "-warm-up", opts)
+r = segment_image(src, dst, opts)
+print(json.dumps({"seconds": r.seconds, "tiles": r.tiles, "timings": r.timings,
+                  "tiles_inferred": r.timings["tiles_inferred"], "tissue": r.record["tissue"],
+                  "batch_size": r.record["run"]["batch_size"],
+                  "window": r.record["geometry"]["window"], "shape": list(r.spatial_shape),
+                  **peak_memory()}))
+"""
+
+
 class ChildError(RuntimeError):
     """A child process failed; the message holds the end of its stderr."""
 

@@ -28,29 +28,9 @@ from pathlib import Path
 
 import monai_compare
 import tissue_fraction
-from children import ChildError, run_child
+from children import SEGMENT, ChildError, run_child
 
 HERE = Path(__file__).resolve().parent
-
-SEGMENT = """
-import json, sys
-from pipeline.config import SegmentOptions
-from pipeline.segment import segment_image
-from pipeline.inference import resolve_device
-src, dst, model, device, tile, batch, workers = sys.argv[1:8]
-opts = SegmentOptions(model=model or None, device=device, tile=int(tile),
-                      batch_size=batch if batch == "auto" else int(batch),
-                      workers=int(workers) or None, overwrite=True)
-if resolve_device(device).type == "cuda":
-    # Timed warm, like the raw forward: CUDA context, cuDNN autotuning and compilation are
-    # paid once per worker process, not per slide.
-    segment_image(src, dst + "-warm-up", opts)
-r = segment_image(src, dst, opts)
-print(json.dumps({"seconds": r.seconds, "tiles": r.tiles, "timings": r.timings,
-                  "batch_size": r.record["run"]["batch_size"],
-                  "window": r.record["geometry"]["window"], "shape": list(r.spatial_shape),
-                  **peak_memory()}))
-"""
 
 RAW = """
 import json, sys, time
@@ -104,7 +84,7 @@ def slide(out: Path, size: int) -> Path:
 
 def throughput(a: argparse.Namespace, out: Path) -> dict:
     """``segment`` on the N x N slide, then the bare forward on as many tiles."""
-    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers)]
+    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers), "none"]
     seg, seg_wall = run_child(SEGMENT, str(slide(out, a.size)), str(out / "seg.zarr"), a.model,
                               *common)  # fmt: skip
     raw, _ = run_child(
@@ -124,7 +104,7 @@ def rss_vs_size(a: argparse.Namespace, out: Path) -> dict:
     """``segment`` with a cheap model of the same geometry on N x N and 2N x 2N."""
     cheap = out / "cheap.safetensors"
     run_child(CHEAP_MODEL, str(cheap))
-    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers)]
+    common = [a.device, str(a.tile), str(a.batch_size), str(a.workers), "none"]
     runs = {}
     for size in (a.size, 2 * a.size):
         ans, _ = run_child(SEGMENT, str(slide(out, size)), str(out / f"rss-{size}.zarr"),

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from children import run_child
+from children import SEGMENT, run_child
 
 FRACTIONS = (0.25, 0.5, 1.0)
 
@@ -68,20 +68,6 @@ write_partial_slide(Path(sys.argv[1]), size=int(sys.argv[2]), fraction=float(sys
 print("{}")
 """
 
-SEGMENT = """
-import json, sys
-from pipeline.config import SegmentOptions
-from pipeline.segment import segment_image
-src, dst, model, device, tile, batch, workers = sys.argv[1:8]
-opts = SegmentOptions(model=model or None, device=device, tile=int(tile),
-                      batch_size=batch if batch == "auto" else int(batch),
-                      workers=int(workers) or None, tissue="otsu", overwrite=True)
-r = segment_image(src, dst, opts)
-print(json.dumps({"seconds": r.seconds, "tiles": r.tiles,
-                  "tiles_inferred": r.timings["tiles_inferred"], "tissue": r.record["tissue"],
-                  "timings": r.timings, **peak_memory()}))
-"""
-
 
 def time_vs_tissue(
     out: Path,
@@ -103,7 +89,7 @@ def time_vs_tissue(
             run_child(SLIDE, str(src), str(size), str(f))
         ans, _ = run_child(
             SEGMENT, str(src), str(out / "tissue.zarr"), model, device, str(tile),
-            str(batch_size), str(workers),
+            str(batch_size), str(workers), "otsu",
         )  # fmt: skip
         tissue = ans["tissue"] or {}
         rows.append({"fraction": f, "measured_fraction": tissue.get("fraction"),
