@@ -266,9 +266,7 @@ class Predictor:
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
-            x = torch.zeros((n, in_channels, *window), device=dev)
-            if self.channels_last:
-                x = x.contiguous(memory_format=_memory_format(x.ndim))
+            x = self._to_device(torch.zeros((n, in_channels, *window), device=dev))
             _probabilities(self._forward(x, eager=True))
             del x
             torch.cuda.synchronize(dev)
