@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.config import SegmentOptions
 from pipeline.inference import (
     CPU_BATCH_SIZE,
     Predictor,
@@ -17,6 +18,7 @@ from pipeline.inference import (
     worker_device,
 )
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
+from pipeline.worker import local_workers
 
 
 def labels_from_probabilities(p: np.ndarray) -> np.ndarray:
@@ -98,6 +100,9 @@ def test_cpu_batch_size_and_devices(tmp_path):
     assert worker_device("cpu") == "cpu"
     if not torch.cuda.is_available():
         assert worker_device("auto") == "auto"
+        # workers not given: one local task at a time on the CPU (a forward uses every core)
+        assert local_workers(SegmentOptions()) == 1
+    assert local_workers(SegmentOptions(device="cpu")) == 1
 
 
 @given(classes=st.integers(2, 6), seed=st.integers(0, 2**16))
