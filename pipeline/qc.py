@@ -103,3 +103,28 @@ def foreground_dice(
             inter += int(np.count_nonzero(a & b))
             total += int(np.count_nonzero(a)) + int(np.count_nonzero(b))
     return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def instance_f1(pred: np.ndarray, truth: np.ndarray, *, iou: float = 0.5) -> dict[str, float]:
+    """Object-level F1: a predicted and a true object match when their IoU exceeds ``iou``.
+
+    For ``iou >= 0.5`` a match is one-to-one by construction (two objects cannot both overlap
+    a third by more than half of their union), so counting the pairs above the threshold is the
+    matching. Background is 0 in both; ids need not be consecutive.
+    """
+    if iou < 0.5:
+        raise ValueError(f"iou {iou} < 0.5 would need an assignment step")
+    if pred.shape != truth.shape:
+        raise ValueError(f"labels {pred.shape} and truth {truth.shape} differ in shape")
+    p, t = pred.ravel(), truth.ravel()
+    p_ids, p_area = np.unique(p[p > 0], return_counts=True)
+    t_ids, t_area = np.unique(t[t > 0], return_counts=True)
+    both = (p > 0) & (t > 0)
+    pairs, inter = np.unique(np.stack([p[both], t[both]]), axis=1, return_counts=True)
+    union = (
+        p_area[np.searchsorted(p_ids, pairs[0])] + t_area[np.searchsorted(t_ids, pairs[1])] - inter
+    )
+    matched = int(np.count_nonzero(inter / union > iou))
+    n_pred, n_true = len(p_ids), len(t_ids)
+    f1 = 1.0 if n_pred + n_true == 0 else 2 * matched / (n_pred + n_true)
+    return {"f1": f1, "matched": matched, "predicted": n_pred, "true": n_true}

@@ -15,7 +15,8 @@ from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.files import DEFAULT_MODEL
-from pipeline.qc import foreground_dice
+from pipeline.qc import foreground_dice, instance_f1
+from pipeline.real_nuclei import score_real_nuclei
 from pipeline.segment import segment_image
 from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
 from pipeline.train import TrainConfig, config_from_mapping, crop_geometry, train
@@ -186,6 +187,31 @@ def test_shipped_default_reproduces_its_recorded_heldout_dice(tmp_path):
     dice = foreground_dice(tmp_path / "out.zarr", labels)
     assert dice == pytest.approx(heldout["dice"][i], abs=1e-3)
     assert dice >= 0.9
+
+
+def test_shipped_default_generalises_to_real_fluorescence_nuclei(tmp_path):
+    """The default model, trained on generated images only, on a real DSB 2018 image."""
+    score = score_real_nuclei(tmp_path, options=SegmentOptions(precision="fp32"))
+    assert score["true_objects"] == 125
+    assert score["foreground_dice"] >= 0.9  # 0.927 when written
+    assert score["object_f1"] >= 0.75  # 0.820 when written (141 objects found)
+
+
+def test_instance_f1_counts_objects_matched_above_the_iou():
+    truth = np.zeros((8, 12), np.uint16)
+    truth[1:4, 1:4] = 7  # found as id 3
+    truth[5:8, 1:4] = 9  # found, but too small: IoU 3/9
+    truth[1:7, 6:12] = 2  # split in two halves: IoU 1/2 each, not above 0.5
+    pred = np.zeros_like(truth)
+    pred[1:4, 1:4] = 3
+    pred[5, 1:4] = 1
+    pred[1:7, 6:9] = 4
+    pred[1:7, 9:12] = 5
+    assert instance_f1(pred, truth) == {"f1": 2 / 7, "matched": 1, "predicted": 4, "true": 3}
+    assert instance_f1(truth, truth)["f1"] == 1.0
+    assert instance_f1(np.zeros_like(truth), np.zeros_like(truth))["f1"] == 1.0
+    with pytest.raises(ValueError, match="assignment"):
+        instance_f1(pred, truth, iou=0.3)
 
 
 def test_a_3d_unet_trains_on_volumes_and_segments_them(tmp_path):
