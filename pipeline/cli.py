@@ -71,6 +71,15 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         help="also write object ids (labels/instances), unique across chunk borders",
     )
     p.add_argument(
+        "--instance-threshold", type=float, metavar="P",
+        help="objects where the foreground probability exceeds P (needs --save-probabilities; "
+        "default: where the label is not background)",
+    )  # fmt: skip
+    p.add_argument(
+        "--min-distance", type=int, metavar="N",
+        help="watershed: least distance between two objects' centres in px (default 5)",
+    )  # fmt: skip
+    p.add_argument(
         "--table",
         choices=["none", "parquet", "csv"],
         help="per-object measurements (needs --instances), written to OUTPUT/objects.<format>",
@@ -87,7 +96,8 @@ _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
     "precision", "channels_last", "compile", "prefetch", "normalize",
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
-    "probability_dtype", "tissue", "instances", "table", "scheduler", "workers", "overwrite",
+    "probability_dtype", "tissue", "instances", "instance_threshold",
+    "min_distance", "table", "scheduler", "workers", "overwrite",
 )  # fmt: skip
 
 

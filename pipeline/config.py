@@ -51,6 +51,10 @@ class SegmentOptions:
     probability_dtype: str = "float16"
     tissue: str = "none"  # skip output tiles without tissue (low-resolution mask)
     instances: str = "none"  # object ids across chunk borders: connected | watershed
+    # objects where the foreground probability exceeds this (None: where argmax is not
+    # background); needs the saved probabilities
+    instance_threshold: float | None = None
+    min_distance: int = 5  # watershed: least distance between two nuclei's centres, in px
     table: str = "none"  # per-object measurements: parquet | csv
     scheduler: str | None = None
     resources: dict[str, float] | None = None  # asked of distributed workers by inference tasks
@@ -93,6 +97,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "probability_dtype": (str,),
     "tissue": (str,),
     "instances": (str,),
+    "instance_threshold": (float, int, type(None)),
+    "min_distance": (int,),
     "table": (str,),
     "scheduler": (str, type(None)),
     "resources": (dict, type(None)),
@@ -120,7 +126,19 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         if value != "auto":
             raise bad(f"must be a number or auto, got {value!r}")
         return value
-    if key in ("align", "tile", "chunk", "batch_size", "batches_per_task", "workers"):
+    if key == "instance_threshold" and value is not None:
+        if not 0 < value < 1:
+            raise bad(f"must be between 0 and 1, got {value!r}")
+        return float(value)
+    if key in (
+        "align",
+        "tile",
+        "chunk",
+        "batch_size",
+        "batches_per_task",
+        "workers",
+        "min_distance",
+    ):
         if value is not None and value < 1:
             raise bad("must be >= 1")
     if key in ("level", "prefetch") and value < 0:
@@ -173,6 +191,14 @@ def options_from_mapping(
     options = replace(base or SegmentOptions(), **checked)
     if options.table != "none" and options.instances == "none":
         raise TilesegError(source or "--table", "table: per-object tables need --instances")
+    if options.instance_threshold is not None and not (
+        options.instances != "none" and options.save_probabilities
+    ):
+        raise TilesegError(
+            source or "--instance-threshold",
+            "instance_threshold: thresholds the saved probabilities: needs --instances and "
+            "--save-probabilities",
+        )
     if options.normalize == "fixed" and options.scale is None:
         raise TilesegError(source or "--normalize", "normalize: fixed needs a scale (--scale)")
     return options

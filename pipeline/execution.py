@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import dask
 from dask.callbacks import Callback
 
+from pipeline.errors import TilesegError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -77,7 +79,11 @@ def _run_distributed(
 ) -> list[R]:
     from distributed import Client, as_completed
 
-    with Client(scheduler, set_as_default=False) as client:
+    try:
+        client = Client(scheduler, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, malformed address
+        raise TilesegError(scheduler, f"cannot connect to the Dask scheduler ({exc})") from None
+    with client:
         futures = client.map(fn, list(items), pure=False, resources=resources)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)

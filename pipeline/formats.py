@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
+import threading
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,21 +155,73 @@ def check_index(path: str | os.PathLike[str], what: str, index: int, count: int)
 
 def open_tiff(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
     """Probe and open level ``level`` of series ``series`` of a TIFF/BigTIFF/OME-TIFF/SVS file."""
+    # tifffile logs what it skips while parsing (a tag whose value lies past the end of a cut
+    # file, ...) as warnings of its own; collected here, so the user sees one line, ours.
+    with _tifffile_logs() as skipped:
+        try:
+            tif = tifffile.TiffFile(path)
+        except OSError as exc:
+            raise TilesegError(path, f"cannot open file: {exc.strerror or reason(exc)}") from exc
+        except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+            raise TilesegError(path, f"not a valid TIFF file ({reason(exc)})") from exc
     try:
-        tif = tifffile.TiffFile(path)
-    except OSError as exc:
-        raise TilesegError(path, f"cannot open file: {exc.strerror or reason(exc)}") from exc
-    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
-        raise TilesegError(path, f"not a valid TIFF file ({reason(exc)})") from exc
-    try:
-        probe = _probe_tiff(path, tif, level, series)
-        return probe, _tiff_handle(path, tif, level, series)
+        _check_not_truncated(path, tif, skipped)
+        return _probe_tiff(path, tif, level, series), _tiff_handle(path, tif, level, series)
     except TilesegError:
         tif.close()
         raise
     except Exception as exc:  # corrupt IFDs or tags surface lazily, while parsing series
         tif.close()
         raise TilesegError(path, f"cannot parse TIFF structure ({reason(exc)})") from exc
+
+
+class _TiffLogs(logging.Filter):
+    """Drops tifffile's log records in threads that collect them (see :func:`_tifffile_logs`).
+    A filter on the logger with thread-local lists, since reader threads open files at once."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        messages = getattr(self.local, "messages", None)
+        if messages is None:
+            return True
+        messages.append(record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_TiffLogs())
+
+
+@contextmanager
+def _tifffile_logs() -> Iterator[list[str]]:
+    """What tifffile logs in this thread meanwhile, collected instead of printed."""
+    outer = getattr(_TiffLogs.local, "messages", None)
+    _TiffLogs.local.messages = messages = []
+    try:
+        yield messages
+    finally:
+        _TiffLogs.local.messages = outer
+
+
+def _check_not_truncated(path: str, tif: tifffile.TiffFile, skipped: list[str]) -> None:
+    """Refuse, on open, a file whose tiles or strips lie past its end (a cut copy): otherwise it
+    fails at the first task that reaches them, with a decoder's error. ``skipped``: what
+    tifffile logged while parsing, the first of which the message quotes."""
+    size = os.path.getsize(path)
+    end = 0
+    with _tifffile_logs() as more:  # series and SubIFD levels are parsed lazily
+        pages = [p for s in tif.series for lv in s.levels for p in lv.pages if p is not None]
+    skipped = skipped + more
+    for page in pages:
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        if offsets.size:
+            end = max(end, int((offsets + counts).max()))
+    if end > size:
+        why = f"; {skipped[0]}" if skipped else ""
+        raise TilesegError(
+            path, f"truncated TIFF file: image data extend to byte {end}, the file has {size}{why}"
+        )
 
 
 def _probe_tiff(path: str, tif: tifffile.TiffFile, level: int, series: int) -> Probe:
@@ -196,10 +251,7 @@ def _tiff_handle(path: str, tif: tifffile.TiffFile, level: int, series: int) -> 
         # Uncompressed, contiguous data: memory-map it. Through the zarr store an image stored as
         # a single strip would be decoded whole for every window.
         dtype = np.dtype(tif.byteorder + this.dtype.char)
-        nbytes = int(np.prod(this.shape)) * dtype.itemsize
-        if this.dataoffset + nbytes > os.path.getsize(path):
-            raise TilesegError(path, "truncated TIFF file: image data extend past the end")
-        tif.close()
+        tif.close()  # (a cut file was refused by _check_not_truncated)
         return ArrayHandle(np.memmap(path, dtype, "r", this.dataoffset, tuple(this.shape)))
     store = tseries.aszarr(level=level, maxworkers=_THREADED_DECODE)
     return ArrayHandle(zarr.open_array(store, mode="r"), tif.close)

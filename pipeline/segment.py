@@ -414,7 +414,13 @@ def _objects(
     run = {"scheduler": options.scheduler, "workers": workers}
     if options.instances != "none" and not is_done(output, "instances"):
         with _writing(output):
-            summary = label_instances(output, watershed=options.instances == "watershed", **run)
+            threshold = options.instance_threshold
+            summary = label_instances(
+                output, watershed=options.instances == "watershed",
+                min_distance=options.min_distance,
+                source="labels" if threshold is None else "probabilities",
+                threshold=0.5 if threshold is None else threshold, **run,
+            )  # fmt: skip
             found["instances"] = summary.to_dict()
             mark_done(output, "instances")
     if options.table != "none" and not is_done(output, "table"):

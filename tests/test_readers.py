@@ -520,21 +520,26 @@ def test_error_corrupt_tiff_header(tmp_path, content):
 
 
 @pytest.mark.parametrize(
-    ("options", "expected"),
+    "options",
     [
-        ({"compression": "zlib"}, "cannot read region y=0:128, x=0:128"),  # header parses
-        ({"tile": None}, "truncated TIFF file"),  # memory-mapped: checked on open
+        {"compression": "zlib", "tile": (32, 32)},  # tiles cut off
+        {"compression": "zlib", "pyramid_levels": 1},  # a pyramid level's tiles cut off
+        {"tile": None},  # uncompressed strips, memory-mapped
     ],
 )
-def test_error_truncated_tiff(tmp_path, options, expected):
+def test_error_truncated_tiff_on_open(tmp_path, options, caplog):
+    """A cut copy is refused when it is opened (not at the first task reaching the missing
+    data), with one line of ours and none of tifffile's warnings."""
     path = write_tiff(tmp_path / "cut.tif", random_image((128, 128)), axes="YX", **options)
     with tifffile.TiffFile(path) as tif:
         first_data_byte = min(tif.pages.first.dataoffsets)
     raw = path.read_bytes()
     path.write_bytes(raw[: first_data_byte + (len(raw) - first_data_byte) // 3])
+    level = 1 if "pyramid_levels" in options else 0
     with pytest.raises(TilesegError) as excinfo:
-        open_image(path).read((slice(0, 128), slice(0, 128)))
-    assert_one_line_error(excinfo, path, expected)
+        open_image(path, level=level)
+    assert_one_line_error(excinfo, path, "truncated TIFF file")
+    assert not [r for r in caplog.records if r.name == "tifffile"]
 
 
 def test_error_level_out_of_range(tmp_path):

@@ -306,6 +306,26 @@ def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, sli
     )
 
 
+def test_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, slide, model, capsys):
+    import socket
+
+    import dask
+
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    out = tmp_path / "out.zarr"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        code = main(["segment", str(slide[0]), str(out), "--model", model,
+                     "--scheduler", address, "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"tileseg: error: {address}: cannot connect to the Dask scheduler")
+    assert not out.exists() or (read_record(out) or {}).get("status") != "complete"
+
+
 def threshold_model(path, *, level: float) -> str:
     """A built-in U-Net wired by hand to label pixels brighter than ``level`` (normalised):
     depth 0, one feature passing the pixel through both ReLU convs, a steep 1x1 classifier."""
@@ -358,6 +378,47 @@ def test_tissue_skipping_instances_and_table(tmp_path):
         assert not labels[y : y + 64, x : x + 64].any()
         assert not truth[y : y + 64, x : x + 64].any()  # no nucleus was lost
     assert "instances" in root["labels"].attrs["labels"]
+
+
+def test_instance_threshold_and_min_distance_reach_the_instances(tmp_path):
+    from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
+
+    model = threshold_model(tmp_path / "threshold.safetensors", level=0.35)
+    image, _ = synthetic_pair((256, 256), config=SyntheticConfig(seed=5, dtype="uint8"))
+    path = write_tiff(tmp_path / "t.tif", image, axes="YX", tile=(64, 64))
+    args = ["segment", str(path), "--model", model, "--tile", "64", "--chunk", "64",
+            "--save-probabilities", "--probability-dtype", "float32", "--no-progress"]  # fmt: skip
+    objects = {}
+    for threshold, distance in ((0.2, 2), (0.2, 40), (0.9, 2)):
+        out = tmp_path / f"{threshold}-{distance}.zarr"
+        extra = ["--instances", "watershed", "--instance-threshold", str(threshold)]
+        assert main([*args[:1], args[1], str(out), *args[2:], *extra,
+                     "--min-distance", str(distance)]) == 0  # fmt: skip
+        root = zarr.open_group(out, mode="r")
+        instances, probs = root["labels/instances/0"][...], root["0"][...]
+        np.testing.assert_array_equal(instances > 0, 1 - probs[0] > threshold)
+        objects[threshold, distance] = read_record(out)["instances"]["objects"]
+        assert read_record(out)["config"]["min_distance"] == distance
+    assert objects[0.2, 2] > objects[0.2, 40]  # close peaks split touching nuclei
+    assert objects[0.9, 2] != objects[0.2, 2]
+
+
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--instance-threshold", "0.5"], "needs --instances and --save-probabilities"),
+        (["--instances", "connected", "--instance-threshold", "0.5"], "needs --instances"),
+        (["--instances", "connected", "--save-probabilities", "--instance-threshold", "1.5"],
+         "between 0 and 1"),
+        (["--instances", "watershed", "--min-distance", "0"], "must be >= 1"),
+    ],
+)  # fmt: skip
+def test_bad_instance_options_are_refused(tmp_path, slide, model, flags, problem, capsys):
+    out = tmp_path / "out.zarr"
+    assert main(["segment", str(slide[0]), str(out), "--model", model, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and problem in err
+    assert not out.exists()
 
 
 def test_a_failing_torch_compile_is_one_line(tmp_path, slide, model, monkeypatch, capsys):
