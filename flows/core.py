@@ -1,7 +1,7 @@
 """Directory runs without Prefect: discovery, skip decisions, one slide, the batch loop.
 
 Everything here is plain Python over the library, so ``tileseg batch`` (inside a SLURM job, with
-no Prefect server) and the Prefect flow in :mod:`flows.prefect_flows` make the same decisions:
+no Prefect server) and the Prefect flow in :mod:`flows.segment_flows` make the same decisions:
 which slides exist, which are already done, what a failure looks like in the summary.
 """
 

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,14 +103,35 @@ def _multiscales(layout: OutputLayout, *, name: str, channel: bool) -> list[dict
 
 
 def create_output(
-    path: str | os.PathLike[str], layout: OutputLayout, *, overwrite: bool, attrs: dict[str, Any]
+    path: str | os.PathLike[str],
+    layout: OutputLayout,
+    *,
+    overwrite: bool,
+    attrs: dict[str, Any],
+    subdirs: Sequence[str] = (),
 ) -> None:
-    """Create every array and all NGFF metadata; the data is written later, chunk by chunk."""
+    """Create every array and all NGFF metadata (and the empty ``subdirs``); the data is
+    written later, chunk by chunk.
+
+    The output is built under a hidden name beside ``path`` and renamed into place whole, so a
+    run killed meanwhile leaves either no output (the same command starts afresh) or a complete
+    skeleton with its record (the same command resumes), never a group it would refuse.
+    """
     path = Path(path)
+    if path.exists() and not overwrite:
+        raise TilesegError(path, "output already exists (use --overwrite to replace it)")
+    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:12]}")
+    _create_skeleton(building, layout, attrs)
+    for sub in subdirs:
+        (building / sub).mkdir(parents=True)
     if path.exists():
-        if not overwrite:
-            raise TilesegError(path, "output already exists (use --overwrite to replace it)")
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    building.rename(path)
+
+
+def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) -> None:
     root = zarr.open_group(path, mode="w", zarr_format=2)
     labels = root.create_group("labels")
     labels.attrs["labels"] = [LABEL_NAME]

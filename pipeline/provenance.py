@@ -73,12 +73,21 @@ def done_dir(output: str | os.PathLike[str]) -> Path:
     return Path(output) / ".tileseg" / "done"
 
 
-def mark_done(output: str | os.PathLike[str], name: str) -> None:
-    """Written after a task's data is fully written: a task without its marker is redone."""
+def mark_done(
+    output: str | os.PathLike[str], name: str, summary: dict[str, Any] | None = None
+) -> None:
+    """Written after a task's data is fully written: a task without its marker is redone.
+    ``summary`` (JSON) is kept in the marker, for a resumed run's record (:func:`done_summary`)."""
     marker = done_dir(output) / name
     tmp = marker.with_name(f".{name}.tmp")
-    tmp.write_bytes(b"")
+    tmp.write_text("" if summary is None else json.dumps(summary))
     tmp.replace(marker)
+
+
+def done_summary(output: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
+    """The summary a finished step kept in its marker (None when it kept none)."""
+    text = (done_dir(output) / name).read_text()
+    return json.loads(text) if text else None
 
 
 def is_done(output: str | os.PathLike[str], name: str) -> bool:

@@ -51,7 +51,14 @@ from pipeline.ngff import (
     write_region,
 )
 from pipeline.normalize import Normalization, compute_normalization
-from pipeline.provenance import done_dir, fingerprint, is_done, mark_done, output_state
+from pipeline.provenance import (
+    done_dir,
+    done_summary,
+    fingerprint,
+    is_done,
+    mark_done,
+    output_state,
+)
 from pipeline.readers import ImageSpec, LazyImage, open_image
 from pipeline.stages import run_stages
 from pipeline.tissue import tissue_mask
@@ -328,8 +335,10 @@ def segment_image(
     forget_arrays(output)
     if state != "partial":
         with _writing(output):
-            create_output(output, layout, overwrite=options.overwrite, attrs=record)
-            done_dir(output).mkdir(parents=True)
+            create_output(
+                output, layout, overwrite=options.overwrite, attrs=record,
+                subdirs=[os.path.relpath(done_dir(output), output)],
+            )  # fmt: skip
 
     # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
     # run did and rewrites byte-identical chunks.
@@ -410,7 +419,12 @@ def _objects(
 ) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
     Each is redone whole unless its marker says it finished (both are idempotent)."""
-    found: dict[str, Any] = {}
+    # A run resumed after these steps finished takes their summaries from the markers.
+    found: dict[str, Any] = {
+        name: done_summary(output, name)
+        for name, wanted in (("instances", options.instances), ("table", options.table))
+        if wanted != "none" and is_done(output, name)
+    }
     run = {"scheduler": options.scheduler, "workers": workers}
     if options.instances != "none" and not is_done(output, "instances"):
         with _writing(output):
@@ -422,7 +436,7 @@ def _objects(
                 threshold=0.5 if threshold is None else threshold, **run,
             )  # fmt: skip
             found["instances"] = summary.to_dict()
-            mark_done(output, "instances")
+            mark_done(output, "instances", found["instances"])
     if options.table != "none" and not is_done(output, "table"):
         with _writing(output):
             table = measure_objects(
@@ -430,7 +444,7 @@ def _objects(
                 format=options.table, pixel_size=image.pixel_size, **run,
             )  # fmt: skip
             found["table"] = table.to_dict()
-            mark_done(output, "table")
+            mark_done(output, "table", found["table"])
     return found
 
 

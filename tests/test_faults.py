@@ -197,3 +197,58 @@ def test_full_disk_stops_with_one_line_and_no_done_record(tmp_path, slide, model
     assert "cannot write output" in line and "out.zarr" in line
     record = read_record(out)
     assert record is None or record["status"] != "complete"
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL at one exact point: nothing after it runs, no cleanup is owed."""
+
+
+def test_killed_while_creating_the_output_the_same_command_starts_afresh(
+    tmp_path, slide, model, monkeypatch
+):
+    import pipeline.ngff
+
+    options = SegmentOptions(model=model, tile=64, chunk=64, batch_size=2)
+    segment_image(slide, tmp_path / "reference.zarr", options)
+    out = tmp_path / "out.zarr"
+
+    def killed_after_the_skeleton(*args):
+        real(*args)
+        raise Killed
+
+    real = pipeline.ngff._create_skeleton
+    monkeypatch.setattr(pipeline.ngff, "_create_skeleton", killed_after_the_skeleton)
+    with pytest.raises(Killed):
+        segment_image(slide, out, options)
+    assert not out.exists()  # never a half-made group that a rerun would refuse as foreign
+    assert list(tmp_path.glob(".out.zarr.creating-*"))
+    monkeypatch.setattr(pipeline.ngff, "_create_skeleton", real)
+
+    segment_image(slide, out, options)
+    assert read_record(out)["status"] == "complete"
+    assert not list(tmp_path.glob(".out.zarr.creating-*"))  # the leftover is cleared
+    assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
+
+
+def test_resumed_after_the_object_steps_the_record_keeps_their_summaries(
+    tmp_path, slide, model, monkeypatch
+):
+    import pipeline.segment
+
+    options = SegmentOptions(model=model, tile=64, chunk=64, instances="connected", table="csv")
+    out = tmp_path / "out.zarr"
+
+    def killed_before_the_record(*args):
+        raise Killed
+
+    monkeypatch.setattr(pipeline.segment, "mark_complete", killed_before_the_record)
+    with pytest.raises(Killed):
+        segment_image(slide, out, options)
+    monkeypatch.undo()
+    assert read_record(out)["status"] == "running"
+    result = segment_image(slide, out, options)
+    assert result.resumed_tasks > 0
+    record = read_record(out)
+    assert record["status"] == "complete"
+    assert record["instances"]["objects"] > 0
+    assert record["table"]["objects"] == record["instances"]["objects"]
