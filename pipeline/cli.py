@@ -77,7 +77,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--min-distance", type=int, metavar="N",
-        help="watershed: least distance between two objects' centres in px (default 5)",
+        help="watershed: least distance between two objects' centres in px (default 7)",
     )  # fmt: skip
     p.add_argument(
         "--table",

@@ -54,7 +54,10 @@ class SegmentOptions:
     # objects where the foreground probability exceeds this (None: where argmax is not
     # background); needs the saved probabilities
     instance_threshold: float | None = None
-    min_distance: int = 5  # watershed: least distance between two nuclei's centres, in px
+    # watershed: least distance between two nuclei's centres, in px. Of 3, 5, 7, 9 and 12, 7
+    # scores within 0.003 of the best object F1 both on generated held-out images (0.932) and
+    # on the shipped real one (0.901; 5 gave 0.929 and 0.820)
+    min_distance: int = 7
     table: str = "none"  # per-object measurements: parquet | csv
     scheduler: str | None = None
     resources: dict[str, float] | None = None  # asked of distributed workers by inference tasks

@@ -63,7 +63,10 @@ def run_demo(
     qc = overlay_png(open_image(slide), result_path, out / "qc-overlay.png")
     # A real image the model never saw: the synthetic Dice alone would not say it generalises.
     real = score_real_nuclei(out, options=options)
-    real_qc = overlay_png(open_image(REAL_IMAGE), real["output"], out / "qc-real-nuclei.png")
+    real_qc = overlay_png(
+        open_image(REAL_IMAGE), real["output"], out / "qc-real-nuclei.png",
+        labels="labels/instances",
+    )  # fmt: skip
     model = result.record["model"]
     figures = {
         "image": f"{size}x{size} px ({size * size / 1e6:.0f} MP)",

@@ -113,7 +113,7 @@ def _structure(ndim: int, connectivity: int) -> np.ndarray:
 
 
 def watershed_split(
-    mask: np.ndarray, *, min_distance: int = 5, connectivity: int = 1
+    mask: np.ndarray, *, min_distance: int = 7, connectivity: int = 1
 ) -> np.ndarray:
     """Split touching objects of a boolean mask by a watershed of its distance transform.
 
@@ -257,7 +257,7 @@ def label_instances(
     threshold: float = 0.5,
     connectivity: int = 1,
     watershed: bool = False,
-    min_distance: int = 5,
+    min_distance: int = 7,
     halo: int = 64,
     block_chunks: int = 2,
     consecutive: bool = True,

@@ -65,22 +65,27 @@ def overlay_png(
     *,
     max_side: int = 2048,
     alpha: float = 0.45,
+    labels: str = LABELS_PATH,
 ) -> Path:
-    """Write a downsampled picture of the image with the labels painted over it."""
+    """Write a downsampled picture of the image with the labels painted over it.
+
+    ``labels``: the labels image to paint, e.g. ``"labels/instances"`` (neighbouring objects
+    then differ in colour unless their ids differ by a multiple of the palette's five)."""
     from skimage.io import imsave
     from skimage.segmentation import find_boundaries
 
     thumb = _to_rgb(thumbnail(image, max_side=max_side))
     root = zarr.open_group(output, mode="r")
-    pyramid = root[LABELS_PATH]
+    pyramid = root[labels]
     levels = sorted(int(k) for k in pyramid.array_keys())
     # the smallest label level at least as large as the thumbnail
     level = max([k for k in levels if pyramid[str(k)].shape[-2] >= thumb.shape[0]] or [levels[0]])
-    labels = _resize_nearest(pyramid[str(level)][...], thumb.shape[:2])
-    colours = _FILL[labels % len(_FILL)] / 255.0
-    fg = (labels > 0)[..., None]
-    rgb = np.where(fg, (1 - alpha) * thumb + alpha * colours, thumb)
-    edges = find_boundaries(labels, mode="inner")[..., None]
+    ids = _resize_nearest(pyramid[str(level)][...], thumb.shape[:2])
+    fg = ids > 0
+    # ids 1, 2, ... cycle through the palette's colours; 0 (its black) stays background
+    colours = _FILL[np.where(fg, 1 + (ids.astype(np.int64) - 1) % (len(_FILL) - 1), 0)] / 255.0
+    rgb = np.where(fg[..., None], (1 - alpha) * thumb + alpha * colours, thumb)
+    edges = find_boundaries(ids, mode="inner")[..., None]
     rgb = np.where(edges, colours, rgb)
     png = Path(png)
     imsave(png, (rgb * 255).astype(np.uint8), check_contrast=False)

@@ -434,3 +434,17 @@ def test_a_failing_torch_compile_is_one_line(tmp_path, slide, model, monkeypatch
     assert line.startswith("tileseg: error: --compile: torch.compile failed (RuntimeError: ")
     assert "No working C++ compiler" in line and "more detail" not in line
     assert read_record(out)["status"] != "complete"
+
+
+def test_example_config_lists_every_option_at_its_default():
+    from dataclasses import fields, replace
+    from pathlib import Path
+
+    from pipeline.config import load_config, resolve_options
+
+    path = Path(__file__).parents[1] / "configs" / "segment.yaml"
+    assert set(load_config(path)) == {f.name for f in fields(SegmentOptions)}
+    options = resolve_options(config=path, flags={})
+    # the file spells out the 2D tile and chunk that the defaults compute
+    assert options.tile_and_chunk(2) == SegmentOptions().tile_and_chunk(2)
+    assert replace(options, tile=None, chunk=None) == SegmentOptions()
