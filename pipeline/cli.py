@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline import __version__
 from pipeline.errors import TilesegError
@@ -110,8 +111,15 @@ def _int_or_auto(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, like every other error (subcommands inherit this class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tileseg", description="Exact overlap-tile U-Net segmentation of gigapixel images."
     )
     parser.add_argument("--version", action="version", version=f"tileseg {__version__}")

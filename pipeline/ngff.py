@@ -150,13 +150,19 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
                     {"label-value": k, "rgba": _COLORS[k % len(_COLORS)]}
                     for k in range(max(layout.classes, 2))
                 ],
-                "source": {"image": "../../"},
+                **_source(layout),
             },
         }
     )
     if layout.probability_dtype:
         root.attrs["multiscales"] = _multiscales(layout, name="probabilities", channel=True)
     root.attrs["tileseg"] = {**attrs, "status": "running"}
+
+
+def _source(layout: OutputLayout) -> dict[str, Any]:
+    """A labels image's link to the image it labels: the output root, which is an NGFF image
+    only when it holds the probabilities (else it is a plain group, and no link is given)."""
+    return {"source": {"image": "../../"}} if layout.probability_dtype else {}
 
 
 def _create(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
@@ -323,7 +329,7 @@ def create_labels_image(
     group.attrs.update(
         {
             "multiscales": _multiscales(layout, name=name, channel=False),
-            "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}},
+            "image-label": {"version": NGFF_VERSION, **_source(layout)},
             **(attrs or {}),
         }
     )

@@ -80,6 +80,15 @@ def test_cli_segment_writes_a_readable_ome_zarr(tmp_path, slide, model, capsys):
     assert scale == [0.5, 0.5]
     image_nodes = list(Reader(parse_url(str(out)))())
     assert image_nodes[0].data[0].shape == (3, 300, 260)
+    assert root[LABELS_PATH].attrs["image-label"]["source"] == {"image": "../../"}
+
+    # without probabilities the root is no image: the labels image does not claim it as source
+    bare = tmp_path / "bare.zarr"
+    assert main([*args[:2], str(bare), *args[3:], "--no-progress"]) == 0
+    label_attrs = zarr.open_group(bare, mode="r")[LABELS_PATH].attrs.asdict()
+    assert "source" not in label_attrs["image-label"]
+    nodes = list(Reader(parse_url(str(bare / LABELS_PATH)))())
+    assert any(isinstance(s, Label) for n in nodes for s in n.specs)
 
 
 def test_config_file_and_flag_precedence(tmp_path, slide, model):
@@ -448,3 +457,20 @@ def test_example_config_lists_every_option_at_its_default():
     # the file spells out the 2D tile and chunk that the defaults compute
     assert options.tile_and_chunk(2) == SegmentOptions().tile_and_chunk(2)
     assert replace(options, tile=None, chunk=None) == SegmentOptions()
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["segment", "a.tif", "b.zarr", "--batch-size", "x"], "expected a number or auto"),
+        (["segment", "a.tif"], "the following arguments are required: output"),
+        (["segmnt", "a.tif", "b.zarr"], "invalid choice: 'segmnt'"),
+        (["segment", "a.tif", "b.zarr", "--tissue", "maybe"], "argument --tissue: invalid choice"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, problem, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and problem in err and "--help" in err
