@@ -11,6 +11,7 @@ Every problem with the input is raised as :class:`~pipeline.errors.TilesegError`
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import tifffile
 import zarr
+from zarr.storage import WrapperStore
 
 from pipeline.errors import TilesegError
 
@@ -253,8 +255,72 @@ def _tiff_handle(path: str, tif: tifffile.TiffFile, level: int, series: int) -> 
         dtype = np.dtype(tif.byteorder + this.dtype.char)
         tif.close()  # (a cut file was refused by _check_not_truncated)
         return ArrayHandle(np.memmap(path, dtype, "r", this.dataoffset, tuple(this.shape)))
-    store = tseries.aszarr(level=level, maxworkers=_THREADED_DECODE)
-    return ArrayHandle(zarr.open_array(store, mode="r"), tif.close)
+    store = _TiffStore(tseries.aszarr(level=level, maxworkers=_THREADED_DECODE))
+    return ArrayHandle(_TiffArray(zarr.open_array(store, mode="r")), tif.close)
+
+
+class _Read:
+    """One window read through a :class:`_TiffArray`: the first error of its chunk reads."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+
+# The read in progress, seen by the chunk reads zarr runs for it as tasks on its event loop (tasks
+# inherit the context of the thread that submits the read).
+_READ: contextvars.ContextVar[_Read | None] = contextvars.ContextVar("_READ", default=None)
+
+
+class _TiffStore(WrapperStore[Any]):
+    """tifffile's Zarr store, whose chunk reads never fail during a :class:`_TiffArray` read.
+
+    zarr reads the chunks of a window as concurrent tasks gathered without cancelling the others
+    when one fails: the failure would return to the reader while its siblings are still queued or
+    decoding, to fail later on the file handle the reader closes meanwhile (or be destroyed pending
+    at exit), and asyncio would print each of those unretrieved errors. Instead the first error is
+    kept for the read, the remaining chunks of that read are skipped (read as fill, without file
+    access), so zarr's read completes with every task finished, and :class:`_TiffArray` raises.
+    """
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        read = _READ.get()
+        if read is None:  # metadata, while zarr opens the array
+            return await self._store.get(key, prototype, byte_range)
+        if read.error is not None:
+            return None
+        try:
+            return await self._store.get(key, prototype, byte_range)
+        except Exception as exc:  # codec errors, short reads, ...
+            if read.error is None:
+                read.error = exc
+            return None
+
+
+class _TiffArray:
+    """A Zarr array over a :class:`_TiffStore`; a read raises the first error of its chunks, once
+    all of them have finished."""
+
+    def __init__(self, array: Any) -> None:
+        self._array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+
+    def __getattr__(self, name: str) -> Any:  # metadata, chunks, ... of the array
+        return getattr(self._array, name)
+
+    def __getitem__(self, index: Any) -> Any:
+        read = _Read()
+        token = _READ.set(read)
+        try:
+            data = self._array[index]
+        finally:
+            _READ.reset(token)
+        if read.error is not None:
+            error, read.error = read.error, None
+            raise error
+        return data
 
 
 def _tiff_pixel_size(tif: tifffile.TiffFile, tseries: Any, series: int) -> dict[str, float]:

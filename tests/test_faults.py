@@ -252,3 +252,52 @@ def test_resumed_after_the_object_steps_the_record_keeps_their_summaries(
     assert record["status"] == "complete"
     assert record["instances"]["objects"] > 0
     assert record["table"]["objects"] == record["instances"]["objects"]
+
+
+def _many_corrupt_tiles(path):
+    """A 2048x2048 zlib TIFF of 64x64 tiles with every third tile overwritten by garbage: one
+    window read touches hundreds of tiles, many of them failing to decode."""
+    image = np.random.default_rng(3).integers(0, 255, (2048, 2048)).astype(np.uint8)
+    path = write_tiff(path, image, axes="YX", tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        tiles = list(zip(page.dataoffsets, page.databytecounts, strict=True))[::3]
+    with open(path, "r+b") as f:
+        for offset, count in tiles:
+            f.seek(offset)
+            f.write(b"\xff" * count)
+    return path
+
+
+def test_failed_read_leaves_no_chunk_read_running(tmp_path):
+    """zarr gathers a window's chunk reads without cancelling the others when one fails: the
+    error must come back only once every sibling has finished, none left to fail on the closed
+    file or be destroyed pending at exit (each printed by asyncio as an unretrieved error)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    from pipeline.errors import TilesegError
+    from pipeline.readers import open_image
+
+    async def others() -> int:
+        return len(asyncio.all_tasks()) - 1  # the zarr loop's tasks, less this one
+
+    image = open_image(_many_corrupt_tiles(tmp_path / "bad.tif"))
+    with pytest.raises(TilesegError, match=r"bad\.tif: cannot read region y=0:2048, x=0:2048"):
+        image.read((slice(None), slice(None)))
+    assert sync(others()) == 0
+    image.close()
+
+
+def test_corrupt_tiles_give_one_line_on_stderr_every_time(tmp_path, model):
+    """Reported intermittently followed by a flood of asyncio tracebacks at exit: runs at once
+    (loading the machine) must each print the one line and nothing else."""
+    path = _many_corrupt_tiles(tmp_path / "bad.tif")
+    procs = [cli(str(path), str(tmp_path / f"out{i}.zarr"), "--model", model) for i in range(4)]
+    for proc in procs:
+        _, stderr = proc.communicate()
+        assert proc.returncode == 2
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1, stderr[:2000]
+        assert lines[0].startswith("tileseg: error: ") and "bad.tif: cannot read region" in lines[0]
