@@ -11,6 +11,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # Prefect reads its settings when imported: keep it off any user profile, server or telemetry.
@@ -21,6 +24,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # no log shipping after the server stops
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# A task held back by a tag concurrency limit asks again after at most this (default 10 s).
+os.environ["PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS"] = "0.5"
 
 import numpy as np
 import pytest
@@ -66,10 +71,10 @@ def slides(tmp_path) -> Path:
     return folder
 
 
-def write_config(path: Path, model: Path, **segment) -> Path:
+def write_config(path: Path, model: Path, *, run: dict | None = None, **segment) -> Path:
     config = {
         "segment": {"model": str(model), "tile": 64, "chunk": 64, "device": "cpu", **segment},
-        "run": {"retries": 1, "retry_delay_seconds": 0, "max_concurrent_slides": 2},
+        "run": {"retries": 1, "retry_delay_seconds": 0, "max_concurrent_slides": 2, **(run or {})},
         "cluster": {"type": "none"},  # embedded threads: no cluster start-up in the tests
     }
     path.write_text(yaml.safe_dump(config))
@@ -115,6 +120,70 @@ def table(key: str) -> list[dict[str, str]]:
     return json.loads(artifact.data)
 
 
+def artifacts(flow_run_id, kind: str) -> list:
+    """The artifacts of one type (table, markdown, image, progress) of a flow run and its tasks."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                type=ArtifactFilterType(any_=[kind]),
+            )
+        )
+
+
+def progress_artifact(task_run_id):
+    """The progress artifact of one task run, as the API holds it now."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterTaskRunId,
+        ArtifactFilterType,
+    )
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                task_run_id=ArtifactFilterTaskRunId(any_=[task_run_id]),
+                type=ArtifactFilterType(any_=["progress"]),
+            )
+        )
+    return artifact
+
+
+class InFlight:
+    """Wraps the library call each slide task makes (``segment_image``): how many slides are
+    being segmented at once, at most."""
+
+    def __init__(self, monkeypatch, *, hold_s: float = 0.0) -> None:
+        import pipeline.segment
+
+        self._real = pipeline.segment.segment_image
+        self._lock = threading.Lock()
+        self._hold = hold_s
+        self.now = self.most = 0
+        self.slides: list[str] = []
+        monkeypatch.setattr(pipeline.segment, "segment_image", self)
+
+    def __call__(self, input_path, output_path, options, **kwargs):
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.slides.append(Path(input_path).name)
+        try:
+            time.sleep(self._hold)  # long enough for slides that are not held back to overlap
+            return self._real(input_path, output_path, options, **kwargs)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
 def test_pipeline_never_imports_prefect():
     code = (
         "import sys, pipeline, pipeline.cli, pipeline.segment, pipeline.config, pipeline.qc, "
@@ -150,7 +219,7 @@ def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_c
     assert rows["a.ome.tif"]["status"] == "done" and rows["a.ome.tif"]["size"] == "200x180"
     assert rows["b.tif"]["throughput (MP/s)"] != "" and rows["b.tif"]["time (s)"] != ""
     assert rows["broken.tif"]["status"].startswith("failed: ")
-    assert "cannot read" in rows["broken.tif"]["status"]  # the library's one-line error
+    assert "truncated TIFF file" in rows["broken.tif"]["status"]  # the library's one-line error
 
     # Second run: both done slides are skipped without any inference.
     calls = no_inference(monkeypatch)
@@ -168,6 +237,142 @@ def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_c
     assert [rows[s]["status"] for s in ("a.ome.tif", "b.tif")] == ["done", "done"]
     after = read_record(out / "a.zarr")
     assert after["fingerprint"] != before and after["config"]["batch_size"] == 2
+
+
+def tiny_slides(folder: Path, names: dict[str, tuple[int, int]], *, tissue: bool = False) -> Path:
+    """Small TIFF slides; with ``tissue``, bright tissue over the left ~60% and dark glass."""
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name, shape in names.items():
+        image = rng.random(shape) * 200
+        if tissue:
+            image[:, : shape[1] * 3 // 5] += 2000 + rng.random((shape[0], shape[1] * 3 // 5)) * 2000
+        write_tiff(folder / name, image.astype(np.uint16), axes="YX", tile=(64, 64))
+    return folder
+
+
+@contextmanager
+def tag_limit(slots: int | None):
+    """A Prefect tag concurrency limit on the slide task's tag, as ``prefect concurrency-limit
+    create tileseg-slide N`` makes it (none for ``None``)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.segment_flows import SLIDE_TAG
+
+    if slots is None:
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=SLIDE_TAG, concurrency_limit=slots)
+    # Task runs of this process remember for 5 s that their tags had no limit (an earlier
+    # test's slides): forget it, as a process started after the limit was made would.
+    from prefect.concurrency import services
+
+    services._no_limits_cache.clear()
+    try:
+        yield
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_concurrency_limit_by_tag(SLIDE_TAG)
+
+
+@pytest.mark.parametrize(
+    ("max_slides", "tag_slots", "at_most"),
+    [
+        pytest.param(1, None, 1, id="run-max-concurrent-slides"),
+        pytest.param(3, 1, 1, id="tileseg-slide-tag-limit"),
+        pytest.param(3, None, None, id="unlimited"),  # the control: the counter sees overlaps
+    ],
+)
+def test_directory_flow_limits_the_slides_in_flight(
+    harness, model, tmp_path, monkeypatch, max_slides, tag_slots, at_most
+):
+    from flows.segment_flows import segment_directory
+
+    names = ("s1.tif", "s2.tif", "s3.tif")
+    folder = tiny_slides(tmp_path / "slides", dict.fromkeys(names, (128, 128)))
+    config = write_config(tmp_path / "c.yaml", model, run={"max_concurrent_slides": max_slides})
+    seen = InFlight(monkeypatch, hold_s=0.5)
+    with tag_limit(tag_slots):
+        rows = segment_directory(str(folder), str(tmp_path / "out"), config=str(config))
+    assert [row["status"] for row in rows] == ["done"] * 3
+    assert sorted(seen.slides) == list(names) and seen.now == 0
+    if at_most is None:
+        assert seen.most >= 2
+    else:
+        assert seen.most == at_most
+
+
+def test_directory_flow_publishes_table_qc_and_progress_artifacts(
+    harness, model, tmp_path, monkeypatch
+):
+    """The run's table (tissue fraction and objects filled when masking and instances are on),
+    the QC links and images, and one progress artifact per slide that moves while it runs."""
+    from prefect.context import TaskRunContext
+
+    import pipeline.segment
+    from flows.segment_flows import segment_directory
+
+    names = {"left.tif": (128, 128), "wide.tif": (128, 192)}
+    folder = tiny_slides(tmp_path / "slides", names, tissue=True)
+    config = write_config(
+        tmp_path / "c.yaml", model, tissue="otsu", instances="connected", batch_size=1,
+        batches_per_task=1,  # one task per tile: progress is reported between tiles
+    )  # fmt: skip
+    real = pipeline.segment.segment_image
+    shown: dict[str, list[tuple[float, float]]] = {}
+
+    def watched(input_path, output_path, options, *, progress=None):
+        task_run_id = TaskRunContext.get().task_run.id
+        calls = shown.setdefault(Path(input_path).name, [])
+
+        def report(done: int, total: int) -> None:
+            progress(done, total)
+            calls.append((100 * done / total, progress_artifact(task_run_id).data))
+
+        return real(input_path, output_path, options, progress=report)
+
+    monkeypatch.setattr(pipeline.segment, "segment_image", watched)
+    out = tmp_path / "QC run"
+    base = "http://qc.example/runs/qc-run/"
+    state = segment_directory(
+        str(folder), str(out), config=str(config), qc_base_url=base, return_state=True
+    )
+    assert state.is_completed()
+    run_id = state.state_details.flow_run_id
+
+    [summary] = artifacts(run_id, "table")
+    assert summary.key == "tileseg-qc-run"
+    rows = {row["slide"]: row for row in json.loads(summary.data)}
+    assert set(rows) == set(names)
+    columns = ["slide", "size", "tissue fraction", "time (s)", "throughput (MP/s)", "objects"]
+    for name, (h, w) in names.items():
+        row, output = rows[name], out / name.replace(".tif", ".zarr")
+        record = read_record(output)
+        assert list(row) == [*columns, "status", "output"]
+        assert row["status"] == "done" and row["output"] == str(output)
+        assert row["size"] == f"{h}x{w}" and float(row["time (s)"]) > 0
+        assert float(row["throughput (MP/s)"]) > 0
+        fraction = record["tissue"]["fraction"]
+        assert 0.3 < fraction < 0.9  # glass was found: masking was on
+        assert row["tissue fraction"] == f"{fraction:.3f}"
+        assert row["objects"] == str(record["instances"]["objects"])
+
+    [links] = artifacts(run_id, "markdown")
+    assert links.key == "tileseg-qc-run-qc"
+    for name in names:
+        png = out / "qc" / name.replace(".tif", ".png")
+        assert png.stat().st_size > 0
+        assert f"| {name} | [{png.name}]({png.as_uri()}) |" in links.data
+    images = sorted(a.data for a in artifacts(run_id, "image"))
+    assert images == [f"{base}qc/{name.replace('.tif', '.png')}" for name in sorted(names)]
+
+    progress = artifacts(run_id, "progress")
+    assert sorted(a.description for a in progress) == [f"segmenting {n}" for n in sorted(names)]
+    assert all(a.task_run_id is not None and a.data == 100 for a in progress)
+    for name in names:  # while the slide ran, its first report was in the API at once
+        [(percent, artifact), *_] = shown[name]
+        assert 0 < percent < 100 and artifact == pytest.approx(percent)
 
 
 def test_batch_command_needs_no_prefect_server(slides, config, tmp_path, capsys, monkeypatch):
