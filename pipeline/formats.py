@@ -11,17 +11,13 @@ Every problem with the input is raised as :class:`~pipeline.errors.TilesegError`
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 import json
-import logging
 import os
 import re
-import threading
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +25,9 @@ from typing import Any
 import numpy as np
 import tifffile
 import zarr
-from zarr.storage import WrapperStore
 
 from pipeline.errors import TilesegError
+from pipeline.tiff_guards import GuardedArray, GuardedStore, check_not_truncated, tifffile_logs
 
 __all__ = [
     "ArrayHandle",
@@ -159,7 +155,7 @@ def open_tiff(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
     """Probe and open level ``level`` of series ``series`` of a TIFF/BigTIFF/OME-TIFF/SVS file."""
     # tifffile logs what it skips while parsing (a tag whose value lies past the end of a cut
     # file, ...) as warnings of its own; collected here, so the user sees one line, ours.
-    with _tifffile_logs() as skipped:
+    with tifffile_logs() as skipped:
         try:
             tif = tifffile.TiffFile(path)
         except OSError as exc:
@@ -167,7 +163,7 @@ def open_tiff(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
             raise TilesegError(path, f"not a valid TIFF file ({reason(exc)})") from exc
     try:
-        _check_not_truncated(path, tif, skipped)
+        check_not_truncated(path, tif, skipped)
         return _probe_tiff(path, tif, level, series), _tiff_handle(path, tif, level, series)
     except TilesegError:
         tif.close()
@@ -175,55 +171,6 @@ def open_tiff(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
     except Exception as exc:  # corrupt IFDs or tags surface lazily, while parsing series
         tif.close()
         raise TilesegError(path, f"cannot parse TIFF structure ({reason(exc)})") from exc
-
-
-class _TiffLogs(logging.Filter):
-    """Drops tifffile's log records in threads that collect them (see :func:`_tifffile_logs`).
-    A filter on the logger with thread-local lists, since reader threads open files at once."""
-
-    local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        messages = getattr(self.local, "messages", None)
-        if messages is None:
-            return True
-        messages.append(record.getMessage())
-        return False
-
-
-logging.getLogger("tifffile").addFilter(_TiffLogs())
-
-
-@contextmanager
-def _tifffile_logs() -> Iterator[list[str]]:
-    """What tifffile logs in this thread meanwhile, collected instead of printed."""
-    outer = getattr(_TiffLogs.local, "messages", None)
-    _TiffLogs.local.messages = messages = []
-    try:
-        yield messages
-    finally:
-        _TiffLogs.local.messages = outer
-
-
-def _check_not_truncated(path: str, tif: tifffile.TiffFile, skipped: list[str]) -> None:
-    """Refuse, on open, a file whose tiles or strips lie past its end (a cut copy): otherwise it
-    fails at the first task that reaches them, with a decoder's error. ``skipped``: what
-    tifffile logged while parsing, the first of which the message quotes."""
-    size = os.path.getsize(path)
-    end = 0
-    with _tifffile_logs() as more:  # series and SubIFD levels are parsed lazily
-        pages = [p for s in tif.series for lv in s.levels for p in lv.pages if p is not None]
-    skipped = skipped + more
-    for page in pages:
-        offsets = np.asarray(page.dataoffsets, np.int64)
-        counts = np.asarray(page.databytecounts, np.int64)
-        if offsets.size:
-            end = max(end, int((offsets + counts).max()))
-    if end > size:
-        why = f"; {skipped[0]}" if skipped else ""
-        raise TilesegError(
-            path, f"truncated TIFF file: image data extend to byte {end}, the file has {size}{why}"
-        )
 
 
 def _probe_tiff(path: str, tif: tifffile.TiffFile, level: int, series: int) -> Probe:
@@ -253,74 +200,10 @@ def _tiff_handle(path: str, tif: tifffile.TiffFile, level: int, series: int) -> 
         # Uncompressed, contiguous data: memory-map it. Through the zarr store an image stored as
         # a single strip would be decoded whole for every window.
         dtype = np.dtype(tif.byteorder + this.dtype.char)
-        tif.close()  # (a cut file was refused by _check_not_truncated)
+        tif.close()  # (a cut file was refused by check_not_truncated)
         return ArrayHandle(np.memmap(path, dtype, "r", this.dataoffset, tuple(this.shape)))
-    store = _TiffStore(tseries.aszarr(level=level, maxworkers=_THREADED_DECODE))
-    return ArrayHandle(_TiffArray(zarr.open_array(store, mode="r")), tif.close)
-
-
-class _Read:
-    """One window read through a :class:`_TiffArray`: the first error of its chunk reads."""
-
-    __slots__ = ("error",)
-
-    def __init__(self) -> None:
-        self.error: Exception | None = None
-
-
-# The read in progress, seen by the chunk reads zarr runs for it as tasks on its event loop (tasks
-# inherit the context of the thread that submits the read).
-_READ: contextvars.ContextVar[_Read | None] = contextvars.ContextVar("_READ", default=None)
-
-
-class _TiffStore(WrapperStore[Any]):
-    """tifffile's Zarr store, whose chunk reads never fail during a :class:`_TiffArray` read.
-
-    zarr reads the chunks of a window as concurrent tasks gathered without cancelling the others
-    when one fails: the failure would return to the reader while its siblings are still queued or
-    decoding, to fail later on the file handle the reader closes meanwhile (or be destroyed pending
-    at exit), and asyncio would print each of those unretrieved errors. Instead the first error is
-    kept for the read, the remaining chunks of that read are skipped (read as fill, without file
-    access), so zarr's read completes with every task finished, and :class:`_TiffArray` raises.
-    """
-
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-        read = _READ.get()
-        if read is None:  # metadata, while zarr opens the array
-            return await self._store.get(key, prototype, byte_range)
-        if read.error is not None:
-            return None
-        try:
-            return await self._store.get(key, prototype, byte_range)
-        except Exception as exc:  # codec errors, short reads, ...
-            if read.error is None:
-                read.error = exc
-            return None
-
-
-class _TiffArray:
-    """A Zarr array over a :class:`_TiffStore`; a read raises the first error of its chunks, once
-    all of them have finished."""
-
-    def __init__(self, array: Any) -> None:
-        self._array = array
-        self.shape = tuple(array.shape)
-        self.dtype = array.dtype
-
-    def __getattr__(self, name: str) -> Any:  # metadata, chunks, ... of the array
-        return getattr(self._array, name)
-
-    def __getitem__(self, index: Any) -> Any:
-        read = _Read()
-        token = _READ.set(read)
-        try:
-            data = self._array[index]
-        finally:
-            _READ.reset(token)
-        if read.error is not None:
-            error, read.error = read.error, None
-            raise error
-        return data
+    store = GuardedStore(tseries.aszarr(level=level, maxworkers=_THREADED_DECODE))
+    return ArrayHandle(GuardedArray(zarr.open_array(store, mode="r")), tif.close)
 
 
 def _tiff_pixel_size(tif: tifffile.TiffFile, tseries: Any, series: int) -> dict[str, float]:
