@@ -109,6 +109,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "overwrite": (bool,),
 }
 assert set(_TYPES) == {f.name for f in fields(SegmentOptions)}
+_POSITIVE = ("align", "tile", "chunk", "batch_size", "batches_per_task", "workers", "min_distance")
 
 
 def _check(key: str, value: Any, source: str | None) -> Any:
@@ -133,15 +134,7 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         if not 0 < value < 1:
             raise bad(f"must be between 0 and 1, got {value!r}")
         return float(value)
-    if key in (
-        "align",
-        "tile",
-        "chunk",
-        "batch_size",
-        "batches_per_task",
-        "workers",
-        "min_distance",
-    ):
+    if key in _POSITIVE:
         if value is not None and value < 1:
             raise bad("must be >= 1")
     if key in ("level", "prefetch") and value < 0:

@@ -395,14 +395,15 @@ def test_instance_threshold_and_min_distance_reach_the_instances(tmp_path):
     model = threshold_model(tmp_path / "threshold.safetensors", level=0.35)
     image, _ = synthetic_pair((256, 256), config=SyntheticConfig(seed=5, dtype="uint8"))
     path = write_tiff(tmp_path / "t.tif", image, axes="YX", tile=(64, 64))
-    args = ["segment", str(path), "--model", model, "--tile", "64", "--chunk", "64",
-            "--save-probabilities", "--probability-dtype", "float32", "--no-progress"]  # fmt: skip
+    options = [
+        "--model", model, "--tile", "64", "--chunk", "64", "--save-probabilities",
+        "--probability-dtype", "float32", "--instances", "watershed", "--no-progress",
+    ]  # fmt: skip
     objects = {}
     for threshold, distance in ((0.2, 2), (0.2, 40), (0.9, 2)):
         out = tmp_path / f"{threshold}-{distance}.zarr"
-        extra = ["--instances", "watershed", "--instance-threshold", str(threshold)]
-        assert main([*args[:1], args[1], str(out), *args[2:], *extra,
-                     "--min-distance", str(distance)]) == 0  # fmt: skip
+        extra = ["--instance-threshold", str(threshold), "--min-distance", str(distance)]
+        assert main(["segment", str(path), str(out), *options, *extra]) == 0
         root = zarr.open_group(out, mode="r")
         instances, probs = root["labels/instances/0"][...], root["0"][...]
         np.testing.assert_array_equal(instances > 0, 1 - probs[0] > threshold)
