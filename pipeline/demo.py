@@ -15,6 +15,7 @@ from pathlib import Path
 import zarr
 
 from pipeline.config import SegmentOptions
+from pipeline.ngff import labels_image_path
 from pipeline.qc import foreground_dice, overlay_png
 from pipeline.readers import open_image
 from pipeline.real_nuclei import IMAGE as REAL_IMAGE
@@ -65,7 +66,7 @@ def run_demo(
     real = score_real_nuclei(out, options=options)
     real_qc = overlay_png(
         open_image(REAL_IMAGE), real["output"], out / "qc-real-nuclei.png",
-        labels="labels/instances",
+        labels=labels_image_path("instances"),
     )  # fmt: skip
     model = result.record["model"]
     figures = {

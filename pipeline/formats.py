@@ -151,8 +151,13 @@ def check_index(path: str | os.PathLike[str], what: str, index: int, count: int)
 # --------------------------------------------------------------------------------------- TIFF
 
 
-def open_tiff(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
-    """Probe and open level ``level`` of series ``series`` of a TIFF/BigTIFF/OME-TIFF/SVS file."""
+def open_tiff(
+    path: str, level: int, series: int, *, check_truncation: bool = True
+) -> tuple[Probe, ArrayHandle]:
+    """Probe and open level ``level`` of series ``series`` of a TIFF/BigTIFF/OME-TIFF/SVS file.
+
+    ``check_truncation`` parses every page of the file (:func:`check_not_truncated`); a reopen
+    of a file already opened so (in each reader thread or worker process) skips it."""
     # tifffile logs what it skips while parsing (a tag whose value lies past the end of a cut
     # file, ...) as warnings of its own; collected here, so the user sees one line, ours.
     with tifffile_logs() as skipped:
@@ -163,7 +168,8 @@ def open_tiff(path: str, level: int, series: int) -> tuple[Probe, ArrayHandle]:
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ...
             raise TilesegError(path, f"not a valid TIFF file ({reason(exc)})") from exc
     try:
-        check_not_truncated(path, tif, skipped)
+        if check_truncation:
+            check_not_truncated(path, tif, skipped)
         return _probe_tiff(path, tif, level, series), _tiff_handle(path, tif, level, series)
     except TilesegError:
         tif.close()

@@ -279,7 +279,8 @@ def _reopen(spec: ImageSpec) -> ArrayHandle:
     if not os.path.exists(spec.path):
         raise TilesegError(spec.path, "no such file or directory")
     if spec.format == "tiff":
-        probe, handle = open_tiff(spec.path, spec.level, spec.series)
+        # The first open checked the whole file; a changed file shows in its shape, below.
+        probe, handle = open_tiff(spec.path, spec.level, spec.series, check_truncation=False)
         shape = probe.shape
     else:
         handle = reopen_zarr_array(spec.path, spec.dataset, allow_missing=spec.allow_missing_chunks)

@@ -16,6 +16,7 @@ import tifffile
 import zarr
 
 from pipeline.config import SegmentOptions
+from pipeline.ngff import labels_image_path
 from pipeline.qc import foreground_dice, instance_f1
 from pipeline.segment import segment_image
 
@@ -36,7 +37,8 @@ def score_real_nuclei(
     options = replace(options or SegmentOptions(), instances="watershed", overwrite=True)
     segment_image(IMAGE, out, options)
     truth = tifffile.imread(MASK)
-    objects = instance_f1(np.asarray(zarr.open_array(out / "labels/instances/0", mode="r")), truth)
+    instances = zarr.open_array(out / labels_image_path("instances") / "0", mode="r")
+    objects = instance_f1(np.asarray(instances), truth)
     return {
         "foreground_dice": foreground_dice(out, truth),
         "object_f1": objects["f1"],
