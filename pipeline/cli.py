@@ -15,6 +15,14 @@ from pipeline.errors import TilesegError
 EXIT_USAGE = 2
 
 
+class _OnOff(argparse.BooleanOptionalAction):
+    """``--x`` / ``--no-x``; unset (None) when neither is given, so a config file's value stays
+    in force unless a flag says otherwise."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, default=None, **kwargs)
+
+
 def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
@@ -40,7 +48,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--channels-last", choices=["auto", "on", "off"], help="channels-last layout (auto: CUDA)"
     )
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--compile", action=_OnOff, help="torch.compile the model (off by default)")
     p.add_argument(
         "--prefetch", type=int,
         help="batches read ahead of and written behind inference (default 2; 0: serial)",
@@ -53,19 +61,28 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--axes", help="axes of the input when they cannot be read (e.g. YX, CYX)")
     p.add_argument(
         "--allow-missing-chunks",
-        action="store_true",
-        default=None,
+        action=_OnOff,
         help="read chunks missing from a Zarr input as fill values instead of failing",
     )
-    p.add_argument(
-        "--save-probabilities", action="store_true", default=None, help="also save probabilities"
-    )
+    p.add_argument("--save-probabilities", action=_OnOff, help="also save probabilities")
     p.add_argument("--probability-dtype", choices=["float16", "float32"])
     p.add_argument(
         "--tissue",
-        choices=["none", "otsu", "triangle"],
+        choices=["none", "otsu", "triangle", "fixed"],
         help="skip output tiles without tissue, from a low-resolution mask (default none)",
     )
+    p.add_argument(
+        "--tissue-threshold", type=float, metavar="T",
+        help="--tissue fixed: tissue where the 0..1 tissue-ness exceeds T",
+    )  # fmt: skip
+    p.add_argument(
+        "--tissue-level", type=int, metavar="L",
+        help="pyramid level to make the tissue mask from (default: the first of <= 1024 px)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tissue-margin", type=int, metavar="PX",
+        help="glass kept around tissue in px, beyond one mask pixel (default 0)",
+    )  # fmt: skip
     p.add_argument(
         "--instances",
         choices=["none", "connected", "watershed"],
@@ -87,9 +104,11 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
     p.add_argument(
-        "--workers", type=int, help="parallel tasks in a local run (default: one per GPU, or 1)"
+        "--workers",
+        type=int,
+        help="parallel tasks in a local run (default: 2 per GPU on CUDA, else 1)",
     )
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace OUTPUT")
+    p.add_argument("--overwrite", action=_OnOff, help="replace OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -97,7 +116,8 @@ _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
     "precision", "channels_last", "compile", "prefetch", "normalize",
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
-    "probability_dtype", "tissue", "instances", "instance_threshold",
+    "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
+    "instances", "instance_threshold",
     "min_distance", "table", "scheduler", "workers", "overwrite",
 )  # fmt: skip
 
@@ -164,7 +184,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", help="directory of label masks named like the images")
     p.add_argument("--synthetic", action="store_true", help="train on generated nuclei images")
     p.add_argument(
-        "--allow-missing-chunks", action="store_true", default=None,
+        "--allow-missing-chunks", action=_OnOff,
         help="read chunks missing from a Zarr image as fill (masks always may omit empty chunks)",
     )  # fmt: skip
     p.add_argument("--epochs", type=int, help="maximum number of epochs")

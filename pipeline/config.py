@@ -19,7 +19,7 @@ NORMALIZE = ("none", "percentile", "fixed")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 PROBABILITY_DTYPES = ("float16", "float32")
-TISSUE = ("none", "otsu", "triangle")
+TISSUE = ("none", "otsu", "triangle", "fixed")
 INSTANCES = ("none", "connected", "watershed")
 TABLES = ("none", "parquet", "csv")
 
@@ -50,6 +50,9 @@ class SegmentOptions:
     save_probabilities: bool = False
     probability_dtype: str = "float16"
     tissue: str = "none"  # skip output tiles without tissue (low-resolution mask)
+    tissue_threshold: float | None = None  # for tissue "fixed": on the 0..1 tissue-ness feature
+    tissue_level: int | None = None  # pyramid level the mask is made from (default: <= 1024 px)
+    tissue_margin: int = 0  # px of glass kept around tissue, beyond one mask pixel
     instances: str = "none"  # object ids across chunk borders: connected | watershed
     # objects where the foreground probability exceeds this (None: where argmax is not
     # background); needs the saved probabilities
@@ -99,6 +102,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "save_probabilities": (bool,),
     "probability_dtype": (str,),
     "tissue": (str,),
+    "tissue_threshold": (float, int, type(None)),
+    "tissue_level": (int, type(None)),
+    "tissue_margin": (int,),
     "instances": (str,),
     "instance_threshold": (float, int, type(None)),
     "min_distance": (int,),
@@ -134,10 +140,14 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         if not 0 < value < 1:
             raise bad(f"must be between 0 and 1, got {value!r}")
         return float(value)
+    if key == "tissue_threshold" and value is not None:
+        if not 0 <= value < 1:
+            raise bad(f"must be >= 0 and < 1, got {value!r}")
+        return float(value)
     if key in _POSITIVE:
         if value is not None and value < 1:
             raise bad("must be >= 1")
-    if key in ("level", "prefetch") and value < 0:
+    if key in ("level", "prefetch", "tissue_level", "tissue_margin") and (value or 0) < 0:
         raise bad("must be >= 0")
     choices = {
         "normalize": NORMALIZE,
@@ -194,6 +204,16 @@ def options_from_mapping(
             source or "--instance-threshold",
             "instance_threshold: thresholds the saved probabilities: needs --instances and "
             "--save-probabilities",
+        )
+    if options.tissue == "fixed" and options.tissue_threshold is None:
+        raise TilesegError(
+            source or "--tissue", "tissue: fixed needs a threshold (--tissue-threshold)"
+        )
+    if options.tissue in ("otsu", "triangle") and options.tissue_threshold is not None:
+        raise TilesegError(
+            source or "--tissue-threshold",
+            f"tissue_threshold: {options.tissue} finds its own threshold; a fixed one needs "
+            "--tissue fixed",
         )
     if options.normalize == "fixed" and options.scale is None:
         raise TilesegError(source or "--normalize", "normalize: fixed needs a scale (--scale)")

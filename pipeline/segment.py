@@ -61,7 +61,7 @@ from pipeline.provenance import (
 )
 from pipeline.readers import ImageSpec, LazyImage, open_image
 from pipeline.stages import run_stages
-from pipeline.tissue import tissue_mask
+from pipeline.tissue import TissueMask, tissue_mask
 from pipeline.worker import (
     RunSettings,
     batches_per_task,
@@ -295,7 +295,7 @@ def segment_image(
         scale=options.scale,
         offset=options.offset,
     )
-    mask = None if options.tissue == "none" else tissue_mask(image, method=options.tissue)
+    mask = None if options.tissue == "none" else _tissue_mask(input_path, image, options)
     classes = int(model.classes or 0) or _probe_classes(model_spec, options, grid)
     _, chunk = options.tile_and_chunk(grid.geometry.ndim)
     layout = OutputLayout(
@@ -355,7 +355,11 @@ def segment_image(
             layout=layout,
             run=run,
             name=name,
-            skip=tuple(t.index for t in group if mask is not None and not mask.covers(t.region)),
+            skip=tuple(
+                t.index
+                for t in group
+                if mask is not None and not mask.covers(t.region, margin=options.tissue_margin)
+            ),
         )
         for group, name in zip(groups, names, strict=True)
         if not is_done(output, name)
@@ -455,3 +459,16 @@ def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> 
     )
     cin = predictor.model.in_channels or 1
     return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])
+
+
+def _tissue_mask(
+    input_path: str | os.PathLike, image: LazyImage, options: SegmentOptions
+) -> TissueMask:
+    """The tissue mask the options ask for; a level the file lacks is the file's problem."""
+    try:
+        return tissue_mask(
+            image, method=options.tissue, threshold=options.tissue_threshold,
+            level=options.tissue_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise TilesegError(input_path, f"tissue mask: {exc}") from None

@@ -58,9 +58,10 @@ class TissueMask:
     def mask(self) -> np.ndarray:
         return _unpack(self.bits, self.shape)
 
-    def covers(self, region: tuple[slice, ...]) -> bool:
-        """True when any tissue pixel of the mask, grown by one mask pixel, falls in ``region``
-        (slices in the image's pixels, ``([z,] y, x)``; the z slice is ignored)."""
+    def covers(self, region: tuple[slice, ...], *, margin: int = 0) -> bool:
+        """True when any tissue pixel of the mask, grown by one mask pixel and by ``margin``
+        image pixels, falls in ``region`` (slices in the image's pixels, ``([z,] y, x)``; the z
+        slice is ignored)."""
         mask = self.mask
         index = []
         for s, n, m in zip(region[-2:], self.image_shape[-2:], self.shape, strict=True):
@@ -68,6 +69,7 @@ class TissueMask:
             stop = n if s.stop is None else s.stop
             if stop <= start:
                 return False
+            start, stop = max(0, start - margin), min(n, stop + margin)
             scale = n / m
             index.append(
                 slice(max(0, math.floor(start / scale) - 1), min(m, math.ceil(stop / scale) + 1))

@@ -93,13 +93,30 @@ def test_cli_segment_writes_a_readable_ome_zarr(tmp_path, slide, model, capsys):
 
 def test_config_file_and_flag_precedence(tmp_path, slide, model):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {model}\ntile: 256\nchunk: 128\nnormalize: none\nbatch-size: 2\n")
+    config.write_text(f"model: {model}\ntile: 256\nchunk: 128\nnormalize: none\nbatch-size: 2\n"
+                      "save_probabilities: true\n")  # fmt: skip
     out = tmp_path / "out.zarr"
-    assert main(["segment", str(slide[0]), str(out), "--config", str(config), "--tile", "128"]) == 0
+    args = ["segment", str(slide[0]), str(out), "--config", str(config), "--tile", "128"]
+    assert main([*args, "--no-save-probabilities"]) == 0
     record = read_record(out)["config"]
     assert (record["tile"], record["chunk"], record["normalize"], record["batch_size"]) == (
         128, 128, "none", 2,
     )  # fmt: skip
+    assert record["save_probabilities"] is False and "0" not in zarr.open_group(out, mode="r")
+
+
+@pytest.mark.parametrize("flag", ["compile", "allow_missing_chunks", "save_probabilities",
+                                  "overwrite"])  # fmt: skip
+def test_on_off_flags_leave_the_config_file_in_force_unless_given(flag):
+    from pipeline.cli import build_parser
+
+    option = "--" + flag.replace("_", "-")
+    parse = build_parser().parse_args
+    assert getattr(parse(["segment", "a.tif", "b.zarr"]), flag) is None
+    assert getattr(parse(["segment", "a.tif", "b.zarr", option]), flag) is True
+    assert (
+        getattr(parse(["segment", "a.tif", "b.zarr", option.replace("--", "--no-")]), flag) is False
+    )
 
 
 def one_error_line(capsys) -> str:
@@ -136,6 +153,8 @@ def pickled(directory) -> str:
         (lambda d: (str(truncated(d)), []), "cut.tif"),
         (lambda d: (str(d / "slide.ome.tif"), ["--axes", "ZYX"]), "axes"),
         (lambda d: (str(d / "slide.ome.tif"), ["--model", pickled(d)]), "not a TorchScript"),
+        (lambda d: (str(d / "slide.ome.tif"), ["--tissue", "otsu", "--tissue-level", "7"]),
+         "slide.ome.tif: tissue mask: level 7 not in"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2(tmp_path, slide, model, capsys, setup, expected):
@@ -160,6 +179,10 @@ def test_bad_config_is_refused(tmp_path, slide, capsys):
         ("prefetch: -1\n", "prefetch: must be >= 0"),
         ("channels_last: sometimes\n", "channels_last: must be one of"),
         ("compile: 1\n", "compile: expected bool"),
+        ("tissue: fixed\n", "tissue: fixed needs a threshold"),
+        ("tissue: otsu\ntissue_threshold: 0.2\n", "a fixed one needs --tissue fixed"),
+        ("tissue_threshold: 1.5\n", "tissue_threshold: must be >= 0 and < 1"),
+        ("tissue_margin: -4\n", "tissue_margin: must be >= 0"),
     ]:
         config.write_text(text)
         args = ["segment", str(slide[0]), str(tmp_path / "o.zarr"), "--config", str(config)]
@@ -387,6 +410,34 @@ def test_tissue_skipping_instances_and_table(tmp_path):
         assert not labels[y : y + 64, x : x + 64].any()
         assert not truth[y : y + 64, x : x + 64].any()  # no nucleus was lost
     assert "instances" in root["labels"].attrs["labels"]
+
+
+def test_tissue_threshold_level_and_margin_reach_the_mask(tmp_path):
+    """``--tissue fixed --tissue-threshold`` with Otsu's own threshold skips the same tiles;
+    a margin as wide as the image skips none; the level the mask is made from is recorded."""
+    from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
+
+    model = threshold_model(tmp_path / "threshold.safetensors", level=0.35)
+    config = SyntheticConfig(seed=4, tissue_fraction=0.4, tissue_scale=300.0, dtype="uint8")
+    image, _ = synthetic_pair((512, 512), config=config)
+    path = write_tiff(tmp_path / "t.tif", image, axes="YX", tile=(64, 64), pyramid_levels=2)
+    args = ["--model", model, "--tile", "64", "--chunk", "64", "--no-progress"]
+
+    def run(name: str, *extra: str) -> dict:
+        assert main(["segment", str(path), str(tmp_path / name), *args, *extra]) == 0
+        return read_record(tmp_path / name)
+
+    otsu = run("otsu.zarr", "--tissue", "otsu", "--tissue-level", "1")
+    assert otsu["tissue"]["level"] == 1 and otsu["tissue"]["shape"] == [256, 256]
+    inferred = otsu["timings"]["tiles_inferred"]
+    assert 0 < inferred < 64
+    threshold = str(otsu["tissue"]["threshold"])
+    fixed = run("fixed.zarr", "--tissue", "fixed", "--tissue-threshold", threshold,
+                "--tissue-level", "1")  # fmt: skip
+    assert fixed["tissue"]["method"] == "fixed"
+    assert fixed["timings"]["tiles_inferred"] == inferred
+    wide = run("wide.zarr", "--tissue", "otsu", "--tissue-margin", "512")
+    assert wide["timings"]["tiles_inferred"] == 64 and wide["config"]["tissue_margin"] == 512
 
 
 def test_instance_threshold_and_min_distance_reach_the_instances(tmp_path):

@@ -76,6 +76,10 @@ def test_covers_margin_off_switch_and_3d(tmp_path):
     assert not mask.covers((slice(60, 70), slice(40, 50)))
     assert not mask.covers((slice(0, 100), slice(70, 100)))
     assert not mask.covers((slice(40, 40), slice(40, 50)))  # empty region
+    # --tissue-margin: image pixels of glass kept beyond the one mask pixel (tissue at 40..50)
+    assert mask.covers((slice(65, 70), slice(40, 50)), margin=10)
+    assert not mask.covers((slice(71, 80), slice(40, 50)), margin=10)
+    assert mask.covers((slice(0, 10), slice(90, 100)), margin=40)
     off = tissue_mask(open_image(write_zarr(tmp_path / "z.zarr", bits, chunks=(5, 5)), axes="YX"),
                       method="none")  # fmt: skip
     assert off.fraction == 1 and off.covers((slice(0, 1), slice(0, 1)))
@@ -88,3 +92,21 @@ def test_covers_margin_off_switch_and_3d(tmp_path):
     assert not mask.covers((slice(0, 4), slice(40, 64), slice(0, 64)))
     with pytest.raises(ValueError, match="method"):
         tissue_mask(open_image(path, axes="ZYX"), method="magic")
+
+
+def test_fixed_threshold_is_otsus_mask_when_given_otsus_threshold(tmp_path):
+    """``fixed`` applies the given threshold to the same feature Otsu thresholds: the mask
+    follows the threshold, and is trusted (no two-class check)."""
+    config = SyntheticConfig(tissue_scale=300, seed=4)
+    image, _ = synthetic_pair((512, 512), config=config)
+    lazy = open_image(write_zarr(tmp_path / "s.zarr", image, chunks=(256, 256)), axes="YX")
+    otsu = tissue_mask(lazy, max_side=64)
+    fixed = tissue_mask(lazy, method="fixed", threshold=otsu.threshold, max_side=64)
+    assert fixed.method == "fixed" and fixed.threshold == otsu.threshold
+    assert (fixed.mask == otsu.mask).all() and 0 < fixed.fraction < 1
+    lower = tissue_mask(lazy, method="fixed", threshold=otsu.threshold / 2, max_side=64)
+    assert lower.fraction > otsu.fraction and (lower.mask | ~otsu.mask).all()
+    with pytest.raises(ValueError, match="needs a threshold"):
+        tissue_mask(lazy, method="fixed")
+    with pytest.raises(ValueError, match=r"level 3 not in 0\.\.0"):
+        tissue_mask(lazy, level=3)
