@@ -11,6 +11,7 @@ labels as one byte per pixel and probabilities only when they are saved, in thei
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from dataclasses import dataclass
 
@@ -42,6 +43,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         raise ValueError(f"precision must be one of {PRECISION}, not {precision!r}")
     if device.type != "cuda" or precision == "fp32":
         return None
+    if precision == "auto":
+        # bf16 keeps fp32's range (no overflow in fp16's 65504), but only from compute
+        # capability 8.0 (Ampere) is it native: before, torch emulates it, slower than fp32.
+        native = torch.cuda.get_device_capability(device) >= (8, 0)
+        return torch.bfloat16 if native else torch.float16
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
@@ -218,6 +224,8 @@ class Predictor:
             # A compiled module is specialised to one shape: pad the last short batch.
             pad = x.new_zeros((self.batch_size - n, *x.shape[1:]))
             x = torch.cat([x, pad])
+            if self.channels_last:  # cat returns the default layout: a new shape to compile
+                x = x.contiguous(memory_format=_memory_format(x.ndim))
         with torch.inference_mode():
             if self.autocast is not None:
                 with torch.autocast(self.device.type, dtype=self.autocast):
@@ -259,19 +267,30 @@ class Predictor:
 
     def probe_memory(self, window: tuple[int, ...], in_channels: int) -> tuple[int, int]:
         """Bytes of device memory a forward needs: (fixed, per tile), measured with batches of
-        one and two windows on the eager module (a compiled one would compile twice more)."""
+        one and three windows on the eager module (a compiled one would compile twice more).
+
+        Each shape runs once unmeasured first: cuDNN's autotuning (``benchmark``) tries
+        algorithms with workspaces of their own at a shape's first forward, which would make
+        the peaks, and their difference, arbitrary. A tile costs at least its input window
+        (twice: as copied and in the model's layout) and its float32 output."""
         dev = self.device
-        peaks = []
-        for n in (1, 2):
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            x = self._to_device(torch.zeros((n, in_channels, *window), device=dev))
-            _probabilities(self._forward(x, eager=True))
-            del x
-            torch.cuda.synchronize(dev)
-            peaks.append(torch.cuda.max_memory_allocated(dev) - base)
-        per_tile = max(peaks[1] - peaks[0], 1)
+        counts, peaks = (1, 3), []
+        for n in counts:
+            shape = (n, in_channels, *window)
+            for measured in (False, True):
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                base = torch.cuda.memory_allocated(dev)
+                x = self._to_device(torch.zeros(shape, device=dev))
+                y = _probabilities(self._forward(x, eager=True))
+                classes = y.shape[1]
+                del x, y
+                torch.cuda.synchronize(dev)
+                if measured:
+                    peaks.append(torch.cuda.max_memory_allocated(dev) - base)
+        pixels = math.prod(window)
+        floor = 4 * pixels * (2 * in_channels + classes)
+        per_tile = max((peaks[1] - peaks[0]) // (counts[1] - counts[0]), floor)
         return max(peaks[0] - per_tile, 0), per_tile
 
 

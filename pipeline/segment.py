@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
@@ -160,7 +161,17 @@ def run_block(task: BlockTask) -> dict[str, float]:
         return x
 
     def infer(batch: tuple[Tile, ...], x) -> Prediction:
-        return predictor.predict(x, label_dtype=ldtype, probability_dtype=pdtype)
+        try:
+            return predictor.predict(x, label_dtype=ldtype, probability_dtype=pdtype)
+        except torch.cuda.OutOfMemoryError:
+            # Not retried in smaller batches behind the user's back: the batch size is part of
+            # the output's fingerprint (it can change the last bits of a float result).
+            window = "x".join(map(str, task.grid.window))
+            raise TilesegError(
+                "--batch-size",
+                f"out of memory on {predictor.device} with batches of {size} windows of "
+                f"{window} px: give a smaller --batch-size (or --tile) with --overwrite",
+            ) from None
 
     def write(batch: tuple[Tile, ...], out: Prediction) -> None:
         for k, tile in enumerate(batch):

@@ -153,9 +153,22 @@ class _BatchProbe:
     in_channels: int
 
 
+_batch_sizes: dict[tuple, int] = {}  # per predictor (cached for the process), window, channels
+_probe_lock = threading.Lock()
+
+
 def _probe_batch_size(probe: _BatchProbe) -> int:
+    """Measured once per worker process and predictor: slides of one directory run (several
+    at once, on the same workers) then batch alike, and a later probe cannot be misled by the
+    memory another slide's forwards hold on the same GPU (the counters are per process)."""
     predictor = cached_predictor(probe.model, probe.run)
-    return auto_batch_size(predictor, window=probe.window, in_channels=probe.in_channels)
+    key = (id(predictor), probe.window, probe.in_channels)
+    with _probe_lock:
+        if key not in _batch_sizes:
+            _batch_sizes[key] = auto_batch_size(
+                predictor, window=probe.window, in_channels=probe.in_channels
+            )
+        return _batch_sizes[key]
 
 
 def resolve_batch_size(

@@ -15,6 +15,7 @@ from pipeline.inference import (
     auto_batch_size,
     batch_size_from_memory,
     resolve_channels_last,
+    resolve_precision,
     worker_device,
 )
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
@@ -74,6 +75,49 @@ def test_channels_last_auto_means_cuda_only():
     assert resolve_channels_last("on", torch.device("cpu"))
     with pytest.raises(ValueError, match="channels_last"):
         resolve_channels_last("yes", torch.device("cpu"))
+
+
+def test_auto_precision_is_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """bf16 from compute capability 8.0 (Ampere); before it torch emulates it: fp16 there."""
+    cuda = torch.device("cuda")
+    for capability, expected in [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                 ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)]:  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert resolve_precision("auto", cuda) is expected
+        assert resolve_precision("bf16", cuda) is torch.bfloat16  # asked for: as asked
+    assert resolve_precision("fp16", cuda) is torch.float16
+    assert (
+        resolve_precision("fp32", cuda) is None
+        and resolve_precision("auto", torch.device("cpu")) is None
+    )
+
+
+class _ShapeRecorder(torch.nn.Module):
+    """Stands in for a compiled module: records the inputs it is given."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module, self.inputs = module, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append((tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last)))
+        return self.module(x)
+
+
+def test_a_short_batch_reaches_a_compiled_module_in_its_one_shape_and_layout(tmp_path):
+    """A compiled module is specialised to one shape and memory layout: the last, short batch
+    is padded to the batch size and kept channels-last (else it would compile again)."""
+    model = loaded(tmp_path, classes=2, in_channels=3)  # one channel: every layout is both
+    plain = Predictor.create(model, device="cpu", channels_last="on")
+    recorder = _ShapeRecorder(plain.module)
+    compiled = Predictor(model, plain.device, None, True, plain.module, recorder, batch_size=4)
+    x = np.repeat(batch(model, n=2), 3, axis=1)
+    out = compiled.predict(x, probability_dtype="float32")
+    assert recorder.inputs == [((4, *x.shape[1:]), True)]
+    assert out.probabilities.shape[0] == 2
+    np.testing.assert_allclose(
+        out.probabilities, plain.predict(x, probability_dtype="float32").probabilities, atol=1e-6
+    )
 
 
 @given(

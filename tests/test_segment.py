@@ -497,6 +497,26 @@ def test_a_failing_torch_compile_is_one_line(tmp_path, slide, model, monkeypatch
     assert read_record(out)["status"] != "complete"
 
 
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, slide, model, capsys,
+                                                             monkeypatch):  # fmt: skip
+    """Running out of device memory (raised here where a GPU would raise it) says what to
+    change, in one line, and leaves the output not complete."""
+    from pipeline.inference import Predictor
+
+    def out_of_memory(self, batch, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Predictor, "predict", out_of_memory)
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(slide[0]), str(out), "--model", model, "--tile", "64", "--chunk",
+            "64", "--batch-size", "3", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("tileseg: error: --batch-size: out of memory on cpu with batches of 3")
+    assert "smaller --batch-size" in line and "--overwrite" in line
+    assert read_record(out)["status"] != "complete"
+
+
 def test_example_config_lists_every_option_at_its_default():
     from dataclasses import fields, replace
     from pathlib import Path

@@ -1,22 +1,46 @@
 #!/usr/bin/env bash
 # The GPU check, in one call of a lent GPU machine (bench/README.md, "On a GPU"):
 #   here:  bash bench/device/fetch-wheels.sh
-#   there: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=540)
+#   there: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=480)
 # Installs the carried wheels beside the machine's own torch, runs the CUDA tests, then the
-# benchmark on the GPU (raw vs segment, MONAI, time vs tissue). Everything lands in $OUT.
+# benchmark on the GPU (raw vs segment, MONAI, time vs tissue). Everything lands in $OUT, the
+# benchmark's JSON every few seconds, so a run cut off at its limit still brings back what
+# finished. A dry run of the script itself, here, on the CPU and small images:
+#   SKIP_INSTALL=1 PYTHON=.venv/bin/python DEVICE=cpu SIZE=1024 TISSUE_SIZE=1024 \
+#     MONAI_SIZE=1024 bash bench/device/check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/tileseg-check}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } \
-  | tee "$OUT/machine.txt"
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+BENCH=/tmp/tileseg-bench
+mkdir -p "$OUT" "$BENCH"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+# What the machine is and whether everything imports: written first, whatever comes after.
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv || true
+  "$PY" -V; command -v cc gcc || echo "no C compiler (torch.compile needs one)"
+  "$PY" -c "
+import dask, distributed, imagecodecs, numpy, scipy, skimage, tifffile, torch, yaml, zarr
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())
+print('numpy', numpy.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__)
+import pipeline.segment, monai; print('tileseg and monai import')"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+(while sleep 5; do cp "$BENCH"/*.json "$OUT/" 2>/dev/null; done) &
+saver=$!
+trap 'kill $saver 2>/dev/null; cp "$BENCH"/*.json "$OUT/" 2>/dev/null' EXIT
 # Another torch/numpy there may deprecate what ours does not: ignore those warnings there.
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider -o addopts= \
+# No -x: a failing compiled test must not hide the bf16 and batch-size ones.
+timeout "${TEST_SECONDS:-150}" "$PY" -m pytest -q -rA -p no:cacheprovider -o addopts= \
   -W ignore::DeprecationWarning -W ignore::FutureWarning \
-  tests/test_gpu.py tests/test_inference.py tests/test_stages.py 2>&1 | tee "$OUT/tests.log"
-timeout "${BENCH_SECONDS:-300}" python3 bench/run.py --device cuda --size "${SIZE:-16384}" \
-  --batch-size auto --skip-rss --tissue-size 8192 --out /tmp/bench 2>&1 | tee "$OUT/bench.log"
-cp /tmp/bench/*.json "$OUT/" 2>/dev/null
+  tests/test_gpu.py tests/test_inference.py tests/test_stages.py > "$OUT/tests.log" 2>&1
+echo "tests: exit $? (tests.log)"; grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" \
+  "$OUT/tests.log" | tail -25
+timeout "${BENCH_SECONDS:-240}" "$PY" bench/run.py --device "$DEVICE" --size "${SIZE:-16384}" \
+  --batch-size auto --skip-rss --tissue-size "${TISSUE_SIZE:-8192}" \
+  --monai-size "${MONAI_SIZE:-4096}" --out "$BENCH" > "$OUT/bench.log" 2>&1
+echo "bench: exit $? (bench.log)"; tail -40 "$OUT/bench.log"

@@ -5,7 +5,9 @@
 # .git/info/exclude) and travel with `run(carry=[".whl"])`; bench/device/check.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 pin() { grep -i -m1 "^$1==" constraints.txt; }
 packages=(zarr numcodecs donfig google-crc32c dask distributed partd locket tornado tblib zict
           imagecodecs ome-zarr monai Deprecated)
