@@ -104,6 +104,11 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
     p.add_argument(
+        "--resources", type=_resource, action="append", metavar="NAME=N",
+        help="worker resources each inference task asks of the --scheduler's workers, e.g. "
+        "GPU=1 (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
         "--workers",
         type=int,
         help="parallel tasks in a local run (default: 2 per GPU on CUDA, else 1)",
@@ -118,8 +123,18 @@ _FLAG_KEYS = (
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
     "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
     "instances", "instance_threshold",
-    "min_distance", "table", "scheduler", "workers", "overwrite",
+    "min_distance", "table", "scheduler", "resources", "workers", "overwrite",
 )  # fmt: skip
+
+
+def _resource(value: str) -> tuple[str, float]:
+    name, sep, amount = value.partition("=")
+    try:
+        if not (sep and name.strip()):
+            raise ValueError
+        return name.strip(), float(amount)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, e.g. GPU=1, got {value!r}") from None
 
 
 def _int_or_auto(value: str) -> int | str:
@@ -206,6 +221,8 @@ def _segment(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key) for key in _FLAG_KEYS}
     if flags["percentiles"] is not None:
         flags["percentiles"] = list(flags["percentiles"])
+    if flags["resources"] is not None:
+        flags["resources"] = dict(flags["resources"])
     options = resolve_options(config=args.config, flags=flags)
     source = Path(args.input)
     if source.is_dir() and not _is_zarr(source):
