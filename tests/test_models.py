@@ -162,6 +162,19 @@ def test_torchscript_same_model_needs_a_halo(tmp_path):
     assert loaded.geometry.halo == (24, 24) and loaded.geometry.shrink == (0, 0)
 
 
+def test_torchscript_3d_model_is_3d_without_saying_so(tmp_path):
+    """Its convolution weights are 5D: no tileseg.json is needed to make it 3D."""
+    config = UNetConfig(ndim=3, depth=1, width=2, padding="valid")
+    path = _scripted(tmp_path, config, None)
+    loaded = load_torchscript(path, halo=None, align=2)
+    g = config.geometry
+    assert loaded.geometry.ndim == 3 and loaded.geometry.halo == g.halo and len(g.halo) == 3
+    assert loaded.geometry.shrink == g.shrink and loaded.in_channels == 1
+    flat = load_torchscript(_scripted(tmp_path, UNetConfig(depth=1, width=2), None),
+                            halo=None, align=2)  # fmt: skip
+    assert flat.geometry.ndim == 2
+
+
 def test_halo_override_for_builtin_model_is_refused():
     with pytest.raises(TilesegError, match="TorchScript models only"):
         load_model(ModelSpec(None, halo=3))

@@ -132,7 +132,8 @@ def load_torchscript(
 
     Halo and alignment come from the arguments or from a ``tileseg.json`` extra file in the
     archive (``{"halo": N, "align": N, "ndim": 2, "in_channels": C, "classes": K}``). The shrink
-    (valid convolutions) is measured with dummy inputs.
+    (valid convolutions) is measured with dummy inputs; without ``ndim``, a 5D first
+    convolution weight makes the model 3D.
     """
     path = Path(path)
     if not _is_torchscript(path):
@@ -154,7 +155,7 @@ def load_torchscript(
             raise TilesegError(path, f"bad tileseg.json in the archive ({exc})") from None
     halo = halo if halo is not None else meta.get("halo")
     align = align if align is not None else meta.get("align")
-    ndim = ndim or int(meta.get("ndim", 2))
+    ndim = ndim or int(meta.get("ndim") or _conv_ndim(module) or 2)
     in_channels = meta.get("in_channels") or _first_conv_channels(module, ndim)
     if align is None:
         raise TilesegError(path, "unknown alignment: pass --align or add tileseg.json to the model")
@@ -174,6 +175,15 @@ def load_torchscript(
     return LoadedModel(
         module, geometry, in_channels, meta.get("classes"), file_sha256(path), os.fspath(path), info
     )
+
+
+def _conv_ndim(module: torch.nn.Module) -> int | None:
+    """Spatial dimensions of the first convolution weight (4D: 2D, 5D: 3D), so that a 3D model
+    needs no tileseg.json to say so."""
+    for p in module.parameters():
+        if p.dim() in (4, 5):
+            return p.dim() - 2
+    return None
 
 
 def _first_conv_channels(module: torch.nn.Module, ndim: int) -> int | None:
