@@ -396,24 +396,14 @@ def test_batch_command_needs_no_prefect_server(slides, config, tmp_path, capsys,
 
 def test_batch_on_a_cluster_asks_each_task_for_a_gpu(slides, config, tmp_path):
     """Inference tasks sent to GPU workers ask for the GPU resource; pyramid tasks do not."""
+    from clusters import TaskRestrictions
     from distributed import LocalCluster
-    from distributed.diagnostics.plugin import SchedulerPlugin
-
-    class Restrictions(SchedulerPlugin):
-        def __init__(self, scheduler) -> None:
-            self.scheduler = scheduler
-            self.seen: dict[str, dict] = {}
-
-        def transition(self, key, start, finish, *args, **kwargs) -> None:
-            ts = self.scheduler.tasks.get(key)
-            if ts is not None and ("run_block" in str(key) or "pyramid" in str(key)):
-                self.seen[str(key)] = dict(ts.resource_restrictions or {})
 
     with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=False, resources=GPU,
         dashboard_address=":0",
     ) as cluster:  # fmt: skip
-        plugin = Restrictions(cluster.scheduler)
+        plugin = TaskRestrictions(cluster.scheduler, ("run_block", "pyramid"))
         cluster.scheduler.add_plugin(plugin)
         cluster_file = tmp_path / "cluster.yaml"
         spec = {"type": "address", "address": cluster.scheduler_address, "task_resources": GPU}

@@ -341,21 +341,12 @@ def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, sli
 def test_resources_flag_reaches_the_tasks_on_a_cluster(tmp_path, slide, model):
     """``--resources GPU=0.5`` is what inference tasks ask of the cluster's workers: a worker
     with GPU=1 runs them, and the record keeps it."""
+    from clusters import TaskRestrictions
     from distributed import LocalCluster
-    from distributed.diagnostics.plugin import SchedulerPlugin
-
-    class Restrictions(SchedulerPlugin):
-        def __init__(self, scheduler) -> None:
-            self.scheduler, self.seen = scheduler, []
-
-        def transition(self, key, start, finish, *args, **kwargs) -> None:
-            ts = self.scheduler.tasks.get(key)
-            if ts is not None and "run_block" in str(key):
-                self.seen.append(dict(ts.resource_restrictions or {}))
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                       dashboard_address=None, resources={"GPU": 1}) as cluster:  # fmt: skip
-        plugin = Restrictions(cluster.scheduler)
+        plugin = TaskRestrictions(cluster.scheduler, ("run_block",))
         cluster.scheduler.add_plugin(plugin)
         out = tmp_path / "out.zarr"
         code = main(["segment", str(slide[0]), str(out), "--model", model, "--tile", "128",
@@ -363,7 +354,7 @@ def test_resources_flag_reaches_the_tasks_on_a_cluster(tmp_path, slide, model):
                      "--resources", "GPU=0.5", "--no-progress"])  # fmt: skip
     assert code == 0 and read_record(out)["status"] == "complete"
     assert read_record(out)["config"]["resources"] == {"GPU": 0.5}
-    assert plugin.seen and all(r == {"GPU": 0.5} for r in plugin.seen)
+    assert plugin.seen and all(r == {"GPU": 0.5} for r in plugin.seen.values())
 
 
 def test_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, slide, model, capsys):
