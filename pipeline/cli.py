@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline import __version__
+from pipeline.config import (
+    CHANNELS_LAST,
+    INSTANCES,
+    NORMALIZE,
+    PRECISION,
+    PROBABILITY_DTYPES,
+    TABLES,
+    TISSUE,
+)
 from pipeline.errors import TilesegError
 
 EXIT_USAGE = 2
@@ -44,16 +53,16 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--batches-per-task", type=int, help="batches per task, at most (default 4)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=PRECISION)
     p.add_argument(
-        "--channels-last", choices=["auto", "on", "off"], help="channels-last layout (auto: CUDA)"
+        "--channels-last", choices=CHANNELS_LAST, help="channels-last layout (auto: CUDA)"
     )
     p.add_argument("--compile", action=_OnOff, help="torch.compile the model (off by default)")
     p.add_argument(
         "--prefetch", type=int,
         help="batches read ahead of and written behind inference (default 2; 0: serial)",
     )  # fmt: skip
-    p.add_argument("--normalize", choices=["none", "percentile", "fixed"])
+    p.add_argument("--normalize", choices=NORMALIZE)
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
     p.add_argument("--scale", type=float, help="fixed normalisation: x * scale + offset")
     p.add_argument("--offset", type=float)
@@ -65,10 +74,10 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         help="read chunks missing from a Zarr input as fill values instead of failing",
     )
     p.add_argument("--save-probabilities", action=_OnOff, help="also save probabilities")
-    p.add_argument("--probability-dtype", choices=["float16", "float32"])
+    p.add_argument("--probability-dtype", choices=PROBABILITY_DTYPES)
     p.add_argument(
         "--tissue",
-        choices=["none", "otsu", "triangle", "fixed"],
+        choices=TISSUE,
         help="skip output tiles without tissue, from a low-resolution mask (default none)",
     )
     p.add_argument(
@@ -85,7 +94,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--instances",
-        choices=["none", "connected", "watershed"],
+        choices=INSTANCES,
         help="also write object ids (labels/instances), unique across chunk borders",
     )
     p.add_argument(
@@ -99,7 +108,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--table",
-        choices=["none", "parquet", "csv"],
+        choices=TABLES,
         help="per-object measurements (needs --instances), written to OUTPUT/objects.<format>",
     )
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
