@@ -17,6 +17,7 @@ import os
 import re
 import weakref
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from pipeline.chunk_cache import CachedStore
 from pipeline.errors import TilesegError
 from pipeline.tiff_guards import GuardedArray, GuardedStore, check_not_truncated, tifffile_logs
 
@@ -208,8 +210,19 @@ def _tiff_handle(path: str, tif: tifffile.TiffFile, level: int, series: int) -> 
         dtype = np.dtype(tif.byteorder + this.dtype.char)
         tif.close()  # (a cut file was refused by check_not_truncated)
         return ArrayHandle(np.memmap(path, dtype, "r", this.dataoffset, tuple(this.shape)))
-    store = GuardedStore(tseries.aszarr(level=level, maxworkers=_THREADED_DECODE))
+    store = tseries.aszarr(level=level, maxworkers=_THREADED_DECODE)
+    store = GuardedStore(CachedStore(store, namespace=_file_version(path, this, series, level)))
     return ArrayHandle(GuardedArray(zarr.open_array(store, mode="r")), tif.close)
+
+
+def _file_version(path: str, level: Any, series: int, level_index: int) -> tuple:
+    """What names the decoded tiles of one level of one version of a file. A file rewritten in
+    place within the clock's granularity keeps its mtime; its tiles' compressed sizes differ."""
+    stat = os.stat(path)
+    first = level.pages[0]
+    counts = zlib.crc32(np.asarray(first.databytecounts, np.int64).tobytes()) if first else 0
+    return (os.path.abspath(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, series,
+            level_index, counts)  # fmt: skip
 
 
 def _tiff_pixel_size(tif: tifffile.TiffFile, tseries: Any, series: int) -> dict[str, float]:

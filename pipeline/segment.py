@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, chunk_cache
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
@@ -124,6 +124,10 @@ def run_block(task: BlockTask) -> dict[str, float]:
     """
     t0 = time.perf_counter()
     image = cached_image(task.image)
+    chunk_cache.reserve(
+        window=task.grid.window, spatial_shape=image.spatial_shape,
+        bytes_per_pixel=image.n_channels * image.dtype.itemsize,
+    )  # fmt: skip
     predictor = cached_predictor(
         task.model, task.run, window=task.grid.window, in_channels=image.n_channels
     )
