@@ -232,17 +232,56 @@ def level_regions(layout: OutputLayout, level: int, *, chunks_per_region: int = 
 def downsample_region(
     path: str | os.PathLike[str], layout: OutputLayout, level: int, region: Sequence[slice]
 ) -> None:
-    """Compute one region of pyramid ``level`` from level - 1: labels by taking every second
-    pixel in y and x (labels must never be blended), probabilities by 2x2 means."""
+    """Compute one region of pyramid ``level`` from the stored level - 1 (:func:`next_level`)."""
     src = [slice(s.start, s.stop) for s in region[:-2]] + [
         slice(2 * s.start, 2 * s.stop) for s in region[-2:]
     ]
-    labels = open_array(path, label_array_name(level - 1))[tuple(src)][..., ::2, ::2]
+    labels = open_array(path, label_array_name(level - 1))[tuple(src)]
     probabilities = None
     if layout.probability_dtype:
-        p = open_array(path, str(level - 1))[(slice(None), *src)].astype(np.float32)
-        probabilities = _mean2(p).astype(layout.probability_dtype)
+        probabilities = open_array(path, str(level - 1))[(slice(None), *src)]
+    labels, probabilities = next_level(labels, probabilities, layout=layout)
     write_region(path, region, labels, probabilities, level=level)
+
+
+def next_level(
+    labels: np.ndarray, probabilities: np.ndarray | None, *, layout: OutputLayout
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The next pyramid level of a region that starts on even y and x: labels by taking every
+    second pixel (labels must never be blended), probabilities by 2x2 means of the stored
+    (already cast) values, cast again."""
+    if probabilities is not None:
+        mean = _mean2(probabilities.astype(np.float32))
+        probabilities = mean.astype(layout.probability_dtype)
+    return labels[..., ::2, ::2], probabilities
+
+
+def half_region(region: Sequence[slice]) -> tuple[slice, ...]:
+    """The region at the next pyramid level: y and x halved (rounding up, as the levels do)."""
+    *lead, y, x = region
+    halve = [slice(-(-s.start // 2), -(-s.stop // 2)) for s in (y, x)]
+    return (*lead, *halve)
+
+
+def levels_in_tasks(layout: OutputLayout, regions: Sequence[Sequence[slice]]) -> int:
+    """How many pyramid levels above 0 the tasks can write themselves, each task from the tiles
+    it infers: those at which every tile's region still starts on an even pixel and covers
+    whole chunks of that level (or reaches the level's end), so no chunk has two writers.
+    The rest follow after the tasks, from the level below."""
+    fused = 0
+    regions = [tuple(r) for r in regions]
+    for level in range(1, len(layout.levels)):
+        shape, chunks = layout.levels[level], layout.level_chunks(level)
+        below = regions
+        regions = [half_region(r) for r in below]
+        for prev, region in zip(below, regions, strict=True):
+            if any(s.start % 2 for s in prev[-2:]):
+                return fused
+            for s, c, n in zip(region, chunks, shape, strict=True):
+                if s.start % c or (s.stop % c and s.stop != n):
+                    return fused
+        fused = level
+    return fused
 
 
 def _mean2(p: np.ndarray) -> np.ndarray:

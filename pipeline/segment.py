@@ -46,8 +46,11 @@ from pipeline.ngff import (
     create_output,
     downsample_region,
     forget_arrays,
+    half_region,
     level_regions,
+    levels_in_tasks,
     mark_complete,
+    next_level,
     read_record,
     write_region,
 )
@@ -89,6 +92,7 @@ class BlockTask:
     run: RunSettings
     name: str  # completion marker written when every tile of the task is written
     skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
+    levels: int = 0  # pyramid levels above 0 the task writes too (see ngff.levels_in_tasks)
 
 
 @dataclass
@@ -142,8 +146,7 @@ def run_block(task: BlockTask) -> dict[str, float]:
         p = np.zeros((layout.classes, *tile.shape), pdtype) if pdtype else None
         if p is not None and layout.classes > 1:
             p[0] = 1  # background for certain, not "no class at all"
-        with _writing(task.output):
-            write_region(task.output, tile.region, labels, p)
+        _write_levels(task, tile.region, labels, p)
         pixels += int(np.prod(tile.shape))
     tiles = [task.grid.tile_at(index) for index in task.tiles if index not in skip]
     size = task.run.batch_size
@@ -183,8 +186,7 @@ def run_block(task: BlockTask) -> dict[str, float]:
             labels = out.labels[k][crop]
             p = out.probabilities
             probs = None if p is None else p[k][(slice(None), *crop)]
-            with _writing(task.output):
-                write_region(task.output, tile.region, labels, probs)
+            _write_levels(task, tile.region, labels, probs)
 
     times = run_stages(batches, read=read, infer=infer, write=write, depth=task.run.prefetch)
     with _writing(task.output):
@@ -194,6 +196,19 @@ def run_block(task: BlockTask) -> dict[str, float]:
         **times.to_dict(), "tiles": len(tiles), "pixels": pixels,
         "task": time.perf_counter() - t0,
     }  # fmt: skip
+
+
+def _write_levels(
+    task: BlockTask, region: tuple[slice, ...], labels: np.ndarray, probs: np.ndarray | None
+) -> None:
+    """Write a tile's output at level 0 and at the pyramid levels its task owns, so that the
+    pyramid after the tasks only has the small levels left, not a second pass over level 0."""
+    for level in range(task.levels + 1):
+        if level:
+            labels, probs = next_level(labels, probs, layout=task.layout)
+            region = half_region(region)
+        with _writing(task.output):
+            write_region(task.output, region, labels, probs, level=level)
 
 
 @contextmanager
@@ -346,7 +361,12 @@ def segment_image(
         batch_size=resolve_batch_size(options, model_spec, image, grid, output, state),
     )  # fmt: skip
     per_task = batches_per_task(options, grid, run.batch_size)
-    record["run"] = {"batch_size": run.batch_size, "batches_per_task": per_task}
+    levels = levels_in_tasks(layout, [tile.region for tile in grid.tiles()])
+    if state == "partial":  # the tasks it left done wrote the levels of the version that ran
+        levels = int((read_record(output) or {}).get("run", {}).get("levels_in_tasks", 0))
+    record["run"] = {
+        "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
+    }  # fmt: skip
     forget_arrays(output)
     if state != "partial":
         with _writing(output):
@@ -370,6 +390,7 @@ def segment_image(
             layout=layout,
             run=run,
             name=name,
+            levels=levels,
             skip=tuple(
                 t.index
                 for t in group
@@ -397,7 +418,7 @@ def segment_image(
         )  # fmt: skip
     infer_wall = time.perf_counter() - t
     t = time.perf_counter()
-    for level in range(1, len(layout.levels)):
+    for level in range(1 + levels, len(layout.levels)):
         jobs = [
             (output, layout, level, region, f"pyramid-{level}-{i:07d}")
             for i, region in enumerate(level_regions(layout, level))

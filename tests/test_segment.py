@@ -214,6 +214,86 @@ def test_how_the_work_runs_does_not_change_a_byte(tmp_path, slide, model, monkey
     assert chunk_files(second) == chunk_files(first)
 
 
+def assert_pyramid_from_level_below(out) -> None:
+    """Every pyramid level above 0 holds exactly what is computed from the stored level below
+    it (every second label, 2x2 means of the stored probabilities), whoever wrote it."""
+    from pipeline.ngff import _mean2
+
+    root = zarr.open_group(out, mode="r")
+    k = 1
+    while f"{LABELS_PATH}/{k}" in root:
+        below, here = root[f"{LABELS_PATH}/{k - 1}"][...], root[f"{LABELS_PATH}/{k}"][...]
+        np.testing.assert_array_equal(here, below[..., ::2, ::2])
+        if str(k) in root:
+            p = root[str(k - 1)][...]
+            np.testing.assert_array_equal(
+                root[str(k)][...], _mean2(p.astype(np.float32)).astype(p.dtype)
+            )
+        k += 1
+    assert k > 2  # the cases below have a pyramid
+
+
+@pytest.mark.parametrize(
+    ("tile", "chunk", "in_tasks"),
+    [(64, 64, 0), (128, 64, 1), (256, 64, 2), (128, 32, 2)],
+)
+def test_tasks_write_the_pyramid_levels_they_own(tmp_path, model, tile, chunk, in_tasks):
+    """Where a tile covers whole chunks of a level (the last tile of a row reaches the level's
+    end), its task writes that level; the rest follow from the level below. The result is the
+    same either way, odd sides (301 x 259: halved rounding up) included."""
+    image = (np.random.default_rng(3).random((301, 259)) * 4000).astype(np.uint16)
+    path = write_tiff(tmp_path / "odd.tif", image, axes="YX", tile=(64, 64), compression="zlib")
+    out = tmp_path / "out.zarr"
+    options = SegmentOptions(model=model, tile=tile, chunk=chunk, save_probabilities=True)
+    segment_image(path, out, options)
+    assert read_record(out)["run"]["levels_in_tasks"] == in_tasks
+    assert_pyramid_from_level_below(out)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 700), st.integers(1, 700)),
+    tile_chunks=st.tuples(st.integers(1, 3), st.sampled_from([1, 2, 4, 8]), st.integers(1, 3)),
+    chunk=st.sampled_from([16, 32, 64]),
+)
+def test_levels_in_tasks_give_each_chunk_one_writer(shape, tile_chunks, chunk):
+    """At every level the tasks write, each chunk lies inside one tile's region at that level,
+    and the tiles' regions cover the level."""
+    from pipeline.ngff import OutputLayout, half_region, levels_in_tasks
+
+    chunks = tuple(min(c, n) for c, n in zip((1, chunk, chunk), shape, strict=True))
+    tile = tuple(n * c for n, c in zip(tile_chunks, (1, chunk, chunk), strict=True))
+    layout = OutputLayout(spatial_shape=shape, chunks=chunks, classes=2, label_dtype="|u1")
+    regions = [
+        tuple(slice(o, min(o + t, n)) for o, t, n in zip(origin, tile, shape, strict=True))
+        for origin in np.ndindex(*(-(-n // t) for n, t in zip(shape, tile, strict=True)))
+        for origin in [tuple(i * t for i, t in zip(origin, tile, strict=True))]
+    ]
+
+    def one_writer_per_chunk(level: int, regions) -> bool:
+        if any(s.start % 2 for r in regions for s in r[-2:]):
+            return False  # every second pixel of this region is not every second of the image
+        regions = [half_region(r) for r in regions]
+        owner = np.full(layout.levels[level], -1)
+        for i, region in enumerate(regions):
+            assert (owner[region] == -1).all()  # regions never overlap
+            owner[region] = i
+        assert (owner >= 0).all()  # and cover the level
+        step = layout.level_chunks(level)
+        blocks = np.ndindex(*(-(-n // c) for n, c in zip(owner.shape, step, strict=True)))
+        return all(
+            len(np.unique(owner[tuple(slice(i * c, (i + 1) * c) for i, c in zip(b, step))])) == 1
+            for b in blocks
+        )
+
+    fused = levels_in_tasks(layout, regions)
+    for level in range(1, len(layout.levels)):
+        ok = one_writer_per_chunk(level, regions)
+        assert ok == (level <= fused)  # fused is the last level at which it holds
+        if level > fused:
+            break
+        regions = [half_region(r) for r in regions]
+
+
 def test_resumed_auto_batch_size_is_the_one_the_run_started_with(tmp_path, slide, model):
     from pipeline.readers import open_image
     from pipeline.segment import plan
@@ -404,10 +484,12 @@ def test_tissue_skipping_instances_and_table(tmp_path):
     image, truth = synthetic_pair((512, 512), config=config)
     path = write_tiff(tmp_path / "t.tif", image, axes="YX", tile=(64, 64), pyramid_levels=2)
     out = tmp_path / "out.zarr"
-    args = ["segment", str(path), str(out), "--model", model, "--tile", "64", "--chunk", "64"]
+    args = ["segment", str(path), str(out), "--model", model, "--tile", "128", "--chunk", "64"]
     extra = ["--tissue", "otsu", "--instances", "connected", "--table", "csv"]
     assert main([*args, *extra, "--save-probabilities", "--no-progress"]) == 0
     record = read_record(out)
+    assert record["run"]["levels_in_tasks"] == 1  # skipped tiles too write their level 1
+    assert_pyramid_from_level_below(out)
     assert 0 < record["tissue"]["fraction"] < 0.9
     assert record["instances"]["objects"] > 0
     assert record["table"]["objects"] == record["instances"]["objects"]
