@@ -3,12 +3,16 @@
 1. ``throughput``: ``tileseg segment`` (``segment_image``) on a generated N x N slide (tiled
    pyramidal OME-TIFF) against the bare model forward on the same number of tiles of the same
    window and batch size (the ceiling: no reading, normalisation or writing), and their ratio.
-2. ``rss``: peak memory of ``segment`` on N x N and on 2N x 2N (4x the pixels) with a cheap
+2. ``host``: ``throughput`` again with a model that costs next to nothing (one 1x1 convolution
+   declaring the halo and alignment of the model in use): what the pipeline's own work (reading,
+   normalising, writing, the pyramid) allows on this machine, the ceiling for any faster model
+   or device (``--skip-host``).
+3. ``rss``: peak memory of ``segment`` on N x N and on 2N x 2N (4x the pixels) with a cheap
    model of the same geometry, to show memory does not grow with the image (``--skip-rss``).
-3. ``monai``: MONAI's ``sliding_window_inference`` (overlap 0.25, gaussian) against tileseg on
+4. ``monai``: MONAI's ``sliding_window_inference`` (overlap 0.25, gaussian) against tileseg on
    the same 'same'-padded model and a --monai-size image: time, peak memory, deviation from one
    whole-image forward (``bench/monai_compare.py``; skipped when monai is not installed).
-4. ``tissue``: ``segment`` with ``tissue="otsu"`` on --tissue-size slides where tissue covers
+5. ``tissue``: ``segment`` with ``tissue="otsu"`` on --tissue-size slides where tissue covers
    a share f of 0.25, 0.5 and 1 of the area: seconds relative to f = 1 (``--skip-tissue``).
 
 Peak memory is each child's own peak RSS and, on CUDA, ``torch.cuda.max_memory_allocated``.
@@ -55,6 +59,25 @@ while done < tiles:
 if predictor.device.type == "cuda":
     torch.cuda.synchronize()
 print(json.dumps({"seconds": time.perf_counter() - t, "tiles": tiles, **peak_memory()}))
+"""
+
+NULL_MODEL = """
+import json, sys
+import torch
+from pipeline.models import ModelSpec, load_model
+geometry = load_model(ModelSpec(sys.argv[2] or None)).geometry
+class Null(torch.nn.Module):  # 'same' padded: the declared halo is pure context
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        self.head = (torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d)(1, 2, 1)
+    def forward(self, x):
+        return self.head(x)
+meta = {"halo": max(geometry.halo), "align": max(geometry.align), "ndim": geometry.ndim,
+        "in_channels": 1, "classes": 2}
+example = torch.zeros((1, 1) + (16,) * geometry.ndim)
+torch.jit.save(torch.jit.trace(Null(geometry.ndim), example), sys.argv[1],
+               _extra_files={"tileseg.json": json.dumps(meta)})
+print(json.dumps(meta))
 """
 
 CHEAP_MODEL = """
@@ -131,6 +154,14 @@ def tissue(a: argparse.Namespace, out: Path) -> dict:
     )  # fmt: skip
 
 
+def host(a: argparse.Namespace, out: Path) -> dict:
+    """``throughput`` with a model whose forward is next to free: the pipeline's own cost."""
+    null = out / "null.pt"
+    meta, _ = run_child(NULL_MODEL, str(null), a.model)
+    t = throughput(argparse.Namespace(**{**vars(a), "model": str(null)}), out)
+    return {"model": {"kind": "one 1x1 convolution", **meta}, **t}
+
+
 def summary(result: dict) -> list[str]:
     """A small Markdown table per part."""
     lines = [f"# {result['machine']}, device {result['device']}"]
@@ -148,6 +179,7 @@ def summary(result: dict) -> list[str]:
             f"ratio (segment throughput / raw): **{t['ratio']:.3f}**",
         ]  # fmt: skip
     for part, title, rows in (
+        ("host", "the pipeline's own cost (a model next to free)", _host_table),
         ("rss", "peak memory vs image size (cheap model)", _rss_table),
         ("monai", "MONAI sliding_window_inference (overlap 0.25, gaussian)", _monai_table),
         ("tissue", "time vs tissue fraction (tissue=otsu)", tissue_fraction.table),
@@ -162,6 +194,20 @@ def summary(result: dict) -> list[str]:
 
 def _cuda(r: dict) -> str:
     return f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else "-"
+
+
+def _host_table(r: dict) -> list[str]:
+    seg, raw = r["segment"], r["raw"]
+    timings = seg["timings"]
+    return [
+        f"{r['size']}², {r['tiles']} tiles of {r['window'][0]}², batch {r['batch_size']}", "",
+        "| | seconds | MP/s |", "| --- | --- | --- |",
+        f"| 1x1-convolution forward alone | {raw['seconds']:.2f} | {raw['mp_per_s']:.1f} |",
+        f"| `tileseg segment` with it | {seg['seconds']:.2f} | **{seg['mp_per_s']:.1f}** |",
+        "", "inside the segment run (seconds): " + ", ".join(
+            f"{k} {timings[k]:.2f}" for k in ("read", "infer", "write", "stall", "pyramid_wall")
+        ),
+    ]  # fmt: skip
 
 
 def _rss_table(r: dict) -> list[str]:
@@ -197,6 +243,7 @@ def main() -> None:
     p.add_argument("--monai-size", type=int, help="MONAI comparison image side (min(size, 2048))")
     p.add_argument("--skip-tissue", action="store_true", help="skip time vs tissue fraction")
     p.add_argument("--tissue-size", type=int, default=4096, help="tissue-fraction slide side")
+    p.add_argument("--skip-host", action="store_true", help="skip the next-to-free model run")
     a = p.parse_args()
     out = Path(a.out).resolve()  # children run in the repository root
     out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +255,7 @@ def main() -> None:
     path = out / f"bench-{a.size}-{a.device.replace(':', '')}.json"
     parts: list[tuple[str, Callable[[argparse.Namespace, Path], dict], str | None]] = [
         ("throughput", throughput, None),
+        ("host", host, "--skip-host" if a.skip_host else None),
         ("rss", rss_vs_size, "--skip-rss" if a.skip_rss else None),
         ("monai", monai, "--skip-monai" if a.skip_monai else None),
         ("tissue", tissue, "--skip-tissue" if a.skip_tissue else None),

@@ -3,9 +3,10 @@
 #   here:  bash bench/device/fetch-wheels.sh
 #   there: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=480)
 # Installs the carried wheels beside the machine's own torch, runs the CUDA tests, then the
-# benchmark on the GPU (raw vs segment, MONAI, time vs tissue). Everything lands in $OUT, the
-# benchmark's JSON every few seconds, so a run cut off at its limit still brings back what
-# finished. A dry run of the script itself, here, on the CPU and small images:
+# benchmark on the GPU (raw vs segment, the pipeline's own ceiling, MONAI, time vs tissue).
+# Everything lands in $OUT, the benchmark's JSON every few seconds, so a run cut off at its
+# limit still brings back what finished. A dry run of the script itself, here, on the CPU and
+# small images:
 #   SKIP_INSTALL=1 PYTHON=.venv/bin/python DEVICE=cpu SIZE=1024 TISSUE_SIZE=1024 \
 #     MONAI_SIZE=1024 bash bench/device/check.sh
 set -uo pipefail
