@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import __version__, chunk_cache
+from pipeline import __version__, chunk_cache, worker
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
@@ -71,8 +72,8 @@ from pipeline.worker import (
     batches_per_task,
     cached_image,
     cached_predictor,
+    io_pool,
     local_workers,
-    read_pool,
     resolve_batch_size,
     shared_cpu,
 )
@@ -152,6 +153,18 @@ def run_block(task: BlockTask) -> dict[str, float]:
     size = task.run.batch_size
     batches = [tuple(tiles[i : i + size]) for i in range(0, len(tiles), size)]
 
+    def each(fn: Callable[[int], None], n: int) -> None:
+        if worker.parallel_io(predictor.device):
+            # Every one finishes before the first failure is raised: nothing of this task is
+            # still being written once it has failed.
+            futures = [io_pool().submit(fn, k) for k in range(n)]
+            wait(futures)
+            for future in futures:
+                future.result()
+        else:
+            for k in range(n):
+                fn(k)
+
     def read(batch: tuple[Tile, ...]):
         x, view = predictor.batch_buffer((len(batch), image.n_channels, *task.grid.window))
 
@@ -160,11 +173,7 @@ def run_block(task: BlockTask) -> dict[str, float]:
             window = read_window(image, tile.window_start, tile.window_stop)
             task.normalization.apply(window, out=view[k])
 
-        if predictor.device.type == "cuda":
-            list(read_pool().map(fill, range(len(batch))))
-        else:
-            for k in range(len(batch)):
-                fill(k)
+        each(fill, len(batch))
         return x
 
     def infer(batch: tuple[Tile, ...], x) -> Prediction:
@@ -181,12 +190,14 @@ def run_block(task: BlockTask) -> dict[str, float]:
             ) from None
 
     def write(batch: tuple[Tile, ...], out: Prediction) -> None:
-        for k, tile in enumerate(batch):
-            crop = tile.crop_region
+        def put(k: int) -> None:
+            crop = batch[k].crop_region
             labels = out.labels[k][crop]
             p = out.probabilities
             probs = None if p is None else p[k][(slice(None), *crop)]
-            _write_levels(task, tile.region, labels, probs)
+            _write_levels(task, batch[k].region, labels, probs)
+
+        each(put, len(batch))
 
     times = run_stages(batches, read=read, infer=infer, write=write, depth=task.run.prefetch)
     with _writing(task.output):

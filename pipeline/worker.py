@@ -104,19 +104,25 @@ def _compile_now(predictor: Predictor, shape: tuple[int, ...]) -> None:
         raise TilesegError("--compile", problem) from None
 
 
-_read_pool: ThreadPoolExecutor | None = None
+_io_pool: ThreadPoolExecutor | None = None
 
 
-def read_pool() -> ThreadPoolExecutor:
-    """Threads that read the windows of one batch in parallel for a GPU, which consumes a batch
-    faster than one thread decodes it (decoders release the GIL). CPU runs read serially: the
-    cores are the model's."""
-    global _read_pool
+def io_pool() -> ThreadPoolExecutor:
+    """Threads that read the windows of one batch, and write its tiles, in parallel (see
+    :func:`parallel_io`). Decoders and compressors release the GIL."""
+    global _io_pool
     with _cache_lock:
-        if _read_pool is None:
+        if _io_pool is None:
             n = min(16, os.cpu_count() or 1)
-            _read_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileseg-window")
-        return _read_pool
+            _io_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileseg-io")
+        return _io_pool
+
+
+def parallel_io(device: torch.device) -> bool:
+    """Whether a batch's windows are read, and its tiles written, by :func:`io_pool`: on a GPU,
+    which consumes a batch faster than one thread decodes or compresses it. CPU runs read and
+    write each batch in one thread: the cores are the model's."""
+    return device.type == "cuda"
 
 
 @contextmanager

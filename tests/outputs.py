@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import zarr
 
-from pipeline.ngff import LABELS_PATH, OutputLayout, create_output, forget_arrays, open_array
+from pipeline.ngff import (
+    LABELS_PATH,
+    OutputLayout,
+    _mean2,
+    create_output,
+    forget_arrays,
+    open_array,
+)
 
 
 def make_output(
@@ -51,3 +59,21 @@ def chunk_files(output: Path) -> dict[str, bytes]:
         if path.is_file() and not path.name.startswith(".") and ".tileseg" not in rel.parts:
             files[str(rel)] = path.read_bytes()
     return files
+
+
+def assert_pyramid_from_level_below(out: Path) -> int:
+    """Every pyramid level above 0 holds exactly what is computed from the stored level below
+    it (every second label, 2x2 means of the stored probabilities), whoever wrote it. Returns
+    the number of levels above 0."""
+    root = zarr.open_group(out, mode="r")
+    k = 1
+    while f"{LABELS_PATH}/{k}" in root:
+        below, here = root[f"{LABELS_PATH}/{k - 1}"][...], root[f"{LABELS_PATH}/{k}"][...]
+        np.testing.assert_array_equal(here, below[..., ::2, ::2])
+        if str(k) in root:
+            p = root[str(k - 1)][...]
+            np.testing.assert_array_equal(
+                root[str(k)][...], _mean2(p.astype(np.float32)).astype(p.dtype)
+            )
+        k += 1
+    return k - 1

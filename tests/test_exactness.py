@@ -18,6 +18,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
+from outputs import assert_pyramid_from_level_below
 
 from pipeline.config import SegmentOptions
 from pipeline.inference import Predictor, predict_whole
@@ -50,15 +51,22 @@ def reference(model_path: str, image: np.ndarray) -> np.ndarray:
     return predict_whole(predictor, image.astype(np.float32), geometry=model.geometry)
 
 
-def run(input_path, output_path, **options) -> tuple[np.ndarray, np.ndarray]:
+def run(
+    input_path, output_path, *, parallel_io: bool = False, **options
+) -> tuple[np.ndarray, np.ndarray]:
     # fp32 on any device (bf16 autocast is the CUDA default): exactness is a float32 property.
     opts = SegmentOptions(
         normalize="none", save_probabilities=True, probability_dtype="float32", precision="fp32",
         **options,
     )  # fmt: skip
-    # Tiny images have few batches: let tasks hold several anyway, as on a large image.
-    with mock.patch("pipeline.worker.MIN_TASKS", 1):
+    # Tiny images have few batches: let tasks hold several anyway, as on a large image. The
+    # windows of a batch read, and its tiles written, in parallel threads as on a GPU, or not.
+    with (
+        mock.patch("pipeline.worker.MIN_TASKS", 1),
+        mock.patch("pipeline.worker.parallel_io", lambda device: parallel_io),
+    ):
         segment_image(input_path, output_path, opts)
+    assert_pyramid_from_level_below(output_path)
     root = zarr.open_group(output_path, mode="r")
     return root["0"][...], root[f"{LABELS_PATH}/0"][...]
 
@@ -101,6 +109,7 @@ def cases(draw):
         "batches_per_task": draw(st.integers(1, 3)),
         "prefetch": draw(st.integers(0, 2)),
         "channels_last": draw(st.sampled_from(["auto", "on"])),
+        "parallel_io": draw(st.booleans()),
     }
     return config, shape, tile, chunk, run, draw(st.integers(0, 2**16))
 

@@ -19,6 +19,7 @@ from imagefiles import write_tiff, write_zarr
 from outputs import chunk_files
 
 from pipeline.config import SegmentOptions
+from pipeline.errors import TilesegError
 from pipeline.models import UNetConfig, save_unet, seeded_unet
 from pipeline.ngff import read_record
 from pipeline.provenance import done_dir
@@ -133,6 +134,28 @@ def test_corrupt_tile_data_fails_with_one_line_and_nothing_done(tmp_path, model)
     assert lines[-1].startswith("tileseg: error: ") and "bad.tif" in lines[-1]
     assert "cannot read region" in lines[-1]
     assert read_record(out)["status"] != "complete"
+
+
+def test_a_failing_read_among_parallel_ones_is_one_line_and_its_task_not_done(
+    tmp_path, model, monkeypatch
+):
+    """With a batch's windows read in parallel threads (as on a GPU), the corrupt tile's error
+    is the run's one-line error, and the task it belongs to is not marked done."""
+    monkeypatch.setattr("pipeline.worker.parallel_io", lambda device: True)
+    image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.uint8)
+    path = write_tiff(tmp_path / "bad.tif", image, axes="YX", tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * count)
+    out = tmp_path / "out.zarr"
+    options = SegmentOptions(model=model, tile=64, chunk=64, normalize="none", batch_size=4)
+    with pytest.raises(TilesegError, match=r"bad\.tif: cannot read region"):
+        segment_image(path, out, options)
+    assert read_record(out)["status"] != "complete"
+    done = {p.name for p in done_dir(out).glob("tiles-*")}
+    assert "tiles-0000001" not in done  # tile (1, 1) reads file tile 5: the second row's task
 
 
 @pytest.mark.parametrize(
