@@ -1,18 +1,20 @@
-"""Decoded TIFF tiles kept for the next windows of a run: each tile is decoded about once.
+"""Decoded tiles and chunks kept for the next windows of a run: each is decoded about once.
 
 A window is its output tile plus a halo on every side, so it rarely starts on a tile of the
 file: with 512² TIFF tiles, tile 1024 and halo 44, each window touches 4 x 4 file tiles for
-the area of 2 x 2, and every file tile is decoded by the four windows around it. Decoding
-(deflate, LZW, JPEG) is most of the cost of a read, which is what a GPU waits on. So the chunk
-reads of tifffile's Zarr store go through :class:`CachedStore`: one least-recently-used cache
-of decoded tiles per process, shared by every reader thread and handle of a file, bounded in
-bytes. Windows are read in raster order, so a band of tiles one window high and the image wide
-is what gets reused; :func:`reserve` makes room for it (within :data:`MAX_BYTES`).
-"""
+the area of 2 x 2, and every file tile is decoded by the four windows around it (over 1024²
+Zarr chunks, 3 x 3 chunks for the area of one). Decoding (deflate, LZW, JPEG, blosc) is most
+of the cost of a read, which is what a GPU waits on. So decoded tiles go into one
+least-recently-used cache per process, :data:`CHUNKS`, shared by every reader thread and
+bounded in bytes: TIFF tiles through :class:`CachedStore` under tifffile's Zarr store, Zarr
+chunks through :func:`read_chunks` (zarr keeps none). Windows are read in raster order, so a
+band of tiles one window high and the image wide is what gets reused; :func:`reserve` makes
+room for it (within :data:`MAX_BYTES`)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -36,7 +38,7 @@ class DecodedChunks:
         self.capacity = capacity
         self.nbytes = 0
         self.hits = 0
-        self.decodes = 0
+        self.decodes = 0  # counted where chunks are decoded (not under the lock: a statistic)
         self._chunks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -81,13 +83,14 @@ CHUNKS = DecodedChunks()
 
 
 def reserve(*, window: tuple[int, ...], spatial_shape: tuple[int, ...], bytes_per_pixel: int,
-            tile_rows: int = 512) -> None:  # fmt: skip
-    """Make room for the band of file tiles that a row of ``window``s reads, and for the next
-    row's windows to find their upper tiles still there: ``tile_rows`` (the file's usual tile
-    height at most) more rows than a window, across the whole width, through every leading
+            tile_rows: int) -> None:  # fmt: skip
+    """Make room for the band of file tiles that a row of ``window``s reads, so that the next
+    row's windows find their upper tiles still there: the rows of tiles a window can touch
+    (``tile_rows``: the file's tile height), across the whole width, through every leading
     axis of the window (z)."""
     *lead, rows, _ = window
-    band = int(np.prod(lead, dtype=np.int64)) * (rows + tile_rows) * spatial_shape[-1]
+    touched = (-(-rows // tile_rows) + 1) * tile_rows  # a window rarely starts on a tile row
+    band = int(np.prod(lead, dtype=np.int64)) * touched * spatial_shape[-1]
     CHUNKS.reserve(band * bytes_per_pixel)
 
 
@@ -150,3 +153,63 @@ async def _decode_once(name: Hashable, store: Any, key: str, prototype: Any) -> 
         CHUNKS.put(name, chunk)
     future.set_result(chunk)
     return chunk
+
+
+# ------------------------------------------------------------------------------ Zarr inputs
+
+_loading: dict[Hashable, threading.Event] = {}
+_loading_lock = threading.Lock()
+
+
+def read_chunks(array: Any, index: tuple[Any, ...], *, namespace: Hashable) -> np.ndarray:
+    """``array[index]`` (one slice without step or one int per axis) assembled from whole
+    chunks kept in :data:`CHUNKS`: a window of a Zarr input decodes each chunk it touches
+    once per run, not once per window. zarr itself keeps no decoded chunks."""
+    grid, shape = tuple(array.chunks), tuple(array.shape)
+    spans, keep = [], []
+    for sel, n in zip(index, shape, strict=True):
+        if isinstance(sel, slice):
+            start, stop, _ = sel.indices(n)
+            spans.append((start, max(start, stop)))
+            keep.append(slice(None))
+        else:
+            spans.append((int(sel), int(sel) + 1))
+            keep.append(0)
+    out = np.empty([b - a for a, b in spans], array.dtype)
+    if out.size:
+        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(spans, grid, strict=True)]
+        for coords in itertools.product(*ranges):
+            chunk = _chunk(array, coords, grid, shape, (namespace, coords))
+            dst, src = [], []
+            for (a, b), i, c in zip(spans, coords, grid, strict=True):
+                lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                dst.append(slice(lo - a, hi - a))
+                src.append(slice(lo - i * c, hi - i * c))
+            out[tuple(dst)] = chunk[tuple(src)]
+    return out[tuple(keep)]
+
+
+def _chunk(array: Any, coords: tuple[int, ...], grid, shape, name: Hashable) -> np.ndarray:
+    """One whole chunk (cut at the array's end), decoded once however many threads want it."""
+    while True:
+        chunk = CHUNKS.get(name)
+        if chunk is not None:
+            return chunk
+        with _loading_lock:
+            loading = _loading.get(name)
+            if loading is None:
+                _loading[name] = loading = threading.Event()
+                CHUNKS.decodes += 1
+                break
+        loading.wait()  # then from the cache, or (it failed, or was evicted) decoded here
+    try:
+        region = tuple(
+            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, grid, shape, strict=True)
+        )
+        chunk = np.asarray(array[region])
+        CHUNKS.put(name, chunk)
+        return chunk
+    finally:
+        with _loading_lock:
+            del _loading[name]
+        loading.set()

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.chunk_cache import read_chunks
 from pipeline.errors import TilesegError
 from pipeline.formats import ArrayHandle, Probe, open_tiff, open_zarr, reason, reopen_zarr_array
 
@@ -90,6 +91,9 @@ class LazyImage:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._handles: weakref.WeakSet[ArrayHandle] = weakref.WeakSet()
+        # Names this opening's decoded Zarr chunks in the cache; a reopen after close() may
+        # find the store rewritten, so it gets a new one.
+        self._version = object()
         axes = spec.axes
         self._channel_axis = next((ax for ax in axes if ax in _CHANNEL), None)
         canonical = [ax for ax in (self._channel_axis or "") + "ZYX" if ax in axes]
@@ -202,7 +206,10 @@ class LazyImage:
                 index.append(0)
         handle = self._handle()
         try:
-            data = handle.array[tuple(index)]
+            if self.spec.format == "zarr":
+                data = read_chunks(handle.array, tuple(index), namespace=self._version)
+            else:  # TIFF: decoded tiles are kept by its store (see formats.py); memmaps need none
+                data = handle.array[tuple(index)]
             # A memory-mapped window is a view of the file: copy it, so callers get a new array
             # that stays valid after close().
             data = np.array(data) if isinstance(data, np.memmap) else np.asarray(data)
@@ -218,6 +225,15 @@ class LazyImage:
         if self._channel_axis is None:
             data = data[np.newaxis]
         return np.ascontiguousarray(data, dtype=self.dtype)
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...] | None:
+        """The file's tile/chunk extent along each spatial axis, or ``None`` (memory-mapped)."""
+        chunks = getattr(self._handle().array, "chunks", None)
+        if chunks is None:
+            return None
+        by_axis = dict(zip(self.spec.store_axes, chunks, strict=True))
+        return tuple(int(by_axis[ax]) for ax in self.spatial_axes)
 
     def _check_region(self, region: tuple[slice, ...]) -> tuple[slice, ...]:
         region = tuple(region)
@@ -256,6 +272,7 @@ class LazyImage:
             handles = list(self._handles)
             self._handles = weakref.WeakSet()
             self._local = threading.local()  # other threads lose their stale handles too
+            self._version = object()
         for handle in handles:
             handle.close()
 

@@ -129,10 +129,12 @@ def run_block(task: BlockTask) -> dict[str, float]:
     """
     t0 = time.perf_counter()
     image = cached_image(task.image)
-    chunk_cache.reserve(
-        window=task.grid.window, spatial_shape=image.spatial_shape,
-        bytes_per_pixel=image.n_channels * image.dtype.itemsize,
-    )  # fmt: skip
+    chunks = image.chunk_shape
+    if chunks is not None:
+        chunk_cache.reserve(
+            window=task.grid.window, spatial_shape=image.spatial_shape,
+            bytes_per_pixel=image.n_channels * image.dtype.itemsize, tile_rows=chunks[-2],
+        )  # fmt: skip
     predictor = cached_predictor(
         task.model, task.run, window=task.grid.window, in_channels=image.n_channels
     )

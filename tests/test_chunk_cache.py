@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from imagefiles import write_tiff
+from imagefiles import write_tiff, write_zarr
 
 from pipeline import chunk_cache
 from pipeline.chunk_cache import CHUNKS, DecodedChunks
@@ -127,11 +128,17 @@ def test_capacity_grows_to_the_band_a_row_of_windows_reads():
     cache = DecodedChunks()
     cache.reserve(1)
     assert cache.capacity == chunk_cache.MIN_BYTES  # never below the minimum
-    chunk_cache.reserve(window=(1112, 1112), spatial_shape=(8192, 100_000), bytes_per_pixel=3)
-    assert CHUNKS.capacity == (1112 + 512) * 100_000 * 3
-    chunk_cache.reserve(window=(64, 64), spatial_shape=(256, 256), bytes_per_pixel=1)
-    assert CHUNKS.capacity == (1112 + 512) * 100_000 * 3  # only grows
-    chunk_cache.reserve(window=(9, 1112, 1112), spatial_shape=(9, 9000, 90_000), bytes_per_pixel=8)
+    # a 1112-row window can touch 4 rows of 512-row tiles (it rarely starts on one)
+    band = dict(window=(1112, 1112), spatial_shape=(8192, 100_000), bytes_per_pixel=3)
+    chunk_cache.reserve(**band, tile_rows=512)
+    assert CHUNKS.capacity == 4 * 512 * 100_000 * 3
+    chunk_cache.reserve(window=(64, 64), spatial_shape=(256, 256), bytes_per_pixel=1, tile_rows=64)
+    assert CHUNKS.capacity == 4 * 512 * 100_000 * 3  # only grows
+    chunk_cache.reserve(**band, tile_rows=1024)
+    assert CHUNKS.capacity == 3 * 1024 * 100_000 * 3
+    chunk_cache.reserve(
+        window=(9, 1112, 1112), spatial_shape=(9, 9000, 90_000), bytes_per_pixel=8, tile_rows=512
+    )
     assert CHUNKS.capacity == chunk_cache.MAX_BYTES  # a band past the bound is cached in part
 
 
@@ -142,3 +149,68 @@ def test_a_chunk_larger_than_the_cache_is_not_kept():
     cache.put("next", np.zeros(60, np.uint8))  # evicts "small", the least recently used
     assert cache.get("big") is None and cache.get("small") is None
     assert cache.get("next") is not None and cache.nbytes == 60
+
+
+# ----------------------------------------------------------------------------- Zarr inputs
+
+
+def zarr_file(tmp_path, shape=(3, 90, 130), chunks=(2, 32, 32), name="img.zarr"):
+    data = RNG.integers(0, 4096, size=shape, dtype=np.uint16)
+    return data, write_zarr(tmp_path / name, data, chunks=chunks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(capacity_chunks=st.integers(0, 10), seed=st.integers(0, 2**16))
+def test_zarr_windows_are_exact_through_the_cache(tmp_path_factory, capacity_chunks, seed):
+    """Channel chunks of 2 over 3 channels, edge chunks cut short, mirrored windows, evictions."""
+    data, path = zarr_file(tmp_path_factory.mktemp("z"))
+    CHUNKS.clear()
+    CHUNKS.capacity = capacity_chunks * 2 * 32 * 32 * 2
+    image = open_image(path, axes="CYX")
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        start = tuple(int(v) for v in rng.integers(-20, 120, size=2))
+        stop = tuple(s + int(v) for s, v in zip(start, rng.integers(1, 60, size=2), strict=True))
+        np.testing.assert_array_equal(read_window(image, start, stop), mirrored(data, start, stop))
+        assert CHUNKS.nbytes <= CHUNKS.capacity
+    image.close()
+
+
+def test_zarr_chunks_are_decoded_once_by_concurrent_readers(tmp_path):
+    data, path = zarr_file(tmp_path, shape=(1, 96, 128), chunks=(1, 32, 32))
+    image = open_image(path, axes="CYX")
+    jobs = windows((96, 128), tile=32, halo=6) * 3
+    with ThreadPoolExecutor(8) as pool:
+        reads = list(pool.map(lambda w: read_window(image, *w), jobs))
+    for (start, stop), got in zip(jobs, reads, strict=True):
+        np.testing.assert_array_equal(got, mirrored(data, start, stop))
+    assert CHUNKS.decodes == 3 * 4  # each chunk once
+    image.close()
+
+
+def test_zarr_squeezed_axes_and_a_rewrite_after_close(tmp_path):
+    """A singleton axis read by index; a store rewritten while the image is closed is read
+    anew (zarr's metadata does not change when only chunks do)."""
+    first = RNG.integers(0, 255, size=(1, 40, 50), dtype=np.uint8)
+    path = write_zarr(tmp_path / "s.zarr", first, chunks=(1, 16, 16))
+    image = open_image(path, axes="TYX")
+    assert image.spatial_axes == "YX"  # the singleton t is squeezed away: read by index
+    np.testing.assert_array_equal(
+        image.read((slice(3, 30), slice(10, 45)))[0], first[0, 3:30, 10:45]
+    )
+    image.close()
+    second = first[:, ::-1, ::-1].copy()
+    zarr.open_array(path, mode="r+")[...] = second  # only the chunks change
+    np.testing.assert_array_equal(
+        image.read((slice(3, 30), slice(10, 45)))[0], second[0, 3:30, 10:45]
+    )
+    image.close()
+
+
+def test_chunk_shape_is_the_files_tile_along_each_spatial_axis(tmp_path):
+    _, tiff = image_file(tmp_path, tile=(32, 48))
+    _, zpath = zarr_file(tmp_path, chunks=(2, 16, 24))
+    assert open_image(tiff).chunk_shape == (32, 48)
+    assert open_image(zpath, axes="CYX").chunk_shape == (16, 24)
+    flat = write_tiff(tmp_path / "flat.tif", np.zeros((20, 30), np.uint8), axes="YX", tile=None)
+    assert open_image(flat).chunk_shape is None  # memory-mapped: nothing to decode
