@@ -30,17 +30,20 @@ def peak_memory():
 """
 
 
-# ``segment_image`` on one slide: SRC DST MODEL DEVICE TILE BATCH WORKERS TISSUE (MODEL "" for
-# the default, BATCH a number or auto, WORKERS 0 for auto, TISSUE none|otsu|triangle).
+# ``segment_image`` on one slide: SRC DST MODEL DEVICE TILE BATCH WORKERS TISSUE [PER_TASK]
+# (MODEL "" for the default, BATCH a number or auto, WORKERS 0 for auto, TISSUE
+# none|otsu|triangle, PER_TASK batches per task, the default when not given).
 SEGMENT = """
 import json, sys
 from pipeline.config import SegmentOptions
 from pipeline.segment import segment_image
 from pipeline.inference import resolve_device
 src, dst, model, device, tile, batch, workers, tissue = sys.argv[1:9]
+per_task = int(sys.argv[9]) if len(sys.argv) > 9 else SegmentOptions().batches_per_task
 opts = SegmentOptions(model=model or None, device=device, tile=int(tile),
                       batch_size=batch if batch == "auto" else int(batch),
-                      workers=int(workers) or None, tissue=tissue, overwrite=True)
+                      workers=int(workers) or None, tissue=tissue, overwrite=True,
+                      batches_per_task=per_task)
 if resolve_device(device).type == "cuda":
     # Timed warm, like the raw forward: CUDA context, cuDNN autotuning and compilation are
     # paid once per worker process, not per slide.
@@ -50,6 +53,7 @@ print(json.dumps({"seconds": r.seconds, "tiles": r.tiles, "timings": r.timings,
                   "tiles_inferred": r.timings["tiles_inferred"], "tissue": r.record["tissue"],
                   "batch_size": r.record["run"]["batch_size"],
                   "window": r.record["geometry"]["window"], "shape": list(r.spatial_shape),
+                  "batches_per_task": r.record["run"]["batches_per_task"],
                   **peak_memory()}))
 """
 
