@@ -25,6 +25,7 @@ from zarr.storage import WrapperStore
 
 MIN_BYTES = 32 << 20  # enough for the windows of a batch on any sensible tile size
 MAX_BYTES = 1 << 30  # a band wider than this is cached in part: reuse along the row remains
+MAX_CHUNKS_PER_READ = 64  # Zarr reads touching more chunks than this bypass the cache
 
 
 class DecodedChunks:
@@ -38,7 +39,7 @@ class DecodedChunks:
         self.capacity = capacity
         self.nbytes = 0
         self.hits = 0
-        self.decodes = 0  # counted where chunks are decoded (not under the lock: a statistic)
+        self.decodes = 0  # counted where a decode starts
         self._chunks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -175,9 +176,13 @@ def read_chunks(array: Any, index: tuple[Any, ...], *, namespace: Hashable) -> n
         else:
             spans.append((int(sel), int(sel) + 1))
             keep.append(0)
+    ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(spans, grid, strict=True)]
+    if np.prod([len(r) for r in ranges]) > MAX_CHUNKS_PER_READ:
+        # Tiny chunks (or tiny inner chunks of shards): one call per chunk would cost more
+        # than decoding them again; zarr reads them concurrently.
+        return np.asarray(array[index])
     out = np.empty([b - a for a, b in spans], array.dtype)
     if out.size:
-        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(spans, grid, strict=True)]
         for coords in itertools.product(*ranges):
             chunk = _chunk(array, coords, grid, shape, (namespace, coords))
             dst, src = [], []

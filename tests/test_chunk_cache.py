@@ -214,3 +214,13 @@ def test_chunk_shape_is_the_files_tile_along_each_spatial_axis(tmp_path):
     assert open_image(zpath, axes="CYX").chunk_shape == (16, 24)
     flat = write_tiff(tmp_path / "flat.tif", np.zeros((20, 30), np.uint8), axes="YX", tile=None)
     assert open_image(flat).chunk_shape is None  # memory-mapped: nothing to decode
+
+
+def test_zarr_reads_over_many_tiny_chunks_bypass_the_cache(tmp_path):
+    data, path = zarr_file(tmp_path, shape=(1, 90, 130), chunks=(1, 4, 4))
+    image = open_image(path, axes="CYX")
+    np.testing.assert_array_equal(image.read((slice(0, 90), slice(0, 130))), data)  # 759 chunks
+    assert CHUNKS.decodes == 0
+    np.testing.assert_array_equal(image.read((slice(8, 36), slice(4, 32))), data[:, 8:36, 4:32])
+    assert CHUNKS.decodes == 49  # 7 x 7 chunks: through the cache
+    image.close()
