@@ -53,6 +53,17 @@ def mirrored(data: np.ndarray, start, stop) -> np.ndarray:
     return padded[:, start[0] + pad : stop[0] + pad, start[1] + pad : stop[1] + pad]
 
 
+def random_windows_are_exact(image, data: np.ndarray, *, seed: int, count: int = 6) -> None:
+    """Windows anywhere, past the borders too, read exactly; the cache within its bound."""
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        start = tuple(int(v) for v in rng.integers(-20, max(data.shape[1:]) - 10, size=2))
+        stop = tuple(s + int(v) for s, v in zip(start, rng.integers(1, 60, size=2), strict=True))
+        np.testing.assert_array_equal(read_window(image, start, stop), mirrored(data, start, stop))
+        assert CHUNKS.nbytes <= CHUNKS.capacity
+    image.close()
+
+
 def test_each_tile_is_decoded_once_for_a_raster_of_windows(tmp_path):
     data, path = image_file(tmp_path)
     image = open_image(path)
@@ -84,14 +95,7 @@ def test_reads_stay_exact_and_memory_bounded_while_evicting(tmp_path_factory, ca
     CHUNKS.clear()
     tile_bytes = 32 * 32 * 2  # a tile of one channel plane
     CHUNKS.capacity = capacity_tiles * tile_bytes
-    image = open_image(path)
-    rng = np.random.default_rng(seed)
-    for _ in range(6):
-        start = tuple(int(v) for v in rng.integers(-20, 100, size=2))
-        stop = tuple(s + int(v) for s, v in zip(start, rng.integers(1, 60, size=2), strict=True))
-        np.testing.assert_array_equal(read_window(image, start, stop), mirrored(data, start, stop))
-        assert CHUNKS.nbytes <= CHUNKS.capacity
-    image.close()
+    random_windows_are_exact(open_image(path), data, seed=seed)
 
 
 def test_file_rewritten_in_place_is_read_anew(tmp_path):
@@ -166,14 +170,7 @@ def test_zarr_windows_are_exact_through_the_cache(tmp_path_factory, capacity_chu
     data, path = zarr_file(tmp_path_factory.mktemp("z"))
     CHUNKS.clear()
     CHUNKS.capacity = capacity_chunks * 2 * 32 * 32 * 2
-    image = open_image(path, axes="CYX")
-    rng = np.random.default_rng(seed)
-    for _ in range(6):
-        start = tuple(int(v) for v in rng.integers(-20, 120, size=2))
-        stop = tuple(s + int(v) for s, v in zip(start, rng.integers(1, 60, size=2), strict=True))
-        np.testing.assert_array_equal(read_window(image, start, stop), mirrored(data, start, stop))
-        assert CHUNKS.nbytes <= CHUNKS.capacity
-    image.close()
+    random_windows_are_exact(open_image(path, axes="CYX"), data, seed=seed)
 
 
 def test_zarr_chunks_are_decoded_once_by_concurrent_readers(tmp_path):

@@ -115,14 +115,20 @@ def test_lost_worker_is_survived_with_identical_output(tmp_path, slide, model):
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
-def test_corrupt_tile_data_fails_with_one_line_and_nothing_done(tmp_path, model):
+def tiff_with_a_corrupt_tile(path):
+    """A 256² tiled TIFF whose file tile 5 (row 1, column 1 of 64² tiles) is no zlib stream."""
     image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.uint8)
-    path = write_tiff(tmp_path / "bad.tif", image, axes="YX", tile=(64, 64), compression="zlib")
+    path = write_tiff(path, image, axes="YX", tile=(64, 64), compression="zlib")
     with tifffile.TiffFile(path) as tif:
         offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(b"\xff" * count)
+    return path
+
+
+def test_corrupt_tile_data_fails_with_one_line_and_nothing_done(tmp_path, model):
+    path = tiff_with_a_corrupt_tile(tmp_path / "bad.tif")
     out = tmp_path / "out.zarr"
     # no percentile statistics: the driver reads nothing, so the failure happens in a task
     args = ["--model", model, "--tile", "64", "--chunk", "64", "--normalize", "none"]
@@ -142,13 +148,7 @@ def test_a_failing_read_among_parallel_ones_is_one_line_and_its_task_not_done(
     """With a batch's windows read in parallel threads (as on a GPU), the corrupt tile's error
     is the run's one-line error, and the task it belongs to is not marked done."""
     monkeypatch.setattr("pipeline.worker.parallel_io", lambda device: True)
-    image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.uint8)
-    path = write_tiff(tmp_path / "bad.tif", image, axes="YX", tile=(64, 64), compression="zlib")
-    with tifffile.TiffFile(path) as tif:
-        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(b"\xff" * count)
+    path = tiff_with_a_corrupt_tile(tmp_path / "bad.tif")
     out = tmp_path / "out.zarr"
     options = SegmentOptions(model=model, tile=64, chunk=64, normalize="none", batch_size=4)
     with pytest.raises(TilesegError, match=r"bad\.tif: cannot read region"):
