@@ -88,4 +88,5 @@ def test_the_first_failure_is_raised_and_later_items_are_not_written(stage, dept
     # Nothing far beyond the failure was written: at most the items already in flight.
     assert max(rec.written, default=-1) <= 3 + 2 * depth + 1
     # No stage thread is left running once run_stages has raised.
-    assert not [t for t in threading.enumerate() if t.name.startswith("tileseg-")]
+    stage_threads = ("tileseg-read", "tileseg-write")  # (not the per-process I/O pool)
+    assert not [t for t in threading.enumerate() if t.name.startswith(stage_threads)]
