@@ -8,7 +8,8 @@
    normalising, writing, the pyramid) allows on this machine, the ceiling for any faster model
    or device (``--skip-host``).
 3. ``rss``: peak memory of ``segment`` on N x N and on 2N x 2N (4x the pixels) with a cheap
-   model of the same geometry, to show memory does not grow with the image (``--skip-rss``).
+   model of the same geometry and tasks of the same structure (one batch each), then on
+   2N x 2N with the defaults: how memory grows with the image (``--skip-rss``).
 4. ``monai``: MONAI's ``sliding_window_inference`` (overlap 0.25, gaussian) against tileseg on
    the same 'same'-padded model and a --monai-size image: time, peak memory, deviation from one
    whole-image forward (``bench/monai_compare.py``; skipped when monai is not installed).
@@ -135,14 +136,15 @@ def rss_vs_size(a: argparse.Namespace, out: Path) -> dict:
     run_child(CHEAP_MODEL, str(cheap))
     common = [a.device, str(a.tile), str(a.batch_size), str(a.workers), "none"]
     runs = {}
-    for name, size, per_task in ((str(a.size), a.size, ["1"]), (str(2 * a.size), 2 * a.size, ["1"]),
-                                 (f"{2 * a.size} default", 2 * a.size, [])):  # fmt: skip
+    n, big = a.size, 2 * a.size
+    cases = ((f"{n}²", n, ["1"]), (f"{big}²", big, ["1"]), (f"{big}², defaults", big, []))
+    for name, size, per_task in cases:
         ans, _ = run_child(SEGMENT, str(slide(out, size)), str(out / f"rss-{size}.zarr"),
                            str(cheap), *common, *per_task)  # fmt: skip
         keep = ("peak", "seconds", "batches_per_task")
         runs[name] = {k: v for k, v in ans.items() if k.startswith(keep)}
-    small, big = runs[str(a.size)], runs[str(2 * a.size)]
-    return {"runs": runs, "ratio_4x_pixels": big["peak_rss_mib"] / small["peak_rss_mib"]}
+    ratio = runs[f"{big}²"]["peak_rss_mib"] / runs[f"{n}²"]["peak_rss_mib"]
+    return {"runs": runs, "ratio_4x_pixels": ratio}
 
 
 def monai(a: argparse.Namespace, out: Path) -> dict:
@@ -221,7 +223,7 @@ def _host_table(r: dict) -> list[str]:
 def _rss_table(r: dict) -> list[str]:
     runs = list(r["runs"].values())
     lines = [
-        "| | " + " | ".join(f"{s}²" for s in r["runs"]) + " |",
+        "| | " + " | ".join(r["runs"]) + " |",
         "| --- | --- | --- | --- |",
         "| batches per task | " + " | ".join(str(x["batches_per_task"]) for x in runs) + " |",
         "| peak RSS MiB | " + " | ".join(f"{x['peak_rss_mib']:.0f}" for x in runs) + " |",
