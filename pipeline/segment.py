@@ -374,9 +374,10 @@ def segment_image(
         batch_size=resolve_batch_size(options, model_spec, image, grid, output, state),
     )  # fmt: skip
     per_task = batches_per_task(options, grid, run.batch_size)
-    levels = levels_in_tasks(layout, [tile.region for tile in grid.tiles()])
     if state == "partial":  # the tasks it left done wrote the levels of the version that ran
         levels = int((read_record(output) or {}).get("run", {}).get("levels_in_tasks", 0))
+    else:
+        levels = levels_in_tasks(layout, [tile.region for tile in grid.tiles()])
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
     }  # fmt: skip
