@@ -3,10 +3,14 @@
 Both predict class probabilities for one generated fluorescence image with the same U-Net: the
 shipped default's architecture (depth 3, width 16) but 'same'-padded, since MONAI's inferer needs
 output size == input size (``--depth`` changes the depth). The reference is one float32 forward
-pass on the CPU over the whole image, mirror-padded by the halo (what tileseg promises to equal).
-Each contender runs in its own child process so its peak memory is its own. On CUDA both run in
-the precision tileseg picks there (autocast bf16), and both are timed warm (after one untimed
-run): CUDA start-up and cuDNN autotuning would otherwise swamp a small image.
+pass on the CPU over the whole image, mirror-padded by the halo, in tileseg's default layout
+(channels-last): what tileseg promises to equal. MONAI runs three times: roi = tileseg's output
+tile with the module as loaded (how it is called) and with the module in channels-last (the
+layout tileseg picks, which MONAI's windows then follow), and roi = tileseg's whole window (the
+same cost per forward). Each contender runs in its own child process so its peak memory is its
+own. On CUDA both run in the precision tileseg picks there (autocast bf16), and both are timed
+warm (after one untimed run): CUDA start-up and cuDNN autotuning would otherwise swamp a small
+image.
 
 Usage: ``python bench/monai_compare.py [--size 2048] [--tile 1024] [--overlap 0.25]``
 (needs ``pip install monai``; not a tileseg dependency). ``bench/run.py`` runs it as one part.
@@ -72,6 +76,8 @@ MONAI = (
     + """
 from monai.inferers import sliding_window_inference
 module = model.module.to(device).eval()
+if sys.argv[6] == "channels_last":  # tileseg's layout: MONAI's windows follow the weights
+    module = module.to(memory_format=torch.channels_last)
 autocast = resolve_precision("auto", device)  # what tileseg runs in on this device
 def run():
     x = torch.from_numpy(norm.apply(image.read((slice(None), slice(None))))[None]).to(device)
@@ -86,8 +92,8 @@ if device.type == "cuda":
 t0 = time.perf_counter()
 p = run()
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "precision": str(autocast or "float32"), **peak_memory(),
-                  **deviation(p)}))
+print(json.dumps({"seconds": seconds, "precision": str(autocast or "float32"),
+                  "layout": sys.argv[6], **peak_memory(), **deviation(p)}))
 """
 )
 
@@ -135,22 +141,28 @@ def compare(
     args = (str(out), str(tile), str(overlap), str(batch_size), device)
     ref, _ = run_child(REFERENCE, *args) if size <= reference_max else ({"skipped": True}, None)
     ours, _ = run_child(TILESEG, *args)
-    # The same roi as tileseg's output tile (same overlap setting), and tileseg's full window
-    # (the same cost per forward).
-    monai_tile, _ = run_child(MONAI, *args)
+    # The same roi as tileseg's output tile (same overlap setting), as a user calls it (the
+    # module as loaded) and in tileseg's layout; then tileseg's full window (the same cost per
+    # forward).
+    monai_tile, _ = run_child(MONAI, *args, "plain")
+    monai_tile_cl, _ = run_child(MONAI, *args, "channels_last")
     window = ours["window"][0]
-    monai_window, _ = run_child(MONAI, str(out), str(window), *args[2:])
+    monai_window, _ = run_child(MONAI, str(out), str(window), *args[2:], "plain")
     return {
         "size": size, "depth": depth, "tile": tile, "window": window, "overlap": overlap,
         "batch_size": batch_size, "device": device, "reference": ref, "tileseg": ours,
-        f"monai_roi_{tile}": monai_tile, f"monai_roi_{window}": monai_window,
+        f"monai_roi_{tile}": monai_tile, f"monai_roi_{tile}_channels_last": monai_tile_cl,
+        f"monai_roi_{window}": monai_window,
     }  # fmt: skip
 
 
 def table(result: dict) -> list[str]:
     """The comparison as Markdown lines."""
     mp = result["size"] ** 2 / 1e6
-    names = ("tileseg", f"monai_roi_{result['tile']}", f"monai_roi_{result['window']}")
+    tile = result["tile"]
+    names = ("tileseg", f"monai_roi_{tile}", f"monai_roi_{tile}_channels_last",
+             f"monai_roi_{result['window']}")  # fmt: skip
+    names = tuple(name for name in names if name in result)  # older results lack one
     cuda = "peak_cuda_mib" in result["tileseg"]
     lines = [
         "| method | seconds | MP/s | peak RSS MiB |" + (" peak CUDA MiB |" if cuda else "")

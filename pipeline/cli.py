@@ -54,9 +54,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches-per-task", type=int, help="batches per task, at most (default 4)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISION)
-    p.add_argument(
-        "--channels-last", choices=CHANNELS_LAST, help="channels-last layout (auto: CUDA)"
-    )
+    p.add_argument("--channels-last", choices=CHANNELS_LAST, help="channels-last layout (auto: on)")
     p.add_argument("--compile", action=_OnOff, help="torch.compile the model (off by default)")
     p.add_argument(
         "--prefetch", type=int,

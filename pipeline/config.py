@@ -37,7 +37,7 @@ class SegmentOptions:
     batches_per_task: int = 4  # at most; a task overlaps reading, inferring, writing its batches
     device: str = "auto"
     precision: str = "auto"
-    channels_last: str = "auto"  # on for CUDA
+    channels_last: str = "auto"  # channels-last on every device (faster on CPU and CUDA)
     compile: bool = False  # torch.compile the model (pays off on long runs on a GPU)
     prefetch: int = 2  # batches read ahead of, and written behind, inference (0: serial)
     normalize: str = "percentile"

@@ -75,6 +75,7 @@ from pipeline.worker import (
     io_pool,
     local_workers,
     resolve_batch_size,
+    resolve_layout,
     shared_cpu,
 )
 
@@ -368,18 +369,24 @@ def segment_image(
         "fingerprint": run_fingerprint,
     }
     workers = options.workers or local_workers(options)
+    # A resumed run works as the run it continues did: its done tasks must match the rest.
+    resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
+    channels_last = resolve_layout(options, resumed=resumed)
+    batch_size = resolve_batch_size(
+        options, model_spec, image, grid, resumed=resumed, channels_last=channels_last
+    )
     run = RunSettings(
-        device=options.device, precision=options.precision, channels_last=options.channels_last,
-        compile=options.compile, prefetch=options.prefetch,
-        batch_size=resolve_batch_size(options, model_spec, image, grid, output, state),
+        device=options.device, precision=options.precision, channels_last=channels_last,
+        compile=options.compile, prefetch=options.prefetch, batch_size=batch_size,
     )  # fmt: skip
     per_task = batches_per_task(options, grid, run.batch_size)
-    if state == "partial":  # the tasks it left done wrote the levels of the version that ran
-        levels = int((read_record(output) or {}).get("run", {}).get("levels_in_tasks", 0))
+    if resumed is not None:  # the tasks it left done wrote the levels of the version that ran
+        levels = int(resumed.get("levels_in_tasks", 0))
     else:
         levels = levels_in_tasks(layout, [tile.region for tile in grid.tiles()])
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
+        "channels_last": channels_last,
     }  # fmt: skip
     forget_arrays(output)
     if state != "partial":

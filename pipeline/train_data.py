@@ -291,8 +291,9 @@ def heldout_dice(
     from pipeline.models import LoadedModel
 
     loaded = LoadedModel(model.eval(), model.config.geometry, None, None, "", "training")
-    # create(): fp32 as in `tileseg segment --precision fp32` (IEEE, not cuDNN's TF32 default)
-    predictor = Predictor.create(loaded, device=str(device), precision="fp32", channels_last="off")
+    # create(): fp32 and the layout of `tileseg segment --precision fp32` (IEEE, not cuDNN's
+    # TF32 default)
+    predictor = Predictor.create(loaded, device=str(device), precision="fp32", channels_last="on")
     per_image, fg, predicted, inter, total = [], [], [], 0, 0
     for i in range(images):
         image, labels = synthetic_image(SyntheticConfig(kind=kind, seed=seed + i), size)

@@ -1,8 +1,9 @@
 """What a worker keeps and decides: how a run uses its devices, threads and memory.
 
 Per-process caches (each image handle and each model is opened once per worker, not per tile),
-the run settings every task carries, how many tasks run at once in a local run, how large a
-batch is (``auto``: measured where the tasks run), and how many batches a task holds.
+the run settings every task carries (a resumed run keeps those of the run it continues), how
+many tasks run at once in a local run, how large a batch is (``auto``: measured where the tasks
+run), and how many batches a task holds.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,7 @@ from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import TileGrid
 from pipeline.inference import (
+    LEGACY_AUTO_LAYOUT,
     TASKS_PER_GPU,
     Predictor,
     auto_batch_size,
@@ -30,7 +33,6 @@ from pipeline.inference import (
     worker_device,
 )
 from pipeline.models import ModelSpec, load_model
-from pipeline.ngff import read_record
 from pipeline.readers import ImageSpec, LazyImage
 
 MIN_TASKS = 16  # per image, when it has that many batches: progress steps and parallelism
@@ -177,25 +179,36 @@ def _probe_batch_size(probe: _BatchProbe) -> int:
         return _batch_sizes[key]
 
 
+def resolve_layout(options: SegmentOptions, *, resumed: Mapping[str, Any] | None) -> str:
+    """The model's memory layout for a run: as given, ``auto`` being ``on``. A resumed run
+    (``resumed``: the record's ``run`` of the run it continues) keeps that run's layout, which
+    changes the last bits of a float result; one begun before the layout was recorded keeps
+    what ``auto`` meant then."""
+    if options.channels_last != "auto":
+        return options.channels_last
+    if resumed is not None:
+        return str(resumed.get("channels_last", LEGACY_AUTO_LAYOUT))
+    return "on"
+
+
 def resolve_batch_size(
     options: SegmentOptions,
     spec: ModelSpec,
     image: LazyImage,
     grid: TileGrid,
-    output: str,
-    state: str,
+    *,
+    resumed: Mapping[str, Any] | None,
+    channels_last: str,
 ) -> int:
     """The batch size: as given, or for ``auto`` measured where inference runs (a task on the
     same workers, asking the same resources) from free device memory. A resumed run reuses
     the batch size of the run it continues, so its tasks batch tiles exactly as before."""
     if options.batch_size != "auto":
         return int(options.batch_size)
-    if state == "partial":
-        previous = (read_record(output) or {}).get("run", {}).get("batch_size")
-        if previous:
-            return int(previous)
+    if resumed is not None and resumed.get("batch_size"):
+        return int(resumed["batch_size"])
     run = RunSettings(
-        device=options.device, precision=options.precision, channels_last=options.channels_last
+        device=options.device, precision=options.precision, channels_last=channels_last
     )
     probe = _BatchProbe(spec, run, grid.window, image.n_channels)
     [size] = run_tasks(

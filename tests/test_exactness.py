@@ -45,9 +45,9 @@ def make_model(directory: Path, config: UNetConfig, seed: int = 0) -> str:
     return str(path)
 
 
-def reference(model_path: str, image: np.ndarray) -> np.ndarray:
+def reference(model_path: str, image: np.ndarray, *, channels_last: str = "auto") -> np.ndarray:
     model = load_model(ModelSpec(model_path))
-    predictor = Predictor.create(model, device="cpu", precision="fp32")
+    predictor = Predictor.create(model, device="cpu", precision="fp32", channels_last=channels_last)
     return predict_whole(predictor, image.astype(np.float32), geometry=model.geometry)
 
 
@@ -108,7 +108,7 @@ def cases(draw):
         "batch_size": draw(st.integers(1, 3)),
         "batches_per_task": draw(st.integers(1, 3)),
         "prefetch": draw(st.integers(0, 2)),
-        "channels_last": draw(st.sampled_from(["auto", "on"])),
+        "channels_last": draw(st.sampled_from(["auto", "on", "off"])),
         "parallel_io": draw(st.booleans()),
     }
     return config, shape, tile, chunk, run, draw(st.integers(0, 2**16))
@@ -134,7 +134,8 @@ def test_tiled_equals_whole_image(case):
             tmp / "in.zarr", tmp / "out.zarr",
             model=model, tile=tile, chunk=chunk, axes=axes, **run_options,
         )  # fmt: skip
-        check(probs, labels, reference(model, image))
+        layout = run_options["channels_last"]
+        check(probs, labels, reference(model, image, channels_last=layout))
 
 
 @pytest.mark.parametrize("padding", ["valid", "same"])

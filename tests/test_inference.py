@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pipeline.config import SegmentOptions
 from pipeline.inference import (
     CPU_BATCH_SIZE,
+    LEGACY_AUTO_LAYOUT,
     Predictor,
     auto_batch_size,
     batch_size_from_memory,
@@ -69,10 +70,13 @@ def test_channels_last_gives_the_same_result(tmp_path):
     assert np.abs(a.probabilities - b.probabilities).max() < 1e-5
 
 
-def test_channels_last_auto_means_cuda_only():
-    assert not resolve_channels_last("auto", torch.device("cpu"))
-    assert resolve_channels_last("auto", torch.device("cuda"))
-    assert resolve_channels_last("on", torch.device("cpu"))
+def test_channels_last_is_the_default_on_every_device():
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        assert resolve_channels_last("auto", device) and resolve_channels_last("on", device)
+        assert not resolve_channels_last("off", device)
+    # Outputs begun when auto meant CUDA only resume with that.
+    assert not resolve_channels_last(LEGACY_AUTO_LAYOUT, torch.device("cpu"))
+    assert resolve_channels_last(LEGACY_AUTO_LAYOUT, torch.device("cuda"))
     with pytest.raises(ValueError, match="channels_last"):
         resolve_channels_last("yes", torch.device("cpu"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,9 +19,11 @@ from outputs import assert_pyramid_from_level_below, chunk_files
 from pipeline.cli import main
 from pipeline.config import SegmentOptions
 from pipeline.geometry import ModelGeometry, plan_tiles
+from pipeline.inference import LEGACY_AUTO_LAYOUT
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
 from pipeline.models.files import file_sha256
 from pipeline.ngff import LABELS_PATH, read_record
+from pipeline.provenance import done_dir
 from pipeline.segment import segment_image
 
 SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=3)
@@ -294,9 +297,45 @@ def test_resumed_auto_batch_size_is_the_one_the_run_started_with(tmp_path, slide
     image = open_image(slide[0])
     loaded = load_model(ModelSpec(model))
     grid = plan(image, loaded, options)
-    args = (options, ModelSpec(model), image, grid, str(out))
-    assert resolve_batch_size(*args, "partial") == 3
-    assert resolve_batch_size(*args, "missing") == 4
+    args = (options, ModelSpec(model), image, grid)
+    resumed = read_record(out)["run"]
+    assert resolve_batch_size(*args, resumed=resumed, channels_last="on") == 3
+    assert resolve_batch_size(*args, resumed=None, channels_last="on") == 4
+
+
+def test_a_resumed_run_keeps_the_layout_of_the_run_it_continues(tmp_path, slide, model):
+    """The layout changes the last bits of a float result: a resumed run's tasks must run in
+    the layout its done tasks ran in, also for outputs begun before the layout was recorded
+    (when ``auto`` meant channels-last on CUDA only, so off on this CPU)."""
+    options = SegmentOptions(model=model, tile=64, chunk=64, save_probabilities=True,
+                             probability_dtype="float32", batch_size=2)  # fmt: skip
+    plain = tmp_path / "plain.zarr"
+    segment_image(slide[0], plain, dataclasses.replace(options, channels_last="off"))
+    out = tmp_path / "out.zarr"
+    segment_image(slide[0], out, options)
+    assert read_record(out)["run"]["channels_last"] == "on"
+
+    def probabilities(path):
+        return zarr.open_group(path, mode="r")["0"][...]
+
+    expected_plain, expected_on = probabilities(plain), probabilities(out)
+    assert not np.array_equal(expected_plain, expected_on)  # else this test could not fail
+    for recorded, expected in (({"channels_last": "on"}, "on"), ({}, LEGACY_AUTO_LAYOUT)):
+        sorted(done_dir(out).iterdir())[-1].unlink()  # one task left to do: a partial run
+        root = zarr.open_group(out, mode="r+", zarr_format=2)
+        run = {k: v for k, v in root.attrs["tileseg"]["run"].items() if k != "channels_last"}
+        root.attrs["tileseg"] = {**root.attrs["tileseg"], "status": "running",
+                                 "run": {**run, **recorded}}  # fmt: skip
+        result = segment_image(slide[0], out, options)
+        assert result.resumed_tasks > 0
+        assert read_record(out)["run"]["channels_last"] == expected
+        got = probabilities(out)
+        redone = got != expected_on
+        if expected == "on":
+            assert not redone.any()
+        else:  # the redone task's tiles, and only they, are those of the plain layout
+            assert redone.any()
+            np.testing.assert_array_equal(got[redone], expected_plain[redone])
 
 
 @given(tiles=st.integers(1, 3000), batch=st.integers(1, 16), most=st.integers(1, 8))
@@ -384,13 +423,23 @@ def test_3d_volume(tmp_path):
 
 @pytest.mark.slow
 def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, slide, model):
+    import dask
     from distributed import LocalCluster
 
     base = SegmentOptions(model=model, tile=128, chunk=64, save_probabilities=True, batch_size=1)
     segment_image(slide[0], tmp_path / "local.zarr", base)
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
+    # A CPU forward's last bits depend on its thread count (oneDNN and MKL split sums by
+    # thread), and Dask's nanny gives worker processes one (OMP_NUM_THREADS=1, MKL_...): give
+    # them the local run's.
+    environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+    threads = str(torch.get_num_threads())
+    environ = {k: threads if k.endswith("_NUM_THREADS") else v for k, v in environ.items()}
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+    ):
         from dataclasses import replace
 
         opts = replace(base, scheduler=cluster.scheduler_address)
