@@ -5,12 +5,12 @@ shipped default's architecture (depth 3, width 16) but 'same'-padded, since MONA
 output size == input size (``--depth`` changes the depth). The reference is one float32 forward
 pass on the CPU over the whole image, mirror-padded by the halo, in tileseg's default layout
 (channels-last): what tileseg promises to equal. MONAI runs three times: roi = tileseg's output
-tile with the module as loaded (how it is called) and with the module in channels-last (the
-layout tileseg picks, which MONAI's windows then follow), and roi = tileseg's whole window (the
-same cost per forward). Each contender runs in its own child process so its peak memory is its
-own. On CUDA both run in the precision tileseg picks there (autocast bf16), and both are timed
-warm (after one untimed run): CUDA start-up and cuDNN autotuning would otherwise swamp a small
-image.
+tile with the module as loaded (how it is called) and "tuned" as tileseg runs a model (the
+module in channels-last, which MONAI's windows then follow, and on the CPU freed memory kept in
+the heap: ``pipeline/heap.py``), and roi = tileseg's whole window (the same cost per forward).
+Each contender runs in its own child process so its peak memory is its own. On CUDA both run
+in the precision tileseg picks there (autocast bf16), and both are timed warm (after one
+untimed run): CUDA start-up and cuDNN autotuning would otherwise swamp a small image.
 
 Usage: ``python bench/monai_compare.py [--size 2048] [--tile 1024] [--overlap 0.25]``
 (needs ``pip install monai``; not a tileseg dependency). ``bench/run.py`` runs it as one part.
@@ -76,8 +76,11 @@ MONAI = (
     + """
 from monai.inferers import sliding_window_inference
 module = model.module.to(device).eval()
-if sys.argv[6] == "channels_last":  # tileseg's layout: MONAI's windows follow the weights
+if sys.argv[6] == "tuned":  # tileseg's settings: MONAI's windows follow the weights' layout
     module = module.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        from pipeline.heap import keep_freed_memory
+        keep_freed_memory()
 autocast = resolve_precision("auto", device)  # what tileseg runs in on this device
 def run():
     x = torch.from_numpy(norm.apply(image.read((slice(None), slice(None))))[None]).to(device)
@@ -142,16 +145,16 @@ def compare(
     ref, _ = run_child(REFERENCE, *args) if size <= reference_max else ({"skipped": True}, None)
     ours, _ = run_child(TILESEG, *args)
     # The same roi as tileseg's output tile (same overlap setting), as a user calls it (the
-    # module as loaded) and in tileseg's layout; then tileseg's full window (the same cost per
-    # forward).
+    # module as loaded) and tuned as tileseg runs a model (channels-last; on the CPU freed
+    # memory kept in the heap); then tileseg's full window (the same cost per forward).
     monai_tile, _ = run_child(MONAI, *args, "plain")
-    monai_tile_cl, _ = run_child(MONAI, *args, "channels_last")
+    monai_tile_tuned, _ = run_child(MONAI, *args, "tuned")
     window = ours["window"][0]
     monai_window, _ = run_child(MONAI, str(out), str(window), *args[2:], "plain")
     return {
         "size": size, "depth": depth, "tile": tile, "window": window, "overlap": overlap,
         "batch_size": batch_size, "device": device, "reference": ref, "tileseg": ours,
-        f"monai_roi_{tile}": monai_tile, f"monai_roi_{tile}_channels_last": monai_tile_cl,
+        f"monai_roi_{tile}": monai_tile, f"monai_roi_{tile}_tuned": monai_tile_tuned,
         f"monai_roi_{window}": monai_window,
     }  # fmt: skip
 
@@ -160,7 +163,7 @@ def table(result: dict) -> list[str]:
     """The comparison as Markdown lines."""
     mp = result["size"] ** 2 / 1e6
     tile = result["tile"]
-    names = ("tileseg", f"monai_roi_{tile}", f"monai_roi_{tile}_channels_last",
+    names = ("tileseg", f"monai_roi_{tile}", f"monai_roi_{tile}_tuned",
              f"monai_roi_{result['window']}")  # fmt: skip
     names = tuple(name for name in names if name in result)  # older results lack one
     cuda = "peak_cuda_mib" in result["tileseg"]

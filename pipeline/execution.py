@@ -47,7 +47,8 @@ def run_tasks(
     Parameters
     ----------
     scheduler
-        ``None`` runs on Dask's embedded threaded scheduler with ``workers`` threads (no server);
+        ``None`` runs on Dask's embedded threaded scheduler with ``workers`` threads (no server;
+        with one, in the calling thread);
         an address (``tcp://host:8786``) runs on that existing distributed cluster, where a lost
         worker's tasks are rescheduled elsewhere.
     on_done
@@ -64,8 +65,12 @@ def run_tasks(
             for i, item in enumerate(items)
         ]
         progress = _Progress({t.key for t in tasks}, on_done) if on_done else nullcontext()
+        # One task at a time runs in the calling thread: in the main thread a CPU forward's
+        # activations come from glibc's main heap, which keeps freed memory (pipeline/heap.py);
+        # any other thread's arena maps and page-faults them in anew for every batch.
+        local = {"scheduler": "sync"} if workers == 1 else {"scheduler": "threads"}
         with progress:
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+            return list(dask.compute(*tasks, **local, num_workers=workers))
     return _run_distributed(fn, items, scheduler=scheduler, on_done=on_done, resources=resources)
 
 

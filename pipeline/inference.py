@@ -20,6 +20,7 @@ import torch
 
 from pipeline.config import CHANNELS_LAST, PRECISION
 from pipeline.geometry import ModelGeometry, padded_whole
+from pipeline.heap import keep_freed_memory
 from pipeline.models import LoadedModel
 
 CPU_BATCH_SIZE = 4  # CPU throughput is flat in batch size; memory is not
@@ -169,6 +170,8 @@ class Predictor:
     ) -> Predictor:
         dev = resolve_device(device)
         cl = resolve_channels_last(channels_last, dev)
+        if dev.type == "cpu":
+            keep_freed_memory()  # else each forward page-faults its activations in again
         module = model.module
         if dev.type != "cpu" or cl:
             # The loaded model is shared per process: each device gets its own copy.

@@ -27,6 +27,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.errors import TilesegError
+from pipeline.heap import keep_freed_memory
 from pipeline.models import UNet, UNetConfig, save_unet
 from pipeline.train_data import (
     CropGeometry,
@@ -351,6 +352,8 @@ def train(
     data["val"] = [f"{p.name}[rows {p.rows[0]}:{p.rows[1]}]" for p in val_pairs]
 
     torch.manual_seed(config.seed)
+    if device.type == "cpu":
+        keep_freed_memory()  # backward passes free and re-fault their activations too
     model = UNet(unet).to(device)
     crop = crop_geometry(unet, config.crop)
     rng = np.random.default_rng([config.seed, 1])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -426,20 +429,22 @@ def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, sli
     import dask
     from distributed import LocalCluster
 
-    base = SegmentOptions(model=model, tile=128, chunk=64, save_probabilities=True, batch_size=1)
-    segment_image(slide[0], tmp_path / "local.zarr", base)
     # A CPU forward's last bits depend on its thread count (oneDNN and MKL split sums by
-    # thread), and Dask's nanny gives worker processes one (OMP_NUM_THREADS=1, MKL_...): give
-    # them the local run's.
+    # thread), so the local run is a fresh process with the threads Dask's nanny gives its
+    # worker processes (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...).
     environ = dask.config.get("distributed.nanny.pre-spawn-environ")
-    threads = str(torch.get_num_threads())
-    environ = {k: threads if k.endswith("_NUM_THREADS") else v for k, v in environ.items()}
-    with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-    ):
+    threads = {k: str(v) for k, v in environ.items() if k.endswith("_NUM_THREADS")}
+    assert threads.get("OMP_NUM_THREADS") == "1"
+    args = ["--model", model, "--tile", "128", "--chunk", "64", "--save-probabilities"]
+    subprocess.run(
+        [sys.executable, "-m", "pipeline", "segment", str(slide[0]), str(tmp_path / "local.zarr"),
+         *args, "--batch-size", "1", "--no-progress"],
+        env={**os.environ, **threads}, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    base = SegmentOptions(model=model, tile=128, chunk=64, save_probabilities=True, batch_size=1)
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
         from dataclasses import replace
 
         opts = replace(base, scheduler=cluster.scheduler_address)
