@@ -3,9 +3,10 @@
 A cluster config (the ``cluster:`` section of a directory config, or a file of its own such as
 ``configs/slurm-gpu.yaml``) says which one:
 
-- ``type: local`` (default): a ``LocalCluster`` on this machine; with ``gpus: N``, one worker
-  process per GPU, each seeing only its GPU (``CUDA_VISIBLE_DEVICES``), declaring ``GPU=1`` and
-  running at least two task threads.
+- ``type: local`` (default): a ``LocalCluster`` on this machine (CPU workers start with their
+  share of the cores and glibc's main heap, see :func:`cpu_worker_environ`); with ``gpus: N``,
+  one worker process per GPU, each seeing only its GPU (``CUDA_VISIBLE_DEVICES``), declaring
+  ``GPU=1`` and running at least two task threads.
 - ``type: address``: an existing scheduler (``address: tcp://head:8786``).
 - ``type: slurm``: a ``dask_jobqueue.SLURMCluster`` (keyword arguments under ``slurm:``) scaled
   to ``jobs:`` jobs, or adaptively with ``adapt: {minimum_jobs, maximum_jobs}``.
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import dask
+
 from pipeline.config import read_yaml_mapping
 from pipeline.errors import TilesegError
 from pipeline.inference import TASKS_PER_GPU
@@ -34,6 +37,8 @@ TYPES = ("local", "address", "slurm", "none")
 GPU = {"GPU": 1}  # what a GPU worker declares
 GPU_TASK = {"GPU": 1 / TASKS_PER_GPU}  # what an inference task asks of it
 LOOPBACK = "127.0.0.1"  # a local cluster serves this machine only (as LocalCluster does)
+PRE_SPAWN = "distributed.nanny.pre-spawn-environ"  # set before a worker process starts
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _LOCAL_KEYS = (
     "n_workers", "threads_per_worker", "processes", "memory_limit", "gpus", "dashboard_address",
 )  # fmt: skip
@@ -163,14 +168,30 @@ def _local_cluster(spec: dict[str, Any]) -> Any:
         options = {"host": LOOPBACK, "dashboard_address": dashboard}
         scheduler = {"cls": Scheduler, "options": options}
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
-    return LocalCluster(
-        n_workers=int(spec.get("n_workers", 1)),
-        threads_per_worker=threads,
-        processes=bool(spec.get("processes", True)),
-        dashboard_address=dashboard,
-        silence_logs=40,
-        **_memory(spec),
-    )
+    n_workers = int(spec.get("n_workers", 1))
+    # Read by each nanny when it is made, and kept for the workers it restarts.
+    with dask.config.set({PRE_SPAWN: cpu_worker_environ(workers=n_workers, threads=threads)}):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=bool(spec.get("processes", True)),
+            dashboard_address=dashboard,
+            silence_logs=40,
+            **_memory(spec),
+        )
+
+
+def cpu_worker_environ(*, workers: int, threads: int) -> dict[str, Any]:
+    """The environment CPU worker processes start with. Dask's nanny gives them one OpenMP and
+    BLAS thread each and a low malloc trim threshold, made for many small tasks; a tileseg task
+    is a model forward. So each task thread gets its share of the cores, and every thread uses
+    glibc's main heap, which keeps freed activations for the next batch (``pipeline/heap.py``;
+    glibc reads these variables only at start-up)."""
+    share = str(max(1, (os.cpu_count() or 1) // max(1, workers * threads)))
+    environ = dict(dask.config.get(PRE_SPAWN, default={}) or {})
+    environ.update({name: share for name in THREAD_VARIABLES})
+    environ["MALLOC_ARENA_MAX"] = "1"
+    return environ
 
 
 def _gpu_ids(gpus: int) -> list[str]:

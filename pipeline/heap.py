@@ -15,7 +15,8 @@ maps any block over 64 MiB afresh whatever the settings. So a local CPU run with
 time runs it in the calling thread (``pipeline/execution.py``), the main thread for ``tileseg``
 and ``tileseg demo``. Processes whose tasks run in other threads (Dask workers on CPUs) can
 put every thread on the main heap by starting with ``MALLOC_ARENA_MAX=1`` in their environment
-(glibc reads it once, before a second arena exists; too late for ``mallopt`` here).
+(glibc reads it once, before a second arena exists; too late for ``mallopt`` here): the local
+clusters of ``flows/cluster.py`` start their CPU workers so.
 
 Process-wide and applied once, when a CPU predictor is created or training runs on the CPU.
 ``TILESEG_KEEP_FREED_MEMORY=0`` leaves glibc's defaults. Other C libraries are left alone.

@@ -550,3 +550,22 @@ def test_local_gpu_cluster_gives_each_worker_its_own_gpu(monkeypatch):
             seen = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
     assert all(w["resources"] == GPU and w["nthreads"] == 2 for w in workers)
     assert sorted(seen.values()) == ["3", "5"]
+
+
+def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
+    """Dask's nanny starts workers with one OpenMP thread and glibc's arenas per thread; a CPU
+    forward wants its share of the cores and the main heap (pipeline/heap.py)."""
+    from distributed import Client
+
+    from flows.cluster import THREAD_VARIABLES, open_cluster
+
+    with open_cluster({"type": "local", "n_workers": 2}) as handle:
+        assert handle.task_resources is None
+        with Client(handle.address, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            # os.getenv pickles by reference (os.environ.get would carry our environ along)
+            arenas = client.run(os.getenv, "MALLOC_ARENA_MAX")
+            threads = {name: client.run(os.getenv, name) for name in THREAD_VARIABLES}
+    assert list(arenas.values()) == ["1", "1"]
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert all(list(seen.values()) == [share, share] for seen in threads.values())
