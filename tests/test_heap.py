@@ -74,3 +74,18 @@ def test_a_cpu_predictor_keeps_it_and_the_environment_opts_out():
     opted_out = child(PREDICTOR, keep="0")
     assert opted_out["kept"] is False
     assert opted_out["faults"] > 4 * with_predictor["faults"]
+
+
+def test_a_one_worker_local_run_runs_its_tasks_in_the_calling_thread():
+    """Only the main thread's heap keeps freed activations: one task at a time runs there, in
+    order; several run in Dask's threads."""
+    import threading
+
+    from pipeline.execution import run_tasks
+
+    def ident(i: int) -> tuple[int, int]:
+        return i, threading.get_ident()
+
+    here = threading.get_ident()
+    assert run_tasks(ident, [0, 1, 2], workers=1) == [(0, here), (1, here), (2, here)]
+    assert all(t != here for _, t in run_tasks(ident, [0, 1, 2], workers=2))
