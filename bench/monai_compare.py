@@ -5,9 +5,10 @@ shipped default's architecture (depth 3, width 16) but 'same'-padded, since MONA
 output size == input size (``--depth`` changes the depth). The reference is one float32 forward
 pass on the CPU over the whole image, mirror-padded by the halo, in tileseg's default layout
 (channels-last): what tileseg promises to equal. MONAI runs three times: roi = tileseg's output
-tile with the module as loaded (how it is called) and "tuned" as tileseg runs a model (the
-module in channels-last, which MONAI's windows then follow, and on the CPU freed memory kept in
-the heap: ``pipeline/heap.py``), and roi = tileseg's whole window (the same cost per forward).
+tile with the module as loaded (how it is called) and "tuned" as tileseg runs a model (batch
+norm folded into the convolutions, the module in channels-last, which MONAI's windows then
+follow, and on the CPU freed memory kept in the heap: ``pipeline/heap.py``), and roi =
+tileseg's whole window (the same cost per forward).
 Each contender runs in its own child process so its peak memory is its own. On CUDA both run
 in the precision tileseg picks there (autocast bf16), and both are timed warm (after one
 untimed run): CUDA start-up and cuDNN autotuning would otherwise swamp a small image.
@@ -77,6 +78,8 @@ MONAI = (
 from monai.inferers import sliding_window_inference
 module = model.module.to(device).eval()
 if sys.argv[6] == "tuned":  # tileseg's settings: MONAI's windows follow the weights' layout
+    from pipeline.models.fold import fold_batch_norm
+    fold_batch_norm(module)  # this child's own copy of the model
     module = module.to(memory_format=torch.channels_last)
     if device.type == "cpu":
         from pipeline.heap import keep_freed_memory
@@ -145,8 +148,9 @@ def compare(
     ref, _ = run_child(REFERENCE, *args) if size <= reference_max else ({"skipped": True}, None)
     ours, _ = run_child(TILESEG, *args)
     # The same roi as tileseg's output tile (same overlap setting), as a user calls it (the
-    # module as loaded) and tuned as tileseg runs a model (channels-last; on the CPU freed
-    # memory kept in the heap); then tileseg's full window (the same cost per forward).
+    # module as loaded) and tuned as tileseg runs a model (batch norm folded, channels-last; on
+    # the CPU freed memory kept in the heap); then tileseg's full window (the same cost per
+    # forward).
     monai_tile, _ = run_child(MONAI, *args, "plain")
     monai_tile_tuned, _ = run_child(MONAI, *args, "tuned")
     window = ours["window"][0]

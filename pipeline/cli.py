@@ -12,6 +12,7 @@ from typing import NoReturn
 from pipeline import __version__
 from pipeline.config import (
     CHANNELS_LAST,
+    FOLD_NORM,
     INSTANCES,
     NORMALIZE,
     PRECISION,
@@ -55,6 +56,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=PRECISION)
     p.add_argument("--channels-last", choices=CHANNELS_LAST, help="channels-last layout (auto: on)")
+    p.add_argument(
+        "--fold-norm", choices=FOLD_NORM, help="fold batch norm into the convolutions (auto: on)"
+    )
     p.add_argument("--compile", action=_OnOff, help="torch.compile the model (off by default)")
     p.add_argument(
         "--prefetch", type=int,
@@ -126,7 +130,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 
 _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
-    "precision", "channels_last", "compile", "prefetch", "normalize",
+    "precision", "channels_last", "fold_norm", "compile", "prefetch", "normalize",
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
     "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
     "instances", "instance_threshold",

@@ -18,6 +18,7 @@ from pipeline.errors import TilesegError
 NORMALIZE = ("none", "percentile", "fixed")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
+FOLD_NORM = ("auto", "on", "off")
 PROBABILITY_DTYPES = ("float16", "float32")
 TISSUE = ("none", "otsu", "triangle", "fixed")
 INSTANCES = ("none", "connected", "watershed")
@@ -38,6 +39,7 @@ class SegmentOptions:
     device: str = "auto"
     precision: str = "auto"
     channels_last: str = "auto"  # channels-last on every device (faster on CPU and CUDA)
+    fold_norm: str = "auto"  # batch norm folded into the convolutions (auto: on; faster)
     compile: bool = False  # torch.compile the model (pays off on long runs on a GPU)
     prefetch: int = 2  # batches read ahead of, and written behind, inference (0: serial)
     normalize: str = "percentile"
@@ -90,6 +92,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "device": (str,),
     "precision": (str,),
     "channels_last": (str,),
+    "fold_norm": (str,),
     "compile": (bool,),
     "prefetch": (int,),
     "normalize": (str,),
@@ -115,6 +118,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "overwrite": (bool,),
 }
 assert set(_TYPES) == {f.name for f in fields(SegmentOptions)}
+_ON_OFF = ("channels_last", "fold_norm")  # auto | on | off
 _POSITIVE = ("align", "tile", "chunk", "batch_size", "batches_per_task", "workers", "min_distance")
 
 
@@ -125,6 +129,8 @@ def _check(key: str, value: Any, source: str | None) -> Any:
     def bad(problem: str) -> TilesegError:
         return TilesegError(where, f"{key}: {problem}")
 
+    if key in _ON_OFF and isinstance(value, bool):
+        value = "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no) as booleans
     types = _TYPES[key]
     # bool is an int subclass: reject True for an int option explicitly.
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
@@ -153,6 +159,7 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         "normalize": NORMALIZE,
         "precision": PRECISION,
         "channels_last": CHANNELS_LAST,
+        "fold_norm": FOLD_NORM,
         "probability_dtype": PROBABILITY_DTYPES,
         "tissue": TISSUE,
         "instances": INSTANCES,

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import CHANNELS_LAST, PRECISION
+from pipeline.config import CHANNELS_LAST, FOLD_NORM, PRECISION
 from pipeline.geometry import ModelGeometry, padded_whole
 from pipeline.heap import keep_freed_memory
 from pipeline.models import LoadedModel
+from pipeline.models.fold import fold_batch_norm
 
 CPU_BATCH_SIZE = 4  # CPU throughput is flat in batch size; memory is not
 
@@ -67,6 +68,15 @@ def resolve_channels_last(channels_last: str, device: torch.device) -> bool:
     if channels_last not in CHANNELS_LAST:
         raise ValueError(f"channels_last must be one of {CHANNELS_LAST}, not {channels_last!r}")
     return channels_last != "off"
+
+
+def resolve_fold_norm(fold_norm: str) -> bool:
+    """Batch norm is folded into the convolutions by default (``pipeline/models/fold.py``):
+    the same function, one memory pass less per norm, different in the last bits. A resumed
+    run keeps the setting of the run it continues (outputs begun before it: off)."""
+    if fold_norm not in FOLD_NORM:
+        raise ValueError(f"fold_norm must be one of {FOLD_NORM}, not {fold_norm!r}")
+    return fold_norm != "off"
 
 
 def _strict_fp32() -> None:
@@ -165,17 +175,21 @@ class Predictor:
         device: str = "auto",
         precision: str = "auto",
         channels_last: str = "auto",
+        fold_norm: str = "auto",
         compile: bool = False,
         batch_size: int | None = None,
     ) -> Predictor:
         dev = resolve_device(device)
         cl = resolve_channels_last(channels_last, dev)
+        fold = resolve_fold_norm(fold_norm)
         if dev.type == "cpu":
             keep_freed_memory()  # else each forward page-faults its activations in again
         module = model.module
-        if dev.type != "cpu" or cl:
-            # The loaded model is shared per process: each device gets its own copy.
+        if dev.type != "cpu" or cl or fold:
+            # The loaded model is shared per process: each predictor gets its own copy.
             module = copy.deepcopy(module).to(dev)
+            if fold:
+                fold_batch_norm(module)
             if cl:
                 module = module.to(memory_format=_memory_format(2 + model.geometry.ndim))
         autocast = resolve_precision(precision, dev)

@@ -21,6 +21,12 @@ from pipeline.config import SegmentOptions
 from pipeline.ngff import read_record
 
 RUNTIME_ONLY = ("scheduler", "resources", "workers", "prefetch", "overwrite")
+# Options added after outputs were made, at their default. There ``auto`` takes, for an output
+# begun earlier, the setting that output ran with (``pipeline.worker.NUMERICS``), so they are
+# left out of the fingerprint at that value: an upgrade must not make finished outputs
+# "different" (a directory run would redo every slide), and an unfinished one still resumes.
+ADDED_LATER = {"fold_norm": "auto"}
+_ABSENT = object()
 _ZARR_METADATA = (".zarray", ".zgroup", ".zattrs", "zarr.json")
 
 
@@ -40,7 +46,11 @@ def input_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def result_options(options: SegmentOptions) -> dict[str, Any]:
     """The options that decide the output's pixels."""
-    return {k: v for k, v in options.to_dict().items() if k not in RUNTIME_ONLY}
+    return {
+        k: v
+        for k, v in options.to_dict().items()
+        if k not in RUNTIME_ONLY and ADDED_LATER.get(k, _ABSENT) != v
+    }
 
 
 def fingerprint(

@@ -75,7 +75,7 @@ from pipeline.worker import (
     io_pool,
     local_workers,
     resolve_batch_size,
-    resolve_layout,
+    resolve_numerics,
     shared_cpu,
 )
 
@@ -371,12 +371,12 @@ def segment_image(
     workers = options.workers or local_workers(options)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
-    channels_last = resolve_layout(options, resumed=resumed)
+    numerics = resolve_numerics(options, resumed=resumed)
     batch_size = resolve_batch_size(
-        options, model_spec, image, grid, resumed=resumed, channels_last=channels_last
+        options, model_spec, image, grid, resumed=resumed, numerics=numerics
     )
     run = RunSettings(
-        device=options.device, precision=options.precision, channels_last=channels_last,
+        device=options.device, precision=options.precision, **numerics,
         compile=options.compile, prefetch=options.prefetch, batch_size=batch_size,
     )  # fmt: skip
     per_task = batches_per_task(options, grid, run.batch_size)
@@ -386,7 +386,7 @@ def segment_image(
         levels = levels_in_tasks(layout, [tile.region for tile in grid.tiles()])
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
-        "channels_last": channels_last,
+        **numerics,
     }  # fmt: skip
     forget_arrays(output)
     if state != "partial":

@@ -45,6 +45,7 @@ class RunSettings:
     device: str = "auto"
     precision: str = "auto"
     channels_last: str = "auto"
+    fold_norm: str = "auto"
     compile: bool = False
     batch_size: int = 4
     prefetch: int = 2
@@ -81,13 +82,14 @@ def cached_predictor(
     model = load_model(spec)
     device = worker_device(run.device)
     # What the predictor depends on: not the prefetch, nor the batch size unless compiled.
-    numerics = (run.precision, run.channels_last, run.compile, run.compile and run.batch_size)
+    numerics = (run.precision, run.channels_last, run.fold_norm, run.compile,
+                run.compile and run.batch_size)  # fmt: skip
     key = (model.source, model.sha256, device, numerics)
     with _cache_lock:
         if key not in _predictors:
             predictor = Predictor.create(
                 model, device=device, precision=run.precision, channels_last=run.channels_last,
-                compile=run.compile, batch_size=run.batch_size,
+                fold_norm=run.fold_norm, compile=run.compile, batch_size=run.batch_size,
             )  # fmt: skip
             if run.compile and window is not None:
                 _compile_now(predictor, (run.batch_size, in_channels, *window))
@@ -179,16 +181,24 @@ def _probe_batch_size(probe: _BatchProbe) -> int:
         return _batch_sizes[key]
 
 
-def resolve_layout(options: SegmentOptions, *, resumed: Mapping[str, Any] | None) -> str:
-    """The model's memory layout for a run: as given, ``auto`` being ``on``. A resumed run
-    (``resumed``: the record's ``run`` of the run it continues) keeps that run's layout, which
-    changes the last bits of a float result; one begun before the layout was recorded keeps
-    what ``auto`` meant then."""
-    if options.channels_last != "auto":
-        return options.channels_last
-    if resumed is not None:
-        return str(resumed.get("channels_last", LEGACY_AUTO_LAYOUT))
-    return "on"
+# Settings that change the last bits of a float result: what ``auto`` is for a new run, and
+# for a resumed run whose record predates the setting (what ``auto`` meant then).
+NUMERICS = {"channels_last": ("on", LEGACY_AUTO_LAYOUT), "fold_norm": ("on", "off")}
+
+
+def resolve_numerics(
+    options: SegmentOptions, *, resumed: Mapping[str, Any] | None
+) -> dict[str, str]:
+    """The model's layout and batch-norm folding for a run: as given, ``auto`` being ``on``.
+    A resumed run (``resumed``: the record's ``run`` of the run it continues) keeps the
+    settings of that run, so that the chunks it redoes are byte-identical to its done ones."""
+    numerics = {}
+    for key, (new, legacy) in NUMERICS.items():
+        value = getattr(options, key)
+        if value == "auto":
+            value = new if resumed is None else str(resumed.get(key, legacy))
+        numerics[key] = value
+    return numerics
 
 
 def resolve_batch_size(
@@ -198,7 +208,7 @@ def resolve_batch_size(
     grid: TileGrid,
     *,
     resumed: Mapping[str, Any] | None,
-    channels_last: str,
+    numerics: Mapping[str, str],
 ) -> int:
     """The batch size: as given, or for ``auto`` measured where inference runs (a task on the
     same workers, asking the same resources) from free device memory. A resumed run reuses
@@ -207,9 +217,7 @@ def resolve_batch_size(
         return int(options.batch_size)
     if resumed is not None and resumed.get("batch_size"):
         return int(resumed["batch_size"])
-    run = RunSettings(
-        device=options.device, precision=options.precision, channels_last=channels_last
-    )
+    run = RunSettings(device=options.device, precision=options.precision, **numerics)
     probe = _BatchProbe(spec, run, grid.window, image.n_channels)
     [size] = run_tasks(
         _probe_batch_size, [probe], scheduler=options.scheduler, workers=1,

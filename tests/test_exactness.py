@@ -45,9 +45,13 @@ def make_model(directory: Path, config: UNetConfig, seed: int = 0) -> str:
     return str(path)
 
 
-def reference(model_path: str, image: np.ndarray, *, channels_last: str = "auto") -> np.ndarray:
+def reference(
+    model_path: str, image: np.ndarray, *, channels_last: str = "auto", fold_norm: str = "auto"
+) -> np.ndarray:
     model = load_model(ModelSpec(model_path))
-    predictor = Predictor.create(model, device="cpu", precision="fp32", channels_last=channels_last)
+    predictor = Predictor.create(
+        model, device="cpu", precision="fp32", channels_last=channels_last, fold_norm=fold_norm
+    )
     return predict_whole(predictor, image.astype(np.float32), geometry=model.geometry)
 
 
@@ -103,12 +107,14 @@ def cases(draw):
     shape = tuple(draw(side) for _ in range(ndim))
     chunk = 2**depth * draw(st.integers(1, 4))
     tile = chunk * draw(st.integers(1, 2))
-    # How the work is run must not change the result: batching, tasks, overlap, layout.
+    # How the work is run must not change the result: batching, tasks, overlap, layout,
+    # batch norm folded or not (each against a reference run the same way).
     run = {
         "batch_size": draw(st.integers(1, 3)),
         "batches_per_task": draw(st.integers(1, 3)),
         "prefetch": draw(st.integers(0, 2)),
         "channels_last": draw(st.sampled_from(["auto", "on", "off"])),
+        "fold_norm": draw(st.sampled_from(["auto", "on", "off"])),
         "parallel_io": draw(st.booleans()),
     }
     return config, shape, tile, chunk, run, draw(st.integers(0, 2**16))
@@ -134,8 +140,8 @@ def test_tiled_equals_whole_image(case):
             tmp / "in.zarr", tmp / "out.zarr",
             model=model, tile=tile, chunk=chunk, axes=axes, **run_options,
         )  # fmt: skip
-        layout = run_options["channels_last"]
-        check(probs, labels, reference(model, image, channels_last=layout))
+        numerics = {k: run_options[k] for k in ("channels_last", "fold_norm")}
+        check(probs, labels, reference(model, image, **numerics))
 
 
 @pytest.mark.parametrize("padding", ["valid", "same"])

@@ -111,6 +111,24 @@ def test_config_file_and_flag_precedence(tmp_path, slide, model):
     assert record["save_probabilities"] is False and "0" not in zarr.open_group(out, mode="r")
 
 
+def test_on_and_off_in_a_config_file_mean_on_and_off(tmp_path):
+    """YAML 1.1 reads ``on``/``off``/``yes``/``no`` as booleans; the auto|on|off options take
+    them as the words they look like."""
+    from pipeline.config import load_config, options_from_mapping
+
+    config = tmp_path / "run.yaml"
+    for word, value in (
+        ("on", "on"),
+        ("off", "off"),
+        ("yes", "on"),
+        ("no", "off"),
+        ("auto", "auto"),
+    ):
+        config.write_text(f"channels_last: {word}\nfold_norm: {word}\n")
+        options = options_from_mapping(load_config(config), source=str(config))
+        assert (options.channels_last, options.fold_norm) == (value, value)
+
+
 @pytest.mark.parametrize("flag", ["compile", "allow_missing_chunks", "save_probabilities",
                                   "overwrite"])  # fmt: skip
 def test_on_off_flags_leave_the_config_file_in_force_unless_given(flag):
@@ -184,6 +202,7 @@ def test_bad_config_is_refused(tmp_path, slide, capsys):
         ("batch_size: lots\n", "batch_size: must be a number or auto"),
         ("prefetch: -1\n", "prefetch: must be >= 0"),
         ("channels_last: sometimes\n", "channels_last: must be one of"),
+        ("fold_norm: always\n", "fold_norm: must be one of"),
         ("compile: 1\n", "compile: expected bool"),
         ("tissue: fixed\n", "tissue: fixed needs a threshold"),
         ("tissue: otsu\ntissue_threshold: 0.2\n", "a fixed one needs --tissue fixed"),
@@ -302,43 +321,67 @@ def test_resumed_auto_batch_size_is_the_one_the_run_started_with(tmp_path, slide
     grid = plan(image, loaded, options)
     args = (options, ModelSpec(model), image, grid)
     resumed = read_record(out)["run"]
-    assert resolve_batch_size(*args, resumed=resumed, channels_last="on") == 3
-    assert resolve_batch_size(*args, resumed=None, channels_last="on") == 4
+    numerics = {"channels_last": "on", "fold_norm": "on"}
+    assert resolve_batch_size(*args, resumed=resumed, numerics=numerics) == 3
+    assert resolve_batch_size(*args, resumed=None, numerics=numerics) == 4
 
 
-def test_a_resumed_run_keeps_the_layout_of_the_run_it_continues(tmp_path, slide, model):
-    """The layout changes the last bits of a float result: a resumed run's tasks must run in
-    the layout its done tasks ran in, also for outputs begun before the layout was recorded
-    (when ``auto`` meant channels-last on CUDA only, so off on this CPU)."""
+@pytest.mark.parametrize(("key", "legacy"), [("channels_last", LEGACY_AUTO_LAYOUT),
+                                            ("fold_norm", "off")])  # fmt: skip
+def test_a_resumed_run_keeps_the_numerics_of_the_run_it_continues(
+    tmp_path, slide, model, key, legacy
+):
+    """The layout and batch-norm folding change the last bits of a float result: a resumed
+    run's tasks must run as its done tasks ran, also for outputs begun before the setting was
+    recorded (then: channels-last on CUDA only, so off on this CPU; no folding)."""
     options = SegmentOptions(model=model, tile=64, chunk=64, save_probabilities=True,
                              probability_dtype="float32", batch_size=2)  # fmt: skip
     plain = tmp_path / "plain.zarr"
-    segment_image(slide[0], plain, dataclasses.replace(options, channels_last="off"))
+    segment_image(slide[0], plain, dataclasses.replace(options, **{key: "off"}))
     out = tmp_path / "out.zarr"
     segment_image(slide[0], out, options)
-    assert read_record(out)["run"]["channels_last"] == "on"
+    assert read_record(out)["run"][key] == "on"
 
     def probabilities(path):
         return zarr.open_group(path, mode="r")["0"][...]
 
     expected_plain, expected_on = probabilities(plain), probabilities(out)
     assert not np.array_equal(expected_plain, expected_on)  # else this test could not fail
-    for recorded, expected in (({"channels_last": "on"}, "on"), ({}, LEGACY_AUTO_LAYOUT)):
+    for recorded, expected in (({key: "on"}, "on"), ({}, legacy)):
         sorted(done_dir(out).iterdir())[-1].unlink()  # one task left to do: a partial run
         root = zarr.open_group(out, mode="r+", zarr_format=2)
-        run = {k: v for k, v in root.attrs["tileseg"]["run"].items() if k != "channels_last"}
+        run = {k: v for k, v in root.attrs["tileseg"]["run"].items() if k != key}
         root.attrs["tileseg"] = {**root.attrs["tileseg"], "status": "running",
                                  "run": {**run, **recorded}}  # fmt: skip
         result = segment_image(slide[0], out, options)
         assert result.resumed_tasks > 0
-        assert read_record(out)["run"]["channels_last"] == expected
+        assert read_record(out)["run"][key] == expected
         got = probabilities(out)
         redone = got != expected_on
         if expected == "on":
             assert not redone.any()
-        else:  # the redone task's tiles, and only they, are those of the plain layout
+        else:  # the redone task's tiles, and only they, are those of the plain setting
             assert redone.any()
             np.testing.assert_array_equal(got[redone], expected_plain[redone])
+
+
+def test_outputs_made_before_an_option_was_added_keep_their_fingerprint(slide):
+    """A directory run redoes a slide whose fingerprint changed: options added later are left
+    out at their default, so upgrading does not redo (or, alone, refuse) finished outputs."""
+    import hashlib
+
+    from pipeline.provenance import ADDED_LATER, RUNTIME_ONLY, fingerprint, input_identity
+
+    options = SegmentOptions(tile=64)
+    before = {k: v for k, v in options.to_dict().items()
+              if k not in RUNTIME_ONLY and k not in ADDED_LATER}  # fmt: skip
+    payload = {"input": input_identity(slide[0]), "options": before, "model": "abc"}
+    old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    assert fingerprint(slide[0], options, model_sha256="abc") == old
+    assert "fold_norm" in ADDED_LATER
+    for value in ("on", "off"):  # said explicitly, it is part of what decides the pixels
+        changed = dataclasses.replace(options, fold_norm=value)
+        assert fingerprint(slide[0], changed, model_sha256="abc") != old
 
 
 @given(tiles=st.integers(1, 3000), batch=st.integers(1, 16), most=st.integers(1, 8))

@@ -3,7 +3,8 @@
 #   here:  bash bench/device/fetch-wheels.sh
 #   there: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=480)
 # Installs the carried wheels beside the machine's own torch, runs the CUDA tests, then the
-# benchmark on the GPU (raw vs segment, the pipeline's own ceiling, MONAI, time vs tissue).
+# benchmark on the GPU (raw vs segment, the pipeline's own ceiling, MONAI, time vs tissue),
+# then the bare forward by layout and batch-norm folding (bench/forward.py).
 # Everything lands in $OUT, the benchmark's JSON every few seconds, so a run cut off at its
 # limit still brings back what finished. A dry run of the script itself, here, on the CPU and
 # small images:
@@ -45,3 +46,7 @@ timeout "${BENCH_SECONDS:-240}" "$PY" bench/run.py --device "$DEVICE" --size "${
   --batch-size auto --skip-rss --tissue-size "${TISSUE_SIZE:-8192}" \
   --monai-size "${MONAI_SIZE:-4096}" --out "$BENCH" > "$OUT/bench.log" 2>&1
 echo "bench: exit $? (bench.log)"; tail -40 "$OUT/bench.log"
+# Last, so that running out of time cuts off only this: the bare forward by layout and folding.
+timeout "${FORWARD_SECONDS:-40}" "$PY" bench/forward.py --device "$DEVICE" --batch-size 8 \
+  > "$OUT/forward.log" 2>&1
+echo "forward: exit $? (forward.log)"; tail -7 "$OUT/forward.log"
