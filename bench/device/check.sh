@@ -9,7 +9,7 @@
 # limit still brings back what finished. A dry run of the script itself, here, on the CPU and
 # small images:
 #   SKIP_INSTALL=1 PYTHON=.venv/bin/python DEVICE=cpu SIZE=1024 TISSUE_SIZE=1024 \
-#     MONAI_SIZE=1024 bash bench/device/check.sh
+#     MONAI_SIZE=1024 FORWARD_TILE=256 bash bench/device/check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/tileseg-check}
 PY=${PYTHON:-python3}
@@ -47,6 +47,6 @@ timeout "${BENCH_SECONDS:-240}" "$PY" bench/run.py --device "$DEVICE" --size "${
   --monai-size "${MONAI_SIZE:-4096}" --out "$BENCH" > "$OUT/bench.log" 2>&1
 echo "bench: exit $? (bench.log)"; tail -40 "$OUT/bench.log"
 # Last, so that running out of time cuts off only this: the bare forward by layout and folding.
-timeout "${FORWARD_SECONDS:-40}" "$PY" bench/forward.py --device "$DEVICE" --batch-size 8 \
-  > "$OUT/forward.log" 2>&1
+timeout "${FORWARD_SECONDS:-40}" "$PY" bench/forward.py --device "$DEVICE" \
+  --batch-size "${FORWARD_BATCH:-8}" ${FORWARD_TILE:+--tile "$FORWARD_TILE"} > "$OUT/forward.log" 2>&1
 echo "forward: exit $? (forward.log)"; tail -7 "$OUT/forward.log"
