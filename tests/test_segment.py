@@ -111,6 +111,15 @@ def test_config_file_and_flag_precedence(tmp_path, slide, model):
     assert record["save_probabilities"] is False and "0" not in zarr.open_group(out, mode="r")
 
 
+def test_layout_and_folding_flags_reach_the_run(tmp_path, slide, model):
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(slide[0]), str(out), "--model", model, "--tile", "128", "--no-progress"]
+    assert main([*args, "--channels-last", "off", "--fold-norm", "off"]) == 0
+    record = read_record(out)
+    assert (record["config"]["channels_last"], record["config"]["fold_norm"]) == ("off", "off")
+    assert (record["run"]["channels_last"], record["run"]["fold_norm"]) == ("off", "off")
+
+
 def test_on_and_off_in_a_config_file_mean_on_and_off(tmp_path):
     """YAML 1.1 reads ``on``/``off``/``yes``/``no`` as booleans; the auto|on|off options take
     them as the words they look like."""
