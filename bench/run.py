@@ -215,7 +215,9 @@ def _host_table(r: dict) -> list[str]:
         f"| 1x1-convolution forward alone | {raw['seconds']:.2f} | {raw['mp_per_s']:.1f} |",
         f"| `tileseg segment` with it | {seg['seconds']:.2f} | **{seg['mp_per_s']:.1f}** |",
         "", "inside the segment run (seconds): " + ", ".join(
-            f"{k} {timings[k]:.2f}" for k in ("read", "infer", "write", "stall", "pyramid_wall")
+            f"{k} {timings[k]:.2f}"
+            for k in ("read", "infer", "write", "stall", "pyramid_wall", "overview_wall")
+            if k in timings
         ),
     ]  # fmt: skip
 

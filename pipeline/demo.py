@@ -88,7 +88,7 @@ def run_demo(
         print(f"  {key.replace('_', ' '):>22}: {value}")
     print()
     print("Open the result:")
-    print(f"  napari --plugin napari-ome-zarr {result_path}/labels/segmentation")
+    print(f"  napari --plugin napari-ome-zarr {result_path}   # the overview with its labels")
     print(f"  python -c \"import zarr; print(zarr.open_group('{result_path}').tree())\"")
     print(f"  QC picture: {qc}")
     return figures

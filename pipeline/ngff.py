@@ -1,10 +1,13 @@
 """The output: an OME-Zarr (NGFF 0.4, Zarr v2, '/'-separated chunks) holding the label image as
-a multiscale NGFF labels image and, on request, the class probabilities as the root image.
+a multiscale NGFF labels image, and as the root image either the class probabilities (on
+request) or an overview of the input, so that a viewer opening the output finds an image and
+its labels.
 
 Layout of ``OUTPUT.zarr``::
 
-    .zattrs            {"tileseg": provenance + status}; "multiscales" if probabilities are saved
-    0, 1, ...          probabilities pyramid (c, [z,] y, x), optional
+    .zattrs            {"tileseg": provenance + status}, "multiscales" (and "omero": overview)
+    0, 1, ...          probabilities pyramid (c, [z,] y, x), when saved
+    0                  else: the overview, every f-th pixel of the input (c, [z,] y, x)
     labels/.zattrs     {"labels": ["segmentation"]}
     labels/segmentation/0, 1, ...   label pyramid ([z,] y, x)
 
@@ -33,11 +36,39 @@ from pipeline.errors import TilesegError
 NGFF_VERSION = "0.4"
 LABEL_NAME = "segmentation"
 LABELS_PATH = f"labels/{LABEL_NAME}"
+OVERVIEW_NAME = "overview"
+_RGB = ["FF0000", "00FF00", "0000FF"]
+_CHANNEL_COLORS = ["00FFFF", "FF00FF", "FFFF00", "00FF00", "FF0000", "0000FF"]
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
 _COLORS = [
     [0, 0, 0, 0], [255, 64, 64, 255], [64, 200, 64, 255], [64, 128, 255, 255],
     [255, 200, 0, 255], [200, 64, 255, 255], [0, 220, 220, 255], [255, 128, 0, 255],
 ]  # fmt: skip
+
+
+OVERVIEW_PIXELS = 1 << 22  # per channel: 2048 x 2048 in 2D, 161^3 in 3D
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The root image of an output without probabilities: every ``factor``-th pixel of the input
+    along each spatial axis, in the input's dtype (see ``pipeline/overview.py``)."""
+
+    channels: int
+    dtype: str
+    factor: int
+
+    def shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        return (self.channels, *(-(-n // self.factor) for n in spatial_shape))
+
+
+def overview_factor(spatial_shape: Sequence[int], *, max_pixels: int = OVERVIEW_PIXELS) -> int:
+    """The smallest power of two whose subsampling of ``spatial_shape`` has at most
+    ``max_pixels`` pixels (1 for small images: their overview is the image)."""
+    factor = 1
+    while math.prod(-(-n // factor) for n in spatial_shape) > max_pixels:
+        factor *= 2
+    return factor
 
 
 @dataclass(frozen=True)
@@ -50,6 +81,11 @@ class OutputLayout:
     label_dtype: str
     probability_dtype: str | None = None
     pixel_size: tuple[float, ...] | None = None
+    overview: Overview | None = None
+
+    def __post_init__(self) -> None:
+        if self.overview is not None and self.probability_dtype:
+            raise ValueError("the root image is the probabilities or the overview, not both")
 
     @property
     def ndim(self) -> int:
@@ -71,6 +107,16 @@ class OutputLayout:
         base = self.pixel_size or (1.0,) * self.ndim
         factor = [1] * (self.ndim - 2) + [2**level, 2**level]
         return [float(b) * f for b, f in zip(base, factor, strict=True)]
+
+    @property
+    def overview_shape(self) -> tuple[int, ...]:
+        assert self.overview is not None
+        return self.overview.shape(self.spatial_shape)
+
+    @property
+    def overview_chunks(self) -> tuple[int, ...]:
+        shape = self.overview_shape
+        return (shape[0], *(min(c, n) for c, n in zip(self.chunks, shape[1:], strict=True)))
 
 
 def _axes(ndim: int, *, channel: bool, unit: str | None) -> list[dict[str, str]]:
@@ -156,13 +202,65 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
     )
     if layout.probability_dtype:
         root.attrs["multiscales"] = _multiscales(layout, name="probabilities", channel=True)
+    elif layout.overview is not None:
+        _create(root, "0", layout.overview_shape, layout.overview_chunks, layout.overview.dtype)
+        root.attrs["multiscales"] = _overview_multiscales(layout)
     root.attrs["tileseg"] = {**attrs, "status": "running"}
 
 
+def _overview_multiscales(layout: OutputLayout) -> list[dict[str, Any]]:
+    assert layout.overview is not None
+    factor = layout.overview.factor
+    base = layout.pixel_size or (1.0,) * layout.ndim
+    unit = "micrometer" if layout.pixel_size else None
+    return [
+        {
+            "version": NGFF_VERSION,
+            "name": OVERVIEW_NAME,
+            "axes": _axes(layout.ndim, channel=True, unit=unit),
+            "datasets": [
+                {
+                    "path": "0",
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [1.0, *(float(b) * factor for b in base)]}
+                    ],
+                }
+            ],
+            "type": "nearest",
+            "metadata": {"method": "tileseg.overview", "kwargs": {"factor": factor}},
+        }
+    ]
+
+
+def set_overview_display(
+    path: str | os.PathLike[str], windows: Sequence[tuple[float, float]], *, rgb: bool
+) -> None:
+    """NGFF ``omero`` rendering hints for the overview: a colour and a contrast window per
+    channel (viewers otherwise stretch a uint16 image over its whole range, or guess RGB)."""
+    root = zarr.open_group(path, mode="r+", zarr_format=2)
+    dtype = np.dtype(root["0"].dtype)
+    info = np.iinfo(dtype) if dtype.kind in "iu" else None
+    colors = _RGB if rgb else ["FFFFFF"] if len(windows) == 1 else _CHANNEL_COLORS
+    channels = []
+    for k, (start, end) in enumerate(windows):
+        lo, hi = (float(info.min), float(info.max)) if info else (float(start), float(end))
+        channels.append(
+            {
+                "label": "RGB"[k] if rgb else f"channel {k}",
+                "color": colors[k % len(colors)],
+                "window": {"min": lo, "max": hi, "start": float(start), "end": float(end)},
+                "active": True,
+            }
+        )
+    root.attrs["omero"] = {"channels": channels, "rdefs": {"model": "color"}}
+
+
 def _source(layout: OutputLayout) -> dict[str, Any]:
-    """A labels image's link to the image it labels: the output root, which is an NGFF image
-    only when it holds the probabilities (else it is a plain group, and no link is given)."""
-    return {"source": {"image": "../../"}} if layout.probability_dtype else {}
+    """A labels image's link to the image it labels: the output root, an NGFF image holding
+    the probabilities or the overview (outputs made before the overview may have neither:
+    then no link is given)."""
+    root_image = layout.probability_dtype or layout.overview is not None
+    return {"source": {"image": "../../"}} if root_image else {}
 
 
 def _create(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
@@ -318,7 +416,13 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
         level0 = seg["0"]
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, ValueError) as exc:
         raise TilesegError(path, f"not a tileseg output ({exc})") from None
-    if "0" in root:
+    root_image = (root.attrs.get("multiscales") or [{}])[0]
+    probabilities = root_image.get("name") == "probabilities" and "0" in root
+    overview = None
+    if root_image.get("name") == OVERVIEW_NAME and "0" in root:
+        factor = int(root_image.get("metadata", {}).get("kwargs", {}).get("factor", 1))
+        overview = Overview(int(root["0"].shape[0]), root["0"].dtype.str, factor)
+    if probabilities:
         classes = int(root["0"].shape[0])
     else:  # the colour table has one entry per class (at least two)
         classes = len(seg.attrs.get("image-label", {}).get("colors", [])) or 2
@@ -333,8 +437,9 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
         chunks=tuple(level0.chunks),
         classes=classes,
         label_dtype=level0.dtype.str,
-        probability_dtype=root["0"].dtype.str if "0" in root else None,
+        probability_dtype=root["0"].dtype.str if probabilities else None,
         pixel_size=pixel_size,
+        overview=overview,
     )
 
 

@@ -4,7 +4,8 @@ The driver opens the image and the model only to learn shapes, checks everything
 checked before any work starts, decides the normalisation, creates the output arrays, and then
 runs :func:`run_block` tasks. Each task reads its input windows (halo included, mirrored at the
 image border), infers in batches and writes its own chunk-aligned regions once. Pyramid levels
-follow, each computed from the level below, and the provenance record is written last.
+follow, each computed from the level below, then the overview (``pipeline/overview.py``) and
+the object steps, and the provenance record is written last.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from pipeline.measure import measure_objects
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.ngff import (
     OutputLayout,
+    Overview,
     create_output,
     downsample_region,
     forget_arrays,
@@ -52,10 +54,19 @@ from pipeline.ngff import (
     levels_in_tasks,
     mark_complete,
     next_level,
+    overview_factor,
+    read_layout,
     read_record,
     write_region,
 )
 from pipeline.normalize import Normalization, compute_normalization
+from pipeline.overview import (
+    OverviewSource,
+    finish_overview,
+    overview_regions,
+    overview_source,
+    write_overview_block,
+)
 from pipeline.provenance import (
     done_dir,
     done_summary,
@@ -349,7 +360,12 @@ def segment_image(
         label_dtype=label_dtype(max(classes, 2)).str,
         probability_dtype=options.probability_dtype if options.save_probabilities else None,
         pixel_size=image.pixel_size,
+        overview=None
+        if options.save_probabilities
+        else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
     )
+    if state == "partial" and read_layout(output).overview is None:
+        layout = replace(layout, overview=None)  # begun before outputs had an overview
     record: dict[str, Any] = {
         "version": __version__,
         "input": os.fspath(Path(input_path).absolute()),
@@ -447,6 +463,10 @@ def segment_image(
         jobs = [job for job in jobs if not is_done(output, job[-1])]
         run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
     pyramid_wall = time.perf_counter() - t
+    t = time.perf_counter()
+    if layout.overview is not None:
+        _overview(output, image, layout, options, workers=workers)
+    overview_wall = time.perf_counter() - t
     record.update(_objects(output, image, options, workers=workers))
     seconds = time.perf_counter() - started
     timings = {
@@ -455,9 +475,8 @@ def segment_image(
     }
     timings["resumed_tasks"] = resumed
     timings["tiles_inferred"] = int(sum(r["tiles"] for r in results))
-    timings.update(
-        {"segment_wall": infer_wall, "pyramid_wall": pyramid_wall, "total_wall": seconds}
-    )
+    walls = {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall}
+    timings.update({f"{k}_wall": v for k, v in walls.items()}, total_wall=seconds)
     record.update(
         {
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -473,6 +492,30 @@ def segment_image(
         os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record,
         resumed_tasks=resumed,
     )  # fmt: skip
+
+
+def _overview(
+    output: str, image: LazyImage, layout: OutputLayout, options: SegmentOptions, *, workers: int
+) -> None:
+    """Write the overview (``pipeline/overview.py``) in tasks that each own chunks of it."""
+    assert layout.overview is not None
+    source = overview_source(image, factor=layout.overview.factor)
+    jobs = [
+        (output, source, region, f"overview-{i:07d}")
+        for i, region in enumerate(overview_regions(layout))
+    ]
+    jobs = [job for job in jobs if not is_done(output, job[-1])]
+    run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
+    with _writing(output):
+        finish_overview(output, rgb="S" in image.axes)
+
+
+def _overview_block(args: tuple[str, OverviewSource, tuple[slice, ...], str]) -> dict[str, int]:
+    output, source, region, name = args
+    with _writing(output):
+        result = write_overview_block((output, source, region))
+        mark_done(output, name)
+    return result
 
 
 def _objects(

@@ -88,12 +88,13 @@ def test_cli_segment_writes_a_readable_ome_zarr(tmp_path, slide, model, capsys):
     assert image_nodes[0].data[0].shape == (3, 300, 260)
     assert root[LABELS_PATH].attrs["image-label"]["source"] == {"image": "../../"}
 
-    # without probabilities the root is no image: the labels image does not claim it as source
+    # without probabilities the root image is the overview (here the image itself: it is small)
     bare = tmp_path / "bare.zarr"
     assert main([*args[:2], str(bare), *args[3:], "--no-progress"]) == 0
     label_attrs = zarr.open_group(bare, mode="r")[LABELS_PATH].attrs.asdict()
-    assert "source" not in label_attrs["image-label"]
-    nodes = list(Reader(parse_url(str(bare / LABELS_PATH)))())
+    assert label_attrs["image-label"]["source"] == {"image": "../../"}
+    nodes = list(Reader(parse_url(str(bare)))())
+    np.testing.assert_array_equal(np.asarray(nodes[0].data[0]), slide[1][None])
     assert any(isinstance(s, Label) for n in nodes for s in n.specs)
 
 
@@ -108,7 +109,8 @@ def test_config_file_and_flag_precedence(tmp_path, slide, model):
     assert (record["tile"], record["chunk"], record["normalize"], record["batch_size"]) == (
         128, 128, "none", 2,
     )  # fmt: skip
-    assert record["save_probabilities"] is False and "0" not in zarr.open_group(out, mode="r")
+    assert record["save_probabilities"] is False
+    assert zarr.open_group(out, mode="r").attrs["multiscales"][0]["name"] == "overview"
 
 
 def test_layout_and_folding_flags_reach_the_run(tmp_path, slide, model):
