@@ -111,6 +111,9 @@ def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:
         if rgb and data.dtype.kind == "u":
             lo, hi = 0.0, float(np.iinfo(data.dtype).max)
         else:
-            lo, hi = (float(v) for v in np.percentile(channel.astype(np.float64), [1.0, 99.8]))
+            values = channel[np.isfinite(channel)] if data.dtype.kind == "f" else channel
+            lo, hi = 0.0, 1.0  # nothing finite (all NaN): any window is as good
+            if values.size:
+                lo, hi = (float(v) for v in np.percentile(values.astype(np.float64), [1, 99.8]))
         windows.append((lo, hi if hi > lo else lo + 1.0))
     set_overview_display(path, windows, rgb=rgb)

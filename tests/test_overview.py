@@ -238,3 +238,20 @@ def test_probabilities_stay_the_root_image(tmp_path, model):
 def test_overview_source_indices_stay_inside_the_level():
     source = OverviewSource(None, 1, (50, 33), (100, 65), 4)  # type: ignore[arg-type]
     assert source.indices(1, 0, 17).max() == 32 and source.indices(0, 0, 25)[-1] == 48
+
+
+def test_display_windows_of_a_float_overview_skip_what_is_not_finite(tmp_path):
+    from pipeline.ngff import OutputLayout, Overview, create_output, open_array
+    from pipeline.overview import finish_overview
+
+    layout = OutputLayout((40, 30), (16, 16), 2, "|u1", overview=Overview(2, "<f4", 1))
+    create_output(tmp_path / "o.zarr", layout, overwrite=False, attrs={})
+    data = np.linspace(0, 1, 2 * 40 * 30, dtype=np.float32).reshape(2, 40, 30)
+    data[0, :5] = np.nan
+    data[1] = np.nan
+    open_array(tmp_path / "o.zarr", "0")[...] = data
+    finish_overview(tmp_path / "o.zarr", rgb=False)
+    windows = [c["window"] for c in zarr.open_group(tmp_path / "o.zarr").attrs["omero"]["channels"]]
+    expected = np.percentile(data[0][np.isfinite(data[0])], [1.0, 99.8])
+    assert (windows[0]["start"], windows[0]["end"]) == pytest.approx(tuple(expected))
+    assert (windows[1]["start"], windows[1]["end"]) == (0.0, 1.0)
