@@ -1,7 +1,8 @@
 """Quality-control pictures and scores computed block by block from an output.
 
-Nothing here holds a full-resolution image in memory: thumbnails come from a pyramid level
-(or strided block reads), and scores accumulate over chunk-sized blocks.
+Nothing here holds a full-resolution image in memory: thumbnails come from the output's overview,
+or from a pyramid level of the input (or strided block reads), and scores accumulate over
+chunk-sized blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.ngff import LABELS_PATH
+from pipeline.ngff import LABELS_PATH, OVERVIEW_NAME
 from pipeline.readers import LazyImage
 
 _FILL = np.array(
@@ -42,6 +43,23 @@ def thumbnail(image: LazyImage, *, max_side: int = 2048, block: int = 2048) -> n
     return np.concatenate(rows, axis=1)
 
 
+def overview_thumbnail(output: str | os.PathLike[str], *, max_side: int) -> np.ndarray | None:
+    """Like :func:`thumbnail`, from the output's overview (its root image) instead of the input:
+    nothing of the input is read again. None when the root holds no 2D overview, or one smaller
+    than ``max_side`` that is not the whole image."""
+    root = zarr.open_group(output, mode="r")
+    multiscales = root.attrs.get("multiscales") or [{}]
+    if multiscales[0].get("name") != OVERVIEW_NAME or "0" not in root:
+        return None
+    overview = root["0"]
+    factor = multiscales[0].get("metadata", {}).get("kwargs", {}).get("factor")
+    longest = max(overview.shape[-2:])
+    if overview.ndim != 3 or (longest < max_side and factor != 1):
+        return None
+    step = max(1, math.ceil(longest / max_side))
+    return np.asarray(overview[:, ::step, ::step])
+
+
 def _to_rgb(image: np.ndarray) -> np.ndarray:
     """Contrast-stretched float RGB in [0, 1] from (C, y, x)."""
     x = image.astype(np.float32)
@@ -59,7 +77,7 @@ def _resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def overlay_png(
-    image: LazyImage,
+    image: LazyImage | None,
     output: str | os.PathLike[str],
     png: str | os.PathLike[str],
     *,
@@ -69,12 +87,19 @@ def overlay_png(
 ) -> Path:
     """Write a downsampled picture of the image with the labels painted over it.
 
+    The picture of the image is the output's overview where it is fine enough
+    (:func:`overview_thumbnail`), else it is read from ``image`` (the input).
     ``labels``: the labels image to paint, e.g. ``"labels/instances"`` (neighbouring objects
     then differ in colour unless their ids differ by a multiple of the palette's five)."""
     from skimage.io import imsave
     from skimage.segmentation import find_boundaries
 
-    thumb = _to_rgb(thumbnail(image, max_side=max_side))
+    small = overview_thumbnail(output, max_side=max_side)
+    if small is None:
+        if image is None:
+            raise ValueError(f"{output}: no overview to draw on, and no image given")
+        small = thumbnail(image, max_side=max_side)
+    thumb = _to_rgb(small)
     root = zarr.open_group(output, mode="r")
     pyramid = root[labels]
     levels = sorted(int(k) for k in pyramid.array_keys())

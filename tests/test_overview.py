@@ -158,6 +158,10 @@ def test_a_large_image_gets_a_subsampled_overview_with_its_scale(tmp_path, model
     assert (window["start"], window["end"]) == pytest.approx(tuple(expected))
     assert (window["min"], window["max"]) == (0, 65535)
     assert read_record(out)["timings"]["overview_wall"] > 0
+    from pipeline.qc import overview_thumbnail
+
+    assert overview_thumbnail(out, max_side=64) is None  # coarser than asked: the input is read
+    np.testing.assert_array_equal(overview_thumbnail(out, max_side=16), image[None, ::16, ::16])
 
 
 def test_a_run_killed_while_writing_the_overview_resumes_to_the_same_output(
@@ -255,3 +259,29 @@ def test_display_windows_of_a_float_overview_skip_what_is_not_finite(tmp_path):
     expected = np.percentile(data[0][np.isfinite(data[0])], [1.0, 99.8])
     assert (windows[0]["start"], windows[0]["end"]) == pytest.approx(tuple(expected))
     assert (windows[1]["start"], windows[1]["end"]) == (0.0, 1.0)
+
+
+def test_qc_pictures_are_drawn_on_the_overview_without_reading_the_input(tmp_path, model):
+    from skimage.io import imread
+
+    from pipeline.qc import overlay_png, overview_thumbnail, thumbnail
+
+    image = np.random.default_rng(11).integers(0, 255, (256, 192), dtype=np.uint8)
+    slide = write_tiff(tmp_path / "a.ome.tif", image, axes="YX", tile=(32, 32), pyramid_levels=2)
+    out, with_p = tmp_path / "out.zarr", tmp_path / "p.zarr"
+    segment_image(slide, out, SegmentOptions(model=model, tile=32, chunk=32))
+    segment_image(slide, with_p, SegmentOptions(model=model, tile=32, chunk=32,
+                                                save_probabilities=True))  # fmt: skip
+    with open_image(slide) as lazy:
+        for side in (256, 128, 64):  # the overview is the whole image: any side is served
+            np.testing.assert_array_equal(
+                overview_thumbnail(out, max_side=side), thumbnail(lazy, max_side=side)
+            )
+        assert overview_thumbnail(out, max_side=100).shape == (1, 86, 64)  # every third pixel
+        from_input = overlay_png(lazy, with_p, tmp_path / "from-input.png", max_side=64)
+    assert overview_thumbnail(with_p, max_side=64) is None  # its root holds probabilities
+    slide.unlink()  # the input is gone: the overview still gives the picture
+    from_overview = overlay_png(None, out, tmp_path / "from-overview.png", max_side=64)
+    np.testing.assert_array_equal(imread(from_overview), imread(from_input))
+    with pytest.raises(ValueError, match="no overview"):
+        overlay_png(None, with_p, tmp_path / "none.png")
