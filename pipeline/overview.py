@@ -45,9 +45,9 @@ class OverviewSource:
 
 
 def overview_source(image: LazyImage, *, factor: int) -> OverviewSource:
-    """The coarsest pyramid level of ``image`` (at or below the level it was opened at) whose
-    pixels are at most ``factor`` of the image's own along every axis (1 % slack: scanners
-    round their level sizes)."""
+    """The coarsest pyramid level of ``image`` (the level it was opened at, or a coarser one)
+    whose pixels are at most ``factor`` of the image's own along every axis (1 % slack:
+    scanners round their level sizes)."""
     shape0 = image.spatial_shape
     level = image.level
     for k in range(image.level, image.n_levels):
