@@ -12,7 +12,6 @@ subsampled, by tasks that each own chunks of the overview.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,11 +94,9 @@ def _runs(index: np.ndarray, side: int) -> list[slice]:
     return runs
 
 
-def write_overview_block(args: tuple[str, OverviewSource, tuple[slice, ...]]) -> dict[str, int]:
-    """A task: read and write one chunk-aligned region of the overview."""
-    output, source, region = args
+def write_overview_block(output: str, source: OverviewSource, region: tuple[slice, ...]) -> None:
+    """Read and write one chunk-aligned region of the overview."""
     open_array(output, "0")[(slice(None), *region)] = read_overview(source, region)
-    return {"pixels": math.prod(s.stop - s.start for s in region)}
 
 
 def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:

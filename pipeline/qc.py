@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.ngff import LABELS_PATH, OVERVIEW_NAME
+from pipeline.ngff import LABELS_PATH, read_layout
 from pipeline.readers import LazyImage
 
 _FILL = np.array(
@@ -47,14 +47,12 @@ def overview_thumbnail(output: str | os.PathLike[str], *, max_side: int) -> np.n
     """Like :func:`thumbnail`, from the output's overview (its root image) instead of the input:
     nothing of the input is read again. None when the root holds no 2D overview, or one smaller
     than ``max_side`` that is not the whole image."""
-    root = zarr.open_group(output, mode="r")
-    multiscales = root.attrs.get("multiscales") or [{}]
-    if multiscales[0].get("name") != OVERVIEW_NAME or "0" not in root:
+    layout = read_layout(output)
+    if layout.overview is None or layout.ndim != 2:
         return None
-    overview = root["0"]
-    factor = multiscales[0].get("metadata", {}).get("kwargs", {}).get("factor")
+    overview = zarr.open_array(Path(output) / "0", mode="r", zarr_format=2)
     longest = max(overview.shape[-2:])
-    if overview.ndim != 3 or (longest < max_side and factor != 1):
+    if longest < max_side and layout.overview.factor != 1:
         return None
     step = max(1, math.ceil(longest / max_side))
     return np.asarray(overview[:, ::step, ::step])

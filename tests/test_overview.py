@@ -175,11 +175,11 @@ def test_a_run_killed_while_writing_the_overview_resumes_to_the_same_output(
     segment_image(slide, tmp_path / "reference.zarr", options)
     real, calls = pipeline.segment.write_overview_block, []
 
-    def killed_at_the_third(args):
+    def killed_at_the_third(*args):
         calls.append(args)
         if len(calls) == 3:
             raise Killed
-        return real(args)
+        return real(*args)
 
     out = tmp_path / "out.zarr"
     monkeypatch.setattr(pipeline.segment, "write_overview_block", killed_at_the_third)
