@@ -129,21 +129,34 @@ def _axes(ndim: int, *, channel: bool, unit: str | None) -> list[dict[str, str]]
     return axes
 
 
-def _multiscales(layout: OutputLayout, *, name: str, channel: bool) -> list[dict[str, Any]]:
+def _multiscales(
+    layout: OutputLayout,
+    *,
+    name: str,
+    channel: bool,
+    scales: Sequence[Sequence[float]] | None = None,
+    kind: str | None = None,
+    **extra: Any,
+) -> list[dict[str, Any]]:
+    """NGFF ``multiscales`` with one dataset per entry of ``scales`` (spatial scales; default:
+    the pyramid levels of ``layout``); ``kind`` defaults to "mean" with channels (probabilities)
+    and "nearest" without (labels)."""
     unit = "micrometer" if layout.pixel_size else None
-    datasets = []
-    for level in range(len(layout.levels)):
-        scale = ([1.0] if channel else []) + layout.scale(level)
-        datasets.append(
-            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-        )
+    if scales is None:
+        scales = [layout.scale(level) for level in range(len(layout.levels))]
+    lead = [1.0] if channel else []
+    datasets = [
+        {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": lead + list(s)}]}
+        for k, s in enumerate(scales)
+    ]
     return [
         {
             "version": NGFF_VERSION,
             "name": name,
             "axes": _axes(layout.ndim, channel=channel, unit=unit),
             "datasets": datasets,
-            "type": "nearest" if not channel else "mean",
+            "type": kind or ("mean" if channel else "nearest"),
+            **extra,
         }
     ]
 
@@ -212,24 +225,10 @@ def _overview_multiscales(layout: OutputLayout) -> list[dict[str, Any]]:
     assert layout.overview is not None
     factor = layout.overview.factor
     base = layout.pixel_size or (1.0,) * layout.ndim
-    unit = "micrometer" if layout.pixel_size else None
-    return [
-        {
-            "version": NGFF_VERSION,
-            "name": OVERVIEW_NAME,
-            "axes": _axes(layout.ndim, channel=True, unit=unit),
-            "datasets": [
-                {
-                    "path": "0",
-                    "coordinateTransformations": [
-                        {"type": "scale", "scale": [1.0, *(float(b) * factor for b in base)]}
-                    ],
-                }
-            ],
-            "type": "nearest",
-            "metadata": {"method": "tileseg.overview", "kwargs": {"factor": factor}},
-        }
-    ]
+    return _multiscales(
+        layout, name=OVERVIEW_NAME, channel=True, scales=[[float(b) * factor for b in base]],
+        kind="nearest", metadata={"method": "tileseg.overview", "kwargs": {"factor": factor}},
+    )  # fmt: skip
 
 
 def set_overview_display(
