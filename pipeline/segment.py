@@ -2,10 +2,10 @@
 
 The driver opens the image and the model only to learn shapes, checks everything that can be
 checked before any work starts, decides the normalisation, creates the output arrays, and then
-runs :func:`run_block` tasks. Each task reads its input windows (halo included, mirrored at the
-image border), infers in batches and writes its own chunk-aligned regions once. Pyramid levels
-follow, each computed from the level below, then the overview (``pipeline/overview.py``) and
-the object steps, and the provenance record is written last.
+runs the tasks of :mod:`pipeline.blocks`. Each task reads its input windows (halo included,
+mirrored at the image border), infers in batches and writes its own chunk-aligned regions
+once. Pyramid levels follow, each computed from the level below, then the overview
+(``pipeline/overview.py``) and the object steps, and the provenance record is written last.
 """
 
 from __future__ import annotations
@@ -13,30 +13,24 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import wait
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from pipeline import __version__, chunk_cache, worker
+from pipeline import __version__
+from pipeline.blocks import BlockTask, run_block, run_blocks, writing
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import (
-    Tile,
     TileGrid,
-    apply_window,
     group_tiles,
     plan_tiles,
-    window_read,
 )
 from pipeline.inference import (
-    Prediction,
     label_dtype,
     resolve_device,
 )
@@ -49,17 +43,14 @@ from pipeline.ngff import (
     create_output,
     downsample_region,
     forget_arrays,
-    half_region,
     level_regions,
     levels_in_tasks,
     mark_complete,
-    next_level,
     overview_factor,
     read_layout,
     read_record,
-    write_region,
 )
-from pipeline.normalize import Normalization, compute_normalization
+from pipeline.normalize import compute_normalization
 from pipeline.overview import (
     OverviewSource,
     finish_overview,
@@ -75,37 +66,17 @@ from pipeline.provenance import (
     mark_done,
     output_state,
 )
-from pipeline.readers import ImageSpec, LazyImage, open_image
-from pipeline.stages import run_stages
+from pipeline.readers import LazyImage, open_image
 from pipeline.tissue import TissueMask, tissue_mask
 from pipeline.worker import (
     RunSettings,
     batches_per_task,
-    cached_image,
     cached_predictor,
-    io_pool,
     local_workers,
     resolve_batch_size,
     resolve_numerics,
     shared_cpu,
 )
-
-
-@dataclass(frozen=True)
-class BlockTask:
-    """One task: a group of tiles of one image. Small and picklable; workers load the rest."""
-
-    image: ImageSpec
-    model: ModelSpec
-    normalization: Normalization
-    grid: TileGrid
-    tiles: tuple[tuple[int, ...], ...]
-    output: str
-    layout: OutputLayout
-    run: RunSettings
-    name: str  # completion marker written when every tile of the task is written
-    skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
-    levels: int = 0  # pyramid levels above 0 the task writes too (see ngff.levels_in_tasks)
 
 
 @dataclass
@@ -127,129 +98,11 @@ class SegmentResult:
         return float(np.prod(self.spatial_shape)) / 1e6 / max(self.seconds, 1e-9)
 
 
-def read_window(image: LazyImage, start, stop) -> np.ndarray:
-    """Read a (C, *window) input window whose parts outside the image are mirrored."""
-    plan = window_read(start, stop, image.spatial_shape)
-    return apply_window(image.read(plan.source), plan, first_spatial_axis=1)
-
-
-def run_block(task: BlockTask) -> dict[str, float]:
-    """Infer one block of tiles and write their outputs. Returns timings and counts.
-
-    Reads of the next batches and writes of the finished ones overlap inference (see
-    :mod:`pipeline.stages`); the task's done marker is written after the last write.
-    """
-    t0 = time.perf_counter()
-    image = cached_image(task.image)
-    chunks = image.chunk_shape
-    if chunks is not None:
-        chunk_cache.reserve(
-            window=task.grid.window, spatial_shape=image.spatial_shape,
-            bytes_per_pixel=image.n_channels * image.dtype.itemsize, tile_rows=chunks[-2],
-        )  # fmt: skip
-    predictor = cached_predictor(
-        task.model, task.run, window=task.grid.window, in_channels=image.n_channels
-    )
-    layout = task.layout
-    ldtype = np.dtype(layout.label_dtype)
-    pdtype = layout.probability_dtype
-    pixels = 0
-    skip = set(task.skip)
-    for index in task.skip:
-        tile = task.grid.tile_at(index)
-        labels = np.zeros(tile.shape, ldtype)
-        p = np.zeros((layout.classes, *tile.shape), pdtype) if pdtype else None
-        if p is not None and layout.classes > 1:
-            p[0] = 1  # background for certain, not "no class at all"
-        _write_levels(task, tile.region, labels, p)
-        pixels += int(np.prod(tile.shape))
-    tiles = [task.grid.tile_at(index) for index in task.tiles if index not in skip]
-    size = task.run.batch_size
-    batches = [tuple(tiles[i : i + size]) for i in range(0, len(tiles), size)]
-
-    def each(fn: Callable[[int], None], n: int) -> None:
-        if worker.parallel_io(predictor.device):
-            # Every one finishes before the first failure is raised: nothing of this task is
-            # still being written once it has failed.
-            futures = [io_pool().submit(fn, k) for k in range(n)]
-            wait(futures)
-            for future in futures:
-                future.result()
-        else:
-            for k in range(n):
-                fn(k)
-
-    def read(batch: tuple[Tile, ...]):
-        x, view = predictor.batch_buffer((len(batch), image.n_channels, *task.grid.window))
-
-        def fill(k: int) -> None:
-            tile = batch[k]
-            window = read_window(image, tile.window_start, tile.window_stop)
-            task.normalization.apply(window, out=view[k])
-
-        each(fill, len(batch))
-        return x
-
-    def infer(batch: tuple[Tile, ...], x) -> Prediction:
-        try:
-            return predictor.predict(x, label_dtype=ldtype, probability_dtype=pdtype)
-        except torch.cuda.OutOfMemoryError:
-            # Not retried in smaller batches behind the user's back: the batch size is part of
-            # the output's fingerprint (it can change the last bits of a float result).
-            window = "x".join(map(str, task.grid.window))
-            raise TilesegError(
-                "--batch-size",
-                f"out of memory on {predictor.device} with batches of {size} windows of "
-                f"{window} px: give a smaller --batch-size (or --tile) with --overwrite",
-            ) from None
-
-    def write(batch: tuple[Tile, ...], out: Prediction) -> None:
-        def put(k: int) -> None:
-            crop = batch[k].crop_region
-            labels = out.labels[k][crop]
-            p = out.probabilities
-            probs = None if p is None else p[k][(slice(None), *crop)]
-            _write_levels(task, batch[k].region, labels, probs)
-
-        each(put, len(batch))
-
-    times = run_stages(batches, read=read, infer=infer, write=write, depth=task.run.prefetch)
-    with _writing(task.output):
-        mark_done(task.output, task.name)
-    pixels += sum(int(np.prod(tile.shape)) for tile in tiles)
-    return {
-        **times.to_dict(), "tiles": len(tiles), "pixels": pixels,
-        "task": time.perf_counter() - t0,
-    }  # fmt: skip
-
-
-def _write_levels(
-    task: BlockTask, region: tuple[slice, ...], labels: np.ndarray, probs: np.ndarray | None
-) -> None:
-    """Write a tile's output at level 0 and at the pyramid levels its task owns, so that the
-    pyramid after the tasks only has the small levels left, not a second pass over level 0."""
-    for level in range(task.levels + 1):
-        if level:
-            labels, probs = next_level(labels, probs, layout=task.layout)
-            region = half_region(region)
-        with _writing(task.output):
-            write_region(task.output, region, labels, probs, level=level)
-
-
-@contextmanager
-def _writing(output: str) -> Iterator[None]:
-    """A full disk or an unwritable output is the user's to fix: one line, not a traceback."""
-    try:
-        yield
-    except OSError as exc:
-        raise TilesegError(output, f"cannot write output ({exc.strerror or exc})") from None
-
-
 def _pyramid_block(
     args: tuple[str, OutputLayout, int, tuple[slice, ...], str],
 ) -> dict[str, float]:
     output, layout, level, region, name = args
-    with _writing(output):
+    with writing(output):
         downsample_region(output, layout, level, region)
         mark_done(output, name)
     return {"tiles": 0}
@@ -406,7 +259,7 @@ def segment_image(
     }  # fmt: skip
     forget_arrays(output)
     if state != "partial":
-        with _writing(output):
+        with writing(output):
             create_output(
                 output, layout, overwrite=options.overwrite, attrs=record,
                 subdirs=[os.path.relpath(done_dir(output), output)],
@@ -449,10 +302,15 @@ def segment_image(
 
     t = time.perf_counter()
     with shared_cpu(options, workers):
-        results = run_tasks(
-            run_block, tasks, scheduler=options.scheduler, workers=workers,
-            on_done=on_done, resources=options.resources,
-        )  # fmt: skip
+        if options.scheduler is None and workers == 1:
+            # One task at a time here: as one stream of batches, the next task's first read
+            # and the last one's writes overlap inference instead of waiting for it.
+            results = [run_blocks(tasks, on_done=on_done)] if tasks else []
+        else:
+            results = run_tasks(
+                run_block, tasks, scheduler=options.scheduler, workers=workers,
+                on_done=on_done, resources=options.resources,
+            )  # fmt: skip
     infer_wall = time.perf_counter() - t
     t = time.perf_counter()
     for level in range(1 + levels, len(layout.levels)):
@@ -486,7 +344,7 @@ def segment_image(
             "megapixels_per_second": total / 1e6 / max(seconds, 1e-9),
         }
     )
-    with _writing(output):
+    with writing(output):
         mark_complete(output, record)
     return SegmentResult(
         os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record,
@@ -506,13 +364,13 @@ def _overview(
     ]
     jobs = [job for job in jobs if not is_done(output, job[-1])]
     run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
-    with _writing(output):
+    with writing(output):
         finish_overview(output, rgb="S" in image.axes)
 
 
 def _overview_block(args: tuple[str, OverviewSource, tuple[slice, ...], str]) -> dict[str, int]:
     output, source, region, name = args
-    with _writing(output):
+    with writing(output):
         write_overview_block(output, source, region)
         mark_done(output, name)
     return {"tiles": 0}
@@ -531,7 +389,7 @@ def _objects(
     }
     run = {"scheduler": options.scheduler, "workers": workers}
     if options.instances != "none" and not is_done(output, "instances"):
-        with _writing(output):
+        with writing(output):
             threshold = options.instance_threshold
             summary = label_instances(
                 output, watershed=options.instances == "watershed",
@@ -542,7 +400,7 @@ def _objects(
             found["instances"] = summary.to_dict()
             mark_done(output, "instances", found["instances"])
     if options.table != "none" and not is_done(output, "table"):
-        with _writing(output):
+        with writing(output):
             table = measure_objects(
                 output, image, table_path=Path(output) / f"objects.{options.table}",
                 format=options.table, pixel_size=image.pixel_size, **run,

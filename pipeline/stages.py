@@ -56,6 +56,7 @@ def run_stages(
     infer: Callable[[T, A], B],
     write: Callable[[T, B], None],
     depth: int = 2,
+    after: Callable[[T], None] | None = None,
 ) -> StageTimes:
     """``write(item, infer(item, read(item)))`` for every item.
 
@@ -64,6 +65,8 @@ def run_stages(
     in threads. ``depth=0`` runs everything serially in the calling thread. Returns once every
     write has finished. The first exception of any stage is raised after the threads have
     stopped, so a caller that marks work done afterwards never marks a failed write done.
+    ``after(item)``, when given, runs in the calling thread once the item's write has finished,
+    in the order of ``items``, and never after a failure of an earlier item.
     """
     times = StageTimes()
     read_t, infer_t, write_t = (times.timed(s, f) for s, f in
@@ -72,11 +75,13 @@ def run_stages(
         for item in items:
             write_t(item, infer_t(item, read_t(item)))
             times.items += 1
+            if after is not None:
+                after(item)
         return times
     readers = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="tileseg-read")
     writers = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="tileseg-write")
     reads: deque[Future[A]] = deque()
-    writes: deque[Future[None]] = deque()
+    writes: deque[tuple[T, Future[None]]] = deque()
     submitted = 0
 
     def read_ahead() -> None:
@@ -84,6 +89,12 @@ def run_stages(
         while submitted < len(items) and len(reads) < depth:
             reads.append(readers.submit(read_t, items[submitted]))
             submitted += 1
+
+    def finish_oldest() -> None:
+        item, written = writes.popleft()
+        written.result()
+        if after is not None:
+            after(item)
 
     try:
         read_ahead()
@@ -94,14 +105,14 @@ def run_stages(
             read_ahead()
             out = infer_t(item, data)
             del data  # the input batch is not needed while the write queue drains
-            writes.append(writers.submit(write_t, item, out))
+            writes.append((item, writers.submit(write_t, item, out)))
             times.items += 1
             t = time.perf_counter()
-            while len(writes) > depth or (writes and writes[0].done()):
-                writes.popleft().result()
+            while len(writes) > depth or (writes and writes[0][1].done()):
+                finish_oldest()
             times.stall += time.perf_counter() - t
         while writes:
-            writes.popleft().result()
+            finish_oldest()
     finally:
         readers.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True, cancel_futures=True)

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
 
 from pipeline import chunk_cache
+from pipeline.blocks import read_window
 from pipeline.chunk_cache import CHUNKS, DecodedChunks
 from pipeline.errors import TilesegError
 from pipeline.readers import open_image
-from pipeline.segment import read_window
 
 RNG = np.random.default_rng(7)
 

@@ -97,11 +97,12 @@ def no_inference(monkeypatch) -> list[str]:
     """Make any inference fail loudly, and record attempts."""
     calls: list[str] = []
 
-    def refuse(task):
-        calls.append(task.name)
+    def refuse(tasks, **_):
+        calls.extend(task.name for task in ([tasks] if hasattr(tasks, "name") else tasks))
         raise AssertionError("inference ran for a slide that was already complete")
 
     monkeypatch.setattr("pipeline.segment.run_block", refuse)
+    monkeypatch.setattr("pipeline.segment.run_blocks", refuse)
     return calls
 
 

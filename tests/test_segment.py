@@ -256,6 +256,41 @@ def test_how_the_work_runs_does_not_change_a_byte(tmp_path, slide, model, monkey
     assert chunk_files(third) == chunk_files(first)
 
 
+def test_a_local_run_streams_its_tasks_through_one_pipeline(tmp_path, slide, model, monkeypatch):
+    """One task at a time (the CPU default): the tasks' batches go through one read / infer /
+    write stream, so a task's first read and its last write overlap its neighbours'
+    inference. Each task is marked done and reported once its tiles are written, and the
+    chunks are those of tasks run one by one by Dask's threads."""
+    import pipeline.blocks
+
+    streams, marked, progress = [], [], []
+    run_stages, mark_done = pipeline.blocks.run_stages, pipeline.blocks.mark_done
+
+    def stream(items, **kwargs):
+        streams.append(len(items))
+        return run_stages(items, **kwargs)
+
+    def mark(output, name, *args):
+        marked.append(name)
+        return mark_done(output, name, *args)
+
+    monkeypatch.setattr("pipeline.blocks.run_stages", stream)
+    monkeypatch.setattr("pipeline.blocks.mark_done", mark)
+    options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=4, save_probabilities=True)
+    out = tmp_path / "stream.zarr"
+    segment_image(slide[0], out, options, progress=lambda done, total: progress.append(done))
+    tasks = sorted(p.name for p in done_dir(out).glob("tiles-*"))
+    assert streams == [23] and len(tasks) == 23  # 90 tiles: 23 batches, one task each
+    assert marked == tasks
+    assert progress == sorted(progress) and len(progress) == 23 and progress[-1] == 300 * 260
+
+    streams.clear()
+    threads = tmp_path / "threads.zarr"
+    segment_image(slide[0], threads, dataclasses.replace(options, workers=2))
+    assert streams == [1] * 23  # a stream per task
+    assert chunk_files(threads) == chunk_files(out)
+
+
 @pytest.mark.parametrize(
     ("tile", "chunk", "in_tasks"),
     [(64, 64, 0), (128, 64, 1), (256, 64, 2), (128, 32, 2)],

@@ -24,6 +24,8 @@ class Recorder:
         self.max_ahead = 0
         self.fail = fail
         self.delay = delay
+        self.after: list[int] = []
+        self.after_threads: set[int] = set()
 
     def _maybe_fail(self, stage: str, item: int) -> None:
         if self.fail == (stage, item):
@@ -51,8 +53,17 @@ class Recorder:
             assert item not in self.written
             self.written[item] = out
 
+    def finished(self, item: int) -> None:
+        with self.lock:
+            assert item in self.written  # never before the item's own write has finished
+        self.after.append(item)
+        self.after_threads.add(threading.get_ident())
+
     def run(self, items, depth):
-        return run_stages(items, read=self.read, infer=self.infer, write=self.write, depth=depth)
+        return run_stages(
+            items, read=self.read, infer=self.infer, write=self.write, depth=depth,
+            after=self.finished,
+        )  # fmt: skip
 
 
 @settings(max_examples=40, deadline=None)
@@ -63,6 +74,8 @@ def test_every_item_is_written_once_from_its_own_read(n, depth):
     assert rec.written == {i: i * 10 + 1 for i in range(n)}
     assert rec.inferred == list(range(n))  # inference keeps the order of the items
     assert rec.infer_threads <= {threading.get_ident()}  # and runs in the calling thread
+    assert rec.after == list(range(n))  # `after` once per item, in order, in that thread
+    assert rec.after_threads <= {threading.get_ident()}
     assert times.items == n
     # Besides the item being inferred, reads run ahead by at most `depth` items.
     assert rec.max_ahead <= depth + 1
@@ -85,6 +98,7 @@ def test_the_first_failure_is_raised_and_later_items_are_not_written(stage, dept
     with pytest.raises(RuntimeError, match=f"{stage} 3 failed"):
         rec.run(list(range(20)), depth)
     assert 3 not in rec.written
+    assert rec.after == list(range(len(rec.after))) and len(rec.after) <= 3  # none from 3 on
     # Nothing far beyond the failure was written: at most the items already in flight.
     assert max(rec.written, default=-1) <= 3 + 2 * depth + 1
     # No stage thread is left running once run_stages has raised.

@@ -43,7 +43,7 @@ timeout "${TEST_SECONDS:-150}" "$PY" -m pytest -q -rA -p no:cacheprovider -o add
 echo "tests: exit $? (tests.log)"; grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" \
   "$OUT/tests.log" | tail -25
 timeout "${BENCH_SECONDS:-240}" "$PY" bench/run.py --device "$DEVICE" --size "${SIZE:-16384}" \
-  --batch-size auto --skip-rss --tissue-size "${TISSUE_SIZE:-8192}" \
+  --batch-size auto --repeats "${REPEATS:-1}" --skip-rss --tissue-size "${TISSUE_SIZE:-8192}" \
   --monai-size "${MONAI_SIZE:-4096}" --out "$BENCH" > "$OUT/bench.log" 2>&1
 echo "bench: exit $? (bench.log)"; tail -40 "$OUT/bench.log"
 # Last, so that running out of time cuts off only this: the bare forward by layout and folding.
