@@ -31,6 +31,7 @@ import numcodecs
 import numpy as np
 import zarr
 
+from pipeline import chunk_writer
 from pipeline.errors import TilesegError
 
 NGFF_VERSION = "0.4"
@@ -307,9 +308,9 @@ def write_region(
     level: int = 0,
 ) -> None:
     """Write one chunk-aligned region of labels (and probabilities) at a pyramid level."""
-    open_array(path, label_array_name(level))[tuple(region)] = labels
+    chunk_writer.write(open_array(path, label_array_name(level)), tuple(region), labels)
     if probabilities is not None:
-        open_array(path, str(level))[(slice(None), *region)] = probabilities
+        chunk_writer.write(open_array(path, str(level)), (slice(None), *region), probabilities)
 
 
 def level_regions(layout: OutputLayout, level: int, *, chunks_per_region: int = 4) -> list:

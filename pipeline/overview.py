@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import chunk_writer
 from pipeline.ngff import OutputLayout, level_regions, open_array, set_overview_display
 from pipeline.readers import ImageSpec, LazyImage
 from pipeline.worker import cached_image
@@ -96,7 +97,9 @@ def _runs(index: np.ndarray, side: int) -> list[slice]:
 
 def write_overview_block(output: str, source: OverviewSource, region: tuple[slice, ...]) -> None:
     """Read and write one chunk-aligned region of the overview."""
-    open_array(output, "0")[(slice(None), *region)] = read_overview(source, region)
+    chunk_writer.write(
+        open_array(output, "0"), (slice(None), *region), read_overview(source, region)
+    )
 
 
 def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:
