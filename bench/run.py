@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -148,22 +149,29 @@ def throughput(a: argparse.Namespace, out: Path) -> dict:
 def rss_vs_size(a: argparse.Namespace, out: Path) -> dict:
     """``segment`` with a cheap model of the same geometry on N x N and 2N x 2N.
 
-    Both with one batch per task: a small image has few batches, so its tasks hold one batch
-    each (``MIN_TASKS``) and their read-ahead and write-behind queues never fill, while a
-    large one's hold up to ``batches_per_task``. Compared as they come, the pair would measure
-    that step, which stops at the default's 4 batches per task, not growth with the image. The
-    2N x 2N slide is run once more with the defaults: the peak a large slide really has."""
+    Both with one batch per task, so that only their size differs (by default a small image's
+    tasks hold one batch each, ``MIN_TASKS``, and a large one's up to four). The 2N x 2N slide
+    is run once more with the defaults: the peak a large slide really has.
+    ``--repeats`` rounds of the three (one run's peak moves by tens of MiB from one run to the
+    next): each figure is the median of its runs, the ratio that of the two medians."""
     cheap = out / "cheap.safetensors"
     run_child(CHEAP_MODEL, str(cheap))
     common = [a.device, str(a.tile), str(a.batch_size), str(a.workers), "none"]
-    runs = {}
     n, big = a.size, 2 * a.size
     cases = ((f"{n}²", n, ["1"]), (f"{big}²", big, ["1"]), (f"{big}², defaults", big, []))
-    for name, size, per_task in cases:
-        ans, _ = run_child(SEGMENT, str(slide(out, size)), str(out / f"rss-{size}.zarr"),
-                           str(cheap), *common, *per_task)  # fmt: skip
-        keep = ("peak", "seconds", "batches_per_task")
-        runs[name] = {k: v for k, v in ans.items() if k.startswith(keep)}
+    rounds: dict[str, list[dict]] = {name: [] for name, _, _ in cases}
+    for _ in range(max(1, a.repeats)):
+        for name, size, per_task in cases:
+            ans, _ = run_child(SEGMENT, str(slide(out, size)), str(out / f"rss-{size}.zarr"),
+                               str(cheap), *common, *per_task)  # fmt: skip
+            keep = ("peak", "seconds", "batches_per_task")
+            rounds[name].append({k: v for k, v in ans.items() if k.startswith(keep)})
+    runs = {}
+    for name, answers in rounds.items():
+        medians = {k: statistics.median(x[k] for x in answers)
+                   for k in answers[0] if k.startswith(("peak", "seconds"))}  # fmt: skip
+        runs[name] = {**answers[0], **medians}
+        runs[name]["all_peak_rss_mib"] = [x["peak_rss_mib"] for x in answers]
     ratio = runs[f"{big}²"]["peak_rss_mib"] / runs[f"{n}²"]["peak_rss_mib"]
     return {"runs": runs, "ratio_4x_pixels": ratio}
 
@@ -257,13 +265,20 @@ def _rss_table(r: dict) -> list[str]:
         "| | " + " | ".join(r["runs"]) + " |",
         "| --- | --- | --- | --- |",
         "| batches per task | " + " | ".join(str(x["batches_per_task"]) for x in runs) + " |",
-        "| peak RSS MiB | " + " | ".join(f"{x['peak_rss_mib']:.0f}" for x in runs) + " |",
+        "| peak RSS MiB | " + " | ".join(_peaks(x) for x in runs) + " |",
         "| seconds | " + " | ".join(f"{x['seconds']:.1f}" for x in runs) + " |",
         "", f"ratio for 4x the pixels, same task structure: **{r['ratio_4x_pixels']:.3f}**",
     ]  # fmt: skip
     if any("peak_cuda_mib" in x for x in runs):
         lines.insert(4, "| peak CUDA MiB | " + " | ".join(_cuda(x) for x in runs) + " |")
     return lines
+
+
+def _peaks(run: dict) -> str:
+    """The median peak, and every run's when there were several."""
+    peaks = run.get("all_peak_rss_mib", [])
+    spread = f" ({', '.join(f'{p:.0f}' for p in peaks)})" if len(peaks) > 1 else ""
+    return f"{run['peak_rss_mib']:.0f}{spread}"
 
 
 def _monai_table(r: dict) -> list[str]:
@@ -290,7 +305,7 @@ def main() -> None:
         "--repeats",
         type=int,
         default=3,
-        help="segment / raw pairs of the throughput and host parts (median ratio)",
+        help="rounds of the throughput, host and rss parts (their medians)",
     )
     a = p.parse_args()
     out = Path(a.out).resolve()  # children run in the repository root
