@@ -48,7 +48,7 @@ def run_tasks(
     ----------
     scheduler
         ``None`` runs on Dask's embedded threaded scheduler with ``workers`` threads (no server;
-        with one, in the calling thread);
+        with one, in order in the calling thread);
         an address (``tcp://host:8786``) runs on that existing distributed cluster, where a lost
         worker's tasks are rescheduled elsewhere.
     on_done
@@ -59,18 +59,25 @@ def run_tasks(
     """
     if not items:
         return []
+    if scheduler is None and workers == 1:
+        # What Dask's synchronous scheduler does, without its first call's ~0.5 s of set-up:
+        # in order, in the calling thread. There a CPU forward's activations come from glibc's
+        # main heap, which keeps freed memory (pipeline/heap.py); any other thread's arena maps
+        # and page-faults them in anew for every batch.
+        results = []
+        for item in items:
+            results.append(result := fn(item))
+            if on_done:
+                on_done(result)
+        return results
     if scheduler is None:
         tasks = [
             dask.delayed(fn, pure=False)(item, dask_key_name=(name, i))
             for i, item in enumerate(items)
         ]
         progress = _Progress({t.key for t in tasks}, on_done) if on_done else nullcontext()
-        # One task at a time runs in the calling thread: in the main thread a CPU forward's
-        # activations come from glibc's main heap, which keeps freed memory (pipeline/heap.py);
-        # any other thread's arena maps and page-faults them in anew for every batch.
-        local = {"scheduler": "sync"} if workers == 1 else {"scheduler": "threads"}
         with progress:
-            return list(dask.compute(*tasks, **local, num_workers=workers))
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
     return _run_distributed(fn, items, scheduler=scheduler, on_done=on_done, resources=resources)
 
 
