@@ -17,6 +17,7 @@ from pipeline.config import (
     NORMALIZE,
     PRECISION,
     PROBABILITY_DTYPES,
+    SERIAL_CORES,
     TABLES,
     TISSUE,
 )
@@ -61,8 +62,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--compile", action=_OnOff, help="torch.compile the model (off by default)")
     p.add_argument(
-        "--prefetch", type=int,
-        help="batches read ahead of and written behind inference (default 2; 0: serial)",
+        "--prefetch", type=_int_or_auto,
+        help="batches read ahead of and written behind inference (auto: 0 on a CPU of up to "
+        f"{SERIAL_CORES} cores, else 2; 0: serial)",
     )  # fmt: skip
     p.add_argument("--normalize", choices=NORMALIZE)
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))

@@ -23,6 +23,8 @@ PROBABILITY_DTYPES = ("float16", "float32")
 TISSUE = ("none", "otsu", "triangle", "fixed")
 INSTANCES = ("none", "connected", "watershed")
 TABLES = ("none", "parquet", "csv")
+# On a CPU of at most this many cores, ``prefetch: auto`` runs the stages serially (worker.py).
+SERIAL_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class SegmentOptions:
     channels_last: str = "auto"  # channels-last on every device (faster on CPU and CUDA)
     fold_norm: str = "auto"  # batch norm folded into the convolutions (auto: on; faster)
     compile: bool = False  # torch.compile the model (pays off on long runs on a GPU)
-    prefetch: int = 2  # batches read ahead of, and written behind, inference (0: serial)
+    prefetch: int | str = "auto"  # batches read ahead of / written behind inference (0: serial)
     normalize: str = "percentile"
     percentiles: tuple[float, float] = (1.0, 99.8)
     scale: float | None = None
@@ -94,7 +96,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "channels_last": (str,),
     "fold_norm": (str,),
     "compile": (bool,),
-    "prefetch": (int,),
+    "prefetch": (int, str),
     "normalize": (str,),
     "percentiles": (list, tuple),
     "scale": (float, int, type(None)),
@@ -138,7 +140,7 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         raise bad(f"expected {names}, got {value!r}")
     if key in ("halo",) and value is not None and value < 0:
         raise bad("must be >= 0")
-    if key == "batch_size" and isinstance(value, str):
+    if key in ("batch_size", "prefetch") and isinstance(value, str):
         if value != "auto":
             raise bad(f"must be a number or auto, got {value!r}")
         return value

@@ -75,6 +75,7 @@ from pipeline.worker import (
     local_workers,
     resolve_batch_size,
     resolve_numerics,
+    resolve_prefetch,
     shared_cpu,
 )
 
@@ -246,7 +247,8 @@ def segment_image(
     )
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
-        compile=options.compile, prefetch=options.prefetch, batch_size=batch_size,
+        compile=options.compile, prefetch=resolve_prefetch(options, workers),
+        batch_size=batch_size,
     )  # fmt: skip
     per_task = batches_per_task(options, grid, run.batch_size)
     if resumed is not None:  # the tasks it left done wrote the levels of the version that ran

@@ -212,6 +212,7 @@ def test_bad_config_is_refused(tmp_path, slide, capsys):
         ("tile: [1\n", "invalid YAML"),
         ("batch_size: lots\n", "batch_size: must be a number or auto"),
         ("prefetch: -1\n", "prefetch: must be >= 0"),
+        ("prefetch: soon\n", "prefetch: must be a number or auto"),
         ("channels_last: sometimes\n", "channels_last: must be one of"),
         ("fold_norm: always\n", "fold_norm: must be one of"),
         ("compile: 1\n", "compile: expected bool"),
@@ -748,6 +749,33 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, slide, mo
     assert read_record(out)["status"] != "complete"
 
 
+@pytest.mark.parametrize(
+    ("given", "cores", "extra", "expected"),
+    [
+        ("auto", 2, {}, 0),  # the forward's threads take every core: the stages in turn
+        ("auto", 4, {}, 0),
+        ("auto", 8, {}, 2),  # a core to spare for reading and writing
+        ("auto", 2, {"workers": 2}, 2),
+        ("auto", 2, {"scheduler": "tcp://somewhere:8786"}, 2),
+        (3, 2, {}, 3),
+        (0, 8, {}, 0),
+    ],
+)
+def test_prefetch_auto_is_serial_on_a_cpu_of_few_cores(given, cores, extra, expected, monkeypatch):
+    from pipeline.worker import resolve_prefetch
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    options = SegmentOptions(prefetch=given, device="cpu", **extra)
+    assert resolve_prefetch(options, extra.get("workers", 1)) == expected
+
+
+def test_prefetch_takes_a_number_or_auto(tmp_path, slide, model):
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(slide[0]), str(out), "--model", model, "--no-progress"]
+    assert main([*args, "--prefetch", "auto"]) == 0
+    assert read_record(out)["config"]["prefetch"] == "auto"
+
+
 def test_example_config_lists_every_option_at_its_default():
     from dataclasses import fields, replace
     from pathlib import Path
@@ -766,6 +794,7 @@ def test_example_config_lists_every_option_at_its_default():
     "argv, problem",
     [
         (["segment", "a.tif", "b.zarr", "--batch-size", "x"], "expected a number or auto"),
+        (["segment", "a.tif", "b.zarr", "--prefetch", "soon"], "expected a number or auto"),
         (["segment", "a.tif"], "the following arguments are required: output"),
         (["segmnt", "a.tif", "b.zarr"], "invalid choice: 'segmnt'"),
         (["segment", "a.tif", "b.zarr", "--tissue", "maybe"], "argument --tissue: invalid choice"),
