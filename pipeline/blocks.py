@@ -4,8 +4,9 @@ A :class:`BlockTask` is small and picklable; the worker that runs it opens the i
 model itself (cached per process). :func:`run_block` is what a Dask worker runs for one task;
 :func:`run_blocks` runs several tasks in the calling thread as one stream of batches, so that
 the reads of a task's first batch and the writes of its last overlap the forwards of its
-neighbours instead of waiting for them (a local run with one task at a time: the CPU default).
-Either way a task's done marker is written only once every tile of it is written.
+neighbours instead of waiting for them (a local run with one task at a time, as on the CPU;
+with ``prefetch`` 0, the default on a CPU of few cores, the stages take turns). Either way a
+task's done marker is written only once every tile of it is written.
 """
 
 from __future__ import annotations
