@@ -90,13 +90,15 @@ def test_chunks_written_directly_are_zarrs_files_byte_for_byte(tmp_path_factory,
 
 
 def test_arrays_zarr_must_write_are_written_by_zarr(tmp_path):
-    """Another fill value, filters, zarr v3: zarr writes them, with the same result."""
+    """Another fill value, filters, zarr v3, empty chunks stored: zarr writes them."""
     data = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    stored = create(tmp_path / "empty", (8, 8), (4, 4), "<u2", config={"write_empty_chunks": True})
     cases = {
         "fill": create(tmp_path / "fill", (8, 8), (4, 4), "<u2", fill_value=7),
         "v3": zarr.create_array(tmp_path / "v3", shape=(8, 8), chunks=(4, 4), dtype="<u2"),
         "filters": create(tmp_path / "filters", (8, 8), (4, 4), "<u2",
                           filters=[__import__("numcodecs").Delta(dtype="<u2")]),
+        "empty chunks stored": stored,
     }  # fmt: skip
     for name, array in cases.items():
         assert ChunkWriter.of(array) is None, name
