@@ -188,8 +188,9 @@ class _Block:
         predictor = self.predictor
         try:
             return predictor.predict(
-                x, label_dtype=self.label_dtype, probability_dtype=self.probability_dtype
-            )
+                x, label_dtype=self.label_dtype, probability_dtype=self.probability_dtype,
+                labels_from=self.task.run.labels_from,
+            )  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             # Not retried in smaller batches behind the user's back: the batch size is part of
             # the output's fingerprint (it can change the last bits of a float result).

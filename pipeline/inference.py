@@ -1,7 +1,10 @@
 """Running a model on batches of tiles, and the whole-image reference pass.
 
 The model returns logits (N, C, *spatial). Probabilities are the softmax over C (the sigmoid
-when C == 1); labels are the argmax (p > 0.5 when C == 1).
+when C == 1); labels are the argmax of the logits (logit > 0 when C == 1), so no softmax is
+computed unless probabilities are saved. That is the argmax of the probabilities too, except
+where the softmax rounds two different logits to one probability; outputs begun by versions
+that took labels from the probabilities resume so (``labels_from`` in the record).
 
 On CUDA the batch travels through pinned host memory with non-blocking copies, the model may
 run in channels-last layout, under autocast and compiled, and only what is kept comes back:
@@ -270,16 +273,24 @@ class Predictor:
         *,
         label_dtype: np.dtype | str = np.uint8,
         probability_dtype: np.dtype | str | None = None,
+        labels_from: str = "logits",
     ) -> Prediction:
         """Labels and (when ``probability_dtype`` is given) probabilities of a (N, Cin, *window)
         batch, computed on the device; only those cross back to the host (asynchronously on
-        CUDA: see :class:`Prediction`)."""
+        CUDA: see :class:`Prediction`). ``labels_from`` is one of :data:`LABELS_FROM`."""
         label_dtype = np.dtype(label_dtype)
+        if labels_from not in LABELS_FROM:
+            raise ValueError(f"labels_from must be one of {LABELS_FROM}, not {labels_from!r}")
         with torch.inference_mode():
-            p = _probabilities(self.logits(batch))
+            logits = self.logits(batch)
+            wanted = probability_dtype is not None or labels_from == "probabilities"
+            p = _probabilities(logits) if wanted else None
             # uint8 labels travel as uint8; wider ones as int32 (torch has few uint16 ops).
             wide = torch.uint8 if label_dtype.itemsize == 1 else torch.int32
-            labels = (p[:, 0] > 0.5).to(wide) if p.shape[1] == 1 else _argmax(p, dtype=wide)
+            if labels_from == "logits":
+                labels = _labels(logits, threshold=0.0, dtype=wide)
+            else:
+                labels = _labels(p, threshold=0.5, dtype=wide)
             keep = [labels]
             if probability_dtype is not None:
                 keep.append(p.to(_TORCH_FLOATS[np.dtype(probability_dtype).name]))
@@ -323,15 +334,26 @@ class Predictor:
 _TORCH_FLOATS = {"float16": torch.float16, "float32": torch.float32}
 
 
+# Where labels come from: the logits, or (outputs begun by earlier versions) the probabilities.
+LABELS_FROM = ("logits", "probabilities")
+LEGACY_LABELS_FROM = "probabilities"  # what an output's record without ``labels_from`` used
+
+
+def _labels(y: torch.Tensor, *, threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """Labels from logits (``threshold`` 0) or probabilities (0.5) of shape (N, C, *out)."""
+    return (y[:, 0] > threshold).to(dtype) if y.shape[1] == 1 else _argmax(y, dtype=dtype)
+
+
 def _argmax(p: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
     """``argmax`` over axis 1, the first maximum on ties (as numpy), one pass per class:
     torch.argmax over a non-innermost axis is ~30x slower on the CPU than this."""
+    if p.shape[1] == 2:  # one comparison: 7x faster than the loop
+        return (p[:, 1] > p[:, 0]).to(dtype)
     best = p[:, 0].clone()
     labels = torch.zeros(best.shape, dtype=dtype, device=p.device)
     for c in range(1, p.shape[1]):
-        better = p[:, c] > best
-        labels[better] = c
-        best = torch.maximum(best, p[:, c])
+        labels.masked_fill_(p[:, c] > best, c)  # in place: boolean indexing is slower
+        torch.maximum(best, p[:, c], out=best)
     return labels
 
 

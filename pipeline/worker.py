@@ -26,6 +26,7 @@ from pipeline.execution import run_tasks
 from pipeline.geometry import TileGrid
 from pipeline.inference import (
     LEGACY_AUTO_LAYOUT,
+    LEGACY_LABELS_FROM,
     TASKS_PER_GPU,
     Predictor,
     auto_batch_size,
@@ -49,6 +50,7 @@ class RunSettings:
     compile: bool = False
     batch_size: int = 4
     prefetch: int = 2
+    labels_from: str = "logits"  # see pipeline.inference.LABELS_FROM
 
 
 # Per-process caches: a worker loads each image handle and each model once, not per tile.
@@ -204,15 +206,19 @@ NUMERICS = {"channels_last": ("on", LEGACY_AUTO_LAYOUT), "fold_norm": ("on", "of
 def resolve_numerics(
     options: SegmentOptions, *, resumed: Mapping[str, Any] | None
 ) -> dict[str, str]:
-    """The model's layout and batch-norm folding for a run: as given, ``auto`` being ``on``.
-    A resumed run (``resumed``: the record's ``run`` of the run it continues) keeps the
-    settings of that run, so that the chunks it redoes are byte-identical to its done ones."""
+    """The model's layout and batch-norm folding for a run: as given, ``auto`` being ``on``,
+    and where its labels come from (not an option). A resumed run (``resumed``: the record's
+    ``run`` of the run it continues) keeps the settings of that run, so that the chunks it
+    redoes are byte-identical to its done ones."""
     numerics = {}
     for key, (new, legacy) in NUMERICS.items():
         value = getattr(options, key)
         if value == "auto":
             value = new if resumed is None else str(resumed.get(key, legacy))
         numerics[key] = value
+    numerics["labels_from"] = (
+        "logits" if resumed is None else str(resumed.get("labels_from", LEGACY_LABELS_FROM))
+    )
     return numerics
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from modelfiles import save_tied_softmax_model
 
 from pipeline.config import SegmentOptions
 from pipeline.inference import (
@@ -28,6 +29,10 @@ def labels_from_probabilities(p: np.ndarray) -> np.ndarray:
     return (p[0] > 0.5).astype(np.uint8) if p.shape[0] == 1 else np.argmax(p, 0).astype(np.uint8)
 
 
+def labels_from_logits(y: np.ndarray) -> np.ndarray:
+    return (y[0] > 0).astype(np.uint8) if y.shape[0] == 1 else np.argmax(y, 0).astype(np.uint8)
+
+
 def loaded(tmp_path, **config):
     path = tmp_path / "m.safetensors"
     save_unet(seeded_unet(UNetConfig(depth=2, width=4, **config), seed=0), path)
@@ -40,15 +45,18 @@ def batch(model, n=2, extra=8, seed=0):
     return rng.normal(size=(n, 1, side, side)).astype(np.float32)
 
 
-@pytest.mark.parametrize("classes", [1, 3])
-def test_labels_on_the_device_match_labels_from_probabilities(tmp_path, classes):
+@pytest.mark.parametrize("classes", [1, 2, 3])
+def test_labels_on_the_device_match_their_definition(tmp_path, classes):
     model = loaded(tmp_path, classes=classes)
     predictor = Predictor.create(model, device="cpu")
     x = batch(model)
     out = predictor.predict(x, probability_dtype="float32")
     assert out.labels.dtype == np.uint8 and out.probabilities.dtype == np.float32
+    logits = predictor.logits(x).numpy()
+    np.testing.assert_array_equal(out.labels, np.stack([labels_from_logits(y) for y in logits]))
+    legacy = predictor.predict(x, labels_from="probabilities").labels
     expected = np.stack([labels_from_probabilities(p) for p in out.probabilities])
-    np.testing.assert_array_equal(out.labels, expected)
+    np.testing.assert_array_equal(legacy, expected)
     np.testing.assert_array_equal(out.probabilities, predictor.probabilities(x))
     # Only what is kept comes back: no probabilities unless asked, in the asked dtype.
     assert predictor.predict(x).probabilities is None
@@ -151,6 +159,25 @@ def test_cpu_batch_size_and_devices(tmp_path):
         # workers not given: one local task at a time on the CPU (a forward uses every core)
         assert local_workers(SegmentOptions()) == 1
     assert local_workers(SegmentOptions(device="cpu")) == 1
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3])
+def test_labels_come_from_the_logits_unless_asked_for_from_the_probabilities(tmp_path, classes):
+    model = load_model(
+        ModelSpec(save_tied_softmax_model(tmp_path / "m.safetensors", classes=classes))
+    )
+    predictor = Predictor.create(model, device="cpu")
+    x = batch(model)
+    out = predictor.predict(x, probability_dtype="float32")
+    assert np.all(out.labels == classes - (classes > 1))  # the last logit is the largest
+    tied = out.probabilities[:, -1] == (0.5 if classes == 1 else out.probabilities[:, 0])
+    assert tied.all()  # else this test could not fail
+    legacy = predictor.predict(x, labels_from="probabilities", probability_dtype="float32")
+    assert np.all(legacy.labels == 0)
+    np.testing.assert_array_equal(legacy.probabilities, out.probabilities)
+    assert np.array_equal(predictor.predict(x).labels, out.labels)  # saved or not: the same
+    with pytest.raises(ValueError, match="labels_from"):
+        predictor.predict(x, labels_from="softmax")
 
 
 @given(classes=st.integers(2, 6), seed=st.integers(0, 2**16))

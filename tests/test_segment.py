@@ -15,6 +15,7 @@ import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
+from modelfiles import save_tied_softmax_model
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 from outputs import assert_pyramid_from_level_below, chunk_files
@@ -410,6 +411,37 @@ def test_a_resumed_run_keeps_the_numerics_of_the_run_it_continues(
         else:  # the redone task's tiles, and only they, are those of the plain setting
             assert redone.any()
             np.testing.assert_array_equal(got[redone], expected_plain[redone])
+
+
+@pytest.mark.parametrize("save_probabilities", [False, True])
+def test_a_resumed_run_takes_labels_from_where_the_run_it_continues_took_them(
+    tmp_path, slide, save_probabilities
+):
+    """Labels are the argmax of the logits; outputs begun when they were that of the
+    probabilities (no ``labels_from`` in the record) resume so. The model's logits differ by
+    1e-8, which the softmax rounds to a tie: the two give other labels everywhere."""
+    model = save_tied_softmax_model(tmp_path / "tied.safetensors", classes=2)
+    options = SegmentOptions(model=model, tile=64, chunk=64, batch_size=2,
+                             save_probabilities=save_probabilities)  # fmt: skip
+    out = tmp_path / "out.zarr"
+    segment_image(slide[0], out, options)
+    assert read_record(out)["run"]["labels_from"] == "logits"
+
+    def labels():
+        return zarr.open_group(out, mode="r")[f"{LABELS_PATH}/0"][...]
+
+    assert np.all(labels() == 1)
+    for recorded, expected in (({"labels_from": "logits"}, 1), ({}, 0)):
+        sorted(done_dir(out).iterdir())[-1].unlink()  # one task left to do: a partial run
+        root = zarr.open_group(out, mode="r+", zarr_format=2)
+        run = {k: v for k, v in root.attrs["tileseg"]["run"].items() if k != "labels_from"}
+        root.attrs["tileseg"] = {**root.attrs["tileseg"], "status": "running",
+                                 "run": {**run, **recorded}}  # fmt: skip
+        result = segment_image(slide[0], out, options)
+        assert result.resumed_tasks > 0
+        got = labels()
+        assert read_record(out)["run"]["labels_from"] == ("logits" if expected else "probabilities")
+        assert 0 < (got == expected).sum() < got.size if expected == 0 else np.all(got == 1)
 
 
 def test_outputs_made_before_an_option_was_added_keep_their_fingerprint(slide):

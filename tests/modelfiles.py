@@ -1,0 +1,22 @@
+"""Model files with a known output, written for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.models import UNetConfig, save_unet, seeded_unet
+
+
+def save_tied_softmax_model(path: Path, *, classes: int) -> str:
+    """A U-Net whose logits everywhere are 0 but the last, 1e-8: different logits whose softmax
+    (for one class: sigmoid, against 0.5) rounds to a tie in float32. Its labels from the
+    logits are the last class everywhere; from the probabilities, 0."""
+    model = seeded_unet(UNetConfig(depth=1, width=2, classes=classes), seed=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.head.bias[-1] = 1e-8
+    save_unet(model, path)
+    return str(path)
