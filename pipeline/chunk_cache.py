@@ -6,8 +6,9 @@ the area of 2 x 2, and every file tile is decoded by the four windows around it 
 Zarr chunks, 3 x 3 chunks for the area of one). Decoding (deflate, LZW, JPEG, blosc) is most
 of the cost of a read, which is what a GPU waits on. So decoded tiles go into one
 least-recently-used cache per process, :data:`CHUNKS`, shared by every reader thread and
-bounded in bytes: TIFF tiles through :class:`CachedStore` under tifffile's Zarr store, Zarr
-chunks through :func:`read_chunks` (zarr keeps none). Windows are read in raster order, so a
+bounded in bytes: the tiles of a one-page TIFF level and Zarr chunks through
+:func:`read_chunks` (zarr keeps none; see :mod:`pipeline.tiff_tiles`), other TIFF levels' tiles
+through :class:`CachedStore` under tifffile's Zarr store. Windows are read in raster order, so a
 band of tiles one window high and the image wide is what gets reused; :func:`reserve` makes
 room for it (within :data:`MAX_BYTES`)."""
 
@@ -17,7 +18,7 @@ import asyncio
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -162,10 +163,19 @@ _loading: dict[Hashable, threading.Event] = {}
 _loading_lock = threading.Lock()
 
 
-def read_chunks(array: Any, index: tuple[Any, ...], *, namespace: Hashable) -> np.ndarray:
+def read_chunks(
+    array: Any,
+    index: tuple[Any, ...],
+    *,
+    namespace: Hashable,
+    decode: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+) -> np.ndarray:
     """``array[index]`` (one slice without step or one int per axis) assembled from whole
     chunks kept in :data:`CHUNKS`: a window of a Zarr input decodes each chunk it touches
-    once per run, not once per window. zarr itself keeps no decoded chunks."""
+    once per run, not once per window. zarr itself keeps no decoded chunks.
+
+    ``decode`` gives the whole chunk (cut at the array's end) at grid coordinates; without it
+    a chunk is read as ``array[region]``, and a read of many tiny chunks is left to zarr."""
     grid, shape = tuple(array.chunks), tuple(array.shape)
     spans, keep = [], []
     for sel, n in zip(index, shape, strict=True):
@@ -177,14 +187,14 @@ def read_chunks(array: Any, index: tuple[Any, ...], *, namespace: Hashable) -> n
             spans.append((int(sel), int(sel) + 1))
             keep.append(0)
     ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(spans, grid, strict=True)]
-    if np.prod([len(r) for r in ranges]) > MAX_CHUNKS_PER_READ:
+    if decode is None and np.prod([len(r) for r in ranges]) > MAX_CHUNKS_PER_READ:
         # Tiny chunks (or tiny inner chunks of shards): one call per chunk would cost more
         # than decoding them again; zarr reads them concurrently.
         return np.asarray(array[index])
     out = np.empty([b - a for a, b in spans], array.dtype)
     if out.size:
         for coords in itertools.product(*ranges):
-            chunk = _chunk(array, coords, grid, shape, (namespace, coords))
+            chunk = _chunk(array, coords, grid, shape, (namespace, coords), decode)
             dst, src = [], []
             for (a, b), i, c in zip(spans, coords, grid, strict=True):
                 lo, hi = max(a, i * c), min(b, (i + 1) * c)
@@ -194,7 +204,9 @@ def read_chunks(array: Any, index: tuple[Any, ...], *, namespace: Hashable) -> n
     return out[tuple(keep)]
 
 
-def _chunk(array: Any, coords: tuple[int, ...], grid, shape, name: Hashable) -> np.ndarray:
+def _chunk(
+    array: Any, coords: tuple[int, ...], grid, shape, name: Hashable, decode=None
+) -> np.ndarray:
     """One whole chunk (cut at the array's end), decoded once however many threads want it."""
     while True:
         chunk = CHUNKS.get(name)
@@ -208,10 +220,14 @@ def _chunk(array: Any, coords: tuple[int, ...], grid, shape, name: Hashable) -> 
                 break
         loading.wait()  # then from the cache, or (it failed, or was evicted) decoded here
     try:
-        region = tuple(
-            slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, grid, shape, strict=True)
-        )
-        chunk = np.asarray(array[region])
+        if decode is not None:
+            chunk = decode(coords)
+        else:
+            region = tuple(
+                slice(i * c, min((i + 1) * c, n))
+                for i, c, n in zip(coords, grid, shape, strict=True)
+            )
+            chunk = np.asarray(array[region])
         CHUNKS.put(name, chunk)
         return chunk
     finally:

@@ -30,6 +30,7 @@ import zarr
 from pipeline.chunk_cache import CachedStore
 from pipeline.errors import TilesegError
 from pipeline.tiff_guards import GuardedArray, GuardedStore, check_not_truncated, tifffile_logs
+from pipeline.tiff_tiles import TiffTiles
 
 __all__ = [
     "ArrayHandle",
@@ -210,8 +211,13 @@ def _tiff_handle(path: str, tif: tifffile.TiffFile, level: int, series: int) -> 
         dtype = np.dtype(tif.byteorder + this.dtype.char)
         tif.close()  # (a cut file was refused by check_not_truncated)
         return ArrayHandle(np.memmap(path, dtype, "r", this.dataoffset, tuple(this.shape)))
+    namespace = _file_version(path, this, series, level)
+    tiles = TiffTiles.of(path, this, namespace=namespace)
+    if tiles is not None:  # one page: its tiles read directly (see pipeline/tiff_tiles.py)
+        tif.close()  # parsed; the tiles hold their own descriptor
+        return ArrayHandle(tiles, tiles.close)
     store = tseries.aszarr(level=level, maxworkers=_THREADED_DECODE)
-    store = GuardedStore(CachedStore(store, namespace=_file_version(path, this, series, level)))
+    store = GuardedStore(CachedStore(store, namespace=namespace))
     return ArrayHandle(GuardedArray(zarr.open_array(store, mode="r")), tif.close)
 
 

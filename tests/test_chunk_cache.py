@@ -32,10 +32,26 @@ def fresh_cache():
     CHUNKS.capacity = chunk_cache.MIN_BYTES
 
 
-def image_file(tmp_path, shape=(2, 192, 256), tile=(32, 32), name="img.ome.tif"):
+# Channels as pages (read through tifffile's Zarr store) or as the samples of one page (its
+# tiles read directly, pipeline/tiff_tiles.py): a tile holds one channel or all of them.
+LAYOUTS = ("pages", "samples")
+
+
+def image_file(tmp_path, shape=(2, 192, 256), tile=(32, 32), name="img.ome.tif", layout="pages"):
+    if layout == "samples":
+        shape = (3, *shape[1:])  # RGB
     data = RNG.integers(0, 4096, size=shape, dtype=np.uint16)
-    path = write_tiff(tmp_path / name, data, axes="CYX", tile=tile, compression="zlib")
+    if layout == "pages":
+        path = write_tiff(tmp_path / name, data, axes="CYX", tile=tile, compression="zlib")
+    else:
+        rgb = np.moveaxis(data, 0, -1)
+        path = write_tiff(tmp_path / name, rgb, axes="YXS", tile=tile, compression="zlib")
     return data, path
+
+
+def planes(layout: str, data: np.ndarray) -> int:
+    """Tiles per tile position: one per channel for pages, one for the samples of a page."""
+    return data.shape[0] if layout == "pages" else 1
 
 
 def windows(shape, *, tile, halo):
@@ -64,54 +80,62 @@ def random_windows_are_exact(image, data: np.ndarray, *, seed: int, count: int =
     image.close()
 
 
-def test_each_tile_is_decoded_once_for_a_raster_of_windows(tmp_path):
-    data, path = image_file(tmp_path)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_tile_is_decoded_once_for_a_raster_of_windows(tmp_path, layout):
+    data, path = image_file(tmp_path, layout=layout)
     image = open_image(path)
     for start, stop in windows((192, 256), tile=64, halo=10):
         np.testing.assert_array_equal(read_window(image, start, stop), mirrored(data, start, stop))
-    # Every tile of each channel plane once, though the windows overlap the tiles.
-    assert CHUNKS.decodes == 2 * (192 // 32) * (256 // 32)
+    # Every tile once, though the windows overlap the tiles.
+    assert CHUNKS.decodes == planes(layout, data) * (192 // 32) * (256 // 32)
     assert CHUNKS.hits > CHUNKS.decodes  # each tile reached by several windows
     image.close()
 
 
-def test_concurrent_readers_decode_a_shared_tile_once(tmp_path):
-    data, path = image_file(tmp_path)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_concurrent_readers_decode_a_shared_tile_once(tmp_path, layout):
+    data, path = image_file(tmp_path, layout=layout)
     image = open_image(path)
     jobs = windows((192, 256), tile=64, halo=10) * 3
     with ThreadPoolExecutor(8) as pool:
         reads = list(pool.map(lambda w: read_window(image, *w), jobs))
     for (start, stop), got in zip(jobs, reads, strict=True):
         np.testing.assert_array_equal(got, mirrored(data, start, stop))
-    assert CHUNKS.decodes == 2 * 48
+    assert CHUNKS.decodes == planes(layout, data) * 48
     image.close()
 
 
 @settings(max_examples=40, deadline=None)
-@given(capacity_tiles=st.integers(0, 12), seed=st.integers(0, 2**16))
-def test_reads_stay_exact_and_memory_bounded_while_evicting(tmp_path_factory, capacity_tiles, seed):
+@given(
+    capacity_tiles=st.integers(0, 12), seed=st.integers(0, 2**16), layout=st.sampled_from(LAYOUTS)
+)
+def test_reads_stay_exact_and_memory_bounded_while_evicting(
+    tmp_path_factory, capacity_tiles, seed, layout
+):
     tmp_path = tmp_path_factory.mktemp("evict")
-    data, path = image_file(tmp_path, shape=(2, 96, 128))
+    data, path = image_file(tmp_path, shape=(2, 96, 128), layout=layout)
     CHUNKS.clear()
-    tile_bytes = 32 * 32 * 2  # a tile of one channel plane
+    tile_bytes = 32 * 32 * 2 * (data.shape[0] // planes(layout, data))  # one tile of the file
     CHUNKS.capacity = capacity_tiles * tile_bytes
     random_windows_are_exact(open_image(path), data, seed=seed)
 
 
-def test_file_rewritten_in_place_is_read_anew(tmp_path):
-    first, path = image_file(tmp_path)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_file_rewritten_in_place_is_read_anew(tmp_path, layout):
+    first, path = image_file(tmp_path, layout=layout)
     image = open_image(path)
     np.testing.assert_array_equal(image.read((slice(0, 64), slice(0, 64))), first[:, :64, :64])
     image.close()
-    second, same = image_file(tmp_path)  # the same path, written again at once
+    second, same = image_file(tmp_path, layout=layout)  # the same path, written again at once
     assert same == path
     image = open_image(path)
     np.testing.assert_array_equal(image.read((slice(0, 64), slice(0, 64))), second[:, :64, :64])
     image.close()
 
 
-def test_a_failed_decode_is_not_kept(tmp_path):
-    data, path = image_file(tmp_path, shape=(1, 64, 64))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_failed_decode_is_not_kept(tmp_path, layout):
+    data, path = image_file(tmp_path, shape=(2, 64, 64), layout=layout)
     raw = bytearray(path.read_bytes())
     image = open_image(path)
     np.testing.assert_array_equal(image.read((slice(0, 32), slice(0, 32))), data[:, :32, :32])

@@ -277,11 +277,14 @@ def test_resumed_after_the_object_steps_the_record_keeps_their_summaries(
     assert record["table"]["objects"] == record["instances"]["objects"]
 
 
-def _many_corrupt_tiles(path):
+def _many_corrupt_tiles(path, *, channels: int = 0):
     """A 2048x2048 zlib TIFF of 64x64 tiles with every third tile overwritten by garbage: one
-    window read touches hundreds of tiles, many of them failing to decode."""
-    image = np.random.default_rng(3).integers(0, 255, (2048, 2048)).astype(np.uint8)
-    path = write_tiff(path, image, axes="YX", tile=(64, 64), compression="zlib")
+    window read touches hundreds of tiles, many of them failing to decode. With ``channels``,
+    one page per channel (read through tifffile's Zarr store), the first one's tiles broken."""
+    shape = (channels, 2048, 2048) if channels else (2048, 2048)
+    image = np.random.default_rng(3).integers(0, 255, shape).astype(np.uint8)
+    axes = "CYX" if channels else "YX"
+    path = write_tiff(path, image, axes=axes, tile=(64, 64), compression="zlib")
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         tiles = list(zip(page.dataoffsets, page.databytecounts, strict=True))[::3]
@@ -306,7 +309,8 @@ def test_failed_read_leaves_no_chunk_read_running(tmp_path):
     async def others() -> int:
         return len(asyncio.all_tasks()) - 1  # the zarr loop's tasks, less this one
 
-    image = open_image(_many_corrupt_tiles(tmp_path / "bad.tif"))
+    image = open_image(_many_corrupt_tiles(tmp_path / "bad.tif", channels=2))
+    assert image.n_channels == 2  # pages: through zarr (one page's tiles are read directly)
     with pytest.raises(TilesegError, match=r"bad\.tif: cannot read region y=0:2048, x=0:2048"):
         image.read((slice(None), slice(None)))
     assert sync(others()) == 0
