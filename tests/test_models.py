@@ -151,6 +151,22 @@ def test_torchscript_geometry_from_extra_file_and_probe(tmp_path):
     assert valid_output_size(config, size) is not None
 
 
+def test_torchscript_model_runs_in_every_layout_without_warnings(tmp_path):
+    """Each predictor copies the model; a copied ScriptModule's parameters are no leaves while
+    they require grad, and moving them to channels-last warned (an error under the suite's
+    ``filterwarnings``) for every TorchScript model."""
+    from pipeline.inference import Predictor
+
+    config = UNetConfig(depth=1, width=2, padding="valid", classes=2)
+    loaded = load_model(ModelSpec(str(_scripted(tmp_path, config, {"align": 2}))))
+    x = np.random.default_rng(0).random((1, 1, 24, 24), dtype=np.float32)
+    outputs = []
+    for channels_last in ("off", "on"):
+        predictor = Predictor.create(loaded, device="cpu", channels_last=channels_last)
+        outputs.append(predictor.predict(x, probability_dtype="float32").probabilities)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+
+
 def test_torchscript_same_model_needs_a_halo(tmp_path):
     config = UNetConfig(depth=2, width=2, padding="same")
     path = _scripted(tmp_path, config, None)

@@ -160,6 +160,10 @@ def load_torchscript(
     if align is None:
         raise TilesegError(path, "unknown alignment: pass --align or add tileseg.json to the model")
     module.eval()
+    # Inference only. A copy of a ScriptModule (each predictor's) has non-leaf parameters while
+    # they require grad, and moving those to channels-last warns about their .grad.
+    for param in module.parameters():
+        param.requires_grad_(False)
     align = int(align)
     shrink, size_min = _probe_shrink(module, path, ndim=ndim, align=align, cin=in_channels or 1)
     if halo is None:
