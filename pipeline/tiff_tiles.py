@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Hashable
 from typing import Any
 
@@ -47,6 +48,8 @@ class TiffTiles:
         if page.keyframe.jpegheader is not None:
             self._decode_args["jpegheader"] = page.keyframe.jpegheader
         self._fd: int | None = os.open(path, os.O_RDONLY)
+        # Closed by close() or, at the latest, when the tiles are garbage-collected.
+        self._closer = weakref.finalize(self, os.close, self._fd)
 
     @classmethod
     def of(cls, path: str, level: Any, *, namespace: Hashable) -> TiffTiles | None:
@@ -67,12 +70,8 @@ class TiffTiles:
         return cls(path, page, namespace=namespace)
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        self.close()
+        self._fd = None
+        self._closer()
 
     def __getitem__(self, index: tuple[Any, ...]) -> np.ndarray:
         return read_chunks(self, index, namespace=self.namespace, decode=self.tile)

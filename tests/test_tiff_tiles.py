@@ -3,6 +3,9 @@ Zarr store gives, for every layout it is used for; levels of several pages keep 
 
 from __future__ import annotations
 
+import gc
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -168,6 +171,12 @@ def test_each_tile_is_decoded_once_whatever_the_number_of_tiles_a_read_touches(t
 def test_a_read_from_a_closed_handle_or_of_a_corrupt_tile_fails_clearly(tmp_path):
     data = np.random.default_rng(0).integers(0, 999, (64, 64), np.uint16)
     path = write_tiff(tmp_path / "img.ome.tif", data, axes="YX", tile=(32, 32), compression="zlib")
+    tiles = direct(path)
+    fd = tiles._fd
+    del tiles
+    gc.collect()
+    with pytest.raises(OSError):  # a forgotten handle's descriptor is closed
+        os.fstat(fd)
     tiles = direct(path)
     tiles.close()
     tiles.close()  # twice is fine
