@@ -205,7 +205,12 @@ def read_chunks(
 
 
 def _chunk(
-    array: Any, coords: tuple[int, ...], grid, shape, name: Hashable, decode=None
+    array: Any,
+    coords: tuple[int, ...],
+    grid,
+    shape,
+    name: Hashable,
+    decode: Callable[[tuple[int, ...]], np.ndarray] | None = None,
 ) -> np.ndarray:
     """One whole chunk (cut at the array's end), decoded once however many threads want it."""
     while True:
