@@ -33,9 +33,7 @@ class TiffTiles:
 
     def __init__(self, path: str, page: Any, *, namespace: Hashable) -> None:
         self.shape = tuple(int(n) for n in page.shape)
-        chunks = tuple(int(n) for n in page.chunks)
-        # Samples stored plane by plane: the page's chunks leave out the sample axis.
-        self.chunks = (1,) * (len(self.shape) - len(chunks)) + chunks
+        self.chunks = _tile_shape(page)
         self.chunked = tuple(int(n) for n in page.chunked)
         self.dtype = np.dtype(page.dtype)
         self.namespace = namespace
@@ -59,13 +57,13 @@ class TiffTiles:
         if len(pages) != 1 or pages[0] is None or getattr(level, "transform", None) is not None:
             return None
         page = pages[0]
-        shape, chunks, chunked = tuple(page.shape), tuple(page.chunks), tuple(page.chunked)
+        shape, chunked = tuple(page.shape), tuple(page.chunked)
         if tuple(level.shape) != shape or page.dtype is None or len(chunked) != len(shape):
             return None
-        if len(chunks) > len(shape):
+        if len(page.chunks) > len(shape):
             return None
-        padded = (1,) * (len(shape) - len(chunks)) + chunks
-        if any(math.ceil(n / c) != k for n, c, k in zip(shape, padded, chunked, strict=True)):
+        tile = _tile_shape(page)
+        if any(math.ceil(n / c) != k for n, c, k in zip(shape, tile, chunked, strict=True)):
             return None  # not a plain grid of tiles over the page
         return cls(path, page, namespace=namespace)
 
@@ -98,3 +96,10 @@ class TiffTiles:
         # An edge tile is cut to a copy: the cache counts (and keeps) only what it holds.
         whole = all(s.stop == c for s, c in zip(cut, self.chunks, strict=True))
         return tile if whole else tile[cut].copy()
+
+
+def _tile_shape(page: Any) -> tuple[int, ...]:
+    """The page's tile along each axis of its shape: samples stored plane by plane are left
+    out of the page's chunks, and have 1 here."""
+    chunks = tuple(int(n) for n in page.chunks)
+    return (1,) * (len(page.shape) - len(chunks)) + chunks
