@@ -9,7 +9,8 @@ A cluster config (the ``cluster:`` section of a directory config, or a file of i
   ``GPU=1`` and running at least two task threads.
 - ``type: address``: an existing scheduler (``address: tcp://head:8786``).
 - ``type: slurm``: a ``dask_jobqueue.SLURMCluster`` (keyword arguments under ``slurm:``) scaled
-  to ``jobs:`` jobs, or adaptively with ``adapt: {minimum_jobs, maximum_jobs}``.
+  to ``jobs:`` jobs, or adaptively with ``adapt: {minimum_jobs, maximum_jobs}`` (CPU workers
+  on glibc's main heap, see :func:`slurm_arguments`).
 - ``type: none``: no cluster; each slide runs on Dask's embedded threads (small runs, tests).
 
 ``task_resources`` is what every inference task asks of a worker. It defaults to
@@ -30,6 +31,7 @@ from typing import Any
 import dask
 
 from pipeline.config import read_yaml_mapping
+from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.inference import TASKS_PER_GPU
 
@@ -127,9 +129,13 @@ def _task_resources(spec: dict[str, Any]) -> dict[str, float] | None:
         return spec["task_resources"] or None
     if spec.get("type", "local") == "local":
         return dict(GPU_TASK) if spec.get("gpus") else None
-    args = [str(a) for a in (spec.get("slurm") or {}).get("worker_extra_args", [])]
     # SLURM workers declared as GPU workers (--resources GPU=1): tasks must ask for the GPU.
-    return dict(GPU_TASK) if any("GPU=" in a for a in args) else None
+    return dict(GPU_TASK) if _slurm_gpu_workers(spec) else None
+
+
+def _slurm_gpu_workers(spec: dict[str, Any]) -> bool:
+    args = [str(a) for a in (spec.get("slurm") or {}).get("worker_extra_args", [])]
+    return any("GPU=" in a for a in args)
 
 
 def _describe(spec: dict[str, Any]) -> str:
@@ -187,7 +193,7 @@ def cpu_worker_environ(*, workers: int, threads: int) -> dict[str, Any]:
     is a model forward. So each task thread gets its share of the cores, and every thread uses
     glibc's main heap, which keeps freed activations for the next batch (``pipeline/heap.py``;
     glibc reads these variables only at start-up)."""
-    share = str(max(1, (os.cpu_count() or 1) // max(1, workers * threads)))
+    share = str(max(1, usable_cores() // max(1, workers * threads)))
     environ = dict(dask.config.get(PRE_SPAWN, default={}) or {})
     environ.update({name: share for name in THREAD_VARIABLES})
     environ["MALLOC_ARENA_MAX"] = "1"
@@ -217,9 +223,22 @@ def _slurm_cluster(spec: dict[str, Any]) -> Any:
         raise TilesegError(
             "cluster", "type slurm needs dask-jobqueue: pip install 'tileseg[flows]'"
         ) from None
-    cluster = SLURMCluster(**(spec.get("slurm") or {}))
+    cluster = SLURMCluster(**slurm_arguments(spec))
     if spec.get("adapt"):
         cluster.adapt(**spec["adapt"])
     else:
         cluster.scale(jobs=int(spec.get("jobs", 1)))
     return cluster
+
+
+def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
+    """``SLURMCluster``'s arguments: the ``slurm:`` section, and for CPU workers glibc's main
+    heap for every thread, as local CPU workers get (:func:`cpu_worker_environ`): the job
+    script exports it before the nanny starts, and the worker it spawns inherits it. Their
+    thread count is set by each inference task (``pipeline/cores.py``)."""
+    args = dict(spec.get("slurm") or {})
+    if not _slurm_gpu_workers(spec):
+        prologue = [str(line) for line in args.get("job_script_prologue") or []]
+        if not any("MALLOC_ARENA_MAX" in line for line in prologue):
+            args["job_script_prologue"] = ["export MALLOC_ARENA_MAX=1", *prologue]
+    return args

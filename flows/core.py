@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
 from pipeline.errors import TilesegError
+from pipeline.heap import heap_hint
 from pipeline.models import ModelSpec, load_model
 from pipeline.provenance import fingerprint, output_state
 from pipeline.readers import find_images, image_stem
@@ -173,6 +174,7 @@ class SlideReport:
     qc: str | None = None  # QC picture path
     error: str | None = None
     reprocessed: bool = False  # an older output from another config/model/input was replaced
+    tasks_off_main_heap: int = 0  # CPU forwards that lost their freed memory (pipeline/heap.py)
 
     def row(self) -> dict[str, Any]:
         """The artifact/summary table row: blanks where a value is not known."""
@@ -261,6 +263,10 @@ def _report_from_record(job: SlideJob, *, status: str) -> SlideReport:
     # present when the run masked tissue / labelled instances
     report.tissue_fraction = (record.get("tissue") or {}).get("fraction")
     report.objects = (record.get("instances") or {}).get("objects")
+    if status == "done":
+        report.tasks_off_main_heap = int(
+            (record.get("timings") or {}).get("tasks_off_main_heap", 0)
+        )
     qc = qc_path(job)
     report.qc = str(qc) if qc.exists() else None
     return report
@@ -346,6 +352,9 @@ def summary_lines(reports: Sequence[SlideReport]) -> Iterator[str]:
             rate = f"{r.megapixels_per_second:.2f} MP/s" if r.megapixels_per_second else ""
             yield f"done    {r.slide}: {r.size} px, {r.seconds:.1f} s, {rate} -> {r.output}"
     yield counts_line(reports)
+    off_main_heap = sum(r.tasks_off_main_heap for r in reports)
+    if off_main_heap:
+        yield heap_hint(off_main_heap)
 
 
 def counts_line(reports: Sequence[SlideReport]) -> str:

@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from pipeline import chunk_cache, worker
+from pipeline.cores import use_worker_cores
 from pipeline.errors import TilesegError
 from pipeline.geometry import Tile, TileGrid, apply_window, window_read
+from pipeline.heap import off_main_heap
 from pipeline.inference import Prediction, Predictor
 from pipeline.models import ModelSpec
 from pipeline.ngff import OutputLayout, half_region, next_level, write_region
@@ -87,6 +89,9 @@ def run_blocks(
     """
     t0 = time.perf_counter()
     blocks = [_Block(task) for task in tasks]
+    cpu = any(block.predictor.device.type == "cpu" for block in blocks)
+    if cpu:
+        use_worker_cores(torch.device("cpu"))  # a Dask worker's: its share of the cores
     items: list[tuple[_Block, tuple[Tile, ...]]] = []
     for block in blocks:
         block.write_skipped()
@@ -112,6 +117,9 @@ def run_blocks(
         "tiles": sum(block.inferred for block in blocks),
         "pixels": sum(block.pixels for block in blocks),
         "task": time.perf_counter() - t0,
+        # How the CPU forwards ran (what segment reports, and hints at when it is slow).
+        "cpu_forward_threads": torch.get_num_threads() if cpu else 0,
+        "tasks_off_main_heap": len(tasks) if cpu and off_main_heap() else 0,
     }
 
 

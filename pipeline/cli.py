@@ -228,6 +228,7 @@ def _segment(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pipeline.config import resolve_options
+    from pipeline.heap import heap_hint
     from pipeline.readers import find_images, image_stem
     from pipeline.segment import segment_image
 
@@ -246,7 +247,7 @@ def _segment(args: argparse.Namespace) -> int:
         Path(args.output).mkdir(parents=True, exist_ok=True)
     else:
         images, outputs = [source], [Path(args.output)]
-    failures = 0
+    failures = off_main_heap = 0
     for image, output in zip(images, outputs, strict=True):
         bar = tqdm(
             total=100, desc=image.name, unit="%", disable=args.no_progress, file=sys.stderr,
@@ -276,6 +277,9 @@ def _segment(args: argparse.Namespace) -> int:
             f"{image}: {shape} px, {result.tiles} tiles, {result.seconds:.1f} s, "
             f"{result.megapixels_per_second:.2f} MP/s{resumed} -> {result.output}"
         )
+        off_main_heap += int(result.timings.get("tasks_off_main_heap", 0))
+    if off_main_heap:
+        print(heap_hint(off_main_heap), file=sys.stderr)
     if failures:
         print(f"tileseg: {failures} of {len(images)} images failed", file=sys.stderr)
         return EXIT_USAGE

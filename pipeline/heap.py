@@ -49,6 +49,43 @@ def keep_freed_memory() -> bool:
         return _state
 
 
+def off_main_heap() -> bool:
+    """Whether the calling thread loses what :func:`keep_freed_memory` keeps: the process keeps
+    freed memory (glibc, asked for once), but this thread has an arena of its own. That is any
+    thread but the main one, unless every thread shares the main heap (``MALLOC_ARENA_MAX=1``,
+    or its glibc tunable, in the environment the process started with)."""
+    if not keep_freed_memory() or threading.current_thread() is threading.main_thread():
+        return False
+    environ = _startup_environ()
+    tunables = environ.get("GLIBC_TUNABLES", "").split(":")
+    shared = environ.get("MALLOC_ARENA_MAX", "").strip() == "1" or any(
+        t.strip() == "glibc.malloc.arena_max=1" for t in tunables
+    )
+    return not shared
+
+
+def _startup_environ() -> dict[str, str]:
+    """The environment glibc read: the one the process was started with. ``os.environ`` may
+    have changed since (Dask's nanny sets its workers' variables in its own process)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return dict(os.environ)
+    pairs = (entry.decode(errors="replace").partition("=") for entry in entries if entry)
+    return {name: value for name, _, value in pairs}
+
+
+def heap_hint(tasks: int) -> str:
+    """What to say when ``tasks`` inference tasks ran :func:`off_main_heap`."""
+    return (
+        f"tileseg: hint: {tasks} inference task(s) ran their CPU forward in a thread with a heap "
+        "of its own, which maps its memory afresh at every batch (1.7x slower in "
+        "bench/README.md): start the Dask workers (or tileseg) with MALLOC_ARENA_MAX=1 in "
+        "their environment"
+    )
+
+
 def _apply() -> bool:
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False

@@ -335,6 +335,10 @@ def segment_image(
     }
     timings["resumed_tasks"] = resumed
     timings["tiles_inferred"] = int(sum(r["tiles"] for r in results))
+    timings["tasks_off_main_heap"] = int(sum(r["tasks_off_main_heap"] for r in results))
+    threads = [int(r["cpu_forward_threads"]) for r in results if r["cpu_forward_threads"]]
+    if threads:  # CPU forwards: the fewest threads a task's ran on
+        timings["cpu_forward_threads"] = min(threads)
     walls = {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall}
     timings.update({f"{k}_wall": v for k, v in walls.items()}, total_wall=seconds)
     record.update(

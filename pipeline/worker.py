@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.config import SERIAL_CORES, SegmentOptions
+from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import TileGrid
@@ -119,7 +120,7 @@ def io_pool() -> ThreadPoolExecutor:
     global _io_pool
     with _cache_lock:
         if _io_pool is None:
-            n = min(16, os.cpu_count() or 1)
+            n = min(16, usable_cores())
             _io_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileseg-io")
         return _io_pool
 
@@ -139,7 +140,7 @@ def shared_cpu(options: SegmentOptions, workers: int) -> Iterator[None]:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(max(1, usable_cores() // workers))
     try:
         yield
     finally:
@@ -157,7 +158,7 @@ def resolve_prefetch(options: SegmentOptions, workers: int) -> int:
     if options.prefetch != "auto":
         return int(options.prefetch)
     local_cpu = options.scheduler is None and resolve_device(options.device).type == "cpu"
-    few_cores = (os.cpu_count() or 1) <= SERIAL_CORES
+    few_cores = usable_cores() <= SERIAL_CORES
     return 0 if local_cpu and workers == 1 and few_cores else 2
 
 

@@ -33,8 +33,9 @@ import yaml
 from imagefiles import write_tiff
 
 from flows.cluster import _task_resources, load_cluster_config
-from flows.core import load_directory_config, plan_directory, run_batch
+from flows.core import load_directory_config, plan_directory, run_batch, summary_lines
 from pipeline.cli import main
+from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.models import UNetConfig, save_unet, seeded_unet
 from pipeline.ngff import read_record
@@ -418,6 +419,9 @@ def test_batch_on_a_cluster_asks_each_task_for_a_gpu(slides, config, tmp_path):
     pyramid = {k: r for k, r in plugin.seen.items() if "pyramid" in k}
     assert infer and all(r == GPU for r in infer.values())
     assert pyramid and not any(pyramid.values())  # downsampling needs no GPU
+    if sys.platform.startswith("linux"):  # CPU forwards in a worker thread of this process
+        assert report.tasks_off_main_heap > 0
+        assert "MALLOC_ARENA_MAX=1" in list(summary_lines([report]))[-1]
 
 
 def test_example_configs_are_valid():
@@ -432,6 +436,27 @@ def test_example_configs_are_valid():
     with SLURMCluster(**spec["slurm"]) as cluster:
         script = cluster.job_script()
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    assert "MALLOC_ARENA_MAX" not in script  # a GPU's forward needs no heap of its own
+
+
+def test_slurm_cpu_workers_start_on_the_main_heap():
+    from dask_jobqueue import SLURMCluster
+
+    from flows.cluster import slurm_arguments
+
+    prologue = ["source ~/tileseg/.venv/bin/activate"]
+    slurm = {"cores": 8, "memory": "32GB", "job_script_prologue": prologue}
+    spec = {"type": "slurm", "slurm": slurm}
+    with SLURMCluster(**slurm_arguments(spec)) as cluster:
+        script = cluster.job_script()
+    # exported before the worker command starts the nanny, whose worker inherits it
+    lines = script.splitlines()
+    worker = next(i for i, line in enumerate(lines) if "distributed.cli.dask_worker" in line)
+    assert lines.index("export MALLOC_ARENA_MAX=1") < lines.index(prologue[0]) < worker
+    assert spec["slurm"]["job_script_prologue"] == prologue  # the user's config is left as is
+    ours = {"slurm": {"cores": 8, "memory": "32GB",
+                      "job_script_prologue": ["export MALLOC_ARENA_MAX=2"]}}  # fmt: skip
+    assert slurm_arguments(ours)["job_script_prologue"] == ["export MALLOC_ARENA_MAX=2"]
 
 
 def test_config_mistakes_are_refused(tmp_path):
@@ -568,5 +593,5 @@ def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
             arenas = client.run(os.getenv, "MALLOC_ARENA_MAX")
             threads = {name: client.run(os.getenv, name) for name in THREAD_VARIABLES}
     assert list(arenas.values()) == ["1", "1"]
-    share = str(max(1, (os.cpu_count() or 1) // 2))
+    share = str(max(1, usable_cores() // 2))
     assert all(list(seen.values()) == [share, share] for seen in threads.values())

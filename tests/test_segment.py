@@ -22,6 +22,7 @@ from outputs import assert_pyramid_from_level_below, chunk_files
 
 from pipeline.cli import main
 from pipeline.config import SegmentOptions
+from pipeline.cores import usable_cores
 from pipeline.geometry import ModelGeometry, plan_tiles
 from pipeline.inference import LEGACY_AUTO_LAYOUT
 from pipeline.models import ModelSpec, UNetConfig, load_model, save_unet, seeded_unet
@@ -555,11 +556,13 @@ def test_distributed_cluster_with_processes_gives_identical_output(tmp_path, sli
     from distributed import LocalCluster
 
     # A CPU forward's last bits depend on its thread count (oneDNN and MKL split sums by
-    # thread), so the local run is a fresh process with the threads Dask's nanny gives its
-    # worker processes (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...).
+    # thread), so the local run is a fresh process with the threads an inference task takes
+    # on each of the two workers: half the cores (pipeline/cores.py), where Dask's nanny
+    # starts them with one (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...).
     environ = dask.config.get("distributed.nanny.pre-spawn-environ")
-    threads = {k: str(v) for k, v in environ.items() if k.endswith("_NUM_THREADS")}
-    assert threads.get("OMP_NUM_THREADS") == "1"
+    assert str(environ.get("OMP_NUM_THREADS")) == "1"
+    share = str(max(1, usable_cores() // 2))
+    threads = {k: share for k in environ if k.endswith("_NUM_THREADS")}
     args = ["--model", model, "--tile", "128", "--chunk", "64", "--save-probabilities"]
     subprocess.run(
         [sys.executable, "-m", "pipeline", "segment", str(slide[0]), str(tmp_path / "local.zarr"),
@@ -799,7 +802,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, slide, mo
 def test_prefetch_auto_is_serial_on_a_cpu_of_few_cores(given, cores, extra, expected, monkeypatch):
     from pipeline.worker import resolve_prefetch
 
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("pipeline.worker.usable_cores", lambda: cores)
     options = SegmentOptions(prefetch=given, device="cpu", **extra)
     assert resolve_prefetch(options, extra.get("workers", 1)) == expected
 
