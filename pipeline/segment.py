@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.blocks import BlockTask, run_block, run_blocks, writing
+from pipeline.chunk_writer import remove_leftovers
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
@@ -351,6 +352,7 @@ def segment_image(
         }
     )
     with writing(output):
+        remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
         mark_complete(output, record)
     return SegmentResult(
         os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record,

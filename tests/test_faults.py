@@ -81,6 +81,42 @@ def test_sigkill_mid_run_then_resume_gives_identical_output(tmp_path, slide, mod
     assert chunk_files(out) == chunk_files(reference)
 
 
+def test_chunk_files_left_by_a_killed_writer_are_removed_when_the_run_completes(
+    tmp_path, slide, model, monkeypatch
+):
+    """A writer killed between writing a chunk's file and renaming it into place (SIGKILL, a
+    lost worker) leaves the file; the task is redone, and the run removes the leftover."""
+    import uuid
+
+    import pipeline.blocks
+
+    options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=2)
+    segment_image(slide, tmp_path / "reference.zarr", options)
+    real, calls = pipeline.blocks._Block.write, []
+
+    def killed_at_the_fifth(self, *args):
+        calls.append(args)
+        if len(calls) == 5:
+            raise Killed
+        return real(self, *args)
+
+    out = tmp_path / "out.zarr"
+    monkeypatch.setattr(pipeline.blocks._Block, "write", killed_at_the_fifth)
+    with pytest.raises(Killed):
+        segment_image(slide, out, options)
+    monkeypatch.setattr(pipeline.blocks._Block, "write", real)
+    leftover = out / "labels" / "segmentation" / "0" / "1" / f"2.{uuid.uuid4().hex}.partial"
+    leftover.parent.mkdir(parents=True, exist_ok=True)  # not there if that row was not written
+    leftover.write_bytes(b"half a chunk")
+    ours = out / "notes.partial"  # not a chunk writer's name: not ours to remove
+    ours.write_text("kept")
+    segment_image(slide, out, options)
+    assert read_record(out)["status"] == "complete"
+    assert not leftover.exists() and ours.read_text() == "kept"
+    ours.unlink()
+    assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
+
+
 def test_lost_worker_is_survived_with_identical_output(tmp_path, slide, model):
     from distributed import Client, LocalCluster
 
