@@ -37,6 +37,7 @@ from flows.core import load_directory_config, plan_directory, run_batch, summary
 from pipeline.cli import main
 from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
+from pipeline.heap import off_main_heap
 from pipeline.models import UNetConfig, save_unet, seeded_unet
 from pipeline.ngff import read_record
 
@@ -592,6 +593,10 @@ def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
             # os.getenv pickles by reference (os.environ.get would carry our environ along)
             arenas = client.run(os.getenv, "MALLOC_ARENA_MAX")
             threads = {name: client.run(os.getenv, name) for name in THREAD_VARIABLES}
+            # in a task thread, as an inference task runs: no hint about the heap
+            off = [client.submit(off_main_heap, workers=[w], pure=False).result()
+                   for w in client.nthreads()]  # fmt: skip
     assert list(arenas.values()) == ["1", "1"]
+    assert off == [False, False]
     share = str(max(1, usable_cores() // 2))
     assert all(list(seen.values()) == [share, share] for seen in threads.values())
