@@ -91,7 +91,7 @@ def run_blocks(
     blocks = [_Block(task) for task in tasks]
     cpu = any(block.predictor.device.type == "cpu" for block in blocks)
     if cpu:
-        use_worker_cores(torch.device("cpu"))  # a Dask worker's: its share of the cores
+        use_worker_cores()  # on a Dask worker: its share of the cores
     items: list[tuple[_Block, tuple[Tile, ...]]] = []
     for block in blocks:
         block.write_skipped()

@@ -30,7 +30,7 @@ from zarr.core.metadata import ArrayV2Metadata
 from zarr.storage import LocalStore
 
 PARTIAL = ".partial"  # a chunk file being written: renamed into place when whole
-_LEFTOVER = re.compile(r".+\.[0-9a-f]{32}\.partial")  # KEY.UUID.partial
+_LEFTOVER = re.compile(r".+\.[0-9a-f]{32}" + re.escape(PARTIAL))  # KEY.UUID.partial
 
 
 @dataclass(frozen=True)

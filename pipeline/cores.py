@@ -105,11 +105,9 @@ def worker_cpu_threads() -> int | None:
         return _shares[key]
 
 
-def use_worker_cores(device: torch.device) -> None:
-    """Give the calling thread's CPU forwards its worker's share of the cores (a no-op outside
-    a Dask worker, on a GPU, or where the worker's thread count was set)."""
-    if device.type != "cpu":
-        return
+def use_worker_cores() -> None:
+    """Give the calling thread's CPU forwards the thread count of :func:`worker_cpu_threads`
+    (a no-op outside a Dask worker)."""
     threads = worker_cpu_threads()
     # Per thread: torch's OpenMP thread count is the calling thread's, so every task sets it.
     if threads is not None and torch.get_num_threads() != threads:

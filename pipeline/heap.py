@@ -26,6 +26,7 @@ Results do not change: this only decides where the allocator takes its memory fr
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -64,6 +65,7 @@ def off_main_heap() -> bool:
     return not shared
 
 
+@functools.cache
 def _startup_environ() -> dict[str, str]:
     """The environment glibc read: the one the process was started with. ``os.environ`` may
     have changed since (Dask's nanny sets its workers' variables in its own process)."""

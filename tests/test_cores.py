@@ -44,7 +44,7 @@ def _forward_threads() -> int:
 
 
 def _threads_after_use() -> int:
-    use_worker_cores(torch.device("cpu"))
+    use_worker_cores()
     return torch.get_num_threads()
 
 
@@ -143,7 +143,7 @@ def test_a_worker_started_with_its_own_thread_count_keeps_it(dask_cluster):
 
 def test_outside_a_dask_worker_nothing_changes():
     before = torch.get_num_threads()
-    use_worker_cores(torch.device("cpu"))
+    use_worker_cores()
     assert torch.get_num_threads() == before
 
 
