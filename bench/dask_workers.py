@@ -36,7 +36,6 @@ print("{}")
 
 RUN = """
 import json, sys, time
-from contextlib import nullcontext
 import dask
 src, dst, mode = sys.argv[1:4]
 from pipeline.config import SegmentOptions
