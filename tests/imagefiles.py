@@ -169,6 +169,58 @@ def write_svs(
     return path
 
 
+def write_jpeg_tables_tiff(
+    path: str | os.PathLike[str], gray: np.ndarray, *, tile: tuple[int, int] = (32, 32)
+) -> Path:
+    """Write a uint8 ``YX`` image as JPEG tiles in abbreviated format, as Aperio and most
+    scanners store them: each tile's stream lacks its quantization and Huffman tables, which
+    the page's JPEGTables tag holds once for all tiles (tifffile's own writer repeats the
+    tables in every tile, so decoding its files never needs the tag)."""
+    import imagecodecs
+
+    path = Path(path)
+    _check_axes(gray, "YX")
+    th, tw = tile
+    padded = np.zeros((-(-gray.shape[0] // th) * th, -(-gray.shape[1] // tw) * tw), np.uint8)
+    padded[: gray.shape[0], : gray.shape[1]] = gray
+    tables: set[bytes] = set()
+    streams = []
+    for y in range(0, padded.shape[0], th):
+        for x in range(0, padded.shape[1], tw):
+            encoded = imagecodecs.jpeg8_encode(padded[y : y + th, x : x + tw], level=90)
+            table, stream = _split_jpeg_tables(encoded)
+            tables.add(table)
+            streams.append(stream)
+    if len(tables) != 1:
+        raise ValueError("tiles were encoded with different tables")
+    tifffile.imwrite(
+        path,
+        iter(streams),
+        shape=gray.shape,
+        dtype=np.uint8,
+        tile=tile,
+        compression="jpeg",
+        photometric="minisblack",
+        jpegtables=tables.pop(),
+        metadata=None,
+    )
+    return path
+
+
+def _split_jpeg_tables(jpeg: bytes) -> tuple[bytes, bytes]:
+    """``(tables, stream)``: the DQT and DHT segments of a baseline JPEG as a tables-only
+    stream (SOI, tables, EOI), and the JPEG without them."""
+    assert jpeg[:2] == b"\xff\xd8"
+    tables, rest, at = [], [], 2
+    while jpeg[at + 1] != 0xDA:  # segments up to the start of scan
+        end = at + 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+        (tables if jpeg[at + 1] in (0xDB, 0xC4) else rest).append(jpeg[at:end])
+        at = end
+    if not tables:
+        raise ValueError("a JPEG without tables to split off")
+    return b"\xff\xd8" + b"".join(tables) + b"\xff\xd9", b"\xff\xd8" + b"".join(rest) + jpeg[at:]
+
+
 def write_zarr(
     path: str | os.PathLike[str],
     array: np.ndarray,

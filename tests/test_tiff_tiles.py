@@ -12,7 +12,7 @@ import tifffile
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from imagefiles import write_svs, write_tiff
+from imagefiles import write_jpeg_tables_tiff, write_svs, write_tiff
 
 from pipeline.chunk_cache import CHUNKS
 from pipeline.errors import TilesegError
@@ -114,6 +114,20 @@ def test_jpeg_tiles_decode_as_the_store_decodes_them(tmp_path):
     whole = (slice(None), slice(None))
     np.testing.assert_array_equal(tiles[whole], through_store(gray, whole))
     tiles.close()
+
+
+def test_jpeg_tiles_without_their_own_tables_decode_with_the_pages_tables(tmp_path):
+    """Scanners store JPEG tiles abbreviated, their tables once in the page's JPEGTables tag;
+    the tiles of a tifffile-written file carry their own tables and never need the tag."""
+    rng = np.random.default_rng(2)
+    gray = (rng.integers(0, 16, (70, 90)) * 16).astype(np.uint8)
+    path = write_jpeg_tables_tiff(tmp_path / "tables.tif", gray, tile=(32, 32))
+    image = open_image(path)
+    assert isinstance(image._handle().array, TiffTiles)
+    got = image.read((slice(None), slice(None)))[0]
+    image.close()
+    np.testing.assert_array_equal(got, through_store(path, (slice(None), slice(None))))
+    assert np.abs(got.astype(int) - gray).mean() < 5  # JPEG is lossy
 
 
 def test_missing_tiles_read_as_zero(tmp_path):
