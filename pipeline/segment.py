@@ -4,8 +4,9 @@ The driver opens the image and the model only to learn shapes, checks everything
 checked before any work starts, decides the normalisation, creates the output arrays, and then
 runs the tasks of :mod:`pipeline.blocks`. Each task reads its input windows (halo included,
 mirrored at the image border), infers in batches and writes its own chunk-aligned regions
-once. Pyramid levels follow, each computed from the level below, then the overview
-(``pipeline/overview.py``) and the object steps, and the provenance record is written last.
+once. Pyramid levels follow, each computed from the level below, and the object steps; the
+overview (``pipeline/overview.py``) is written after the tasks in a local CPU run and alongside
+them otherwise. The provenance record is written last.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime as dt
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -303,31 +305,39 @@ def segment_image(
         if progress:
             progress(done, total)
 
-    t = time.perf_counter()
-    with shared_cpu(options, workers):
-        if options.scheduler is None and workers == 1:
-            # One task at a time here: as one stream of batches, the next task's first read
-            # and the last one's writes overlap inference instead of waiting for it.
-            results = [run_blocks(tasks, on_done=on_done)] if tasks else []
-        else:
-            results = run_tasks(
-                run_block, tasks, scheduler=options.scheduler, workers=workers,
-                on_done=on_done, resources=options.resources,
-            )  # fmt: skip
-    infer_wall = time.perf_counter() - t
-    t = time.perf_counter()
-    for level in range(1 + levels, len(layout.levels)):
-        jobs = [
-            (output, layout, level, region, f"pyramid-{level}-{i:07d}")
-            for i, region in enumerate(level_regions(layout, level))
-        ]
-        jobs = [job for job in jobs if not is_done(output, job[-1])]
-        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
-    pyramid_wall = time.perf_counter() - t
-    t = time.perf_counter()
-    if layout.overview is not None:
-        _overview(output, image, layout, options, workers=workers)
-    overview_wall = time.perf_counter() - t
+    def write_overview() -> float:
+        t = time.perf_counter()
+        if layout.overview is not None:
+            _overview(output, image, layout, options, workers=workers)
+        return time.perf_counter() - t
+
+    # The overview reads only the input: where the forwards are not the host's (a GPU, a
+    # cluster), it is written while they run instead of after them. Leaving the block waits
+    # for it, so that nothing of it is still being written once a failure is raised.
+    with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
+        overview = alongside.submit(write_overview) if overview_alongside(options) else None
+        t = time.perf_counter()
+        with shared_cpu(options, workers):
+            if options.scheduler is None and workers == 1:
+                # One task at a time here: as one stream of batches, the next task's first
+                # read and the last one's writes overlap inference instead of waiting for it.
+                results = [run_blocks(tasks, on_done=on_done)] if tasks else []
+            else:
+                results = run_tasks(
+                    run_block, tasks, scheduler=options.scheduler, workers=workers,
+                    on_done=on_done, resources=options.resources,
+                )  # fmt: skip
+        infer_wall = time.perf_counter() - t
+        t = time.perf_counter()
+        for level in range(1 + levels, len(layout.levels)):
+            jobs = [
+                (output, layout, level, region, f"pyramid-{level}-{i:07d}")
+                for i, region in enumerate(level_regions(layout, level))
+            ]
+            jobs = [job for job in jobs if not is_done(output, job[-1])]
+            run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+        pyramid_wall = time.perf_counter() - t
+        overview_wall = write_overview() if overview is None else overview.result()
     record.update(_objects(output, image, options, workers=workers))
     seconds = time.perf_counter() - started
     timings = {
@@ -358,6 +368,12 @@ def segment_image(
         os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record,
         resumed_tasks=resumed,
     )  # fmt: skip
+
+
+def overview_alongside(options: SegmentOptions) -> bool:
+    """Whether the overview is written while the inference tasks run: not in a local CPU run,
+    whose forwards use every core (a thread beside them costs them more than it does)."""
+    return options.scheduler is not None or resolve_device(options.device).type != "cpu"
 
 
 def _overview(

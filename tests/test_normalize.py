@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from imagefiles import write_tiff
 
 from pipeline import normalize
-from pipeline.normalize import Normalization, compute_normalization
+from pipeline.normalize import Normalization, compute_normalization, percentiles_of
 from pipeline.readers import open_image
 
 
@@ -53,3 +56,30 @@ def test_none_and_fixed():
     assert fixed.tolist() == [[[1.5, 2.0]]]
     with pytest.raises(ValueError, match="normalize must be one of"):
         compute_normalization(None, mode="zscore")  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=hnp.arrays(
+        st.sampled_from(["uint8", "uint16", "uint32", "int16", "int32", "float32"]),
+        st.tuples(st.integers(1, 3), st.integers(1, 300)),
+        elements={"allow_nan": False, "allow_infinity": False},
+    ),
+    q=st.lists(st.floats(0, 100), min_size=1, max_size=3),
+)
+def test_percentiles_of_any_dtype_are_numpys_in_float64_bit_for_bit(values, q):
+    """Unsigned integers skip the float64 copy; the result may not differ in any bit."""
+    got = percentiles_of(values, tuple(q), axis=1)
+    want = np.percentile(values.astype(np.float64), q, axis=1)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))
+    whole = percentiles_of(values, tuple(q))
+    np.testing.assert_array_equal(whole, np.percentile(values.astype(np.float64), q))
+
+
+def test_signed_and_float_values_are_interpolated_in_float64():
+    """int16's b - a wraps for -30000 and 30000, float32 would round: both go through float64."""
+    wide = np.array([-30000, 30000], np.int16)
+    assert percentiles_of(wide, (50,))[0] == 0.0
+    close = np.array([1.0, 1.0 + 2**-23], np.float32)
+    assert percentiles_of(close, (30,))[0] == 1.0 + 0.3 * 2**-23

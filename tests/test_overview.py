@@ -196,6 +196,100 @@ def test_a_run_killed_while_writing_the_overview_resumes_to_the_same_output(
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
+def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run():
+    from pipeline.segment import overview_alongside
+
+    assert not overview_alongside(SegmentOptions(device="cpu"))
+    assert overview_alongside(SegmentOptions(device="cpu", scheduler="tcp://head:8786"))
+
+
+def _small_overview_slide(tmp_path, monkeypatch, seed: int):
+    monkeypatch.setattr(
+        pipeline.segment, "overview_factor", partial(overview_factor, max_pixels=900)
+    )
+    image = np.random.default_rng(seed).integers(0, 255, (200, 180), dtype=np.uint8)
+    return write_tiff(tmp_path / "a.tif", image, axes="YX", tile=(32, 32))
+
+
+def test_an_overview_alongside_the_tasks_is_written_while_they_run(tmp_path, model, monkeypatch):
+    """The first inference task waits for an overview block: written after the tasks, it
+    would never come. The output is the one written in turn."""
+    import threading
+
+    slide = _small_overview_slide(tmp_path, monkeypatch, seed=9)
+    options = SegmentOptions(model=model, tile=32, chunk=8)
+    segment_image(slide, tmp_path / "in-turn.zarr", options)
+    written = threading.Event()
+    real_block, real_blocks = pipeline.segment.write_overview_block, pipeline.segment.run_blocks
+
+    def block(*args):
+        real_block(*args)
+        written.set()
+
+    def blocks(*args, **kwargs):
+        assert written.wait(timeout=20), "no overview block was written while the tasks ran"
+        return real_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.segment, "write_overview_block", block)
+    monkeypatch.setattr(pipeline.segment, "run_blocks", blocks)
+    monkeypatch.setattr(pipeline.segment, "overview_alongside", lambda options: True)
+    out = tmp_path / "alongside.zarr"
+    segment_image(slide, out, options)
+    assert read_record(out)["status"] == "complete"
+    assert chunk_files(out) == chunk_files(tmp_path / "in-turn.zarr")
+    windows = [
+        zarr.open_group(p, mode="r").attrs["omero"] for p in (out, tmp_path / "in-turn.zarr")
+    ]
+    assert windows[0] == windows[1]
+
+
+@pytest.mark.parametrize("failing", ["tasks", "overview"])
+def test_a_failure_beside_the_overview_leaves_nothing_being_written(
+    tmp_path, model, monkeypatch, failing
+):
+    """Whichever fails, the other has finished when the error is raised, and the output is not
+    complete: a resumed run redoes what is left."""
+    import threading
+    import time
+
+    slide = _small_overview_slide(tmp_path, monkeypatch, seed=10)
+    real_block, real_blocks = pipeline.segment.write_overview_block, pipeline.segment.run_blocks
+    running = []
+
+    started = threading.Event()
+
+    def block(*args):
+        running.append(1)
+        started.set()
+        time.sleep(0.2)  # still writing when the tasks fail, unless waited for
+        try:
+            if failing == "overview":
+                raise Killed
+            real_block(*args)
+        finally:
+            running.pop()
+
+    def blocks(*args, **kwargs):
+        if failing == "tasks":
+            assert started.wait(timeout=20)
+            raise Killed
+        return real_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.segment, "write_overview_block", block)
+    monkeypatch.setattr(pipeline.segment, "run_blocks", blocks)
+    monkeypatch.setattr(pipeline.segment, "overview_alongside", lambda options: True)
+    out = tmp_path / "out.zarr"
+    options = SegmentOptions(model=model, tile=32, chunk=8)
+    with pytest.raises(Killed):
+        segment_image(slide, out, options)
+    assert not running
+    assert read_record(out)["status"] == "running"
+    monkeypatch.setattr(pipeline.segment, "write_overview_block", real_block)
+    monkeypatch.setattr(pipeline.segment, "run_blocks", real_blocks)
+    segment_image(slide, out, options)
+    assert read_record(out)["status"] == "complete"
+
+
 def test_an_output_begun_before_overviews_resumes_without_one(tmp_path, model):
     """An interrupted output made by a version without overviews has no root image to write
     into: the resumed run finishes it as it was begun."""
