@@ -1,4 +1,5 @@
-"""Writing whole chunks of the output's Zarr v2 arrays straight to their files.
+"""Writing whole chunks of the output's Zarr v2 arrays straight to their files, and reading
+them back.
 
 Every writer of the output owns chunk-aligned regions and writes each chunk once, so a chunk is
 always written whole: nothing of it needs reading first. zarr-python's write path costs ~5 ms
@@ -13,6 +14,11 @@ compressor, stored by an atomic rename; a chunk that is all fill value is not st
 already there is removed), as zarr does with ``write_empty_chunks`` off. A test compares the
 files with zarr's for random arrays and regions. Arrays this would not write exactly so (zarr
 v3, filters, F order, a fill value other than 0, another store) are written by zarr.
+
+Reading is the same in reverse: a region's chunk files decoded by the array's compressor, a
+missing file read as the fill value. What follows the tasks (the pyramid's upper levels, the
+overview's contrast window) reads whole levels so: through zarr, each read of a 4096² level
+took 0.11 s on the CI machine, nearly all of it waiting on zarr's event-loop thread.
 """
 
 from __future__ import annotations
@@ -88,6 +94,34 @@ class ChunkWriter:
             )
             self._write_chunk(key, data[local])
 
+    def read(self, region: tuple[slice, ...]) -> np.ndarray:
+        """The values in ``region`` (slices without step, any alignment), chunk by chunk."""
+        region = tuple(slice(*s.indices(n)) for s, n in zip(region, self.shape, strict=True))
+        if any(s.step != 1 for s in region):
+            raise ValueError(f"region {region} of {self.root} has a step")
+        out = np.zeros([max(s.stop - s.start, 0) for s in region], self.dtype)
+        if not out.size:
+            return out
+        grid = [
+            range(s.start // c, -(-s.stop // c)) for s, c in zip(region, self.chunks, strict=True)
+        ]
+        for index in np.ndindex(*(len(g) for g in grid)):
+            key = [g[i] for g, i in zip(grid, index, strict=True)]
+            path = self.root / self.separator.join(map(str, key))
+            try:
+                encoded = path.read_bytes()
+            except FileNotFoundError:
+                continue  # not stored: all fill value, as ``out`` already is
+            raw = self.compressor.decode(encoded) if self.compressor else encoded
+            chunk = np.frombuffer(raw, self.dtype).reshape(self.chunks)
+            inside, at = [], []
+            for k, c, s in zip(key, self.chunks, region, strict=True):
+                lo, hi = max(k * c, s.start), min((k + 1) * c, s.stop)
+                inside.append(slice(lo - k * c, hi - k * c))
+                at.append(slice(lo - s.start, hi - s.start))
+            out[tuple(at)] = chunk[tuple(inside)]
+        return out
+
     def _write_chunk(self, key: list[int], block: np.ndarray) -> None:
         if block.shape != self.chunks:  # at the array's end: zarr pads with the fill value
             full = np.zeros(self.chunks, self.dtype)
@@ -137,3 +171,10 @@ def write(array: zarr.Array, region: tuple[slice, ...], data: np.ndarray) -> Non
         array[region] = data
     else:
         writer.write(region, data)
+
+
+def read(array: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
+    """``array[region]`` (slices without step): from the chunk files where :class:`ChunkWriter`
+    writes them, by zarr otherwise."""
+    reader = ChunkWriter.of(array)
+    return np.asarray(array[region]) if reader is None else reader.read(region)

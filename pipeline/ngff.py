@@ -334,10 +334,10 @@ def downsample_region(
     src = [slice(s.start, s.stop) for s in region[:-2]] + [
         slice(2 * s.start, 2 * s.stop) for s in region[-2:]
     ]
-    labels = open_array(path, label_array_name(level - 1))[tuple(src)]
+    labels = chunk_writer.read(open_array(path, label_array_name(level - 1)), tuple(src))
     probabilities = None
     if layout.probability_dtype:
-        probabilities = open_array(path, str(level - 1))[(slice(None), *src)]
+        probabilities = chunk_writer.read(open_array(path, str(level - 1)), (slice(None), *src))
     labels, probabilities = next_level(labels, probabilities, layout=layout)
     write_region(path, region, labels, probabilities, level=level)
 

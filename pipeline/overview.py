@@ -106,7 +106,8 @@ def write_overview_block(output: str, source: OverviewSource, region: tuple[slic
 def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:
     """Contrast windows for viewers: an RGB image's colours as they are, else 1-99.8 % per
     channel (the normalisation's default), from the written overview (a few megapixels)."""
-    data = open_array(path, "0")[...]
+    array = open_array(path, "0")
+    data = chunk_writer.read(array, tuple(slice(0, n) for n in array.shape))
     windows = []
     for channel in data:
         if rgb and data.dtype.kind == "u":

@@ -89,6 +89,36 @@ def test_chunks_written_directly_are_zarrs_files_byte_for_byte(tmp_path_factory,
     np.testing.assert_array_equal(direct[...], by_zarr[...])
 
 
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=writes(), data=st.data())
+def test_regions_read_from_the_chunk_files_are_zarrs_values(tmp_path_factory, case, data):
+    """Any region, on the chunk grid or off it, of chunks stored and not (all zero)."""
+    shape, chunks, dtype, steps = case
+    array = create(tmp_path_factory.mktemp("read") / "a", shape, chunks, dtype)
+    for region, kind, seed in steps:
+        array[region] = data_for(region, dtype, kind, seed)
+    for _ in range(3):
+        region = []
+        for n in shape:
+            start = data.draw(st.integers(0, n))
+            region.append(slice(start, data.draw(st.integers(start, n))))
+        region = tuple(region)
+        got = chunk_writer.read(array, region)
+        want = array[region]
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # -0.0 too
+
+
+def test_arrays_zarr_must_write_are_read_by_zarr(tmp_path):
+    array = create(tmp_path / "fill", (8, 8), (4, 4), "<u2", fill_value=7)
+    array[:4, :4] = 1
+    got = chunk_writer.read(array, (slice(2, 8), slice(0, 8)))
+    np.testing.assert_array_equal(got, array[2:8])
+    assert (got[2:] == 7).all()  # the fill value, not 0
+
+
 def test_arrays_zarr_must_write_are_written_by_zarr(tmp_path):
     """Another fill value, filters, zarr v3, empty chunks stored: zarr writes them."""
     data = np.arange(64, dtype=np.uint16).reshape(8, 8)
