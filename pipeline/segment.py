@@ -372,7 +372,8 @@ def segment_image(
 
 def overview_alongside(options: SegmentOptions) -> bool:
     """Whether the overview is written while the inference tasks run: not in a local CPU run,
-    whose forwards use every core (a thread beside them costs them more than it does)."""
+    whose forwards use every core (threads beside them hold up each of their parallel regions,
+    as readers and writers beside them did: ``resolve_prefetch``)."""
     return options.scheduler is not None or resolve_device(options.device).type != "cpu"
 
 

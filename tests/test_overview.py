@@ -243,6 +243,19 @@ def test_an_overview_alongside_the_tasks_is_written_while_they_run(tmp_path, mod
     assert windows[0] == windows[1]
 
 
+def test_an_overview_alongside_dask_threads_of_the_tasks_gives_the_same_output(
+    tmp_path, model, monkeypatch
+):
+    """Two threaded Dask computations at once, the tasks' and the overview's (a local GPU run's
+    two task threads)."""
+    slide = _small_overview_slide(tmp_path, monkeypatch, seed=11)
+    options = SegmentOptions(model=model, tile=32, chunk=8, workers=2)
+    segment_image(slide, tmp_path / "in-turn.zarr", options)
+    monkeypatch.setattr(pipeline.segment, "overview_alongside", lambda options: True)
+    segment_image(slide, tmp_path / "alongside.zarr", options)
+    assert chunk_files(tmp_path / "alongside.zarr") == chunk_files(tmp_path / "in-turn.zarr")
+
+
 @pytest.mark.parametrize("failing", ["tasks", "overview"])
 def test_a_failure_beside_the_overview_leaves_nothing_being_written(
     tmp_path, model, monkeypatch, failing
