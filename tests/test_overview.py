@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -214,8 +216,6 @@ def _small_overview_slide(tmp_path, monkeypatch, seed: int):
 def test_an_overview_alongside_the_tasks_is_written_while_they_run(tmp_path, model, monkeypatch):
     """The first inference task waits for an overview block: written after the tasks, it
     would never come. The output is the one written in turn."""
-    import threading
-
     slide = _small_overview_slide(tmp_path, monkeypatch, seed=9)
     options = SegmentOptions(model=model, tile=32, chunk=8)
     segment_image(slide, tmp_path / "in-turn.zarr", options)
@@ -262,14 +262,9 @@ def test_a_failure_beside_the_overview_leaves_nothing_being_written(
 ):
     """Whichever fails, the other has finished when the error is raised, and the output is not
     complete: a resumed run redoes what is left."""
-    import threading
-    import time
-
     slide = _small_overview_slide(tmp_path, monkeypatch, seed=10)
     real_block, real_blocks = pipeline.segment.write_overview_block, pipeline.segment.run_blocks
-    running = []
-
-    started = threading.Event()
+    running, started = [], threading.Event()
 
     def block(*args):
         running.append(1)
