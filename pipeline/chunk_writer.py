@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,17 +83,8 @@ class ChunkWriter:
         data = np.asarray(data)
         if data.shape != tuple(s.stop - s.start for s in region):
             raise ValueError(f"data of shape {data.shape} for region {region} of {self.root}")
-        starts = [s.start for s in region]
-        grid = [
-            range(s.start // c, -(-s.stop // c)) for s, c in zip(region, self.chunks, strict=True)
-        ]
-        for index in np.ndindex(*(len(g) for g in grid)):
-            key = [g[i] for g, i in zip(grid, index, strict=True)]
-            local = tuple(
-                slice(k * c - o, min((k + 1) * c, n) - o)
-                for k, c, n, o in zip(key, self.chunks, self.shape, starts, strict=True)
-            )
-            self._write_chunk(key, data[local])
+        for key, _, at in self._overlaps(region):
+            self._write_chunk(key, data[at])
 
     def read(self, region: tuple[slice, ...]) -> np.ndarray:
         """The values in ``region`` (slices without step, any alignment), chunk by chunk."""
@@ -102,25 +94,34 @@ class ChunkWriter:
         out = np.zeros([max(s.stop - s.start, 0) for s in region], self.dtype)
         if not out.size:
             return out
+        for key, inside, at in self._overlaps(region):
+            try:
+                encoded = self._path(key).read_bytes()
+            except FileNotFoundError:
+                continue  # not stored: all fill value, as ``out`` already is
+            raw = self.compressor.decode(encoded) if self.compressor else encoded
+            out[at] = np.frombuffer(raw, self.dtype).reshape(self.chunks)[inside]
+        return out
+
+    def _overlaps(
+        self, region: tuple[slice, ...]
+    ) -> Iterator[tuple[list[int], tuple[slice, ...], tuple[slice, ...]]]:
+        """``(key, inside, at)`` for every chunk a (normalised, non-empty) ``region`` touches:
+        its key, the part of it in the region, and where that part lies in the region."""
         grid = [
             range(s.start // c, -(-s.stop // c)) for s, c in zip(region, self.chunks, strict=True)
         ]
         for index in np.ndindex(*(len(g) for g in grid)):
             key = [g[i] for g, i in zip(grid, index, strict=True)]
-            path = self.root / self.separator.join(map(str, key))
-            try:
-                encoded = path.read_bytes()
-            except FileNotFoundError:
-                continue  # not stored: all fill value, as ``out`` already is
-            raw = self.compressor.decode(encoded) if self.compressor else encoded
-            chunk = np.frombuffer(raw, self.dtype).reshape(self.chunks)
             inside, at = [], []
             for k, c, s in zip(key, self.chunks, region, strict=True):
                 lo, hi = max(k * c, s.start), min((k + 1) * c, s.stop)
                 inside.append(slice(lo - k * c, hi - k * c))
                 at.append(slice(lo - s.start, hi - s.start))
-            out[tuple(at)] = chunk[tuple(inside)]
-        return out
+            yield key, tuple(inside), tuple(at)
+
+    def _path(self, key: list[int]) -> Path:
+        return self.root / self.separator.join(map(str, key))
 
     def _write_chunk(self, key: list[int], block: np.ndarray) -> None:
         if block.shape != self.chunks:  # at the array's end: zarr pads with the fill value
@@ -128,7 +129,7 @@ class ChunkWriter:
             full[tuple(slice(0, n) for n in block.shape)] = block
             block = full
         block = np.ascontiguousarray(block, dtype=self.dtype)
-        path = self.root / self.separator.join(map(str, key))
+        path = self._path(key)
         if is_fill(block):
             path.unlink(missing_ok=True)
             return
