@@ -111,6 +111,12 @@ def test_regions_read_from_the_chunk_files_are_zarrs_values(tmp_path_factory, ca
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))  # -0.0 too
 
 
+def test_a_region_with_a_step_is_refused_for_reading(tmp_path):
+    reader = ChunkWriter.of(create(tmp_path / "a", (10, 8), (4, 4), "|u1"))
+    with pytest.raises(ValueError, match="has a step"):
+        reader.read((slice(0, 8, 2), slice(None)))
+
+
 def test_arrays_zarr_must_write_are_read_by_zarr(tmp_path):
     array = create(tmp_path / "fill", (8, 8), (4, 4), "<u2", fill_value=7)
     array[:4, :4] = 1
