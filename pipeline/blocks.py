@@ -28,7 +28,8 @@ from pipeline.heap import off_main_heap
 from pipeline.inference import Prediction, Predictor
 from pipeline.models import ModelSpec
 from pipeline.ngff import OutputLayout, half_region, next_level, write_region
-from pipeline.normalize import Normalization
+from pipeline.normalize import Normalization, count_nonfinite
+from pipeline.output_lock import check_owner
 from pipeline.provenance import mark_done
 from pipeline.readers import ImageSpec, LazyImage
 from pipeline.stages import run_stages
@@ -50,6 +51,7 @@ class BlockTask:
     name: str  # completion marker written when every tile of the task is written
     skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
     levels: int = 0  # pyramid levels above 0 the task writes too (see ngff.levels_in_tasks)
+    run_id: str = ""  # the run the output must still belong to when the task writes
 
 
 @contextmanager
@@ -65,6 +67,14 @@ def read_window(image: LazyImage, start, stop) -> np.ndarray:
     """Read a (C, *window) input window whose parts outside the image are mirrored."""
     plan = window_read(start, stop, image.spatial_shape)
     return apply_window(image.read(plan.source), plan, first_spatial_axis=1)
+
+
+def tile_in_window(tile: Tile) -> tuple[slice, ...]:
+    """Where a tile's own output region lies inside its input window."""
+    return tuple(
+        slice(a - w, b - w)
+        for a, b, w in zip(tile.start, tile.stop, tile.window_start, strict=True)
+    )
 
 
 def run_block(task: BlockTask) -> dict[str, float]:
@@ -116,6 +126,7 @@ def run_blocks(
         **times.to_dict(),
         "tiles": sum(block.inferred for block in blocks),
         "pixels": sum(block.pixels for block in blocks),
+        "nonfinite": sum(block.nonfinite for block in blocks),
         "task": time.perf_counter() - t0,
         # How the CPU forwards ran (what segment reports, and hints at when it is slow).
         "cpu_forward_threads": torch.get_num_threads() if cpu else 0,
@@ -148,6 +159,7 @@ class _Block:
         self.inferred = len(tiles)
         self.unwritten = len(self.batches)  # batches whose write has not finished yet
         self.pixels = sum(int(np.prod(tile.shape)) for tile in tiles)
+        self.nonfinite = 0  # NaN/Inf input pixels of its tiles (not of their halos)
 
     def write_skipped(self) -> None:
         """Write the tiles without tissue as background, without inferring them."""
@@ -163,8 +175,11 @@ class _Block:
             self.pixels += int(np.prod(tile.shape))
 
     def finish(self, on_done: Callable[[dict[str, float]], None] | None) -> None:
-        with writing(self.task.output):
-            mark_done(self.task.output, self.task.name)
+        task = self.task
+        check_owner(task.output, task.run_id)
+        with writing(task.output):
+            summary = {"nonfinite": self.nonfinite} if self.nonfinite else None
+            mark_done(task.output, task.name, summary)
         if on_done is not None:
             on_done({"tiles": self.inferred, "pixels": self.pixels})
 
@@ -183,13 +198,16 @@ class _Block:
     def read(self, batch: tuple[Tile, ...]) -> torch.Tensor:
         task, image = self.task, self.image
         x, view = self.predictor.batch_buffer((len(batch), image.n_channels, *task.grid.window))
+        nonfinite = [0] * len(batch)  # per window: filled by parallel threads
 
         def fill(k: int) -> None:
             tile = batch[k]
             window = read_window(image, tile.window_start, tile.window_stop)
+            nonfinite[k] = count_nonfinite(window[(slice(None), *tile_in_window(tile))])
             task.normalization.apply(window, out=view[k])
 
         self._each(fill, len(batch))
+        self.nonfinite += sum(nonfinite)
         return x
 
     def infer(self, batch: tuple[Tile, ...], x: torch.Tensor) -> Prediction:
@@ -225,6 +243,7 @@ def _write_levels(
 ) -> None:
     """Write a tile's output at level 0 and at the pyramid levels its task owns, so that the
     pyramid after the tasks only has the small levels left, not a second pass over level 0."""
+    check_owner(task.output, task.run_id)
     for level in range(task.levels + 1):
         if level:
             labels, probs = next_level(labels, probs, layout=task.layout)

@@ -267,6 +267,10 @@ def _segment(args: argparse.Namespace) -> int:
             failures += 1
             continue
         bar.close()
+        if result.nonfinite_pixels:
+            n = result.nonfinite_pixels
+            print(f"tileseg: warning: {image}: {n} pixels are NaN or infinite: they were "
+                  "segmented as 0 after normalisation", file=sys.stderr)  # fmt: skip
         shape = "x".join(map(str, result.spatial_shape))
         if result.skipped:
             print(f"{image}: already complete with the same input, model and config -> "

@@ -89,7 +89,7 @@ def _run_distributed(
     on_done: Callable[[R], None] | None,
     resources: dict[str, float] | None = None,
 ) -> list[R]:
-    from distributed import Client, as_completed
+    from distributed import Client, KilledWorker, as_completed
 
     try:
         client = Client(scheduler, set_as_default=False)
@@ -105,6 +105,13 @@ def _run_distributed(
                 results[index[future.key]] = result = future.result()
                 if on_done:
                     on_done(result)
+        except KilledWorker as exc:
+            client.cancel(futures)
+            raise TilesegError(
+                scheduler,
+                f"{exc.allowed_failures + 1} workers died running task {exc.task!r} (the last "
+                f"one {exc.last_worker.address}): see the workers' logs (out of memory?)",
+            ) from None
         except BaseException:
             client.cancel(futures)
             raise

@@ -178,7 +178,7 @@ def create_output(
     skeleton with its record (the same command resumes), never a group it would refuse.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not _empty_directory(path):
         raise TilesegError(path, "output already exists (use --overwrite to replace it)")
     for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -189,6 +189,10 @@ def create_output(
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     building.rename(path)
+
+
+def _empty_directory(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) -> None:
@@ -393,6 +397,12 @@ def mark_complete(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Written last: an output without ``status == "complete"`` is not finished."""
     root = zarr.open_group(path, mode="r+", zarr_format=2)
     root.attrs["tileseg"] = {**record, "status": "complete"}
+
+
+def mark_failed(path: str | os.PathLike[str], problem: str) -> None:
+    """Record why a run stopped; the output stays unfinished (and resumable)."""
+    root = zarr.open_group(path, mode="r+", zarr_format=2)
+    root.attrs["tileseg"] = {**dict(root.attrs["tileseg"]), "status": "failed", "error": problem}
 
 
 def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:

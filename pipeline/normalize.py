@@ -3,6 +3,11 @@
 Per-tile statistics would make a pixel's value depend on which tile it was read in, and tiled
 inference would no longer match a whole-image pass; so every mode reduces to a fixed
 per-channel ``x * scale + offset`` computed before any tile runs.
+
+Non-finite pixels (NaN, ±Inf) of a float image follow one rule: statistics are computed over
+the finite pixels only, and a pixel whose normalised value is not finite becomes 0 (the low
+percentile: background, for the default normalisation). Every tile applies the same rule, so
+tiles stay exact; the segmentation counts such pixels and warns about them.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ class Normalization:
             out = x.astype(np.float32, copy=True)
         else:
             out[...] = x
-        if self.mode == "none":
-            return out
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        out *= np.asarray(self.scale, np.float32).reshape(shape)
-        out += np.asarray(self.offset, np.float32).reshape(shape)
+        if self.mode != "none":
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            out *= np.asarray(self.scale, np.float32).reshape(shape)
+            out += np.asarray(self.offset, np.float32).reshape(shape)
+        if x.dtype.kind == "f":  # integers stay finite under a finite scale and offset
+            np.copyto(out, 0.0, where=~np.isfinite(out))
         return out
 
     def to_dict(self) -> dict[str, object]:
@@ -79,7 +85,7 @@ def compute_normalization(
         return Normalization((float(scale),) * c, (float(offset or 0.0),) * c, "fixed")
     sample, source = _sample(image)
     lo_p, hi_p = percentiles
-    lo, hi = percentiles_of(sample.reshape(c, -1), (lo_p, hi_p), axis=1)
+    lo, hi = finite_percentiles(sample.reshape(c, -1), (lo_p, hi_p))
     span = np.where(hi - lo > 0, hi - lo, 1.0)  # a flat channel maps to 0, not to inf
     return Normalization(
         tuple(float(s) for s in 1.0 / span),
@@ -101,6 +107,23 @@ def percentiles_of(
     if values.dtype.kind != "u":
         values = values.astype(np.float64)
     return np.percentile(values, q, axis=axis)
+
+
+def finite_percentiles(values: np.ndarray, q: tuple[float, float]) -> np.ndarray:
+    """Per-row percentiles of a (C, N) array over its finite values only, as (2, C); a row
+    without any finite value gets 0 and 1."""
+    if values.dtype.kind != "f":
+        return percentiles_of(values, q, axis=1)
+    rows = []
+    for row in values:
+        finite = row[np.isfinite(row)]
+        rows.append(percentiles_of(finite, q) if finite.size else np.array([0.0, 1.0]))
+    return np.stack(rows, axis=1)
+
+
+def count_nonfinite(x: np.ndarray) -> int:
+    """How many values of ``x`` are NaN or infinite (0 for integer arrays, without a pass)."""
+    return int(x.size - np.count_nonzero(np.isfinite(x))) if x.dtype.kind == "f" else 0
 
 
 def _sample(image: LazyImage) -> tuple[np.ndarray, str]:

@@ -11,6 +11,7 @@ them otherwise. The provenance record is written last.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import time
@@ -29,6 +30,7 @@ from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.geometry import (
+    Tile,
     TileGrid,
     group_tiles,
     plan_tiles,
@@ -49,11 +51,13 @@ from pipeline.ngff import (
     level_regions,
     levels_in_tasks,
     mark_complete,
+    mark_failed,
     overview_factor,
     read_layout,
     read_record,
 )
-from pipeline.normalize import compute_normalization
+from pipeline.normalize import Normalization, compute_normalization
+from pipeline.output_lock import OutputLock, TakenOver, check_owner, claim_output, is_owner
 from pipeline.overview import (
     OverviewSource,
     finish_overview,
@@ -96,16 +100,23 @@ class SegmentResult:
     record: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # the output was already complete for the same fingerprint
     resumed_tasks: int = 0  # tasks found done from an interrupted run
+    computed_pixels: int = 0  # pixels this run inferred (a resumed run: not those found done)
 
     @property
     def megapixels_per_second(self) -> float:
-        return float(np.prod(self.spatial_shape)) / 1e6 / max(self.seconds, 1e-9)
+        return self.computed_pixels / 1e6 / max(self.seconds, 1e-9)
+
+    @property
+    def nonfinite_pixels(self) -> int:
+        """Input pixels that were NaN or infinite (set to 0 after normalisation)."""
+        return int(self.record.get("nonfinite_pixels", 0))
 
 
 def _pyramid_block(
-    args: tuple[str, OutputLayout, int, tuple[slice, ...], str],
+    args: tuple[str, OutputLayout, int, tuple[slice, ...], str, str],
 ) -> dict[str, float]:
-    output, layout, level, region, name = args
+    output, layout, level, region, name, run_id = args
+    check_owner(output, run_id)
     with writing(output):
         downsample_region(output, layout, level, region)
         mark_done(output, name)
@@ -167,10 +178,11 @@ def segment_image(
 ) -> SegmentResult:
     """Segment one image into an OME-Zarr output.
 
+    The output's lock (:mod:`pipeline.output_lock`) is held from before the output is looked
+    at until its record is written: one run writes an output at a time.
     ``progress(done_pixels, total_pixels)`` is called in this process as tiles finish.
     """
     started = time.perf_counter()
-    started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     output = os.fspath(Path(output_path).absolute())
     try:
         resolve_device(options.device)
@@ -186,20 +198,93 @@ def segment_image(
     model = load_model(model_spec)
     check_compatible(image, model)
     grid = plan(image, model, options)
-    run_fingerprint = fingerprint(input_path, options, model_sha256=model.sha256)
-    state = "missing" if options.overwrite else output_state(output, run_fingerprint)
-    if state == "complete":
-        record = read_record(output) or {}
-        return SegmentResult(
-            os.fspath(input_path), output, image.spatial_shape, len(grid), 0.0,
-            record.get("timings", {}), record, skipped=True,
-        )  # fmt: skip
-    if state in ("different", "foreign"):
-        what = {
-            "different": "was made from a different input, model or configuration",
-            "foreign": "is not a tileseg output",
-        }[state]
-        raise TilesegError(output, f"already exists and {what} (use --overwrite to replace it)")
+    identity = fingerprint(input_path, options, model_sha256=model.sha256)
+    job = _Job(input_path, output, image, model_spec, model, grid, options, started, identity)
+    with OutputLock(output) as lock:
+        state = existing_output(
+            output, job.fingerprint, overwrite=options.overwrite, input_path=input_path
+        )
+        if state == "complete":
+            record = read_record(output) or {}
+            return SegmentResult(
+                os.fspath(input_path), output, image.spatial_shape, len(grid), 0.0,
+                record.get("timings", {}), record, skipped=True,
+            )  # fmt: skip
+        try:
+            return _run(job, state, lock.run_id, progress=progress)
+        except TilesegError as exc:
+            raise _with_resume_hint(exc, output, lock.run_id) from None
+
+
+def existing_output(
+    output: str, expected: str, *, overwrite: bool, input_path: str | os.PathLike[str]
+) -> str:
+    """What to do with what is at ``output``: ``missing`` (create it), ``replace`` (it),
+    ``partial`` (resume it) or ``complete`` (skip it). A directory that is not a tileseg output
+    is never replaced; another run's output only with ``overwrite``, or when it is a failed run
+    of the same input path whose file has changed since (repaired: its done tasks read the
+    file as it was, so it starts afresh)."""
+    state = output_state(output, expected)
+    if state == "different" and _failed_on(output, input_path):
+        return "replace"
+    if state == "foreign":
+        what = "--overwrite replaces tileseg outputs only: " if overwrite else ""
+        raise TilesegError(
+            output,
+            f"already exists and is not a tileseg output ({what}choose another output path, "
+            "or remove it yourself)",
+        )
+    if overwrite:
+        return "missing" if state == "missing" else "replace"
+    if state == "different":
+        raise TilesegError(
+            output,
+            "already exists and was made from a different input, model or configuration "
+            "(use --overwrite to replace it)",
+        )
+    return state
+
+
+def _with_resume_hint(exc: TilesegError, output: str, run_id: str) -> TilesegError:
+    """A failure after this run made or took up its output: the output is recorded as failed
+    and stays unfinished, and the same command continues it, which the message says."""
+    if isinstance(exc, TakenOver) or not is_owner(output, run_id):
+        return exc
+    with contextlib.suppress(OSError, ValueError):
+        mark_failed(output, exc.problem)
+    return TilesegError(
+        exc.path or output,
+        f"{exc.problem}; the unfinished output {output} resumes when the same command is "
+        "given again once this is fixed",
+    )
+
+
+def _failed_on(output: str, input_path: str | os.PathLike[str]) -> bool:
+    record = read_record(output) or {}
+    here = os.fspath(Path(input_path).absolute())
+    return record.get("status") == "failed" and record.get("input") == here
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a run works on, decided before its output is looked at."""
+
+    input_path: str | os.PathLike[str]
+    output: str
+    image: LazyImage
+    model_spec: ModelSpec
+    model: LoadedModel
+    grid: TileGrid
+    options: SegmentOptions
+    started: float
+    fingerprint: str
+
+
+def _run(
+    job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
+) -> SegmentResult:
+    """Create or resume the output, run the tasks and the steps after them, write the record."""
+    image, grid, options, output = job.image, job.grid, job.options, job.output
     normalization = compute_normalization(
         image,
         mode=options.normalize,
@@ -207,9 +292,44 @@ def segment_image(
         scale=options.scale,
         offset=options.offset,
     )
-    mask = None if options.tissue == "none" else _tissue_mask(input_path, image, options)
-    classes = int(model.classes or 0) or _probe_classes(model_spec, options, grid)
-    _, chunk = options.tile_and_chunk(grid.geometry.ndim)
+    mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
+    layout = _layout(job, state)
+    record = _record(job, normalization, layout, mask)
+    workers = options.workers or local_workers(options)
+    # A resumed run works as the run it continues did: its done tasks must match the rest.
+    resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
+    run, per_task, levels = _run_settings(job, layout, workers, resumed=resumed)
+    record["run"] = {
+        "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
+        "channels_last": run.channels_last, "fold_norm": run.fold_norm,
+        "labels_from": run.labels_from,
+    }  # fmt: skip
+    forget_arrays(output)
+    if state != "partial":
+        with writing(output):
+            create_output(
+                output, layout, overwrite=state == "replace", attrs=record,
+                subdirs=[os.path.relpath(done_dir(output), output)],
+            )  # fmt: skip
+    claim_output(output, run_id)
+    tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
+    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
+    record.update(_objects(output, image, options, workers=workers))
+    _finish_record(record, job, computed, resumed_tasks)
+    with writing(output):
+        remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
+        mark_complete(output, record)
+    return SegmentResult(
+        os.fspath(job.input_path), output, image.spatial_shape, len(grid),
+        record["timings"]["total_wall"], record["timings"], record,
+        resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
+    )  # fmt: skip
+
+
+def _layout(job: _Job, state: str) -> OutputLayout:
+    image, options = job.image, job.options
+    classes = int(job.model.classes or 0) or _probe_classes(job.model_spec, options, job.grid)
+    _, chunk = options.tile_and_chunk(job.grid.geometry.ndim)
     layout = OutputLayout(
         spatial_shape=image.spatial_shape,
         chunks=tuple(min(chunk, n) for n in image.spatial_shape),
@@ -221,14 +341,22 @@ def segment_image(
         if options.save_probabilities
         else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
     )
-    if state == "partial" and read_layout(output).overview is None:
+    if state == "partial" and read_layout(job.output).overview is None:
         layout = replace(layout, overview=None)  # begun before outputs had an overview
-    record: dict[str, Any] = {
+    return layout
+
+
+def _record(
+    job: _Job, normalization: Normalization, layout: OutputLayout, mask: TissueMask | None
+) -> dict[str, Any]:
+    """The provenance record as it is written when the output is created."""
+    model, grid = job.model, job.grid
+    return {
         "version": __version__,
-        "input": os.fspath(Path(input_path).absolute()),
-        "level": options.level,
+        "input": os.fspath(Path(job.input_path).absolute()),
+        "level": job.options.level,
         "model": {"source": model.source, "sha256": model.sha256, **model.info},
-        "config": options.to_dict(),
+        "config": job.options.to_dict(),
         "normalization": normalization.to_dict(),
         "geometry": {
             "halo": list(grid.geometry.halo),
@@ -238,66 +366,91 @@ def segment_image(
             "chunks": list(layout.chunks),
         },
         "tissue": None if mask is None else mask.to_dict(),
-        "started": started_at,
-        "fingerprint": run_fingerprint,
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "fingerprint": job.fingerprint,
     }
-    workers = options.workers or local_workers(options)
-    # A resumed run works as the run it continues did: its done tasks must match the rest.
-    resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
+
+
+def _run_settings(
+    job: _Job, layout: OutputLayout, workers: int, *, resumed: dict[str, Any] | None
+) -> tuple[RunSettings, int, int]:
+    """How the tasks run, and how many tiles a task and pyramid levels it takes. A resumed
+    run takes all of these from the run it continues: its tasks must batch and group tiles,
+    and compute them, exactly as the done ones were."""
+    options = job.options
     numerics = resolve_numerics(options, resumed=resumed)
-    batch_size = resolve_batch_size(
-        options, model_spec, image, grid, resumed=resumed, numerics=numerics
-    )
+    if resumed and resumed.get("batch_size"):
+        batch_size = int(resumed["batch_size"])
+    else:
+        batch_size = resolve_batch_size(
+            options, job.model_spec, job.image, job.grid, resumed=None, numerics=numerics
+        )
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
         compile=options.compile, prefetch=resolve_prefetch(options, workers),
         batch_size=batch_size,
     )  # fmt: skip
-    per_task = batches_per_task(options, grid, run.batch_size)
+    if resumed and resumed.get("batches_per_task"):
+        per_task = int(resumed["batches_per_task"])
+    else:
+        per_task = batches_per_task(options, job.grid, run.batch_size)
     if resumed is not None:  # the tasks it left done wrote the levels of the version that ran
         levels = int(resumed.get("levels_in_tasks", 0))
     else:
-        levels = levels_in_tasks(layout, [tile.region for tile in grid.tiles()])
-    record["run"] = {
-        "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
-        **numerics,
-    }  # fmt: skip
-    forget_arrays(output)
-    if state != "partial":
-        with writing(output):
-            create_output(
-                output, layout, overwrite=options.overwrite, attrs=record,
-                subdirs=[os.path.relpath(done_dir(output), output)],
-            )  # fmt: skip
+        levels = levels_in_tasks(layout, [tile.region for tile in job.grid.tiles()])
+    return run, per_task, levels
 
+
+def _tasks(
+    job: _Job,
+    normalization: Normalization,
+    layout: OutputLayout,
+    run: RunSettings,
+    per_task: int,
+    levels: int,
+    mask: TissueMask | None,
+    run_id: str,
+) -> tuple[list[BlockTask], list[str]]:
+    """The tasks still to do, and the names of those a resumed run found done."""
+    grid, output, margin = job.grid, job.output, job.options.tissue_margin
     # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
     # run did and rewrites byte-identical chunks.
     groups = group_tiles(grid, per_group=run.batch_size * per_task)
     names = [f"tiles-{i:07d}" for i in range(len(groups))]
-    tasks = [
-        BlockTask(
-            image=image.spec,
-            model=model_spec,
-            normalization=normalization,
-            grid=grid,
-            tiles=tuple(t.index for t in group),
-            output=output,
-            layout=layout,
-            run=run,
-            name=name,
-            levels=levels,
-            skip=tuple(
-                t.index
-                for t in group
-                if mask is not None and not mask.covers(t.region, margin=options.tissue_margin)
-            ),
+    done = [name for name in names if is_done(output, name)]
+
+    def task(group: list[Tile], name: str) -> BlockTask:
+        skip = (
+            ()
+            if mask is None
+            else tuple(t.index for t in group if not mask.covers(t.region, margin=margin))
         )
-        for group, name in zip(groups, names, strict=True)
-        if not is_done(output, name)
-    ]
-    resumed = len(groups) - len(tasks)
+        return BlockTask(
+            image=job.image.spec, model=job.model_spec, normalization=normalization, grid=grid,
+            tiles=tuple(t.index for t in group), output=output, layout=layout, run=run,
+            name=name, levels=levels, run_id=run_id, skip=skip,
+        )  # fmt: skip
+
+    tasks = [task(g, n) for g, n in zip(groups, names, strict=True) if n not in done]
+    return tasks, done
+
+
+def _execute(
+    job: _Job,
+    tasks: list[BlockTask],
+    layout: OutputLayout,
+    levels: int,
+    workers: int,
+    run_id: str,
+    resumed: list[str],
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """Run the inference tasks, the pyramid levels above theirs and the overview; return
+    the tasks' results and the steps' wall times."""
+    options, output, image = job.options, job.output, job.image
     total = int(np.prod(image.spatial_shape))
-    done = int(total * resumed / max(len(groups), 1))
+    n_groups = len(tasks) + len(resumed)
+    done = int(total * len(resumed) / max(n_groups, 1))
 
     def on_done(result: dict[str, float]) -> None:
         nonlocal done
@@ -308,7 +461,7 @@ def segment_image(
     def write_overview() -> float:
         t = time.perf_counter()
         if layout.overview is not None:
-            _overview(output, image, layout, options, workers=workers)
+            _overview(output, image, layout, options, workers=workers, run_id=run_id)
         return time.perf_counter() - t
 
     # The overview reads only the input: where the forwards are not the host's (a GPU, a
@@ -329,45 +482,67 @@ def segment_image(
                 )  # fmt: skip
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
-        for level in range(1 + levels, len(layout.levels)):
-            jobs = [
-                (output, layout, level, region, f"pyramid-{level}-{i:07d}")
-                for i, region in enumerate(level_regions(layout, level))
-            ]
-            jobs = [job for job in jobs if not is_done(output, job[-1])]
-            run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+        _pyramid(output, layout, levels, options, workers=workers, run_id=run_id)
         pyramid_wall = time.perf_counter() - t
         overview_wall = write_overview() if overview is None else overview.result()
-    record.update(_objects(output, image, options, workers=workers))
-    seconds = time.perf_counter() - started
+    nonfinite = sum(int(r.get("nonfinite", 0)) for r in results)
+    nonfinite += sum(int((done_summary(output, n) or {}).get("nonfinite", 0)) for n in resumed)
+    return {
+        "results": results,
+        "pixels": int(sum(r.get("pixels", 0) for r in results)),
+        "nonfinite": nonfinite,
+        "walls": {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall},
+    }
+
+
+def _pyramid(
+    output: str,
+    layout: OutputLayout,
+    levels: int,
+    options: SegmentOptions,
+    *,
+    workers: int,
+    run_id: str,
+) -> None:
+    """The pyramid levels above those the tasks wrote, each from the level below."""
+    for level in range(1 + levels, len(layout.levels)):
+        jobs = [
+            (output, layout, level, region, f"pyramid-{level}-{i:07d}", run_id)
+            for i, region in enumerate(level_regions(layout, level))
+        ]
+        jobs = [job for job in jobs if not is_done(output, job[-2])]
+        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+
+
+def _finish_record(
+    record: dict[str, Any], job: _Job, computed: dict[str, Any], resumed: list[str]
+) -> None:
+    """Add what the run measured to the record: timings, counts, throughput (over the pixels
+    this run computed, not those a resumed run found done)."""
+    results = computed["results"]
+    seconds = time.perf_counter() - job.started
     timings = {
         key: float(sum(r[key] for r in results))
         for key in ("read", "infer", "write", "stall", "task")
     }
-    timings["resumed_tasks"] = resumed
+    timings["resumed_tasks"] = len(resumed)
     timings["tiles_inferred"] = int(sum(r["tiles"] for r in results))
     timings["tasks_off_main_heap"] = int(sum(r["tasks_off_main_heap"] for r in results))
     threads = [int(r["cpu_forward_threads"]) for r in results if r["cpu_forward_threads"]]
     if threads:  # CPU forwards: the fewest threads a task's ran on
         timings["cpu_forward_threads"] = min(threads)
-    walls = {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall}
-    timings.update({f"{k}_wall": v for k, v in walls.items()}, total_wall=seconds)
+    timings.update({f"{k}_wall": v for k, v in computed["walls"].items()}, total_wall=seconds)
     record.update(
         {
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "timings": timings,
-            "tiles": len(grid),
-            "spatial_shape": list(image.spatial_shape),
-            "megapixels_per_second": total / 1e6 / max(seconds, 1e-9),
+            "tiles": len(job.grid),
+            "spatial_shape": list(job.image.spatial_shape),
+            "computed_pixels": computed["pixels"],
+            "megapixels_per_second": computed["pixels"] / 1e6 / max(seconds, 1e-9),
+            "nonfinite_pixels": computed["nonfinite"],
         }
     )
-    with writing(output):
-        remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
-        mark_complete(output, record)
-    return SegmentResult(
-        os.fspath(input_path), output, image.spatial_shape, len(grid), seconds, timings, record,
-        resumed_tasks=resumed,
-    )  # fmt: skip
 
 
 def overview_alongside(options: SegmentOptions) -> bool:
@@ -378,23 +553,32 @@ def overview_alongside(options: SegmentOptions) -> bool:
 
 
 def _overview(
-    output: str, image: LazyImage, layout: OutputLayout, options: SegmentOptions, *, workers: int
+    output: str,
+    image: LazyImage,
+    layout: OutputLayout,
+    options: SegmentOptions,
+    *,
+    workers: int,
+    run_id: str,
 ) -> None:
     """Write the overview (``pipeline/overview.py``) in tasks that each own chunks of it."""
     assert layout.overview is not None
     source = overview_source(image, factor=layout.overview.factor)
     jobs = [
-        (output, source, region, f"overview-{i:07d}")
+        (output, source, region, f"overview-{i:07d}", run_id)
         for i, region in enumerate(overview_regions(layout))
     ]
-    jobs = [job for job in jobs if not is_done(output, job[-1])]
+    jobs = [job for job in jobs if not is_done(output, job[-2])]
     run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
     with writing(output):
         finish_overview(output, rgb="S" in image.axes)
 
 
-def _overview_block(args: tuple[str, OverviewSource, tuple[slice, ...], str]) -> dict[str, int]:
-    output, source, region, name = args
+def _overview_block(
+    args: tuple[str, OverviewSource, tuple[slice, ...], str, str],
+) -> dict[str, int]:
+    output, source, region, name, run_id = args
+    check_owner(output, run_id)
     with writing(output):
         write_overview_block(output, source, region)
         mark_done(output, name)

@@ -214,8 +214,10 @@ def resolve_numerics(
     numerics = {}
     for key, (new, legacy) in NUMERICS.items():
         value = getattr(options, key)
-        if value == "auto":
-            value = new if resumed is None else str(resumed.get(key, legacy))
+        if resumed is not None:
+            value = str(resumed.get(key, legacy))
+        elif value == "auto":
+            value = new
         numerics[key] = value
     numerics["labels_from"] = (
         "logits" if resumed is None else str(resumed.get("labels_from", LEGACY_LABELS_FROM))

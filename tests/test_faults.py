@@ -364,3 +364,111 @@ def test_corrupt_tiles_give_one_line_on_stderr_every_time(tmp_path, model):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1, stderr[:2000]
         assert lines[0].startswith("tileseg: error: ") and "bad.tif: cannot read region" in lines[0]
+
+
+def test_non_finite_input_pixels_are_segmented_as_zero_and_reported(tmp_path, model):
+    """NaN and ±Inf pixels of a float image: labels equal those of the same image with those
+    pixels set to the value that normalises to 0, and the CLI warns with their count."""
+    rng = np.random.default_rng(3)
+    clean = (rng.random((256, 320)) * 200).astype(np.float32)
+    dirty = clean.copy()
+    dirty.flat[rng.choice(dirty.size, 100, replace=False)] = np.nan
+    dirty[100:120, 200:230] = np.inf
+    dirty[5, 5] = -np.inf
+    bad = ~np.isfinite(dirty)
+    clean[bad] = 0.0  # the fixed normalisation below maps 0 to 0
+    args = ["--model", model, "--tile", "64", "--chunk", "64", "--normalize", "fixed",
+            "--scale", "0.01"]  # fmt: skip
+    outputs = {}
+    for name, image in (("clean", clean), ("dirty", dirty)):
+        path = write_tiff(tmp_path / f"{name}.tif", image, axes="YX", compression="zlib")
+        outputs[name] = tmp_path / f"{name}.zarr"
+        proc = cli(str(path), str(outputs[name]), *args)
+        _, stderr = proc.communicate()
+        assert proc.returncode == 0, stderr
+        if name == "dirty":
+            line = stderr.strip().splitlines()[-1]
+            assert line.startswith("tileseg: warning: ") and f"{bad.sum()} pixels" in line
+    assert read_record(outputs["dirty"])["nonfinite_pixels"] == bad.sum()
+    assert chunk_files(outputs["dirty"])["labels/segmentation/0/0/0"] is not None
+    dirty_files, clean_files = chunk_files(outputs["dirty"]), chunk_files(outputs["clean"])
+    labels = [k for k in clean_files if k.startswith("labels/")]
+    assert labels and all(dirty_files[k] == clean_files[k] for k in labels)
+
+
+def test_percentile_normalisation_of_a_float_image_with_nans_is_not_empty(tmp_path, model):
+    rng = np.random.default_rng(4)
+    image = (rng.random((256, 256)) * 200).astype(np.float32)
+    image.flat[rng.choice(image.size, 100, replace=False)] = np.nan
+    path = write_tiff(tmp_path / "nan.tif", image, axes="YX")
+    result = segment_image(path, tmp_path / "out.zarr", SegmentOptions(model=model, tile=64))
+    norm = read_record(tmp_path / "out.zarr")["normalization"]
+    assert all(np.isfinite(norm["scale"])) and all(np.isfinite(norm["offset"]))
+    assert result.nonfinite_pixels == 100
+
+
+def test_a_run_failed_on_a_corrupt_tile_resumes_once_the_input_is_repaired(tmp_path, model):
+    path = tmp_path / "slide.tif"
+    tiff_with_a_corrupt_tile(path)
+    corrupt = path.read_bytes()
+    image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.uint8)
+    write_tiff(path, image, axes="YX", tile=(64, 64), compression="zlib")
+    good = path.read_bytes()
+    args = ["--model", model, "--tile", "64", "--chunk", "64", "--normalize", "none"]
+    reference = tmp_path / "reference.zarr"
+    proc = cli(str(path), str(reference), *args)
+    assert proc.communicate() and proc.returncode == 0
+
+    path.write_bytes(corrupt)
+    out = tmp_path / "out.zarr"
+    proc = cli(str(path), str(out), *args)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 2
+    line = stderr.strip().splitlines()[-1]
+    assert "cannot read region" in line and "resumes when the same command is given again" in line
+
+    assert read_record(out)["status"] == "failed"
+    path.write_bytes(good)  # repaired in place
+    proc = cli(str(path), str(out), *args)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert read_record(out)["status"] == "complete"
+    assert chunk_files(out) == chunk_files(reference)
+
+
+def test_workers_dying_past_the_allowed_failures_is_one_line_and_resumable(tmp_path, slide, model):
+    import dask
+    from distributed import Client, LocalCluster
+
+    options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=2)
+    segment_image(slide, tmp_path / "reference.zarr", options)
+    out = tmp_path / "out.zarr"
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                segment_image(slide, out, replace(options, scheduler=cluster.scheduler_address))
+            except BaseException as exc:  # checked below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 120
+        while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= 2):
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        pids = client.run(os.getpid)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        thread.join(timeout=240)
+    assert len(errors) == 1 and isinstance(errors[0], TilesegError), errors
+    assert "died running task" in str(errors[0]) and "resumes when" in str(errors[0])
+    assert "\n" not in str(errors[0])
+    segment_image(slide, out, options)
+    assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")

@@ -83,3 +83,33 @@ def test_signed_and_float_values_are_interpolated_in_float64():
     assert percentiles_of(wide, (50,))[0] == 0.0
     close = np.array([1.0, 1.0 + 2**-23], np.float32)
     assert percentiles_of(close, (30,))[0] == 1.0 + 0.3 * 2**-23
+
+
+def test_percentiles_are_taken_over_finite_pixels_only():
+    from pipeline.normalize import finite_percentiles
+
+    rng = np.random.default_rng(0)
+    values = rng.random((3, 1000)).astype(np.float32)
+    dirty = values.copy()
+    dirty[0, :100] = np.nan
+    dirty[1, 5] = np.inf
+    dirty[1, 6] = -np.inf
+    dirty[2, :] = np.nan
+    got = finite_percentiles(dirty, (1.0, 99.8))
+    assert np.array_equal(got[:, 0], np.percentile(values[0, 100:].astype(np.float64), (1, 99.8)))
+    assert np.array_equal(
+        got[:, 1], np.percentile(np.delete(values[1], [5, 6]).astype(np.float64), (1, 99.8))
+    )
+    assert got[:, 2].tolist() == [0.0, 1.0]  # nothing finite: any window is as good
+
+
+@pytest.mark.parametrize("mode", ["none", "fixed", "percentile"])
+def test_non_finite_pixels_become_zero_after_normalisation(mode):
+    from pipeline.normalize import Normalization
+
+    x = np.array([[1.0, np.nan, np.inf, -np.inf, 2.0]], np.float32)
+    norm = Normalization((0.5,), (0.25,), mode)
+    out = norm.apply(x)
+    finite = x[0, [0, 4]] if mode == "none" else x[0, [0, 4]] * 0.5 + 0.25
+    assert out[0, [1, 2, 3]].tolist() == [0.0, 0.0, 0.0]
+    assert np.array_equal(out[0, [0, 4]], finite)

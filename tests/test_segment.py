@@ -448,25 +448,6 @@ def test_a_resumed_run_takes_labels_from_where_the_run_it_continues_took_them(
             assert 0 < (got == 0).sum() < got.size
 
 
-def test_outputs_made_before_an_option_was_added_keep_their_fingerprint(slide):
-    """A directory run redoes a slide whose fingerprint changed: options added later are left
-    out at their default, so upgrading does not redo (or, alone, refuse) finished outputs."""
-    import hashlib
-
-    from pipeline.provenance import ADDED_LATER, RUNTIME_ONLY, fingerprint, input_identity
-
-    options = SegmentOptions(tile=64)
-    before = {k: v for k, v in options.to_dict().items()
-              if k not in RUNTIME_ONLY and k not in ADDED_LATER}  # fmt: skip
-    payload = {"input": input_identity(slide[0]), "options": before, "model": "abc"}
-    old = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    assert fingerprint(slide[0], options, model_sha256="abc") == old
-    assert "fold_norm" in ADDED_LATER
-    for value in ("on", "off"):  # said explicitly, it is part of what decides the pixels
-        changed = dataclasses.replace(options, fold_norm=value)
-        assert fingerprint(slide[0], changed, model_sha256="abc") != old
-
-
 @given(tiles=st.integers(1, 3000), batch=st.integers(1, 16), most=st.integers(1, 8))
 def test_small_images_get_enough_tasks(tiles, batch, most):
     from pipeline.worker import MIN_TASKS, batches_per_task
