@@ -178,7 +178,7 @@ def create_output(
     skeleton with its record (the same command resumes), never a group it would refuse.
     """
     path = Path(path)
-    if path.exists() and not overwrite and not _empty_directory(path):
+    if path.exists() and not overwrite:
         raise TilesegError(path, "output already exists (use --overwrite to replace it)")
     for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -189,10 +189,6 @@ def create_output(
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     building.rename(path)
-
-
-def _empty_directory(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
 
 
 def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) -> None:

@@ -96,7 +96,7 @@ def output_state(output: str | os.PathLike[str], expected: str) -> str:
     """``missing``, ``complete`` or ``partial`` (same fingerprint, unfinished), ``different``
     (made from another input, model or config) or ``foreign`` (not a tileseg output)."""
     path = Path(output)
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    if not path.exists():
         return "missing"
     record = read_record(path)
     if record is None or "fingerprint" not in record:
