@@ -38,6 +38,7 @@ from pipeline.inference import (
     resolve_device,
 )
 from pipeline.instances import label_instances
+from pipeline.label_classes import class_names
 from pipeline.measure import measure_objects
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.ngff import (
@@ -220,6 +221,7 @@ def segment_image(
         overview=None
         if options.save_probabilities
         else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
+        class_names=class_names(classes, getattr(model_spec, "class_names", None)),
     )
     if state == "partial" and read_layout(output).overview is None:
         layout = replace(layout, overview=None)  # begun before outputs had an overview
