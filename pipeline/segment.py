@@ -28,6 +28,7 @@ from pipeline.chunk_writer import remove_leftovers
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
+from pipeline.export import check_export, export_segmentation
 from pipeline.geometry import (
     TileGrid,
     group_tiles,
@@ -186,6 +187,8 @@ def segment_image(
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)
     check_compatible(image, model)
+    if options.export:
+        check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
     run_fingerprint = fingerprint(input_path, options, model_sha256=model.sha256)
     state = "missing" if options.overwrite else output_state(output, run_fingerprint)
@@ -434,6 +437,17 @@ def _objects(
             )  # fmt: skip
             found["table"] = table.to_dict()
             mark_done(output, "table", found["table"])
+    if options.export and is_done(output, "export"):
+        found["export"] = done_summary(output, "export")
+    elif options.export:
+        with writing(output):
+            table_file = Path(output) / f"objects.{options.table}"
+            exported = export_segmentation(
+                output, image, formats=options.export,
+                table=table_file if options.table != "none" else None, **run,
+            )  # fmt: skip
+            found["export"] = exported.to_dict()
+            mark_done(output, "export", found["export"])
     return found
 
 
