@@ -331,9 +331,13 @@ def _geo_metadata(
     level0 = None
     if pixel_size is not None:
         level0 = [p / d for p, d in zip(pixel_size, plan.downsample, strict=True)]
+    import pyarrow.parquet as pq
+
+    table_note = json.loads((pq.read_schema(plan.table).metadata or {}).get(b"tileseg", b"{}"))
     note = {
+        **table_note,
         "coordinates": "pixel edges of level 0 of the input image: x = column, y = row",
-        "pixel_size_um": level0,  # (y, x) µm per level-0 pixel; null when unknown
+        "geometry_pixel_size_um": level0,  # (y, x) µm per level-0 pixel; null when unknown
         "downsample": list(plan.downsample),
         "source": labels_image_path(plan.name),
         "table_units": "pixels of the segmented level (columns *_um: micrometres)",

@@ -117,7 +117,9 @@ def test_geoparquet_has_the_table_columns_and_geo_metadata(output):
     np.testing.assert_array_equal(shapely.area(geometries), table.column("area").to_numpy())
     assert column["bbox"] == list(shapely.total_bounds(geometries))
     note = json.loads(table.schema.metadata[b"tileseg"])
-    assert note["pixel_size_um"] == [0.5, 0.25] and note["source"] == "labels/instances"
+    assert note["geometry_pixel_size_um"] == [0.5, 0.25] and note["source"] == "labels/instances"
+    assert note["class_names"] == ["background", "class 1", "class 2"]  # the table's note too
+    assert table.schema.field("area").metadata[b"unit"] == b"pixel"
 
 
 def test_geoparquet_opens_in_geopandas(output):
@@ -205,6 +207,7 @@ def test_segment_exports_on_the_input_level_0(tmp_path, capsys):
         "geoparquet": "objects.geoparquet",
     }
     assert record["export"]["downsample"] == [2.0, 2.0]
+    assert "output" not in record["instances"]  # no absolute paths that go stale on a move
     assert not (out / "objects.parquet").exists()  # no table asked: its scratch is gone
     features = json.loads((out / "objects.geojson").read_text())["features"]
     ids = zarr.open_array(out / "labels" / "instances" / "0", mode="r")[...]
