@@ -44,9 +44,10 @@ from pipeline.config import EXPORTS
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
 from pipeline.label_classes import class_color
-from pipeline.measure import measure_objects
+from pipeline.measure import measure_objects, table_note
 from pipeline.ngff import labels_image_path, read_layout
 from pipeline.readers import LazyImage
+from pipeline.table_schema import with_metadata
 
 __all__ = ["EXPORTS", "ExportSummary", "check_export", "export_objects", "export_segmentation"]
 
@@ -164,9 +165,9 @@ def export_segmentation(
     workers: int = 1,
 ) -> ExportSummary:
     """:func:`export_objects` for a segmentation of ``image`` (the level that was segmented):
-    polygons on level 0 of its file, with the rows of ``table`` (a Parquet measurement table)
-    or, without one, of a table of shape measurements made for the export and removed after.
-    """
+    polygons on level 0 of its file, with the rows of ``table`` (the measurement table, Parquet
+    or CSV) or, without one, of a table of shape measurements made for the export and removed
+    after (the input is not read again for intensities)."""
     shapes = zip(image.level_shapes[0], image.spatial_shape, strict=True)
     downsample = tuple(n0 / n for n0, n in shapes)
     pixel_size = image.pixel_size
@@ -177,16 +178,42 @@ def export_segmentation(
             **run,
         )  # fmt: skip
     scratch = Path(output) / ".tileseg-export-table.parquet"
-    try:  # shape measurements only: the input is not read again for intensities
-        measure_objects(
-            output, None, table_path=scratch, format="parquet", pixel_size=pixel_size, **run
-        )
+    try:
+        if table is not None:
+            _csv_to_parquet(Path(table), scratch, output=output, image=image)
+        else:
+            measure_objects(
+                output, None, table_path=scratch, format="parquet", pixel_size=pixel_size, **run
+            )
         return export_objects(
             output, table=scratch, formats=formats, downsample=downsample, pixel_size=pixel_size,
             **run,
         )  # fmt: skip
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _csv_to_parquet(csv: Path, target: Path, *, output: str, image: LazyImage) -> None:
+    """The CSV table as Parquet, batch by batch, with the units and notes a Parquet table has."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    note = table_note(
+        read_layout(output), name="instances", pixel_size=image.pixel_size, image=image
+    )
+    writer = None
+    try:
+        with pyarrow.csv.open_csv(csv) as reader:
+            for batch in reader:
+                table = with_metadata(pa.Table.from_batches([batch]), note)
+                writer = writer or pq.ParquetWriter(target, table.schema)
+                writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # a header only: no objects
+        pq.write_table(with_metadata(pyarrow.csv.read_csv(csv), note), target)
 
 
 def _id_ranges(table: str) -> list[tuple[int, int]]:

@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,18 @@ import zarr
 
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
-from pipeline.ngff import LABELS_PATH, labels_image_path, level_regions, open_array, read_layout
+from pipeline.ngff import (
+    LABELS_PATH,
+    OutputLayout,
+    labels_image_path,
+    level_regions,
+    open_array,
+    read_layout,
+)
 from pipeline.readers import ImageSpec, LazyImage
 from pipeline.table_schema import with_metadata
 
-__all__ = ["MeasureSummary", "measure_objects"]
+__all__ = ["MeasureSummary", "measure_objects", "table_note"]
 
 _BUCKET_OBJECTS = 250_000  # objects per reduce task (and per part of the table)
 
@@ -260,6 +268,25 @@ def _concatenate(parts: list[str], table: Path, fmt: str) -> None:
     os.replace(tmp, table)
 
 
+def table_note(
+    layout: OutputLayout,
+    *,
+    name: str,
+    pixel_size: Sequence[float] | None,
+    image: LazyImage | None,
+) -> dict[str, Any]:
+    """The Parquet table's ``tileseg`` file metadata: what its rows describe and how."""
+    return {
+        "labels": labels_image_path(name),
+        "segmentation": LABELS_PATH,
+        "class_names": list(layout.names),
+        "pixel_size_um": [float(p) for p in pixel_size] if pixel_size else None,
+        "image": image.path if image is not None else None,
+        "conventions": "pixel columns: indices of the segmented level, bbox half-open; "
+        "*_um: NGFF physical coordinates (pixel i's centre at i * pixel size)",
+    }
+
+
 def measure_objects(
     output: str | os.PathLike[str],
     image: LazyImage | None,
@@ -326,17 +353,7 @@ def measure_objects(
         buckets=max(1, math.ceil(objects / _BUCKET_OBJECTS)),
         largest=objects if consecutive else 0,
         pixel_size=tuple(float(p) for p in pixel_size) if pixel_size else None,
-        note=json.dumps(
-            {
-                "labels": labels_image_path(name),
-                "segmentation": LABELS_PATH,
-                "class_names": list(layout.names),
-                "pixel_size_um": list(pixel_size) if pixel_size else None,
-                "image": image.path if image is not None else None,
-                "conventions": "pixel columns: indices of the segmented level, bbox half-open; "
-                "*_um: NGFF physical coordinates (pixel i's centre at i * pixel size)",
-            }
-        ),
+        note=json.dumps(table_note(layout, name=name, pixel_size=pixel_size, image=image)),
     )
     run = {"scheduler": scheduler, "workers": workers}
     table = Path(table_path)

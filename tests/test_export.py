@@ -14,18 +14,19 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from imagefiles import write_tiff
+from imagefiles import write_tiff, write_zarr
 from modelfiles import threshold_model
 from outputs import make_output
 from skimage.measure import regionprops
 
 from pipeline.cli import main
 from pipeline.errors import TilesegError
-from pipeline.export import export_objects
+from pipeline.export import export_objects, export_segmentation
 from pipeline.instances import label_instances
 from pipeline.measure import measure_objects
 from pipeline.ngff import read_record
 from pipeline.polygons import mask_polygon, scaled
+from pipeline.readers import open_image
 
 
 def _pixels_inside(geometry: shapely.Geometry, shape: tuple[int, int]) -> np.ndarray:
@@ -128,6 +129,22 @@ def test_geoparquet_opens_in_geopandas(output):
     frame = geopandas.read_parquet(output / "objects.geoparquet")
     assert len(frame) == 4 and frame.crs is None
     np.testing.assert_array_equal(frame.geometry.area, frame["area"])
+
+
+def test_a_csv_table_gives_the_geoparquet_its_rows(output, tmp_path):
+    """With ``--table csv`` the export's rows are that table's, units and notes included."""
+    pixels = np.arange(70 * 90, dtype=np.uint16).reshape(70, 90)
+    image = open_image(write_zarr(tmp_path / "image.zarr", pixels, chunks=(32, 32)), axes="YX")
+    measure_objects(output, image, table_path=output / "objects.csv", format="csv")
+    export_segmentation(output, image, formats=("geoparquet",), table=output / "objects.csv")
+    table = pq.read_table(output / "objects.geoparquet")
+    header = (output / "objects.csv").read_text().splitlines()[0].split(",")
+    assert table.column_names == [*header, "geometry"] and "mean_intensity_c0" in header
+    expected = pq.read_table(output / "objects.parquet")  # the fixture's, without intensities
+    np.testing.assert_array_equal(table.column("area"), expected.column("area"))
+    assert table.schema.field("bbox_x_max").metadata[b"unit"] == b"pixel"
+    assert json.loads(table.schema.metadata[b"tileseg"])["labels"] == "labels/instances"
+    assert not (output / ".tileseg-export-table.parquet").exists()
 
 
 def test_polygons_on_level_0_of_a_downsampled_input(output, monkeypatch):
