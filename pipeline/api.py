@@ -87,7 +87,9 @@ def _write_array(array: Any, store: Path, *, axes: str | None) -> None:
         raise TilesegError("axes", f"axes {axes!r} do not match the array's {ndim} dimensions")
     chunks = getattr(array, "chunksize", None) or getattr(array, "chunks", None)
     if not isinstance(chunks, tuple) or len(chunks) != ndim:
-        chunks = tuple(min(n, 1024 if ax in "YX" else 1) for ax, n in zip(axes, array.shape))
+        chunks = tuple(
+            min(n, 1024 if ax in "YX" else 1) for ax, n in zip(axes, array.shape, strict=True)
+        )
     dtype = np.dtype(array.dtype)
     target = zarr.create_array(
         store, shape=array.shape, chunks=chunks, dtype=dtype, dimension_names=list(axes),
@@ -96,8 +98,8 @@ def _write_array(array: Any, store: Path, *, axes: str | None) -> None:
     if hasattr(array, "compute") and hasattr(array, "store"):  # a dask array: block by block
         array.store(target, lock=False)
     else:
-        for index in np.ndindex(*[-(-n // c) for n, c in zip(array.shape, chunks)]):
-            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
+        for index in np.ndindex(*[-(-n // c) for n, c in zip(array.shape, chunks, strict=True)]):
+            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
             target[region] = np.asarray(array[region])
 
 

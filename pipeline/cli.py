@@ -12,6 +12,7 @@ from typing import NoReturn
 from pipeline import __version__
 from pipeline.config import (
     CHANNELS_LAST,
+    EXPORTS,
     FOLD_NORM,
     INSTANCES,
     NORMALIZE,
@@ -115,6 +116,11 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         choices=TABLES,
         help="per-object measurements (needs --instances), written to OUTPUT/objects.<format>",
     )
+    p.add_argument(
+        "--export", choices=EXPORTS, action="append", metavar="FORMAT",
+        help="object polygons for QuPath (geojson) or GeoPandas (geoparquet), written to "
+        "OUTPUT/objects.<format> (needs --instances; repeatable)",
+    )  # fmt: skip
     p.add_argument("--scheduler", help="address of an existing Dask scheduler")
     p.add_argument(
         "--resources", type=_resource, action="append", metavar="NAME=N",
@@ -136,7 +142,7 @@ _FLAG_KEYS = (
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
     "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
     "instances", "instance_threshold",
-    "min_distance", "table", "scheduler", "resources", "workers", "overwrite",
+    "min_distance", "table", "export", "scheduler", "resources", "workers", "overwrite",
 )  # fmt: skip
 
 

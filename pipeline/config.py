@@ -23,6 +23,7 @@ PROBABILITY_DTYPES = ("float16", "float32")
 TISSUE = ("none", "otsu", "triangle", "fixed")
 INSTANCES = ("none", "connected", "watershed")
 TABLES = ("none", "parquet", "csv")
+EXPORTS = ("geojson", "geoparquet")
 # On a CPU of at most this many cores, ``prefetch: auto`` runs the stages serially (worker.py).
 SERIAL_CORES = 4
 
@@ -66,6 +67,7 @@ class SegmentOptions:
     # on the shipped real one (0.901; 5 gave 0.929 and 0.820)
     min_distance: int = 7
     table: str = "none"  # per-object measurements: parquet | csv
+    export: tuple[str, ...] = ()  # object polygons: geojson and/or geoparquet
     scheduler: str | None = None
     resources: dict[str, float] | None = None  # asked of distributed workers by inference tasks
     workers: int | None = None  # local run: one per GPU on CUDA, else 1
@@ -74,6 +76,7 @@ class SegmentOptions:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["percentiles"] = list(self.percentiles)
+        data["export"] = list(self.export)
         return data
 
     def tile_and_chunk(self, ndim: int) -> tuple[int, int]:
@@ -114,6 +117,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "instance_threshold": (float, int, type(None)),
     "min_distance": (int,),
     "table": (str,),
+    "export": (list, tuple),
     "scheduler": (str, type(None)),
     "resources": (dict, type(None)),
     "workers": (int, type(None)),
@@ -178,6 +182,11 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         if not 0 <= lo < hi <= 100:
             raise bad("need 0 <= low < high <= 100")
         return (lo, hi)
+    if key == "export":
+        bad_formats = [v for v in value if v not in EXPORTS]
+        if bad_formats:
+            raise bad(f"must be among {', '.join(EXPORTS)}, got {bad_formats[0]!r}")
+        return tuple(sorted(set(value)))
     if key == "resources" and value is not None:
         if not all(isinstance(k, str) and isinstance(v, int | float) and v > 0
                    for k, v in value.items()):  # fmt: skip
@@ -206,6 +215,8 @@ def options_from_mapping(
     options = replace(base or SegmentOptions(), **checked)
     if options.table != "none" and options.instances == "none":
         raise TilesegError(source or "--table", "table: per-object tables need --instances")
+    if options.export and options.instances == "none":
+        raise TilesegError(source or "--export", "export: object polygons need --instances")
     if options.instance_threshold is not None and not (
         options.instances != "none" and options.save_probabilities
     ):

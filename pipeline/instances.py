@@ -102,7 +102,8 @@ class InstanceSummary:
     consecutive: bool
 
     def to_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        """For the output's record: without the output's own path (stale once it is moved)."""
+        return {k: v for k, v in self.__dict__.items() if k != "output"}
 
 
 # ----------------------------------------------------------------------------- labelling

@@ -9,11 +9,13 @@ object id. One reduce task per bucket then combines the partials of the objects 
 the table; the driver only streams the parts into the final file. No task holds more than one
 block or one bucket of objects, and no pixel data goes through the scheduler.
 
-Columns (pixel units; ``*_um`` columns in micrometres when the pixel size is known)::
+Columns (pixel units; ``*_um*`` columns in micrometres when the pixel size is known)::
 
-    id, class, area, centroid_[z,]y,x, bbox_[z,]y,x_min, bbox_[z,]y,x_max (exclusive, as
-    skimage's regionprops), mean_intensity_c<k> per image channel, area_um2 / volume_um3,
-    centroid_[z,]y,x_um
+    id, class, area, centroid_[z,]y,x, bbox_[z,]y,x_min, bbox_[z,]y,x_max (half-open: one past
+    the last pixel, as skimage's regionprops), mean_intensity_c<k> per image channel,
+    area_um2 / volume_um3, centroid_[z,]y,x_um, bbox_[z,]y,x_min_um, bbox_[z,]y,x_max_um
+
+Units, descriptions and conventions are stored in the Parquet file (:mod:`pipeline.table_schema`).
 
 ``class`` is the object's majority class in ``labels/segmentation`` (0 only when all its pixels
 are background there, e.g. for instances from thresholded probabilities).
@@ -21,11 +23,13 @@ are background there, e.g. for instances from thresholded probabilities).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +39,18 @@ import zarr
 
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
-from pipeline.ngff import LABELS_PATH, labels_image_path, level_regions, open_array, read_layout
+from pipeline.ngff import (
+    LABELS_PATH,
+    OutputLayout,
+    labels_image_path,
+    level_regions,
+    open_array,
+    read_layout,
+)
 from pipeline.readers import ImageSpec, LazyImage
+from pipeline.table_schema import with_metadata
 
-__all__ = ["MeasureSummary", "measure_objects"]
+__all__ = ["MeasureSummary", "measure_objects", "table_note"]
 
 _BUCKET_OBJECTS = 250_000  # objects per reduce task (and per part of the table)
 
@@ -54,13 +66,20 @@ class MeasureSummary:
     objects: int
     per_class: dict[int, int]
     foreground_area: int  # pixels (voxels in 3D) inside objects
-    foreground_area_um: float | None  # µm² (µm³ in 3D) when the pixel size is known
+    foreground_area_um2: float | None  # 2D, when the pixel size is known
+    foreground_volume_um3: float | None  # 3D, when the voxel size is known
     pixel_size: tuple[float, ...] | None
     seconds: float
     columns: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
+        """For the output's record: paths inside the output relative to it (they stay right
+        when the output is moved), the output itself left out."""
         out = dict(self.__dict__)
+        del out["output"]
+        table = Path(self.table)
+        if table.is_relative_to(self.output):
+            out["table"] = os.fspath(table.relative_to(self.output))
         out["per_class"] = {str(k): v for k, v in self.per_class.items()}
         out["columns"] = list(self.columns)
         return out
@@ -77,6 +96,7 @@ class _Plan:
     buckets: int
     largest: int  # largest id when ids are consecutive (range buckets), else 0 (modulo buckets)
     pixel_size: tuple[float, ...] | None
+    note: str = "{}"  # JSON: the Parquet file's tileseg metadata
 
     def bucket(self, ids: np.ndarray) -> np.ndarray:
         if self.largest:
@@ -175,9 +195,14 @@ def _reduce(item: tuple[_Plan, int, str]) -> dict[str, Any]:
         columns[unit] = area * float(np.prod(plan.pixel_size))
         for k, a in enumerate(names):
             columns[f"centroid_{a}_um"] = centroid[:, k] * plan.pixel_size[k]
+        # Pixel i's centre lies at i * pixel size (NGFF): its edges half a pixel either side.
+        for k, a in enumerate(names):
+            columns[f"bbox_{a}_min_um"] = (lo[:, k] - 0.5) * plan.pixel_size[k]
+        for k, a in enumerate(names):
+            columns[f"bbox_{a}_max_um"] = (hi[:, k] + 0.5) * plan.pixel_size[k]
     part = Path(plan.scratch, "parts", f"{bucket:07d}.{fmt}")
     part.parent.mkdir(parents=True, exist_ok=True)
-    _write_table(columns, part, fmt, header=True)
+    _write_table(columns, part, fmt, header=True, note=json.loads(plan.note))
     classes, counts = np.unique(cls, return_counts=True)
     return {
         "part": os.fspath(part),
@@ -188,12 +213,14 @@ def _reduce(item: tuple[_Plan, int, str]) -> dict[str, Any]:
     }
 
 
-def _write_table(columns: dict[str, np.ndarray], path: Path, fmt: str, *, header: bool) -> None:
+def _write_table(
+    columns: dict[str, np.ndarray], path: Path, fmt: str, *, header: bool, note: dict[str, Any]
+) -> None:
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table(columns), path)
+        pq.write_table(with_metadata(pa.table(columns), note), path)
         return
     data = np.column_stack([np.asarray(v, dtype=object) for v in columns.values()])
     with open(path, "w", encoding="utf-8") as f:
@@ -239,6 +266,25 @@ def _concatenate(parts: list[str], table: Path, fmt: str) -> None:
             if not parts:
                 out.write("id\n")
     os.replace(tmp, table)
+
+
+def table_note(
+    layout: OutputLayout,
+    *,
+    name: str,
+    pixel_size: Sequence[float] | None,
+    image: LazyImage | None,
+) -> dict[str, Any]:
+    """The Parquet table's ``tileseg`` file metadata: what its rows describe and how."""
+    return {
+        "labels": labels_image_path(name),
+        "segmentation": LABELS_PATH,
+        "class_names": list(layout.names),
+        "pixel_size_um": [float(p) for p in pixel_size] if pixel_size else None,
+        "image": image.path if image is not None else None,
+        "conventions": "pixel columns: indices of the segmented level, bbox half-open; "
+        "*_um: NGFF physical coordinates (pixel i's centre at i * pixel size)",
+    }
 
 
 def measure_objects(
@@ -307,6 +353,7 @@ def measure_objects(
         buckets=max(1, math.ceil(objects / _BUCKET_OBJECTS)),
         largest=objects if consecutive else 0,
         pixel_size=tuple(float(p) for p in pixel_size) if pixel_size else None,
+        note=json.dumps(table_note(layout, name=name, pixel_size=pixel_size, image=image)),
     )
     run = {"scheduler": scheduler, "workers": workers}
     table = Path(table_path)
@@ -326,6 +373,7 @@ def measure_objects(
             per_class[c] = per_class.get(c, 0) + k
     area = sum(r["area"] for r in reduced)
     columns = next((tuple(r["columns"]) for r in reduced if r["part"]), ("id",))
+    physical = area * float(np.prod(plan.pixel_size)) if plan.pixel_size else None
     summary = MeasureSummary(
         output=output,
         name=name,
@@ -334,7 +382,8 @@ def measure_objects(
         objects=sum(r["objects"] for r in reduced),
         per_class=dict(sorted(per_class.items())),
         foreground_area=area,
-        foreground_area_um=area * float(np.prod(plan.pixel_size)) if plan.pixel_size else None,
+        foreground_area_um2=physical if layout.ndim == 2 else None,
+        foreground_volume_um3=physical if layout.ndim == 3 else None,
         pixel_size=plan.pixel_size,
         seconds=time.perf_counter() - started,
         columns=columns,

@@ -5,11 +5,18 @@ its labels.
 
 Layout of ``OUTPUT.zarr``::
 
-    .zattrs            {"tileseg": provenance + status}, "multiscales" (and "omero": overview)
+    .zattrs            {"tileseg": provenance + status}, "multiscales", "omero" (display hints)
     0, 1, ...          probabilities pyramid (c, [z,] y, x), when saved
-    0                  else: the overview, every f-th pixel of the input (c, [z,] y, x)
+    0, 1, ...          else: the overview, every f-th pixel of the input (c, [z,] y, x), and
+                       its every 2nd, 4th, ... pixel in y and x (as many levels as the labels)
     labels/.zattrs     {"labels": ["segmentation"]}
     labels/segmentation/0, 1, ...   label pyramid ([z,] y, x)
+
+Every level of every image maps its pixel centres to the same physical space (NGFF ``scale`` and
+``translation``): labels and the overview subsample (pixel ``i`` of level ``k`` is level-0 pixel
+``i * 2**k``, no translation); probability levels are 2x2 means, so level ``k`` is shifted by
+``(2**k - 1) / 2`` level-0 pixels. The labels image carries ``properties`` with each class's
+name; instance labels carry no colour table (one colour per object id is left to the viewer).
 
 Writers only ever write whole chunks of arrays that already exist (created up front by
 :func:`create_output`), so concurrent tasks need no locks and never read-modify-write.
@@ -33,6 +40,7 @@ import zarr
 
 from pipeline import chunk_writer
 from pipeline.errors import TilesegError
+from pipeline.label_classes import class_color, class_names, hex_color
 
 NGFF_VERSION = "0.4"
 LABEL_NAME = "segmentation"
@@ -41,10 +49,6 @@ OVERVIEW_NAME = "overview"
 _RGB = ["FF0000", "00FF00", "0000FF"]
 _CHANNEL_COLORS = ["00FFFF", "FF00FF", "FFFF00", "00FF00", "FF0000", "0000FF"]
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
-_COLORS = [
-    [0, 0, 0, 0], [255, 64, 64, 255], [64, 200, 64, 255], [64, 128, 255, 255],
-    [255, 200, 0, 255], [200, 64, 255, 255], [0, 220, 220, 255], [255, 128, 0, 255],
-]  # fmt: skip
 
 
 OVERVIEW_PIXELS = 1 << 22  # per channel: 2048 x 2048 in 2D, 161^3 in 3D
@@ -83,6 +87,7 @@ class OutputLayout:
     probability_dtype: str | None = None
     pixel_size: tuple[float, ...] | None = None
     overview: Overview | None = None
+    class_names: tuple[str, ...] = ()  # empty: the defaults of ``label_classes.class_names``
 
     def __post_init__(self) -> None:
         if self.overview is not None and self.probability_dtype:
@@ -109,6 +114,19 @@ class OutputLayout:
         factor = [1] * (self.ndim - 2) + [2**level, 2**level]
         return [float(b) * f for b, f in zip(base, factor, strict=True)]
 
+    def mean_translation(self, level: int) -> list[float]:
+        """Offset of a 2x2-mean level: its pixel ``i`` is the mean of level-0 pixels
+        ``i * 2**level ... (i + 1) * 2**level - 1``, centred ``(2**level - 1) / 2`` past
+        pixel ``i * 2**level`` (in physical units)."""
+        base = self.pixel_size or (1.0,) * self.ndim
+        shift = [0.0] * (self.ndim - 2) + [(2**level - 1) / 2] * 2
+        return [float(b) * s for b, s in zip(base, shift, strict=True)]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """One name per class (the model's, else the defaults)."""
+        return class_names(self.classes, self.class_names or None)
+
     @property
     def overview_shape(self) -> tuple[int, ...]:
         assert self.overview is not None
@@ -116,8 +134,26 @@ class OutputLayout:
 
     @property
     def overview_chunks(self) -> tuple[int, ...]:
-        shape = self.overview_shape
+        return self.overview_level_chunks(0)
+
+    @property
+    def overview_levels(self) -> list[tuple[int, ...]]:
+        """Shape of each overview level: as many as the label pyramid has (NGFF: an image and
+        its labels have the same number of datasets), each halving y and x of the one below
+        (every second pixel), as the label levels do."""
+        shapes = [self.overview_shape]
+        for _ in range(1, len(self.levels)):
+            *lead, y, x = shapes[-1]
+            shapes.append((*lead, -(-y // 2), -(-x // 2)))
+        return shapes
+
+    def overview_level_chunks(self, level: int) -> tuple[int, ...]:
+        shape = self.overview_levels[level]
         return (shape[0], *(min(c, n) for c, n in zip(self.chunks, shape[1:], strict=True)))
+
+    def overview_scale(self, level: int) -> list[float]:
+        assert self.overview is not None
+        return [s * self.overview.factor for s in self.scale(level)]
 
 
 def _axes(ndim: int, *, channel: bool, unit: str | None) -> list[dict[str, str]]:
@@ -137,19 +173,23 @@ def _multiscales(
     channel: bool,
     scales: Sequence[Sequence[float]] | None = None,
     kind: str | None = None,
+    translations: Sequence[Sequence[float]] | None = None,
     **extra: Any,
 ) -> list[dict[str, Any]]:
     """NGFF ``multiscales`` with one dataset per entry of ``scales`` (spatial scales; default:
-    the pyramid levels of ``layout``); ``kind`` defaults to "mean" with channels (probabilities)
-    and "nearest" without (labels)."""
+    the pyramid levels of ``layout``) and, where given and not zero, its ``translations``;
+    ``kind`` defaults to "mean" with channels (probabilities) and "nearest" without (labels)."""
     unit = "micrometer" if layout.pixel_size else None
     if scales is None:
         scales = [layout.scale(level) for level in range(len(layout.levels))]
     lead = [1.0] if channel else []
-    datasets = [
-        {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": lead + list(s)}]}
-        for k, s in enumerate(scales)
-    ]
+    datasets = []
+    for k, s in enumerate(scales):
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + list(s)}]
+        if translations is not None and any(translations[k]):
+            shift = [0.0] * len(lead) + list(translations[k])
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
     return [
         {
             "version": NGFF_VERSION,
@@ -201,33 +241,51 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
         if layout.probability_dtype:
             chunks = (layout.classes, *layout.level_chunks(level))
             _create(root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype)
+    names = layout.names
     seg.attrs.update(
         {
             "multiscales": _multiscales(layout, name=LABEL_NAME, channel=False),
             "image-label": {
                 "version": NGFF_VERSION,
-                "colors": [
-                    {"label-value": k, "rgba": _COLORS[k % len(_COLORS)]}
-                    for k in range(max(layout.classes, 2))
-                ],
+                "colors": [{"label-value": k, "rgba": class_color(k)} for k in range(len(names))],
+                "properties": [{"label-value": k, "class": n} for k, n in enumerate(names)],
                 **_source(layout),
             },
         }
     )
     if layout.probability_dtype:
-        root.attrs["multiscales"] = _multiscales(layout, name="probabilities", channel=True)
+        levels = range(len(layout.levels))
+        root.attrs["multiscales"] = _multiscales(
+            layout, name="probabilities", channel=True,
+            translations=[layout.mean_translation(k) for k in levels],
+        )  # fmt: skip
+        root.attrs["omero"] = _probability_channels(names[: layout.classes])
     elif layout.overview is not None:
-        _create(root, "0", layout.overview_shape, layout.overview_chunks, layout.overview.dtype)
+        dtype = layout.overview.dtype
+        for level, shape in enumerate(layout.overview_levels):
+            _create(root, str(level), shape, layout.overview_level_chunks(level), dtype)
         root.attrs["multiscales"] = _overview_multiscales(layout)
     root.attrs["tileseg"] = {**attrs, "status": "running"}
+
+
+def _probability_channels(names: Sequence[str]) -> dict[str, Any]:
+    """NGFF ``omero`` hints for the probabilities: one channel per class, named after it, shown
+    over 0..1 in the class's colour (the background's hidden)."""
+    window = {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}
+    channels = [
+        {"label": name, "color": hex_color(k) if k else "FFFFFF", "window": window,
+         "active": k > 0}
+        for k, name in enumerate(names)
+    ]  # fmt: skip
+    return {"channels": channels, "rdefs": {"model": "color"}}
 
 
 def _overview_multiscales(layout: OutputLayout) -> list[dict[str, Any]]:
     assert layout.overview is not None
     factor = layout.overview.factor
-    base = layout.pixel_size or (1.0,) * layout.ndim
+    scales = [layout.overview_scale(k) for k in range(len(layout.overview_levels))]
     return _multiscales(
-        layout, name=OVERVIEW_NAME, channel=True, scales=[[float(b) * factor for b in base]],
+        layout, name=OVERVIEW_NAME, channel=True, scales=scales,
         kind="nearest", metadata={"method": "tileseg.overview", "kwargs": {"factor": factor}},
     )  # fmt: skip
 
@@ -432,6 +490,8 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
         classes = int(root["0"].shape[0])
     else:  # the colour table has one entry per class (at least two)
         classes = len(seg.attrs.get("image-label", {}).get("colors", [])) or 2
+    properties = seg.attrs.get("image-label", {}).get("properties", [])
+    names = tuple(str(p.get("class", "")) for p in properties)
     datasets = seg.attrs.get("multiscales", [{}])[0].get("datasets", [])
     pixel_size = None
     axes = seg.attrs.get("multiscales", [{}])[0].get("axes", [])
@@ -446,6 +506,7 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
         probability_dtype=root["0"].dtype.str if probabilities else None,
         pixel_size=pixel_size,
         overview=overview,
+        class_names=names if len(names) == max(classes, 2) else (),
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
 
 from pipeline import chunk_writer
 from pipeline.ngff import OutputLayout, level_regions, open_array, set_overview_display
@@ -104,10 +105,13 @@ def write_overview_block(output: str, source: OverviewSource, region: tuple[slic
 
 
 def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:
-    """Contrast windows for viewers: an RGB image's colours as they are, else 1-99.8 % per
-    channel (the normalisation's default), from the written overview (a few megapixels)."""
+    """The overview's upper levels and contrast windows for viewers, from the written level 0
+    (a few megapixels): level ``k`` is every ``2**k``-th pixel in y and x of level 0, as the
+    label levels are; windows are an RGB image's colours as they are, else 1-99.8 % per
+    channel (the normalisation's default)."""
     array = open_array(path, "0")
     data = chunk_writer.read(array, tuple(slice(0, n) for n in array.shape))
+    _write_upper_levels(path, data)
     windows = []
     for channel in data:
         if rgb and data.dtype.kind == "u":
@@ -119,3 +123,16 @@ def finish_overview(path: str | os.PathLike[str], *, rgb: bool) -> None:
                 lo, hi = (float(v) for v in percentiles_of(values, (1, 99.8)))
         windows.append((lo, hi if hi > lo else lo + 1.0))
     set_overview_display(path, windows, rgb=rgb)
+
+
+def _write_upper_levels(path: str | os.PathLike[str], data: np.ndarray) -> None:
+    """Levels 1+ of the overview, those its multiscales lists (an output begun by a version
+    with a one-level overview has none)."""
+    root = zarr.open_group(path, mode="r", zarr_format=2)
+    datasets = root.attrs.get("multiscales", [{}])[0].get("datasets", [])
+    for level, dataset in enumerate(datasets[1:], start=1):
+        step = 2**level
+        array = open_array(path, dataset["path"])
+        chunk_writer.write(
+            array, tuple(slice(0, n) for n in array.shape), data[..., ::step, ::step]
+        )

@@ -29,6 +29,7 @@ from pipeline.chunk_writer import remove_leftovers
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.execution import run_tasks
+from pipeline.export import check_export, export_segmentation
 from pipeline.geometry import (
     Tile,
     TileGrid,
@@ -40,6 +41,7 @@ from pipeline.inference import (
     resolve_device,
 )
 from pipeline.instances import label_instances
+from pipeline.label_classes import class_names
 from pipeline.measure import measure_objects
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.ngff import (
@@ -197,6 +199,8 @@ def segment_image(
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)
     check_compatible(image, model)
+    if options.export:
+        check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
     identity = fingerprint(input_path, options, model_sha256=model.sha256)
     job = _Job(input_path, output, image, model_spec, model, grid, options, started, identity)
@@ -340,6 +344,7 @@ def _layout(job: _Job, state: str) -> OutputLayout:
         overview=None
         if options.save_probabilities
         else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
+        class_names=class_names(classes, getattr(job.model_spec, "class_names", None)),
     )
     if state == "partial" and read_layout(job.output).overview is None:
         layout = replace(layout, overview=None)  # begun before outputs had an overview
@@ -616,6 +621,17 @@ def _objects(
             )  # fmt: skip
             found["table"] = table.to_dict()
             mark_done(output, "table", found["table"])
+    if options.export and is_done(output, "export"):
+        found["export"] = done_summary(output, "export")
+    elif options.export:
+        with writing(output):
+            table_file = Path(output) / f"objects.{options.table}"
+            exported = export_segmentation(
+                output, image, formats=options.export,
+                table=table_file if options.table != "none" else None, **run,
+            )  # fmt: skip
+            found["export"] = exported.to_dict()
+            mark_done(output, "export", found["export"])
     return found
 
 

@@ -20,3 +20,20 @@ def save_tied_softmax_model(path: Path, *, classes: int) -> str:
         model.head.bias[-1] = 1e-8
     save_unet(model, path)
     return str(path)
+
+
+def threshold_model(path, *, level: float) -> str:
+    """A built-in U-Net wired by hand to label pixels brighter than ``level`` (normalised):
+    depth 0, one feature passing the pixel through both ReLU convs, a steep 1x1 classifier."""
+    config = UNetConfig(depth=0, width=1, padding="same", norm="none", classes=2)
+    net = seeded_unet(config)
+    with torch.no_grad():
+        for conv in (net.bottom[0], net.bottom[2]):
+            conv.weight.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0
+            conv.bias.zero_()
+        net.head.weight.zero_()
+        net.head.weight[1, 0] = 50.0
+        net.head.bias.copy_(torch.tensor([0.0, -50.0 * level]))
+    save_unet(net, path)
+    return str(path)

@@ -47,7 +47,9 @@ def test_an_array_gives_the_same_output_as_its_file(tmp_path, api_model, kind):
         array[...] = image
     else:
         array = image
-    result = pipeline.segment(array, tmp_path / "array.zarr", model=api_model, axes="CYX", **options)
+    result = pipeline.segment(
+        array, tmp_path / "array.zarr", model=api_model, axes="CYX", **options
+    )
     assert result.spatial_shape == from_file.spatial_shape == (200, 230)
     files = chunk_files(tmp_path / "array.zarr")
     assert files == chunk_files(tmp_path / "file.zarr")

@@ -294,7 +294,9 @@ def test_resumed_after_the_object_steps_the_record_keeps_their_summaries(
 ):
     import pipeline.segment
 
-    options = SegmentOptions(model=model, tile=64, chunk=64, instances="connected", table="csv")
+    options = SegmentOptions(
+        model=model, tile=64, chunk=64, instances="connected", table="csv", export=("geojson",)
+    )
     out = tmp_path / "out.zarr"
 
     def killed_before_the_record(*args):
@@ -311,6 +313,8 @@ def test_resumed_after_the_object_steps_the_record_keeps_their_summaries(
     assert record["status"] == "complete"
     assert record["instances"]["objects"] > 0
     assert record["table"]["objects"] == record["instances"]["objects"]
+    assert record["export"]["objects"] == record["instances"]["objects"]
+    assert record["export"]["files"] == {"geojson": "objects.geojson"}
 
 
 def _many_corrupt_tiles(path, *, channels: int = 0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,9 +70,40 @@ def test_table_matches_regionprops_on_the_whole_image(tmp_path, slide):
     assert summary.objects == labels.max() == len(table["id"])
     assert summary.per_class == {c: table["class"].count(c) for c in sorted(set(table["class"]))}
     assert summary.foreground_area == np.count_nonzero(labels)
-    assert summary.foreground_area_um == pytest.approx(np.count_nonzero(labels) * 0.125)
+    assert summary.foreground_area_um2 == pytest.approx(np.count_nonzero(labels) * 0.125)
+    assert summary.foreground_volume_um3 is None
     attrs = zarr.open_group(out / "labels" / "instances", mode="r").attrs
     assert attrs["tileseg-measurements"]["objects"] == summary.objects
+
+
+def test_parquet_says_its_units_and_boxes_are_in_micrometres(tmp_path, slide):
+    """bbox in µm are the pixels' edges in the output's NGFF space (pixel i centred at i * p);
+    every column has a unit; the record holds the table's path relative to the output."""
+    out, image, _, _ = slide
+    summary = measure_objects(out, image, table_path=out / "objects.parquet", block_chunks=1)
+    table = pq.read_table(out / "objects.parquet")
+    data = table.to_pydict()
+    for axis, p in (("y", 0.5), ("x", 0.25)):
+        lo, hi = np.array(data[f"bbox_{axis}_min"]), np.array(data[f"bbox_{axis}_max"])
+        np.testing.assert_allclose(data[f"bbox_{axis}_min_um"], (lo - 0.5) * p)
+        np.testing.assert_allclose(data[f"bbox_{axis}_max_um"], (hi - 0.5) * p)
+        centre = np.array(data[f"centroid_{axis}_um"])
+        assert (
+            (centre > data[f"bbox_{axis}_min_um"]) & (centre < data[f"bbox_{axis}_max_um"])
+        ).all()
+    units = {f.name: (f.metadata or {}).get(b"unit", b"?").decode() for f in table.schema}
+    assert units["area"] == "pixel" and units["area_um2"] == "micrometer^2"
+    assert (
+        units["bbox_y_max_um"] == "micrometer" and units["mean_intensity_c0"] == "input intensity"
+    )
+    assert b"half-open" in table.schema.field("bbox_x_max").metadata[b"description"]
+    assert "?" not in units.values()  # every column explained
+    note = json.loads(table.schema.metadata[b"tileseg"])
+    assert note["labels"] == "labels/instances" and note["pixel_size_um"] == [0.5, 0.25]
+    assert note["class_names"] == ["background", "class 1", "class 2"]
+    record = summary.to_dict()
+    assert record["table"] == "objects.parquet" and "output" not in record
+    assert "foreground_area_um" not in record and record["foreground_area_um2"] > 0
 
 
 def test_csv_many_buckets_and_no_image(tmp_path, slide, monkeypatch):

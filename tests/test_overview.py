@@ -336,7 +336,9 @@ def test_probabilities_stay_the_root_image(tmp_path, model):
     layout = read_layout(out)
     assert layout.overview is None and layout.probability_dtype == "<f2"
     root = zarr.open_group(out, mode="r")
-    assert root.attrs["multiscales"][0]["name"] == "probabilities" and "omero" not in root.attrs
+    assert root.attrs["multiscales"][0]["name"] == "probabilities"
+    channels = root.attrs["omero"]["channels"]  # one per class, named after it
+    assert [c["label"] for c in channels] == ["background", "foreground"]
     with pytest.raises(ValueError, match="not both"):
         replace(layout, overview=pipeline.ngff.Overview(1, "|u1", 1))
 

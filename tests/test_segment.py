@@ -15,7 +15,7 @@ import zarr
 from hypothesis import given
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
-from modelfiles import save_tied_softmax_model
+from modelfiles import save_tied_softmax_model, threshold_model
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 from outputs import assert_pyramid_from_level_below, chunk_files
@@ -605,23 +605,6 @@ def test_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, slide, m
     assert len(err.splitlines()) == 1
     assert err.startswith(f"tileseg: error: {address}: cannot connect to the Dask scheduler")
     assert not out.exists() or (read_record(out) or {}).get("status") != "complete"
-
-
-def threshold_model(path, *, level: float) -> str:
-    """A built-in U-Net wired by hand to label pixels brighter than ``level`` (normalised):
-    depth 0, one feature passing the pixel through both ReLU convs, a steep 1x1 classifier."""
-    config = UNetConfig(depth=0, width=1, padding="same", norm="none", classes=2)
-    net = seeded_unet(config)
-    with torch.no_grad():
-        for conv in (net.bottom[0], net.bottom[2]):
-            conv.weight.zero_()
-            conv.weight[0, 0, 1, 1] = 1.0
-            conv.bias.zero_()
-        net.head.weight.zero_()
-        net.head.weight[1, 0] = 50.0
-        net.head.bias.copy_(torch.tensor([0.0, -50.0 * level]))
-    save_unet(net, path)
-    return str(path)
 
 
 def test_tissue_skipping_instances_and_table(tmp_path):
