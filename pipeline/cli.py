@@ -10,18 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pipeline import __version__
-from pipeline.config import (
-    CHANNELS_LAST,
-    EXPORTS,
-    FOLD_NORM,
-    INSTANCES,
-    NORMALIZE,
-    PRECISION,
-    PROBABILITY_DTYPES,
-    SERIAL_CORES,
-    TABLES,
-    TISSUE,
-)
+from pipeline.config import SECTIONS, declared
 from pipeline.errors import TilesegError
 
 EXIT_USAGE = 2
@@ -45,105 +34,33 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="image file (TIFF/OME-TIFF/SVS), Zarr/OME-Zarr, or a directory")
     p.add_argument("output", help="output .zarr (or directory, when INPUT is a directory)")
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")
-    p.add_argument("--model", help=".safetensors model or TorchScript .pt (default: built-in)")
-    p.add_argument("--halo", type=int, help="context per side in pixels (TorchScript models)")
-    p.add_argument("--align", type=int, help="tile origin alignment (TorchScript models)")
-    p.add_argument("--tile", type=int, help="output tile size in pixels (multiple of the chunk)")
-    p.add_argument("--chunk", type=int, help="output chunk size in pixels")
-    p.add_argument(
-        "--batch-size", type=_int_or_auto,
-        help="tiles per forward pass, or auto: from free GPU memory (4 on the CPU)",
-    )  # fmt: skip
-    p.add_argument("--batches-per-task", type=int, help="batches per task, at most (default 4)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=PRECISION)
-    p.add_argument("--channels-last", choices=CHANNELS_LAST, help="channels-last layout (auto: on)")
-    p.add_argument(
-        "--fold-norm", choices=FOLD_NORM, help="fold batch norm into the convolutions (auto: on)"
-    )
-    p.add_argument("--compile", action=_OnOff, help="torch.compile the model (off by default)")
-    p.add_argument(
-        "--prefetch", type=_int_or_auto,
-        help="batches read ahead of and written behind inference (auto: 0 on a CPU of up to "
-        f"{SERIAL_CORES} cores, else 2; 0: serial)",
-    )  # fmt: skip
-    p.add_argument("--normalize", choices=NORMALIZE)
-    p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
-    p.add_argument("--scale", type=float, help="fixed normalisation: x * scale + offset")
-    p.add_argument("--offset", type=float)
-    p.add_argument("--level", type=int, help="pyramid level of the input to segment")
-    p.add_argument("--axes", help="axes of the input when they cannot be read (e.g. YX, CYX)")
-    p.add_argument(
-        "--allow-missing-chunks",
-        action=_OnOff,
-        help="read chunks missing from a Zarr input as fill values instead of failing",
-    )
-    p.add_argument("--save-probabilities", action=_OnOff, help="also save probabilities")
-    p.add_argument("--probability-dtype", choices=PROBABILITY_DTYPES)
-    p.add_argument(
-        "--tissue",
-        choices=TISSUE,
-        help="skip output tiles without tissue, from a low-resolution mask (default none)",
-    )
-    p.add_argument(
-        "--tissue-threshold", type=float, metavar="T",
-        help="--tissue fixed: tissue where the 0..1 tissue-ness exceeds T",
-    )  # fmt: skip
-    p.add_argument(
-        "--tissue-level", type=int, metavar="L",
-        help="pyramid level to make the tissue mask from (default: the first of <= 1024 px)",
-    )  # fmt: skip
-    p.add_argument(
-        "--tissue-margin", type=int, metavar="PX",
-        help="glass kept around tissue in px, beyond one mask pixel (default 0)",
-    )  # fmt: skip
-    p.add_argument(
-        "--instances",
-        choices=INSTANCES,
-        help="also write object ids (labels/instances), unique across chunk borders",
-    )
-    p.add_argument(
-        "--instance-threshold", type=float, metavar="P",
-        help="objects where the foreground probability exceeds P (needs --save-probabilities; "
-        "default: where the label is not background)",
-    )  # fmt: skip
-    p.add_argument(
-        "--min-distance", type=int, metavar="N",
-        help="watershed: least distance between two objects' centres in px (default 7)",
-    )  # fmt: skip
-    p.add_argument(
-        "--table",
-        choices=TABLES,
-        help="per-object measurements (needs --instances), written to OUTPUT/objects.<format>",
-    )
-    p.add_argument(
-        "--export", choices=EXPORTS, action="append", metavar="FORMAT",
-        help="object polygons for QuPath (geojson) or GeoPandas (geoparquet), written to "
-        "OUTPUT/objects.<format> (needs --instances; repeatable)",
-    )  # fmt: skip
-    p.add_argument("--scheduler", help="address of an existing Dask scheduler")
-    p.add_argument(
-        "--resources", type=_resource, action="append", metavar="NAME=N",
-        help="worker resources each inference task asks of the --scheduler's workers, e.g. "
-        "GPU=1 (repeatable)",
-    )  # fmt: skip
-    p.add_argument(
-        "--workers",
-        type=int,
-        help="parallel tasks in a local run (default: 2 per GPU on CUDA, else 1)",
-    )
-    p.add_argument("--overwrite", action=_OnOff, help="replace OUTPUT")
+    _option_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-_FLAG_KEYS = (
-    "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
-    "precision", "channels_last", "fold_norm", "compile", "prefetch", "normalize",
-    "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
-    "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
-    "instances", "instance_threshold",
-    "min_distance", "table", "export", "scheduler", "resources", "workers", "overwrite",
-)  # fmt: skip
+def _option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared option (:class:`pipeline.config.Option`), grouped by section;
+    unset (None) unless given, so that a config file's value stays in force."""
+    groups = {name: parser.add_argument_group(f"{name} options") for name in SECTIONS}
+    for name, (_, opt) in declared().items():
+        kwargs: dict = {"help": opt.help, "metavar": opt.metavar, "dest": name}
+        if opt.flag == "switch":
+            kwargs = {"help": opt.help, "dest": name, "action": _OnOff}
+        elif opt.flag == "auto-int":
+            kwargs["type"] = _int_or_auto
+        elif opt.flag == "pair":
+            kwargs.update(type=float, nargs=2)
+        elif opt.flag == "resource":
+            kwargs.update(type=_resource, action="append")
+        elif opt.flag == "many":
+            kwargs.update(choices=opt.choices, action="append")
+        elif opt.choices:
+            kwargs.update(choices=opt.choices, metavar=None)
+        elif float in opt.types:
+            kwargs["type"] = float
+        elif int in opt.types:
+            kwargs["type"] = int
+        groups[opt.section].add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
 def _resource(value: str) -> tuple[str, float]:
@@ -238,7 +155,7 @@ def _segment(args: argparse.Namespace) -> int:
     from pipeline.readers import find_images, image_stem
     from pipeline.segment import segment_image
 
-    flags = {key: getattr(args, key) for key in _FLAG_KEYS}
+    flags = {key: getattr(args, key) for key in declared()}
     if flags["percentiles"] is not None:
         flags["percentiles"] = list(flags["percentiles"])
     if flags["resources"] is not None:

@@ -7,7 +7,8 @@ Precedence: built-in defaults < YAML config file < command-line flags. Every pro
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,50 +29,234 @@ EXPORTS = ("geojson", "geoparquet")
 SERIAL_CORES = 4
 
 
+_NONE = type(None)
+SECTIONS = ("model", "input", "tiling", "compute", "output", "tissue", "objects", "execution")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one option is given and checked: its declaration, read by the config loader, the
+    validation, the command line and the option table in the docs alike."""
+
+    help: str
+    section: str
+    types: tuple[type, ...]
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None  # inclusive
+    below: float | None = None  # exclusive upper bound
+    flag: str = (
+        "value"  # value | switch (--x/--no-x) | auto-int | many (repeatable) | pair | resource
+    )
+    metavar: str | None = None
+    canonical: Callable[[Any], Any] | None = None  # the value's canonical form, once checked
+
+
+def option(default: Any, help: str, section: str, types: tuple[type, ...], **kw: Any) -> Any:
+    """A :class:`SegmentOptions` field declared with its :class:`Option`."""
+    return field(default=default, metadata={"option": Option(help, section, types, **kw)})
+
+
+def _axes(value: str) -> str:
+    axes = value.upper()
+    if len(set(axes)) != len(axes) or not set(axes) <= set("TCZYXS"):
+        raise ValueError(f"axes must be letters from TCZYXS without repeats, got {value!r}")
+    return axes
+
+
+def _device(value: str) -> str:
+    if not (value in ("auto", "cpu") or value.startswith("cuda")):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _percentiles(value: Any) -> tuple[float, float]:
+    if len(value) != 2 or not all(isinstance(v, int | float) for v in value):
+        raise ValueError("must be two numbers [low, high]")
+    lo, hi = float(value[0]), float(value[1])
+    if not 0 <= lo < hi <= 100:
+        raise ValueError("need 0 <= low < high <= 100")
+    return (lo, hi)
+
+
+def _exports(value: Any) -> tuple[str, ...]:
+    bad = [v for v in value if v not in EXPORTS]
+    if bad:
+        raise ValueError(f"must be among {', '.join(EXPORTS)}, got {bad[0]!r}")
+    return tuple(sorted(set(value)))
+
+
+def _resources(value: dict[Any, Any] | None) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, int | float) and v > 0
+               for k, v in value.items()):  # fmt: skip
+        raise ValueError("must map resource names to positive numbers, e.g. {GPU: 1}")
+    return {k: float(v) for k, v in value.items()}
+
+
+def _probability(value: float) -> float:
+    if not 0 < value < 1:
+        raise ValueError(f"must be between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
-    """Everything that decides how an image is segmented (and is recorded as provenance)."""
+    """Everything that decides how an image is segmented (and is recorded as provenance).
 
-    model: str | None = None
-    halo: int | None = None
-    align: int | None = None
-    tile: int | None = None  # default: 1024 (2D) / 128 (3D)
-    chunk: int | None = None  # default: min(512, tile) (2D) / min(64, tile) (3D)
-    batch_size: int | str = "auto"  # from free GPU memory; 4 on the CPU
-    batches_per_task: int = 4  # at most; a task overlaps reading, inferring, writing its batches
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: str = "auto"  # channels-last on every device (faster on CPU and CUDA)
-    fold_norm: str = "auto"  # batch norm folded into the convolutions (auto: on; faster)
-    compile: bool = False  # torch.compile the model (pays off on long runs on a GPU)
-    prefetch: int | str = "auto"  # batches read ahead of / written behind inference (0: serial)
-    normalize: str = "percentile"
-    percentiles: tuple[float, float] = (1.0, 99.8)
-    scale: float | None = None
-    offset: float | None = None
-    level: int = 0
-    axes: str | None = None
-    allow_missing_chunks: bool = False
-    save_probabilities: bool = False
-    probability_dtype: str = "float16"
-    tissue: str = "none"  # skip output tiles without tissue (low-resolution mask)
-    tissue_threshold: float | None = None  # for tissue "fixed": on the 0..1 tissue-ness feature
-    tissue_level: int | None = None  # pyramid level the mask is made from (default: <= 1024 px)
-    tissue_margin: int = 0  # px of glass kept around tissue, beyond one mask pixel
-    instances: str = "none"  # object ids across chunk borders: connected | watershed
-    # objects where the foreground probability exceeds this (None: where argmax is not
-    # background); needs the saved probabilities
-    instance_threshold: float | None = None
-    # watershed: least distance between two nuclei's centres, in px. Of 3, 5, 7, 9 and 12, 7
-    # scores within 0.003 of the best object F1 both on generated held-out images (0.932) and
-    # on the shipped real one (0.901; 5 gave 0.929 and 0.820)
-    min_distance: int = 7
-    table: str = "none"  # per-object measurements: parquet | csv
-    export: tuple[str, ...] = ()  # object polygons: geojson and/or geoparquet
-    scheduler: str | None = None
-    resources: dict[str, float] | None = None  # asked of distributed workers by inference tasks
-    workers: int | None = None  # local run: one per GPU on CUDA, else 1
-    overwrite: bool = False
+    Each field is declared once, with its help, section, type and bounds (:class:`Option`):
+    the YAML keys, their validation, the command-line flags and the docs' option table all
+    come from here.
+    """
+
+    model: str | None = option(
+        None, "model file: .safetensors (built-in U-Net) or TorchScript .pt (default: the "
+        "shipped model)", "model", (str, _NONE), metavar="PATH",
+    )  # fmt: skip
+    halo: int | None = option(
+        None, "context per side in px (TorchScript models; else from the model file)", "model",
+        (int, _NONE), minimum=0, metavar="N",
+    )  # fmt: skip
+    align: int | None = option(
+        None, "tile origin alignment (TorchScript models; else from the model file)", "model",
+        (int, _NONE), minimum=1, metavar="N",
+    )  # fmt: skip
+    tile: int | None = option(
+        None, "output tile side in px, a multiple of the chunk and of the model's alignment "
+        "(default 1024 in 2D, 128 in 3D)", "tiling", (int, _NONE), minimum=1, metavar="N",
+    )  # fmt: skip
+    chunk: int | None = option(
+        None, "output Zarr chunk side in px (default 512 in 2D, 64 in 3D)", "tiling",
+        (int, _NONE), minimum=1, metavar="N",
+    )  # fmt: skip
+    batch_size: int | str = option(
+        "auto", "tiles per forward pass, or auto: the largest batch that fits the free GPU "
+        "memory (at most 16), 4 on the CPU; a resumed run keeps the batch size it began with",
+        "compute", (int, str), minimum=1, flag="auto-int", metavar="N",
+    )  # fmt: skip
+    batches_per_task: int = option(
+        4, "batches per task, at most (fewer on small images, for progress and parallelism)",
+        "compute", (int,), minimum=1, metavar="N",
+    )  # fmt: skip
+    device: str = option(
+        "auto", "auto (CUDA if present), cpu, cuda or cuda:N", "compute", (str,),
+        canonical=_device, metavar="D",
+    )  # fmt: skip
+    precision: str = option(
+        "auto", "auto: bf16 autocast on CUDA from compute capability 8.0, fp16 before, fp32 "
+        "on the CPU", "compute", (str,), choices=PRECISION,
+    )  # fmt: skip
+    channels_last: str = option(
+        "auto", "channels-last memory layout (auto: on; faster on CPU and CUDA, exact "
+        "either way)", "compute", (str,), choices=CHANNELS_LAST,
+    )  # fmt: skip
+    fold_norm: str = option(
+        "auto", "fold eval-mode batch norms into the convolutions before them (auto: on; "
+        "built-in U-Nets)", "compute", (str,), choices=FOLD_NORM,
+    )  # fmt: skip
+    compile: bool = option(
+        False, "torch.compile the model once per worker (pays off on long GPU runs)", "compute",
+        (bool,), flag="switch",
+    )  # fmt: skip
+    prefetch: int | str = option(
+        "auto", f"batches read ahead of and written behind inference (auto: 0, the stages in "
+        f"turn, in a local CPU run on up to {SERIAL_CORES} cores, else 2)", "compute",
+        (int, str), minimum=0, flag="auto-int", metavar="N",
+    )  # fmt: skip
+    normalize: str = option(
+        "percentile", "intensity normalisation, computed once per image: percentile (to 0..1), "
+        "none, fixed (--scale, --offset)", "input", (str,), choices=NORMALIZE,
+    )  # fmt: skip
+    percentiles: tuple[float, float] = option(
+        (1.0, 99.8), "low and high percentile mapped to 0 and 1", "input", (list, tuple),
+        flag="pair", metavar=("LOW", "HIGH"), canonical=_percentiles,
+    )  # fmt: skip
+    scale: float | None = option(
+        None, "fixed normalisation: x * scale + offset", "input", (float, int, _NONE),
+        canonical=_float,
+    )  # fmt: skip
+    offset: float | None = option(
+        None, "fixed normalisation: x * scale + offset", "input", (float, int, _NONE),
+        canonical=_float,
+    )  # fmt: skip
+    level: int = option(0, "input pyramid level to segment", "input", (int,), minimum=0)
+    axes: str | None = option(
+        None, "input axes when the file does not say (plain Zarr/TIFF), e.g. YX, CYX, ZYX",
+        "input", (str, _NONE), canonical=_axes,
+    )  # fmt: skip
+    allow_missing_chunks: bool = option(
+        False, "read chunks missing from a Zarr input as fill values (default: refuse, a "
+        "missing chunk usually means a broken copy)", "input", (bool,), flag="switch",
+    )  # fmt: skip
+    save_probabilities: bool = option(
+        False, "also write per-class probabilities", "output", (bool,), flag="switch"
+    )
+    probability_dtype: str = option(
+        "float16", "dtype of the saved probabilities", "output", (str,),
+        choices=PROBABILITY_DTYPES,
+    )  # fmt: skip
+    tissue: str = option(
+        "none", "skip output tiles without tissue, from a low-resolution mask: none, otsu, "
+        "triangle, fixed (--tissue-threshold)", "tissue", (str,), choices=TISSUE,
+    )  # fmt: skip
+    tissue_threshold: float | None = option(
+        None, "--tissue fixed: tissue where the 0..1 tissue-ness exceeds T", "tissue",
+        (float, int, _NONE), minimum=0, below=1, canonical=_float, metavar="T",
+    )  # fmt: skip
+    tissue_level: int | None = option(
+        None, "pyramid level the tissue mask is made from (default: the first of at most "
+        "1024 px per side)", "tissue", (int, _NONE), minimum=0, metavar="L",
+    )  # fmt: skip
+    tissue_margin: int = option(
+        0, "glass kept around tissue, in px beyond one mask pixel", "tissue", (int,),
+        minimum=0, metavar="PX",
+    )  # fmt: skip
+    instances: str = option(
+        "none", "object ids in labels/instances, unique across chunk borders: none, "
+        "connected, watershed", "objects", (str,), choices=INSTANCES,
+    )  # fmt: skip
+    instance_threshold: float | None = option(
+        None, "objects where the foreground probability exceeds P (needs "
+        "--save-probabilities; default: where the label is not background)", "objects",
+        (float, int, _NONE), canonical=_probability, metavar="P",
+    )  # fmt: skip
+    # Of 3, 5, 7, 9 and 12 px, 7 scores within 0.003 of the best object F1 both on generated
+    # held-out images and on the shipped real one (5 is much worse on the real one).
+    min_distance: int = option(
+        7, "watershed: least distance between two objects' centres in px", "objects", (int,),
+        minimum=1, metavar="N",
+    )  # fmt: skip
+    table: str = option(
+        "none", "per-object measurements in OUTPUT/objects.<format> (needs --instances)",
+        "objects", (str,), choices=TABLES,
+    )  # fmt: skip
+    export: tuple[str, ...] = option(
+        (), "object polygons for QuPath (geojson) or GeoPandas (geoparquet) in "
+        "OUTPUT/objects.<format> (needs --instances; repeatable)", "objects", (list, tuple),
+        flag="many", choices=EXPORTS, canonical=_exports, metavar="FORMAT",
+    )  # fmt: skip
+    scheduler: str | None = option(
+        None, "address of an existing Dask scheduler (default: embedded, local)", "execution",
+        (str, _NONE), metavar="ADDR",
+    )  # fmt: skip
+    resources: dict[str, float] | None = option(
+        None, "worker resources each inference task asks of the --scheduler's workers, e.g. "
+        "GPU=1 (repeatable)", "execution", (dict, _NONE), flag="resource",
+        canonical=_resources, metavar="NAME=N",
+    )  # fmt: skip
+    workers: int | None = option(
+        None, "parallel tasks in a local run (default: 2 per GPU on CUDA, else 1)",
+        "execution", (int, _NONE), minimum=1, metavar="N",
+    )  # fmt: skip
+    overwrite: bool = option(
+        False, "replace an existing tileseg output (otherwise a complete one of the same "
+        "input, model and config is skipped, an interrupted one resumed, any other refused)",
+        "execution", (bool,), flag="switch",
+    )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -85,121 +270,57 @@ class SegmentOptions:
         return tile, chunk
 
 
-# Expected type per option; (type, None) means the value may also be null.
-_TYPES: dict[str, tuple[type, ...]] = {
-    "model": (str, type(None)),
-    "halo": (int, type(None)),
-    "align": (int, type(None)),
-    "tile": (int, type(None)),
-    "chunk": (int, type(None)),
-    "batch_size": (int, str),
-    "batches_per_task": (int,),
-    "device": (str,),
-    "precision": (str,),
-    "channels_last": (str,),
-    "fold_norm": (str,),
-    "compile": (bool,),
-    "prefetch": (int, str),
-    "normalize": (str,),
-    "percentiles": (list, tuple),
-    "scale": (float, int, type(None)),
-    "offset": (float, int, type(None)),
-    "level": (int,),
-    "axes": (str, type(None)),
-    "allow_missing_chunks": (bool,),
-    "save_probabilities": (bool,),
-    "probability_dtype": (str,),
-    "tissue": (str,),
-    "tissue_threshold": (float, int, type(None)),
-    "tissue_level": (int, type(None)),
-    "tissue_margin": (int,),
-    "instances": (str,),
-    "instance_threshold": (float, int, type(None)),
-    "min_distance": (int,),
-    "table": (str,),
-    "export": (list, tuple),
-    "scheduler": (str, type(None)),
-    "resources": (dict, type(None)),
-    "workers": (int, type(None)),
-    "overwrite": (bool,),
-}
-assert set(_TYPES) == {f.name for f in fields(SegmentOptions)}
-_ON_OFF = ("channels_last", "fold_norm")  # auto | on | off
-_POSITIVE = ("align", "tile", "chunk", "batch_size", "batches_per_task", "workers", "min_distance")
+def declared(cls: type = SegmentOptions) -> dict[str, tuple[Field[Any], Option]]:
+    """Every option of ``cls`` with its declaration, in declaration order."""
+    return {f.name: (f, f.metadata["option"]) for f in fields(cls)}
 
 
 def _check(key: str, value: Any, source: str | None) -> Any:
-    """Validate one option value and return it in its canonical form."""
+    """Validate one option value against its declaration; return its canonical form."""
     where = source or f"--{key.replace('_', '-')}"
+    _, opt = declared()[key]
 
     def bad(problem: str) -> TilesegError:
         return TilesegError(where, f"{key}: {problem}")
 
-    if key in _ON_OFF and isinstance(value, bool):
+    if opt.choices == ("auto", "on", "off") and isinstance(value, bool):
         value = "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no) as booleans
-    types = _TYPES[key]
     # bool is an int subclass: reject True for an int option explicitly.
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+    if not isinstance(value, opt.types) or (isinstance(value, bool) and bool not in opt.types):
+        names = " or ".join("null" if t is _NONE else t.__name__ for t in opt.types)
         raise bad(f"expected {names}, got {value!r}")
-    if key in ("halo",) and value is not None and value < 0:
-        raise bad("must be >= 0")
-    if key in ("batch_size", "prefetch") and isinstance(value, str):
+    if opt.flag == "auto-int" and isinstance(value, str):
         if value != "auto":
             raise bad(f"must be a number or auto, got {value!r}")
         return value
-    if key == "instance_threshold" and value is not None:
-        if not 0 < value < 1:
-            raise bad(f"must be between 0 and 1, got {value!r}")
-        return float(value)
-    if key == "tissue_threshold" and value is not None:
-        if not 0 <= value < 1:
-            raise bad(f"must be >= 0 and < 1, got {value!r}")
-        return float(value)
-    if key in _POSITIVE:
-        if value is not None and value < 1:
-            raise bad("must be >= 1")
-    if key in ("level", "prefetch", "tissue_level", "tissue_margin") and (value or 0) < 0:
-        raise bad("must be >= 0")
-    choices = {
-        "normalize": NORMALIZE,
-        "precision": PRECISION,
-        "channels_last": CHANNELS_LAST,
-        "fold_norm": FOLD_NORM,
-        "probability_dtype": PROBABILITY_DTYPES,
-        "tissue": TISSUE,
-        "instances": INSTANCES,
-        "table": TABLES,
-    }
-    if key in choices and value not in choices[key]:
-        raise bad(f"must be one of {', '.join(choices[key])}, got {value!r}")
-    if key == "device" and not (value in ("auto", "cpu") or value.startswith("cuda")):
-        raise bad(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
-    if key == "percentiles":
-        if len(value) != 2 or not all(isinstance(v, int | float) for v in value):
-            raise bad("must be two numbers [low, high]")
-        lo, hi = float(value[0]), float(value[1])
-        if not 0 <= lo < hi <= 100:
-            raise bad("need 0 <= low < high <= 100")
-        return (lo, hi)
-    if key == "export":
-        bad_formats = [v for v in value if v not in EXPORTS]
-        if bad_formats:
-            raise bad(f"must be among {', '.join(EXPORTS)}, got {bad_formats[0]!r}")
-        return tuple(sorted(set(value)))
-    if key == "resources" and value is not None:
-        if not all(isinstance(k, str) and isinstance(v, int | float) and v > 0
-                   for k, v in value.items()):  # fmt: skip
-            raise bad("must map resource names to positive numbers, e.g. {GPU: 1}")
-        return {k: float(v) for k, v in value.items()}
-    if key in ("scale", "offset") and value is not None:
-        return float(value)
-    if key == "axes" and value is not None:
-        axes = value.upper()
-        if len(set(axes)) != len(axes) or not set(axes) <= set("TCZYXS"):
-            raise bad(f"axes must be letters from TCZYXS without repeats, got {value!r}")
-        return axes
+    if value is not None and not _in_bounds(value, opt):
+        bounds = [f">= {opt.minimum:g}"] if opt.minimum is not None else []
+        bounds += [f"< {opt.below:g}, got {value!r}"] if opt.below is not None else []
+        raise bad(f"must be {' and '.join(bounds)}")
+    if opt.choices and opt.flag != "many" and value not in opt.choices:
+        raise bad(f"must be one of {', '.join(opt.choices)}, got {value!r}")
+    if opt.canonical is not None and value is not None:
+        try:
+            return opt.canonical(value)
+        except ValueError as exc:
+            raise bad(str(exc)) from None
     return value
+
+
+def _in_bounds(value: float, opt: Option) -> bool:
+    return (opt.minimum is None or value >= opt.minimum) and (
+        opt.below is None or value < opt.below
+    )
+
+
+def options_table() -> str:
+    """The Markdown table of every option, from the declarations (in docs/cli.md)."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for name, (f, opt) in declared().items():
+        shown = "—" if f.default in (None, ()) else f"`{f.default}`"
+        choices = f" ({', '.join(map(str, opt.choices))})" if opt.choices else ""
+        rows.append(f"| `--{name.replace('_', '-')}` | {shown} | {opt.help}{choices} |")
+    return "\n".join(rows) + "\n"
 
 
 def options_from_mapping(
