@@ -226,6 +226,7 @@ def segment_image(
     record: dict[str, Any] = {
         "version": __version__,
         "input": os.fspath(Path(input_path).absolute()),
+        "reader": image.reader,
         "level": options.level,
         "model": {"source": model.source, "sha256": model.sha256, **model.info},
         "config": options.to_dict(),
