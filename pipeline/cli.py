@@ -18,6 +18,7 @@ from pipeline.config import (
     PRECISION,
     PROBABILITY_DTYPES,
     SERIAL_CORES,
+    STAIN,
     TABLES,
     TISSUE,
 )
@@ -70,6 +71,11 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"))
     p.add_argument("--scale", type=float, help="fixed normalisation: x * scale + offset")
     p.add_argument("--offset", type=float)
+    p.add_argument(
+        "--stain", choices=STAIN,
+        help="RGB brightfield (H&E) to its haematoxylin channel, fitted once per slide (auto: "
+        "for 8-bit RGB input to a one-channel model)",
+    )  # fmt: skip
     p.add_argument("--level", type=int, help="pyramid level of the input to segment")
     p.add_argument("--axes", help="axes of the input when they cannot be read (e.g. YX, CYX)")
     p.add_argument(
@@ -133,7 +139,8 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
     "precision", "channels_last", "fold_norm", "compile", "prefetch", "normalize",
-    "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
+    "percentiles", "scale", "offset", "stain", "level", "axes", "allow_missing_chunks",
+    "save_probabilities",
     "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
     "instances", "instance_threshold",
     "min_distance", "table", "scheduler", "resources", "workers", "overwrite",

@@ -16,6 +16,7 @@ import yaml
 from pipeline.errors import TilesegError
 
 NORMALIZE = ("none", "percentile", "fixed")
+STAIN = ("auto", "hematoxylin", "none")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 FOLD_NORM = ("auto", "on", "off")
@@ -48,6 +49,7 @@ class SegmentOptions:
     percentiles: tuple[float, float] = (1.0, 99.8)
     scale: float | None = None
     offset: float | None = None
+    stain: str = "auto"  # RGB brightfield to haematoxylin (auto: for 1-channel models)
     level: int = 0
     axes: str | None = None
     allow_missing_chunks: bool = False
@@ -101,6 +103,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "percentiles": (list, tuple),
     "scale": (float, int, type(None)),
     "offset": (float, int, type(None)),
+    "stain": (str,),
     "level": (int,),
     "axes": (str, type(None)),
     "allow_missing_chunks": (bool,),
@@ -159,6 +162,7 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         raise bad("must be >= 0")
     choices = {
         "normalize": NORMALIZE,
+        "stain": STAIN,
         "precision": PRECISION,
         "channels_last": CHANNELS_LAST,
         "fold_norm": FOLD_NORM,

@@ -70,6 +70,7 @@ from pipeline.provenance import (
     output_state,
 )
 from pipeline.readers import LazyImage, open_image
+from pipeline.stain import slide_stain
 from pipeline.tissue import TissueMask, tissue_mask
 from pipeline.worker import (
     RunSettings,
@@ -112,8 +113,9 @@ def _pyramid_block(
     return {"tiles": 0}
 
 
-def check_compatible(image: LazyImage, model: LoadedModel) -> None:
-    """Refuse image/model combinations that cannot work, before any work starts."""
+def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | None = None) -> None:
+    """Refuse image/model combinations that cannot work, before any work starts; ``channels``:
+    what the model is given per pixel (default: the image's channels)."""
     g = model.geometry
     if len(image.spatial_shape) != g.ndim:
         raise TilesegError(
@@ -136,11 +138,13 @@ def check_compatible(image: LazyImage, model: LoadedModel) -> None:
             f"image is smaller than the model's halo ({', '.join(small)} px): too little "
             "context to segment it",
         )
-    if model.in_channels is not None and image.n_channels != model.in_channels:
+    given = image.n_channels if channels is None else channels
+    if model.in_channels is not None and given != model.in_channels:
+        what = f"image has {image.n_channels} channel(s)"
+        if channels is not None:
+            what = f"{what}, {given} after stain separation,"
         raise TilesegError(
-            image.path,
-            f"image has {image.n_channels} channel(s) but the model ({model.source}) "
-            f"expects {model.in_channels}",
+            image.path, f"{what} but the model ({model.source}) expects {model.in_channels}"
         )
 
 
@@ -184,7 +188,8 @@ def segment_image(
     )
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)
-    check_compatible(image, model)
+    stain = slide_stain(image, options.stain, model.in_channels)
+    check_compatible(image, model, channels=None if stain is None else 1)
     grid = plan(image, model, options)
     run_fingerprint = fingerprint(input_path, options, model_sha256=model.sha256)
     state = "missing" if options.overwrite else output_state(output, run_fingerprint)
@@ -206,6 +211,7 @@ def segment_image(
         percentiles=options.percentiles,
         scale=options.scale,
         offset=options.offset,
+        stain=stain,
     )
     mask = None if options.tissue == "none" else _tissue_mask(input_path, image, options)
     classes = int(model.classes or 0) or _probe_classes(model_spec, options, grid)
@@ -247,8 +253,9 @@ def segment_image(
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
     numerics = resolve_numerics(options, resumed=resumed)
     batch_size = resolve_batch_size(
-        options, model_spec, image, grid, resumed=resumed, numerics=numerics
-    )
+        options, model_spec, image, grid, resumed=resumed, numerics=numerics,
+        in_channels=normalization.channels(image.n_channels),
+    )  # fmt: skip
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
         compile=options.compile, prefetch=resolve_prefetch(options, workers),
