@@ -77,6 +77,10 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
         "for 8-bit RGB input to a one-channel model)",
     )  # fmt: skip
     p.add_argument("--level", type=int, help="pyramid level of the input to segment")
+    p.add_argument(
+        "--mpp", type=float,
+        help="segment at this pixel size in µm (the nearest finer level, resampled)",
+    )  # fmt: skip
     p.add_argument("--axes", help="axes of the input when they cannot be read (e.g. YX, CYX)")
     p.add_argument(
         "--allow-missing-chunks",
@@ -139,7 +143,7 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 _FLAG_KEYS = (
     "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
     "precision", "channels_last", "fold_norm", "compile", "prefetch", "normalize",
-    "percentiles", "scale", "offset", "stain", "level", "axes", "allow_missing_chunks",
+    "percentiles", "scale", "offset", "stain", "level", "mpp", "axes", "allow_missing_chunks",
     "save_probabilities",
     "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",
     "instances", "instance_threshold",

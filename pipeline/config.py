@@ -51,6 +51,7 @@ class SegmentOptions:
     offset: float | None = None
     stain: str = "auto"  # RGB brightfield to haematoxylin (auto: for 1-channel models)
     level: int = 0
+    mpp: float | None = None  # segment at this pixel size (µm), resampled from the nearest level
     axes: str | None = None
     allow_missing_chunks: bool = False
     save_probabilities: bool = False
@@ -105,6 +106,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "offset": (float, int, type(None)),
     "stain": (str,),
     "level": (int,),
+    "mpp": (float, int, type(None)),
     "axes": (str, type(None)),
     "allow_missing_chunks": (bool,),
     "save_probabilities": (bool,),
@@ -189,6 +191,10 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         return {k: float(v) for k, v in value.items()}
     if key in ("scale", "offset") and value is not None:
         return float(value)
+    if key == "mpp" and value is not None:
+        if not 0 < value < 1e4:
+            raise bad(f"must be a pixel size in µm > 0, got {value!r}")
+        return float(value)
     if key == "axes" and value is not None:
         axes = value.upper()
         if len(set(axes)) != len(axes) or not set(axes) <= set("TCZYXS"):
@@ -228,6 +234,8 @@ def options_from_mapping(
             f"tissue_threshold: {options.tissue} finds its own threshold; a fixed one needs "
             "--tissue fixed",
         )
+    if options.mpp is not None and options.level != 0:
+        raise TilesegError(source or "--mpp", "mpp: picks the pyramid level itself; drop --level")
     if options.normalize == "fixed" and options.scale is None:
         raise TilesegError(source or "--normalize", "normalize: fixed needs a scale (--scale)")
     return options

@@ -89,6 +89,10 @@ class ImageSpec:
     dataset: str = ""
     axes_override: str | None = None
     allow_missing_chunks: bool = False
+    # Read at another pixel size (pipeline/resolution.py): output / stored pixel size per
+    # spatial axis, and the stored level's spatial shape; ``shape`` is then the resampled one.
+    resample: tuple[float, ...] | None = None
+    source_shape: tuple[int, ...] = ()
 
 
 class LazyImage:
@@ -115,6 +119,10 @@ class LazyImage:
     @classmethod
     def from_spec(cls, spec: ImageSpec) -> LazyImage:
         """A lazy image for ``spec``; the file is opened on the first :meth:`read`."""
+        if spec.resample is not None:
+            from pipeline.resolution import ResampledImage
+
+            return ResampledImage(spec)
         return cls(spec)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -209,7 +217,10 @@ class LazyImage:
         TilesegError
             When the file cannot be reopened or the data in the window cannot be decoded.
         """
-        region = self._check_region(spatial_region)
+        return self._read_stored(self._check_region(spatial_region))
+
+    def _read_stored(self, region: tuple[slice, ...]) -> np.ndarray:
+        """:meth:`read` of a checked region of the stored level."""
         by_axis = dict(zip(self.spatial_axes, region, strict=True))
         index = []
         for ax, size in zip(self.spec.store_axes, self.spec.store_shape, strict=True):

@@ -70,6 +70,7 @@ from pipeline.provenance import (
     output_state,
 )
 from pipeline.readers import LazyImage, open_image
+from pipeline.resolution import at_pixel_size
 from pipeline.stain import slide_stain
 from pipeline.tissue import TissueMask, tissue_mask
 from pipeline.worker import (
@@ -186,6 +187,9 @@ def segment_image(
         axes=options.axes,
         allow_missing_chunks=options.allow_missing_chunks,
     )
+    resampled = None
+    if options.mpp is not None:
+        image, resampled = at_pixel_size(image, options.mpp)
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)
     stain = slide_stain(image, options.stain, model.in_channels)
@@ -245,6 +249,7 @@ def segment_image(
             "chunks": list(layout.chunks),
         },
         "tissue": None if mask is None else mask.to_dict(),
+        **({} if resampled is None else {"resample": resampled}),
         "started": started_at,
         "fingerprint": run_fingerprint,
     }
