@@ -3,12 +3,16 @@ choice of back-end, directory discovery, associated images and bad slides."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagefiles import downsample, write_svs, write_tiff
 from outputs import chunk_files
+from PIL import Image
 
 from pipeline.chunk_cache import CHUNKS
 from pipeline.cli import main
@@ -165,3 +169,56 @@ def test_directory_run_fails_a_bad_slide_alone(tmp_path, files, capsys):
     assert "broken.ndpi" in err and "Traceback" not in err
     assert read_record(out / "good.zarr")["status"] == "complete"
     assert read_record(out / "broken.zarr") is None
+
+
+# ------------------------------------------------ OpenSlide's own test slides (tests/data)
+
+FIXTURES = Path(__file__).parent / "data" / "openslide"
+
+
+@pytest.mark.parametrize("name", ["small.svs", "boxes.tiff"])
+def test_real_slides_read_the_same_through_both_back_ends(name):
+    """A real Aperio SVS (JPEG tiles) and a generic pyramidal TIFF: pixel for pixel, every
+    level, with the pixel size and pyramid each back-end reads."""
+    by_tifffile = open_image(FIXTURES / name)
+    by_openslide = open_image(FIXTURES / name, reader="openslide")
+    assert by_tifffile.reader == "tifffile"
+    assert by_openslide.level_shapes == by_tifffile.level_shapes
+    assert by_openslide.pixel_size == pytest.approx(by_tifffile.pixel_size)
+    for level in range(by_tifffile.n_levels):
+        a, b = by_tifffile.at_level(level), by_openslide.at_level(level)
+        np.testing.assert_array_equal(b.read(full(b)), a.read(full(a)))
+
+
+def test_a_real_generic_tiff_reads_as_its_png():
+    image = open_image(FIXTURES / "boxes.tiff", reader="openslide")
+    png = np.asarray(Image.open(FIXTURES / "boxes.png").convert("RGB"))
+    np.testing.assert_array_equal(np.moveaxis(image.read(full(image)), 0, -1), png)
+
+
+def test_a_real_dicom_slide_reads_as_the_svs_it_was_made_from(tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(FIXTURES / name, folder / name)
+    svs = open_image(FIXTURES / "small.svs")
+    for target in (folder, folder / "boxes_0.dcm"):
+        dicom = open_image(target)
+        assert dicom.reader == "openslide" and dicom.pixel_size == pytest.approx((0.499, 0.499))
+        np.testing.assert_array_equal(dicom.read(full(dicom)), svs.read(full(svs)))
+    assert find_images(tmp_path) == [folder]
+
+
+def test_real_unreadable_and_unopenable_slides_are_one_line(tmp_path, capsys):
+    for reader in ("tifffile", "openslide"):
+        image = open_image(FIXTURES / "unreadable.svs", reader=reader)
+        with pytest.raises(TilesegError, match=r"unreadable\.svs: cannot read region y=0:16"):
+            image.read(full(image))
+    with pytest.raises(TilesegError, match=r"OpenSlide cannot read the slide .*compression"):
+        open_image(FIXTURES / "unopenable.tiff", reader="openslide")
+    shutil.copy(FIXTURES / "unreadable.svs", tmp_path / "unreadable.svs")
+    out = tmp_path / "out.zarr"
+    assert main(["segment", str(tmp_path / "unreadable.svs"), str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("tileseg: error: ") and "cannot read region" in err[-1]
