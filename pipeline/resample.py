@@ -100,8 +100,11 @@ def resample_axis(
     index = index - offset
     if index.size and (index.min() < 0 or index.max() >= data.shape[axis]):
         raise ValueError("data does not cover the taps of the requested output pixels")
-    moved = np.moveaxis(data, axis, -1)
-    out = np.zeros((*moved.shape[:-1], out_stop - out_start), np.float32)
+    along = [1] * data.ndim
+    along[axis] = out_stop - out_start
+    out = np.zeros(data.shape[:axis] + (out_stop - out_start,) + data.shape[axis + 1 :], np.float32)
     for t in range(index.shape[1]):
-        out += moved[..., index[:, t]].astype(np.float32) * weights[:, t]
-    return np.moveaxis(out, -1, axis)
+        tap = np.take(data, index[:, t], axis=axis).astype(np.float32, copy=False)
+        tap *= weights[:, t].reshape(along)
+        out += tap
+    return out
