@@ -100,9 +100,10 @@ def resample_axis(
     index = index - offset
     if index.size and (index.min() < 0 or index.max() >= data.shape[axis]):
         raise ValueError("data does not cover the taps of the requested output pixels")
-    along = [1] * data.ndim
-    along[axis] = out_stop - out_start
-    out = np.zeros(data.shape[:axis] + (out_stop - out_start,) + data.shape[axis + 1 :], np.float32)
+    shape = list(data.shape)
+    shape[axis] = out_stop - out_start
+    along = [n if k == axis else 1 for k, n in enumerate(shape)]
+    out = np.zeros(shape, np.float32)
     for t in range(index.shape[1]):
         tap = np.take(data, index[:, t], axis=axis).astype(np.float32, copy=False)
         tap *= weights[:, t].reshape(along)
