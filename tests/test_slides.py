@@ -222,3 +222,21 @@ def test_real_unreadable_and_unopenable_slides_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "Traceback" not in "\n".join(err)
     assert err[-1].startswith("tileseg: error: ") and "cannot read region" in err[-1]
+
+
+def test_a_dicom_folder_is_one_slide_for_the_cli(tmp_path):
+    """Not a directory of images: one output, read through OpenSlide, its H&E-like RGB
+    through the haematoxylin channel into a one-channel model."""
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(FIXTURES / name, folder / name)
+    model = tmp_path / "grey.safetensors"
+    save_unet(seeded_unet(UNetConfig(depth=1, width=4, in_channels=1, classes=2), seed=0), model)
+    out = tmp_path / "out.zarr"
+    args = ["segment", str(folder), str(out), "--model", str(model), "--tile", "16",
+            "--chunk", "16", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    record = read_record(out)
+    assert record["status"] == "complete" and record["reader"] == "openslide"
+    assert record["normalization"]["stain"]["method"] == "ruifrok-johnston"  # 256 px: too few
