@@ -105,12 +105,17 @@ def test_a_resampled_image_reads_any_window_as_the_whole(slide, mpp, data):
     )
 
 
-@pytest.mark.parametrize(("mpp", "level", "tile"), [(0.8, 0, 32), (1.6, 1, 64)])
-def test_tiles_at_mpp_equal_one_whole_image_pass(tmp_path, slide, mpp, level, tile):
+@pytest.mark.parametrize(
+    ("mpp", "level", "tile", "threads"), [(0.8, 0, 32, False), (1.6, 1, 64, True)]
+)
+def test_tiles_at_mpp_equal_one_whole_image_pass(tmp_path, slide, mpp, level, tile, threads):
+    """Also with a batch's windows read by parallel threads, as on a GPU."""
     path, _ = slide
     model = make_model(tmp_path, UNetConfig(depth=2, width=4, padding="valid", classes=2))
     out = tmp_path / "out.zarr"
-    probabilities, labels = run(path, out, model=model, tile=tile, chunk=32, mpp=mpp)
+    probabilities, labels = run(
+        path, out, model=model, tile=tile, chunk=32, mpp=mpp, parallel_io=threads
+    )
     record = read_record(out)
     assert record["resample"]["level"] == level and record["resample"]["mpp"] == mpp
     stored = open_image(path, level=level)

@@ -86,11 +86,13 @@ def he_slide(tmp_path):
     return path, rgb, truth
 
 
-@pytest.mark.parametrize(("tile", "chunk"), [(32, 32), (64, 32)])
-def test_tiles_equal_one_whole_image_pass_on_he(tmp_path, he_slide, tile, chunk):
+@pytest.mark.parametrize(("tile", "chunk", "threads"), [(32, 32, False), (64, 32, True)])
+def test_tiles_equal_one_whole_image_pass_on_he(tmp_path, he_slide, tile, chunk, threads):
     path, rgb, _ = he_slide
     model = make_model(tmp_path, UNetConfig(depth=2, width=4, padding="valid", classes=2))
-    probabilities, labels = run(path, tmp_path / "out.zarr", model=model, tile=tile, chunk=chunk)
+    probabilities, labels = run(
+        path, tmp_path / "out.zarr", model=model, tile=tile, chunk=chunk, parallel_io=threads
+    )
     assert read_record(tmp_path / "out.zarr")["normalization"]["stain"]["method"] == "macenko"
     image = open_image(path)
     stain = slide_stain(image, "auto", 1)
