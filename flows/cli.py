@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _directory_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input_dir", help="directory of slides (TIFF/SVS/OME-TIFF files, .zarr)")
+    p.add_argument(
+        "input_dir",
+        help="directory of slides (TIFF/SVS/OME-TIFF, OpenSlide formats, DICOM folders, .zarr)",
+    )
     p.add_argument("output_dir", help="directory for <stem>.zarr outputs and qc/<stem>.png")
     p.add_argument(
         "--config",

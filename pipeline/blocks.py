@@ -148,8 +148,9 @@ class _Block:
                 bytes_per_pixel=image.n_channels * image.dtype.itemsize, tile_rows=chunks[-2],
             )  # fmt: skip
         self.predictor: Predictor = cached_predictor(
-            task.model, task.run, window=task.grid.window, in_channels=image.n_channels
-        )
+            task.model, task.run, window=task.grid.window,
+            in_channels=task.normalization.channels(image.n_channels),
+        )  # fmt: skip
         self.label_dtype = np.dtype(task.layout.label_dtype)
         self.probability_dtype = task.layout.probability_dtype
         skip = set(task.skip)
@@ -197,7 +198,8 @@ class _Block:
 
     def read(self, batch: tuple[Tile, ...]) -> torch.Tensor:
         task, image = self.task, self.image
-        x, view = self.predictor.batch_buffer((len(batch), image.n_channels, *task.grid.window))
+        channels = task.normalization.channels(image.n_channels)
+        x, view = self.predictor.batch_buffer((len(batch), channels, *task.grid.window))
         nonfinite = [0] * len(batch)  # per window: filled by parallel threads
 
         def fill(k: int) -> None:

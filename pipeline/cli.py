@@ -162,7 +162,7 @@ def _segment(args: argparse.Namespace) -> int:
         flags["resources"] = dict(flags["resources"])
     options = resolve_options(config=args.config, flags=flags)
     source = Path(args.input)
-    if source.is_dir() and not _is_zarr(source):
+    if source.is_dir() and not _is_one_image(source):
         images = find_images(source)
         if not images:
             raise TilesegError(source, "no images found in this directory")
@@ -251,8 +251,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_zarr(path: Path) -> bool:
-    return any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
+def _is_one_image(path: Path) -> bool:
+    """A Zarr store, or a DICOM-WSI folder: one image, not a directory of them."""
+    from pipeline.slides import dicom_folder_file
+
+    zarr = any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
+    return zarr or dicom_folder_file(path) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

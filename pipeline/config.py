@@ -17,6 +17,7 @@ import yaml
 from pipeline.errors import TilesegError
 
 NORMALIZE = ("none", "percentile", "fixed")
+STAIN = ("auto", "hematoxylin", "none")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 FOLD_NORM = ("auto", "on", "off")
@@ -97,6 +98,12 @@ def _resources(value: dict[Any, Any] | None) -> dict[str, float] | None:
 def _probability(value: float) -> float:
     if not 0 < value < 1:
         raise ValueError(f"must be between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def _mpp(value: float) -> float:
+    if not 0 < value < 1e4:
+        raise ValueError(f"must be a pixel size in µm > 0, got {value!r}")
     return float(value)
 
 
@@ -183,7 +190,15 @@ class SegmentOptions:
         None, "fixed normalisation: x * scale + offset", "input", (float, int, _NONE),
         canonical=_float,
     )  # fmt: skip
+    stain: str = option(
+        "auto", "RGB brightfield (H&E) to its haematoxylin channel, fitted once per slide "
+        "(auto: for 8-bit RGB input to a one-channel model)", "input", (str,), choices=STAIN,
+    )  # fmt: skip
     level: int = option(0, "input pyramid level to segment", "input", (int,), minimum=0)
+    mpp: float | None = option(
+        None, "segment at this pixel size in µm (the nearest finer level, resampled)", "input",
+        (float, int, _NONE), canonical=_mpp, metavar="UM",
+    )  # fmt: skip
     axes: str | None = option(
         None, "input axes when the file does not say (plain Zarr/TIFF), e.g. YX, CYX, ZYX",
         "input", (str, _NONE), canonical=_axes,
@@ -356,6 +371,8 @@ def options_from_mapping(
             f"tissue_threshold: {options.tissue} finds its own threshold; a fixed one needs "
             "--tissue fixed",
         )
+    if options.mpp is not None and options.level != 0:
+        raise TilesegError(source or "--mpp", "mpp: picks the pyramid level itself; drop --level")
     if options.normalize == "fixed" and options.scale is None:
         raise TilesegError(source or "--normalize", "normalize: fixed needs a scale (--scale)")
     return options

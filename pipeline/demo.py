@@ -15,6 +15,7 @@ from pathlib import Path
 import zarr
 
 from pipeline.config import SegmentOptions
+from pipeline.he_check import score_generated_he
 from pipeline.ngff import labels_image_path
 from pipeline.qc import foreground_dice, overlay_png
 from pipeline.readers import open_image
@@ -68,6 +69,12 @@ def run_demo(
         open_image(REAL_IMAGE), real["output"], out / "qc-real-nuclei.png",
         labels=labels_image_path("instances"),
     )  # fmt: skip
+    # H&E brightfield through the same fluorescence model: its haematoxylin channel.
+    he = score_generated_he(out, options=options)
+    he_qc = overlay_png(
+        open_image(he["image"]), he["output"], out / "qc-he.png",
+        labels=labels_image_path("instances"),
+    )  # fmt: skip
     model = result.record["model"]
     figures = {
         "image": f"{size}x{size} px ({size * size / 1e6:.0f} MP)",
@@ -78,9 +85,12 @@ def run_demo(
         + (" (UNTRAINED seeded weights)" if model.get("untrained") else ""),
         "real_nuclei_dice": f"{real['foreground_dice']:.3f} (DSB 2018 fluorescence, 512², "
         f"object F1 {real['object_f1']:.3f} at IoU 0.5)",
+        "he_dice": f"{he['foreground_dice']:.3f} (generated H&E, 1024², haematoxylin, "
+        f"object F1 {he['object_f1']:.3f} at IoU 0.5)",
         "output": str(result_path.absolute()),
         "qc_picture": str(qc.absolute()),
         "real_qc_picture": str(real_qc.absolute()),
+        "he_qc_picture": str(he_qc.absolute()),
     }
     print()
     print("tileseg demo")

@@ -20,6 +20,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pipeline.readers import LazyImage
+    from pipeline.stain import StainMap
 
 MODES = ("none", "percentile", "fixed")
 # Percentiles are estimated from at most this many pixels per channel: a low-resolution pyramid
@@ -36,10 +37,17 @@ class Normalization:
     offset: tuple[float, ...]
     mode: str = "none"
     source: str = ""
+    stain: StainMap | None = None  # RGB to haematoxylin first (pipeline/stain.py)
+
+    def channels(self, image_channels: int) -> int:
+        """Channels of the normalised array for an image of ``image_channels``."""
+        return image_channels if self.stain is None else 1
 
     def apply(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Normalise a (C, *spatial) array, returning float32 (written into ``out`` when given,
         e.g. a slot of a pinned batch, with the same arithmetic)."""
+        if self.stain is not None:
+            x = self.stain.apply(x)
         if out is None:
             out = x.astype(np.float32, copy=True)
         else:
@@ -53,12 +61,15 @@ class Normalization:
         return out
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "mode": self.mode,
             "scale": list(self.scale),
             "offset": list(self.offset),
             "source": self.source,
         }
+        if self.stain is not None:
+            data["stain"] = self.stain.to_dict()
+        return data
 
 
 def compute_normalization(
@@ -68,22 +79,27 @@ def compute_normalization(
     percentiles: tuple[float, float] = (1.0, 99.8),
     scale: float | None = None,
     offset: float | None = None,
+    stain: StainMap | None = None,
 ) -> Normalization:
     """Decide the normalisation of one image.
 
     ``none`` casts to float32; ``fixed`` uses ``scale``/``offset``; ``percentile`` maps the
     per-channel low/high percentiles to 0/1, estimated from a bounded sample of the image.
+    With ``stain`` the image is first mapped to its haematoxylin channel, and the percentiles
+    are those of that channel.
     """
     if mode not in MODES:
         raise ValueError(f"normalize must be one of {MODES}, not {mode!r}")
-    c = image.n_channels
+    c = image.n_channels if stain is None else 1
     if mode == "none":
-        return Normalization((1.0,) * c, (0.0,) * c, "none")
+        return Normalization((1.0,) * c, (0.0,) * c, "none", stain=stain)
     if mode == "fixed":
         if scale is None:
             raise ValueError("fixed normalisation needs a scale")
-        return Normalization((float(scale),) * c, (float(offset or 0.0),) * c, "fixed")
-    sample, source = _sample(image)
+        return Normalization((float(scale),) * c, (float(offset or 0.0),) * c, "fixed", stain=stain)
+    sample, source = sample_pixels(image)
+    if stain is not None:
+        sample, source = stain.apply(sample), f"{source}, haematoxylin ({stain.method})"
     lo_p, hi_p = percentiles
     lo, hi = finite_percentiles(sample.reshape(c, -1), (lo_p, hi_p))
     span = np.where(hi - lo > 0, hi - lo, 1.0)  # a flat channel maps to 0, not to inf
@@ -92,6 +108,7 @@ def compute_normalization(
         tuple(float(o) for o in -lo / span),
         "percentile",
         f"{source}; percentiles {lo_p}-{hi_p}: low {lo.tolist()}, high {hi.tolist()}",
+        stain=stain,
     )
 
 
@@ -126,7 +143,7 @@ def count_nonfinite(x: np.ndarray) -> int:
     return int(x.size - np.count_nonzero(np.isfinite(x))) if x.dtype.kind == "f" else 0
 
 
-def _sample(image: LazyImage) -> tuple[np.ndarray, str]:
+def sample_pixels(image: LazyImage) -> tuple[np.ndarray, str]:
     """A bounded set of pixels representative of the whole image, as (C, N)."""
     for level in range(image.n_levels):
         lazy = image.at_level(level) if level != image.level else image

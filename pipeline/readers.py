@@ -30,19 +30,30 @@ import numpy as np
 from pipeline.chunk_cache import read_chunks
 from pipeline.errors import TilesegError
 from pipeline.formats import ArrayHandle, Probe, open_tiff, open_zarr, reason, reopen_zarr_array
+from pipeline.slides import (
+    OPENSLIDE_SUFFIXES,
+    TIFFFILE_VENDORS,
+    detect_vendor,
+    dicom_folder_file,
+    open_slide,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "TIFF_SUFFIXES",
     "ImageSpec",
     "LazyImage",
+    "choose_reader",
     "find_images",
     "image_stem",
     "open_image",
 ]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8")
-IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".zarr")
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES, ".zarr")
+# The files of a DICOM-WSI series are one slide: found as the folder that holds them.
+_FOUND_SUFFIXES = tuple(s for s in (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES) if s != ".dcm")
+_READERS = {"tiff": "tifffile", "zarr": "zarr", "ome-zarr": "zarr", "openslide": "openslide"}
 # Longest first, so "x.ome.tif" loses ".ome.tif" rather than just ".tif".
 _STEM_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.tf8", ".ome.zarr", *IMAGE_SUFFIXES)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -64,7 +75,7 @@ class ImageSpec:
     """
 
     path: str
-    format: str  # "tiff" | "zarr" | "ome-zarr"
+    format: str  # "tiff" | "zarr" | "ome-zarr" | "openslide"
     level: int
     series: int
     axes: str  # native axes after squeezing, e.g. "YX", "YXS", "CYX", "ZYX", "CZYX", "ZCYX"
@@ -78,6 +89,10 @@ class ImageSpec:
     dataset: str = ""
     axes_override: str | None = None
     allow_missing_chunks: bool = False
+    # Read at another pixel size (pipeline/resolution.py): output / stored pixel size per
+    # spatial axis, and the stored level's spatial shape; ``shape`` is then the resampled one.
+    resample: tuple[float, ...] | None = None
+    source_shape: tuple[int, ...] = ()
 
 
 class LazyImage:
@@ -104,6 +119,10 @@ class LazyImage:
     @classmethod
     def from_spec(cls, spec: ImageSpec) -> LazyImage:
         """A lazy image for ``spec``; the file is opened on the first :meth:`read`."""
+        if spec.resample is not None:
+            from pipeline.resolution import ResampledImage
+
+            return ResampledImage(spec)
         return cls(spec)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -121,6 +140,11 @@ class LazyImage:
     @property
     def format(self) -> str:
         return self.spec.format
+
+    @property
+    def reader(self) -> str:
+        """The back-end that reads the file: ``"tifffile"``, ``"openslide"`` or ``"zarr"``."""
+        return _READERS[self.spec.format]
 
     @property
     def axes(self) -> str:
@@ -193,7 +217,10 @@ class LazyImage:
         TilesegError
             When the file cannot be reopened or the data in the window cannot be decoded.
         """
-        region = self._check_region(spatial_region)
+        return self._read_stored(self._check_region(spatial_region))
+
+    def _read_stored(self, region: tuple[slice, ...]) -> np.ndarray:
+        """:meth:`read` of a checked region of the stored level."""
         by_axis = dict(zip(self.spatial_axes, region, strict=True))
         index = []
         for ax, size in zip(self.spec.store_axes, self.spec.store_shape, strict=True):
@@ -287,7 +314,7 @@ class LazyImage:
         spec = self.spec
         return open_image(
             spec.path, level=level, axes=spec.axes_override, series=spec.series,
-            allow_missing_chunks=spec.allow_missing_chunks,
+            allow_missing_chunks=spec.allow_missing_chunks, reader=self.reader,
         )  # fmt: skip
 
 
@@ -298,6 +325,9 @@ def _reopen(spec: ImageSpec) -> ArrayHandle:
     if spec.format == "tiff":
         # The first open checked the whole file; a changed file shows in its shape, below.
         probe, handle = open_tiff(spec.path, spec.level, spec.series, check_truncation=False)
+        shape = probe.shape
+    elif spec.format == "openslide":
+        probe, handle = open_slide(spec.path, spec.level)
         shape = probe.shape
     else:
         handle = reopen_zarr_array(spec.path, spec.dataset, allow_missing=spec.allow_missing_chunks)
@@ -318,14 +348,16 @@ def open_image(
     axes: str | None = None,
     series: int = 0,
     allow_missing_chunks: bool = False,
+    reader: str | None = None,
 ) -> LazyImage:
-    """Open an image file or Zarr directory lazily.
+    """Open an image file, slide or Zarr directory lazily.
 
     Parameters
     ----------
     path
         A TIFF-family file (``.tif``, ``.tiff``, ``.ome.tif``, ``.btf``, ``.tf8``, ``.svs``; any
-        file with a TIFF header is accepted) or a Zarr array / OME-Zarr directory.
+        file with a TIFF header is accepted), a slide OpenSlide reads (:mod:`pipeline.slides`;
+        a DICOM-WSI folder or one of its files) or a Zarr array / OME-Zarr directory.
     level
         Pyramid level, 0 = full resolution.
     axes
@@ -340,6 +372,9 @@ def open_image(
     allow_missing_chunks
         Read chunks missing from a Zarr store as the fill value instead of failing (for arrays
         written with zarr-python 3's default of omitting all-fill chunks).
+    reader
+        ``"tifffile"``, ``"openslide"`` or ``"zarr"``; default: :func:`choose_reader`, with
+        OpenSlide as the fallback for a TIFF that tifffile cannot parse.
 
     Raises
     ------
@@ -348,21 +383,17 @@ def open_image(
         unsupported axes or a zero-size image.
     """
     shown = os.fspath(path)
-    p = Path(shown)
-    if not p.exists():
+    if not os.path.exists(shown):
         raise TilesegError(shown, "no such file or directory")
-    if p.is_dir():
+    chosen = reader or choose_reader(shown)
+    if chosen == "openslide":
+        probe, handle = open_slide(shown, level)
+    elif chosen == "zarr":
         probe, handle = open_zarr(shown, level, series, allow_missing=allow_missing_chunks)
-    elif p.is_file():
-        if not (p.name.lower().endswith(TIFF_SUFFIXES) or _has_tiff_header(shown)):
-            raise TilesegError(
-                shown,
-                f"unknown image format {''.join(p.suffixes[-2:]) or '(no extension)'!r}: "
-                "expected TIFF/OME-TIFF/BigTIFF/SVS or a Zarr/OME-Zarr directory",
-            )
-        probe, handle = open_tiff(shown, level, series)
+    elif chosen == "tifffile":
+        probe, handle = _open_tiff_or_slide(shown, level, series, fallback=reader is None)
     else:
-        raise TilesegError(shown, "not a regular file or directory")
+        raise ValueError(f"unknown reader {reader!r}")
     try:
         spec = _make_spec(shown, probe, level, series, axes)
         spec = dataclasses.replace(spec, allow_missing_chunks=allow_missing_chunks)
@@ -370,6 +401,63 @@ def open_image(
         handle.close()
         raise
     return LazyImage(spec, handle)
+
+
+def choose_reader(path: str | os.PathLike[str]) -> str:
+    """The back-end for ``path``: ``"zarr"`` for Zarr/OME-Zarr directories, ``"openslide"``
+    for vendor slide formats (by extension, a DICOM-WSI folder, or a TIFF whose vendor
+    OpenSlide recognises, such as Philips), ``"tifffile"`` for the TIFF family (OME-TIFF,
+    Aperio SVS, generic and multichannel TIFF).
+
+    Raises
+    ------
+    TilesegError
+        For a missing path or a file that neither back-end reads.
+    """
+    shown = os.fspath(path)
+    p = Path(shown)
+    if not p.exists():
+        raise TilesegError(shown, "no such file or directory")
+    if p.is_dir():
+        if not _zarr_metadata(p) and dicom_folder_file(p) is not None:
+            return "openslide"
+        return "zarr"
+    if not p.is_file():
+        raise TilesegError(shown, "not a regular file or directory")
+    name = p.name.lower()
+    if name.endswith(OPENSLIDE_SUFFIXES):
+        return "openslide"
+    tiff = name.endswith(TIFF_SUFFIXES) or _has_tiff_header(shown)
+    vendor = detect_vendor(shown)
+    if vendor is not None and vendor not in TIFFFILE_VENDORS:
+        return "openslide"
+    if tiff:
+        return "tifffile"
+    if vendor is not None:
+        return "openslide"
+    raise TilesegError(
+        shown,
+        f"unknown image format {''.join(p.suffixes[-2:]) or '(no extension)'!r}: expected "
+        "TIFF/OME-TIFF/BigTIFF/SVS, a slide format OpenSlide reads, or a Zarr/OME-Zarr directory",
+    )
+
+
+def _zarr_metadata(path: Path) -> bool:
+    return any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
+
+
+def _open_tiff_or_slide(
+    path: str, level: int, series: int, *, fallback: bool
+) -> tuple[Probe, ArrayHandle]:
+    """tifffile, or OpenSlide where tifffile cannot parse a file OpenSlide recognises (a cut
+    file is refused as such, never handed over)."""
+    try:
+        return open_tiff(path, level, series)
+    except TilesegError as exc:
+        unparsed = exc.problem.startswith(("not a valid TIFF", "cannot parse TIFF", "unsupported"))
+        if not (fallback and unparsed and detect_vendor(path) is not None):
+            raise
+    return open_slide(path, level)
 
 
 def _has_tiff_header(path: str) -> bool:
@@ -484,7 +572,9 @@ def _check_supported(path: str, native: str, store_axes: str, store_shape: tuple
 
 
 def find_images(directory: str | os.PathLike[str]) -> list[Path]:
-    """Sorted images directly inside ``directory``: TIFF-family files and ``*.zarr`` directories.
+    """Sorted images directly inside ``directory``: TIFF-family files, slide files OpenSlide
+    reads (a MIRAX ``.mrxs``, not its data folder), ``*.zarr`` directories and DICOM-WSI
+    folders (a folder of ``.dcm`` files is one slide).
 
     Hidden entries (names starting with ``.``) are skipped; subdirectories are not searched.
     """
@@ -498,9 +588,12 @@ def find_images(directory: str | os.PathLike[str]) -> list[Path]:
         name = p.name.lower()
         if name.startswith("."):
             continue
-        if (p.is_dir() and name.endswith(".zarr")) or (
-            p.is_file() and name.endswith(TIFF_SUFFIXES)
-        ):
+        if p.is_dir():
+            if name.endswith(".zarr") or (
+                not _zarr_metadata(p) and dicom_folder_file(p) is not None
+            ):
+                found.append(p)
+        elif p.is_file() and name.endswith(_FOUND_SUFFIXES):
             found.append(p)
     return sorted(found)
 

@@ -76,6 +76,8 @@ from pipeline.provenance import (
     output_state,
 )
 from pipeline.readers import LazyImage, open_image
+from pipeline.resolution import at_pixel_size
+from pipeline.stain import StainMap, slide_stain
 from pipeline.tissue import TissueMask, tissue_mask
 from pipeline.worker import (
     RunSettings,
@@ -125,8 +127,9 @@ def _pyramid_block(
     return {"tiles": 0}
 
 
-def check_compatible(image: LazyImage, model: LoadedModel) -> None:
-    """Refuse image/model combinations that cannot work, before any work starts."""
+def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | None = None) -> None:
+    """Refuse image/model combinations that cannot work, before any work starts; ``channels``:
+    what the model is given per pixel (default: the image's channels)."""
     g = model.geometry
     if len(image.spatial_shape) != g.ndim:
         raise TilesegError(
@@ -149,11 +152,13 @@ def check_compatible(image: LazyImage, model: LoadedModel) -> None:
             f"image is smaller than the model's halo ({', '.join(small)} px): too little "
             "context to segment it",
         )
-    if model.in_channels is not None and image.n_channels != model.in_channels:
+    given = image.n_channels if channels is None else channels
+    if model.in_channels is not None and given != model.in_channels:
+        what = f"image has {image.n_channels} channel(s)"
+        if channels is not None:
+            what = f"{what}, {given} after stain separation,"
         raise TilesegError(
-            image.path,
-            f"image has {image.n_channels} channel(s) but the model ({model.source}) "
-            f"expects {model.in_channels}",
+            image.path, f"{what} but the model ({model.source}) expects {model.in_channels}"
         )
 
 
@@ -184,26 +189,8 @@ def segment_image(
     at until its record is written: one run writes an output at a time.
     ``progress(done_pixels, total_pixels)`` is called in this process as tiles finish.
     """
-    started = time.perf_counter()
-    output = os.fspath(Path(output_path).absolute())
-    try:
-        resolve_device(options.device)
-    except (ValueError, RuntimeError) as exc:
-        raise TilesegError("--device", str(exc)) from None
-    image = open_image(
-        input_path,
-        level=options.level,
-        axes=options.axes,
-        allow_missing_chunks=options.allow_missing_chunks,
-    )
-    model_spec = ModelSpec(options.model, options.halo, options.align)
-    model = load_model(model_spec)
-    check_compatible(image, model)
-    if options.export:
-        check_export(input_path, ndim=len(image.spatial_shape))
-    grid = plan(image, model, options)
-    identity = fingerprint(input_path, options, model_sha256=model.sha256)
-    job = _Job(input_path, output, image, model_spec, model, grid, options, started, identity)
+    job = _prepare(input_path, output_path, options)
+    output, image, grid = job.output, job.image, job.grid
     with OutputLock(output) as lock:
         state = existing_output(
             output, job.fingerprint, overwrite=options.overwrite, input_path=input_path
@@ -218,6 +205,38 @@ def segment_image(
             return _run(job, state, lock.run_id, progress=progress)
         except TilesegError as exc:
             raise _with_resume_hint(exc, output, lock.run_id) from None
+
+
+def _prepare(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: SegmentOptions
+) -> _Job:
+    """Open the image and the model, and refuse what cannot work, before any output exists."""
+    started = time.perf_counter()
+    try:
+        resolve_device(options.device)
+    except (ValueError, RuntimeError) as exc:
+        raise TilesegError("--device", str(exc)) from None
+    image = open_image(
+        input_path,
+        level=options.level,
+        axes=options.axes,
+        allow_missing_chunks=options.allow_missing_chunks,
+    )
+    resampled = None
+    if options.mpp is not None:
+        image, resampled = at_pixel_size(image, options.mpp)
+    model_spec = ModelSpec(options.model, options.halo, options.align)
+    model = load_model(model_spec)
+    stain = slide_stain(image, options.stain, model.in_channels)
+    check_compatible(image, model, channels=None if stain is None else 1)
+    if options.export:
+        check_export(input_path, ndim=len(image.spatial_shape))
+    grid = plan(image, model, options)
+    return _Job(
+        input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
+        options, started, fingerprint(input_path, options, model_sha256=model.sha256),
+        stain=stain, resampled=resampled,
+    )  # fmt: skip
 
 
 def existing_output(
@@ -282,6 +301,8 @@ class _Job:
     options: SegmentOptions
     started: float
     fingerprint: str
+    stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
+    resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
 
 
 def _run(
@@ -295,6 +316,7 @@ def _run(
         percentiles=options.percentiles,
         scale=options.scale,
         offset=options.offset,
+        stain=job.stain,
     )
     mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
     layout = _layout(job, state)
@@ -302,7 +324,10 @@ def _run(
     workers = options.workers or local_workers(options)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
-    run, per_task, levels = _run_settings(job, layout, workers, resumed=resumed)
+    in_channels = normalization.channels(image.n_channels)
+    run, per_task, levels = _run_settings(
+        job, layout, workers, resumed=resumed, in_channels=in_channels
+    )
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
         "channels_last": run.channels_last, "fold_norm": run.fold_norm,
@@ -359,6 +384,7 @@ def _record(
     return {
         "version": __version__,
         "input": os.fspath(Path(job.input_path).absolute()),
+        "reader": job.image.reader,
         "level": job.options.level,
         "model": {"source": model.source, "sha256": model.sha256, **model.info},
         "config": job.options.to_dict(),
@@ -371,13 +397,19 @@ def _record(
             "chunks": list(layout.chunks),
         },
         "tissue": None if mask is None else mask.to_dict(),
+        **({} if job.resampled is None else {"resample": job.resampled}),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fingerprint": job.fingerprint,
     }
 
 
 def _run_settings(
-    job: _Job, layout: OutputLayout, workers: int, *, resumed: dict[str, Any] | None
+    job: _Job,
+    layout: OutputLayout,
+    workers: int,
+    *,
+    resumed: dict[str, Any] | None,
+    in_channels: int,
 ) -> tuple[RunSettings, int, int]:
     """How the tasks run, and how many tiles a task and pyramid levels it takes. A resumed
     run takes all of these from the run it continues: its tasks must batch and group tiles,
@@ -388,8 +420,9 @@ def _run_settings(
         batch_size = int(resumed["batch_size"])
     else:
         batch_size = resolve_batch_size(
-            options, job.model_spec, job.image, job.grid, resumed=None, numerics=numerics
-        )
+            options, job.model_spec, job.image, job.grid, resumed=None, numerics=numerics,
+            in_channels=in_channels,
+        )  # fmt: skip
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
         compile=options.compile, prefetch=resolve_prefetch(options, workers),

@@ -233,16 +233,18 @@ def resolve_batch_size(
     *,
     resumed: Mapping[str, Any] | None,
     numerics: Mapping[str, str],
+    in_channels: int | None = None,
 ) -> int:
     """The batch size: as given, or for ``auto`` measured where inference runs (a task on the
     same workers, asking the same resources) from free device memory. A resumed run reuses
-    the batch size of the run it continues, so its tasks batch tiles exactly as before."""
+    the batch size of the run it continues, so its tasks batch tiles exactly as before.
+    ``in_channels``: what the model is given per pixel (default: the image's channels)."""
     if options.batch_size != "auto":
         return int(options.batch_size)
     if resumed is not None and resumed.get("batch_size"):
         return int(resumed["batch_size"])
     run = RunSettings(device=options.device, precision=options.precision, **numerics)
-    probe = _BatchProbe(spec, run, grid.window, image.n_channels)
+    probe = _BatchProbe(spec, run, grid.window, in_channels or image.n_channels)
     [size] = run_tasks(
         _probe_batch_size, [probe], scheduler=options.scheduler, workers=1,
         resources=options.resources, name="tileseg-batch-probe",

@@ -134,8 +134,10 @@ def write_svs(
     tile: int | tuple[int, int] = 64,
     mpp: float = 0.5,
     levels: int = 1,
+    compression: str = "jpeg",
 ) -> Path:
-    """Write an Aperio-SVS-like file: JPEG-tiled RGB pyramid with an Aperio ImageDescription.
+    """Write an Aperio-SVS-like file: JPEG-tiled RGB pyramid with an Aperio ImageDescription
+    (``compression="zlib"``: lossless tiles, for comparing decoders pixel for pixel).
 
     Layout (what tifffile's SVS parser expects): page 0 the full-resolution level, page 1 a small
     stripped thumbnail, then one tiled page per further level (each halving Y and X).
@@ -147,13 +149,9 @@ def write_svs(
         raise ValueError("write_svs needs a uint8 (Y, X, 3) array")
     tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
     height, width = rgb_array.shape[:2]
-    options = {
-        "photometric": "rgb",
-        "compression": "jpeg",
-        "compressionargs": {"level": 95},
-        "subsampling": (1, 1),
-        "metadata": None,
-    }
+    options = {"photometric": "rgb", "compression": compression, "metadata": None}
+    if compression == "jpeg":
+        options.update(compressionargs={"level": 95}, subsampling=(1, 1))
     with tifffile.TiffWriter(path) as tif:
         for level in range(levels):
             data = downsample(rgb_array, "YXS", level)

@@ -16,9 +16,11 @@ def test_demo_reports_scores_and_writes_qc_pictures(tmp_path, capsys):
     assert dice > 0.9
     real = float(printed.split("real nuclei dice:")[1].split()[0])
     assert real > 0.9
+    he = float(printed.split("he dice:")[1].split()[0])
+    assert he > 0.9
     assert "napari" in printed
     assert (tmp_path / "segmentation.zarr" / "labels" / "segmentation" / "0").is_dir()
-    for name in ("qc-overlay.png", "qc-real-nuclei.png"):
+    for name, side in (("qc-overlay.png", 512), ("qc-real-nuclei.png", 512), ("qc-he.png", 1024)):
         picture = imread(tmp_path / name)
-        assert picture.shape == (512, 512, 3)
+        assert picture.shape == (side, side, 3)
         assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 100  # an image, not a flat fill

@@ -466,6 +466,10 @@ def test_channel_mismatch_is_refused(tmp_path, model, capsys):
     rgb = np.zeros((64, 64, 3), np.uint8)
     write_tiff(tmp_path / "rgb.tif", rgb, axes="YXS", tile=None)
     args = ["segment", str(tmp_path / "rgb.tif"), str(tmp_path / "o.zarr"), "--model", model]
+    assert main([*args, "--stain", "none"]) == 2  # (auto: its haematoxylin, tests/test_stain.py)
+    assert "3 channel(s) but the model" in one_error_line(capsys)
+    rgb16 = np.zeros((64, 64, 3), np.uint16)  # not 8-bit brightfield: left as it is
+    write_tiff(tmp_path / "rgb.tif", rgb16, axes="YXS", tile=None)
     assert main(args) == 2
     assert "3 channel(s) but the model" in one_error_line(capsys)
 
