@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
 from outputs import assert_pyramid_from_level_below
+from profiles import examples
 
 from pipeline.config import SegmentOptions
 from pipeline.inference import Predictor, predict_whole
@@ -121,7 +122,7 @@ def cases(draw):
 
 
 @settings(
-    max_examples=40,
+    max_examples=examples(40),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
