@@ -38,7 +38,7 @@ from pipeline.cli import main
 from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.heap import off_main_heap
-from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.models import UNetConfig
 from pipeline.ngff import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +84,8 @@ def write_config(path: Path, model: Path, *, run: dict | None = None, **segment)
 
 
 @pytest.fixture
-def model(tmp_path) -> Path:
-    path = tmp_path / "small.safetensors"
-    save_unet(seeded_unet(SMALL, seed=0), path)
-    return path
+def model_config():
+    return SMALL
 
 
 @pytest.fixture
