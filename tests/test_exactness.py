@@ -156,6 +156,7 @@ def test_paper_sized_unet_on_a_tiled_tiff(tmp_path, padding):
     check(probs, labels, reference(model, image[None]))
 
 
+@pytest.mark.slow  # compiling the model takes most of it
 @pytest.mark.skipif(
     shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler"
 )

@@ -198,6 +198,7 @@ def test_pipeline_never_imports_prefect():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # the first test to use it starts the Prefect test server
 def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_config(
     harness, slides, model, config, tmp_path, monkeypatch
 ):
@@ -282,6 +283,7 @@ def tag_limit(slots: int | None):
             client.delete_concurrency_limit_by_tag(SLIDE_TAG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("max_slides", "tag_slots", "at_most"),
     [
@@ -309,6 +311,7 @@ def test_directory_flow_limits_the_slides_in_flight(
         assert seen.most == at_most
 
 
+@pytest.mark.slow
 def test_directory_flow_publishes_table_qc_and_progress_artifacts(
     harness, model, tmp_path, monkeypatch
 ):
