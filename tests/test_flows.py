@@ -73,7 +73,7 @@ def slides(tmp_path) -> Path:
     return folder
 
 
-def write_config(path: Path, model: Path, *, run: dict | None = None, **segment) -> Path:
+def write_config(path: Path, model: str, *, run: dict | None = None, **segment) -> Path:
     config = {
         "segment": {"model": str(model), "tile": 64, "chunk": 64, "device": "cpu", **segment},
         "run": {"retries": 1, "retry_delay_seconds": 0, "max_concurrent_slides": 2, **(run or {})},
