@@ -1,10 +1,11 @@
-# tileseg: `make demo` runs the main job on a generated slide; `make test` sets up and tests.
+# tileseg: `make demo` runs the main job on a generated slide; `make test` sets up and tests;
+# `make test-fast` is the inner loop (no slow tests, fewer hypothesis examples).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench clean
 
 install: $(STAMP)
 
@@ -24,7 +25,10 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: install lint
-	$(BIN)/python -m pytest
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest --durations=15
+
+test-fast: install lint
+	HYPOTHESIS_PROFILE=dev $(BIN)/python -m pytest -m "not slow" --durations=15
 
 demo: install
 	$(BIN)/tileseg demo

@@ -48,8 +48,8 @@ if resolve_device(device).type == "cuda":
     # Timed warm, like the raw forward: CUDA context, cuDNN autotuning and compilation are
     # paid once per worker process, not per slide.
     segment_image(src, dst + "-warm-up", opts)
-# The last run's output is removed untimed: --overwrite's removal of it (0.02-0.07 s for an
-# 8192² output on the CI machine, four times the files on 16384²) is not segmenting.
+# The last run's output is removed untimed: --overwrite's removal of it (which grows with the
+# output's number of files) is not segmenting.
 shutil.rmtree(dst, ignore_errors=True)
 r = segment_image(src, dst, opts)
 print(json.dumps({"seconds": r.seconds, "tiles": r.tiles, "timings": r.timings,

@@ -60,7 +60,7 @@ def run_tasks(
     if not items:
         return []
     if scheduler is None and workers == 1:
-        # What Dask's synchronous scheduler does, without its first call's ~0.5 s of set-up:
+        # What Dask's synchronous scheduler does, without the set-up of its first call:
         # in order, in the calling thread. There a CPU forward's activations come from glibc's
         # main heap, which keeps freed memory (pipeline/heap.py); any other thread's arena maps
         # and page-faults them in anew for every batch.

@@ -3,7 +3,7 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
 and hands it back to the kernel on ``free``. A U-Net forward on the CPU allocates and frees
 gigabytes of activations, each of them above that threshold, so every forward page-faults all
-of them in again: on the CI machine 1.5 million faults per batch of four 1116² windows, with
+of them in again: 1.5 million faults per batch of four 1116² windows, with
 the kernel's time (zeroing pages) as large as the convolutions' (bench/README.md). With mmap
 switched off for the heap and trimming off, freed activations stay in the heap and the next
 forward reuses them: the same forward takes about half the time. Peak memory grows by what the

@@ -56,7 +56,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
-LEGACY_AUTO_LAYOUT = "cuda"  # what ``auto`` meant before 2026-12-01: resumes of outputs begun then
+LEGACY_AUTO_LAYOUT = "cuda"  # ``auto`` of outputs begun when it meant channels-last on CUDA only
 
 
 def resolve_channels_last(channels_last: str, device: torch.device) -> bool:

@@ -1,10 +1,10 @@
 """The tiles of a TIFF page read straight from the file, each decoded once, in the caller's thread.
 
-tifffile's Zarr store reads a window through zarr-python, whose every read costs ~5 ms on
-zarr's one event-loop thread even when the window's tiles are all decoded already: a cap of
-some 200 windows per second whatever the number of reader threads (what a GPU waits on), and
-on a CPU 0.3 s of an 8192² slide. A level that is one tiled (or stripped) page, as SVS, NDPI
-and most OME-TIFF pyramids are, needs none of it: a window is the page's tiles that it touches,
+tifffile's Zarr store reads a window through zarr-python, whose every read waits on zarr's
+one event-loop thread even when the window's tiles are all decoded already: a cap on the
+windows per second whatever the number of reader threads (what a GPU waits on). A level that
+is one tiled (or stripped) page, as SVS, NDPI and most OME-TIFF pyramids are, needs none of it:
+a window is the page's tiles that it touches,
 read with ``os.pread`` (no shared file position, no lock) and decoded by the page's own decoder
 (as tifffile's store does it: the same function, arguments and bytes), which releases the GIL.
 The decoded tiles go into :data:`pipeline.chunk_cache.CHUNKS` like every other reader's.

@@ -151,10 +151,10 @@ def resolve_prefetch(options: SegmentOptions, workers: int) -> int:
     """Batches read ahead of and written behind inference: as given, or for ``auto`` 0 (the
     stages in turn) in a local CPU run of one task at a time on at most ``SERIAL_CORES``
     cores, else 2. There the forward's threads take every core, and a reader or writer thread
-    beside them holds up each of its parallel regions by more than its work costs in turn (2
-    cores: 47.4 s serial against 50.6 s overlapped, medians of three, and 0.5 GiB less peak
-    memory; bench/README.md). With more cores the forward is faster and one thread's reading
-    is not, so overlapping it pays; on a cluster or a GPU it always does."""
+    beside them holds up each of its parallel regions by more than its work costs in turn (and
+    in turn the stages need less peak memory; bench/README.md). With more cores the forward is
+    faster and one thread's reading is not, so overlapping it pays; on a cluster or a GPU it
+    always does."""
     if options.prefetch != "auto":
         return int(options.prefetch)
     local_cpu = options.scheduler is None and resolve_device(options.device).type == "cpu"

@@ -12,6 +12,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
+from profiles import examples
 
 from pipeline import chunk_cache
 from pipeline.blocks import read_window
@@ -105,7 +106,7 @@ def test_concurrent_readers_decode_a_shared_tile_once(tmp_path, layout):
     image.close()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     capacity_tiles=st.integers(0, 12), seed=st.integers(0, 2**16), layout=st.sampled_from(LAYOUTS)
 )
@@ -187,7 +188,7 @@ def zarr_file(tmp_path, shape=(3, 90, 130), chunks=(2, 32, 32), name="img.zarr")
     return data, write_zarr(tmp_path / name, data, chunks=chunks)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(capacity_chunks=st.integers(0, 10), seed=st.integers(0, 2**16))
 def test_zarr_windows_are_exact_through_the_cache(tmp_path_factory, capacity_chunks, seed):
     """Channel chunks of 2 over 3 channels, edge chunks cut short, mirrored windows, evictions."""

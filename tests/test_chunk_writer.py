@@ -9,6 +9,7 @@ import pytest
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from pipeline import chunk_writer
 from pipeline.chunk_writer import ChunkWriter
@@ -71,7 +72,9 @@ def data_for(region, dtype: np.dtype, kind: str, seed: int) -> np.ndarray:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(case=writes())
 def test_chunks_written_directly_are_zarrs_files_byte_for_byte(tmp_path_factory, case):
@@ -90,7 +93,9 @@ def test_chunks_written_directly_are_zarrs_files_byte_for_byte(tmp_path_factory,
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=examples(60),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(case=writes(), data=st.data())
 def test_regions_read_from_the_chunk_files_are_zarrs_values(tmp_path_factory, case, data):

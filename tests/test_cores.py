@@ -86,6 +86,7 @@ def slide(tmp_path):
             "--tile", "64", "--chunk", "64", "--device", "cpu", "--no-progress"]  # fmt: skip
 
 
+@pytest.mark.slow  # worker processes of a LocalCluster, each importing torch
 @pytest.mark.skipif(usable_cores() < 2, reason="one core: its share is Dask's one thread")
 def test_an_inference_task_on_a_default_dask_worker_uses_the_cores(tmp_path, slide, dask_cluster):
     cluster, client = dask_cluster(n_workers=1)
@@ -96,6 +97,7 @@ def test_an_inference_task_on_a_default_dask_worker_uses_the_cores(tmp_path, sli
     assert client.submit(_forward_threads, pure=False).result() == usable_cores()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap (Linux only)")
 @pytest.mark.parametrize("arenas", [None, "1"])
 def test_a_run_says_when_its_forwards_ran_off_the_main_heap(
@@ -125,6 +127,7 @@ def test_a_local_run_forwards_on_the_main_heap(tmp_path, slide, capsys):
     assert timings["cpu_forward_threads"] == torch.get_num_threads()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(usable_cores() < 2, reason="one core: its share is Dask's one thread")
 def test_workers_on_one_host_split_its_cores(dask_cluster):
     # On two cores each gets one, as Dask's default: a worker that missed its sibling takes two.
@@ -135,6 +138,7 @@ def test_workers_on_one_host_split_its_cores(dask_cluster):
     assert seen == [usable_cores() // 2] * 2
 
 
+@pytest.mark.slow
 def test_a_worker_started_with_its_own_thread_count_keeps_it(dask_cluster):
     asked = usable_cores() + 1  # not its share; and Dask's MKL_NUM_THREADS=1 would win in torch
     _, client = dask_cluster(n_workers=1, env={"OMP_NUM_THREADS": str(asked)})

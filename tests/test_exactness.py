@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
 from outputs import assert_pyramid_from_level_below
+from profiles import examples
 
 from pipeline.config import SegmentOptions
 from pipeline.inference import Predictor, predict_whole
@@ -121,7 +122,7 @@ def cases(draw):
 
 
 @settings(
-    max_examples=40,
+    max_examples=examples(40),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -155,6 +156,7 @@ def test_paper_sized_unet_on_a_tiled_tiff(tmp_path, padding):
     check(probs, labels, reference(model, image[None]))
 
 
+@pytest.mark.slow  # compiling the model takes most of it
 @pytest.mark.skipif(
     shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler"
 )

@@ -20,7 +20,7 @@ from outputs import chunk_files
 
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
-from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.models import UNetConfig
 from pipeline.ngff import read_record
 from pipeline.provenance import done_dir
 from pipeline.segment import segment_image
@@ -29,10 +29,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def model(tmp_path):
-    path = tmp_path / "m.safetensors"
-    save_unet(seeded_unet(UNetConfig(depth=2, width=8, padding="same", classes=2), seed=0), path)
-    return str(path)
+def model_config():
+    return UNetConfig(depth=2, width=8, padding="same", classes=2)
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from pipeline.cli import main
 from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.heap import off_main_heap
-from pipeline.models import UNetConfig, save_unet, seeded_unet
+from pipeline.models import UNetConfig
 from pipeline.ngff import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def slides(tmp_path) -> Path:
     return folder
 
 
-def write_config(path: Path, model: Path, *, run: dict | None = None, **segment) -> Path:
+def write_config(path: Path, model: str, *, run: dict | None = None, **segment) -> Path:
     config = {
         "segment": {"model": str(model), "tile": 64, "chunk": 64, "device": "cpu", **segment},
         "run": {"retries": 1, "retry_delay_seconds": 0, "max_concurrent_slides": 2, **(run or {})},
@@ -84,10 +84,8 @@ def write_config(path: Path, model: Path, *, run: dict | None = None, **segment)
 
 
 @pytest.fixture
-def model(tmp_path) -> Path:
-    path = tmp_path / "small.safetensors"
-    save_unet(seeded_unet(SMALL, seed=0), path)
-    return path
+def model_config():
+    return SMALL
 
 
 @pytest.fixture
@@ -200,6 +198,7 @@ def test_pipeline_never_imports_prefect():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow  # the first test to use it starts the Prefect test server
 def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_config(
     harness, slides, model, config, tmp_path, monkeypatch
 ):
@@ -284,6 +283,7 @@ def tag_limit(slots: int | None):
             client.delete_concurrency_limit_by_tag(SLIDE_TAG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("max_slides", "tag_slots", "at_most"),
     [
@@ -311,6 +311,7 @@ def test_directory_flow_limits_the_slides_in_flight(
         assert seen.most == at_most
 
 
+@pytest.mark.slow
 def test_directory_flow_publishes_table_qc_and_progress_artifacts(
     harness, model, tmp_path, monkeypatch
 ):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from pipeline.geometry import (
     ModelGeometry,
@@ -42,7 +43,7 @@ def cases(draw):
     return g, shape, tile, chunk
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(cases())
 def test_tiles_cover_image_exactly_once(case):
     g, shape, tile, chunk = case
@@ -54,7 +55,7 @@ def test_tiles_cover_image_exactly_once(case):
     assert len(grid) == len(list(grid.tiles()))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(cases())
 def test_tiles_are_aligned_and_chunk_owned(case):
     g, shape, tile, chunk = case
@@ -66,7 +67,7 @@ def test_tiles_are_aligned_and_chunk_owned(case):
             assert b == n or b % chunk == 0  # ...up to the image edge
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(cases())
 def test_windows_are_valid_model_inputs_with_full_halo(case):
     g, shape, tile, chunk = case
@@ -83,7 +84,7 @@ def test_windows_are_valid_model_inputs_with_full_halo(case):
             assert t.crop[axis] + t.shape[axis] <= g.output_size(size, axis)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(cases(), st.integers(0, 2**31 - 1))
 def test_mirrored_window_through_shrinking_identity_model_returns_tile(case, seed):
     """Read each window (mirrored borders), apply a 'model' that crops ``shrink`` per side,
@@ -100,7 +101,7 @@ def test_mirrored_window_through_shrinking_identity_model_returns_tile(case, see
     np.testing.assert_array_equal(out, image)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(cases(), st.integers(0, 2**31 - 1))
 def test_window_equals_numpy_reflect_padding(case, seed):
     g, shape, tile, chunk = case

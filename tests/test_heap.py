@@ -68,6 +68,7 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     assert kept["faults"] * 4 < default["faults"]
 
 
+@pytest.mark.slow  # two child processes, each importing torch and building a predictor
 def test_a_cpu_predictor_keeps_it_and_the_environment_opts_out():
     with_predictor = child(PREDICTOR)
     assert with_predictor["kept"] is True

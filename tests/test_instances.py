@@ -11,6 +11,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from outputs import make_output, one_to_one
+from profiles import examples
 from scipy import ndimage
 
 from pipeline.errors import TilesegError
@@ -43,7 +44,10 @@ def masks(draw, ndim: int):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 @settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=examples(12),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
 )
 @given(data=st.data())
 def test_connected_components_equal_whole_image_labelling(ndim, data):
@@ -149,7 +153,7 @@ def test_watershed_splits_doublets_across_chunk_corners(tmp_path):
     assert summary.objects == expected.max() > n_cc  # the doublets were split
 
 
-@settings(max_examples=5, deadline=None, derandomize=True)
+@settings(max_examples=examples(5), deadline=None, derandomize=True)
 @given(chunk=st.integers(12, 70), seed=st.integers(0, 1000))
 def test_watershed_equals_whole_image_for_objects_within_the_halo(chunk, seed):
     config = SyntheticConfig(seed=seed, tissue=False, noise=False, density=8, doublets=0.5)

@@ -26,7 +26,9 @@ def test_valid_unet_matches_the_paper():
     assert g.input_size(388, 0) == 572
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize(
+    "depth", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+)
 def test_same_padding_halo_is_the_measured_receptive_field(depth):
     """Back-propagate from output pixels of every phase and measure how far the gradient
     reaches; a tile starts at phase 0 and spans whole periods, so the context a tile needs is

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from imagefiles import write_tiff
+from profiles import examples
 
 from pipeline import normalize
 from pipeline.normalize import Normalization, compute_normalization, percentiles_of
@@ -58,7 +59,7 @@ def test_none_and_fixed():
         compute_normalization(None, mode="zscore")  # type: ignore[arg-type]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     values=hnp.arrays(
         st.sampled_from(["uint8", "uint16", "uint32", "int16", "int32", "float32"]),

@@ -36,13 +36,6 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture
-def model(tmp_path):
-    path = tmp_path / "m.safetensors"
-    save_unet(seeded_unet(UNetConfig(depth=2, width=4, padding="same", classes=2), seed=0), path)
-    return str(path)
-
-
 @given(
     shape=st.lists(st.integers(1, 5000), min_size=2, max_size=3),
     max_pixels=st.integers(1, 1 << 16),

@@ -16,6 +16,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagefiles import downsample, write_ome_zarr, write_svs, write_tiff, write_zarr
+from profiles import examples
 
 from pipeline.errors import TilesegError
 from pipeline.readers import ImageSpec, LazyImage, find_images, image_stem, open_image
@@ -334,7 +335,7 @@ def pyramid(tmp_path_factory):
     return data, path, zpath
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.data())
 def test_random_windows_match_numpy(pyramid, data):
     array, path, zpath = pyramid

@@ -36,10 +36,8 @@ GEOMETRY = ModelGeometry.uniform(2, halo=0, align=1, shrink=0, size_min=1, size_
 
 
 @pytest.fixture
-def model(tmp_path):
-    path = tmp_path / "small.safetensors"
-    save_unet(seeded_unet(SMALL, seed=0), path)
-    return str(path)
+def model_config():
+    return SMALL
 
 
 @pytest.fixture

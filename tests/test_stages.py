@@ -8,6 +8,7 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from pipeline.stages import run_stages
 
@@ -66,7 +67,7 @@ class Recorder:
         )  # fmt: skip
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(n=st.integers(0, 12), depth=st.integers(0, 4))
 def test_every_item_is_written_once_from_its_own_read(n, depth):
     rec = Recorder()

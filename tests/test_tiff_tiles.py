@@ -13,6 +13,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagefiles import write_jpeg_tables_tiff, write_svs, write_tiff
+from profiles import examples
 
 from pipeline.chunk_cache import CHUNKS
 from pipeline.errors import TilesegError
@@ -75,7 +76,7 @@ def files(draw):
     return data, options, index
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(case=files())
 def test_direct_tiles_read_what_the_store_reads(tmp_path_factory, case):
     data, options, index = case

@@ -214,6 +214,7 @@ def test_instance_f1_counts_objects_matched_above_the_iou():
         instance_f1(pred, truth, iou=0.3)
 
 
+@pytest.mark.slow
 def test_a_3d_unet_trains_on_volumes_and_segments_them(tmp_path):
     """ZYX Zarr volumes with instance masks (balls), a 3D valid U-Net: the loss falls, and the
     model file segments a volume through the engine."""
