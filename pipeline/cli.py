@@ -47,6 +47,10 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help=".safetensors model or TorchScript .pt (default: built-in)")
     p.add_argument("--halo", type=int, help="context per side in pixels (TorchScript models)")
     p.add_argument("--align", type=int, help="tile origin alignment (TorchScript models)")
+    p.add_argument(
+        "--force-halo", action=_OnOff,
+        help="use --halo even below the measured receptive field (tiles are then not exact)",
+    )  # fmt: skip
     p.add_argument("--tile", type=int, help="output tile size in pixels (multiple of the chunk)")
     p.add_argument("--chunk", type=int, help="output chunk size in pixels")
     p.add_argument(
@@ -131,7 +135,8 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _FLAG_KEYS = (
-    "model", "halo", "align", "tile", "chunk", "batch_size", "batches_per_task", "device",
+    "model", "halo", "align", "force_halo", "tile", "chunk", "batch_size", "batches_per_task",
+    "device",
     "precision", "channels_last", "fold_norm", "compile", "prefetch", "normalize",
     "percentiles", "scale", "offset", "level", "axes", "allow_missing_chunks", "save_probabilities",
     "probability_dtype", "tissue", "tissue_threshold", "tissue_level", "tissue_margin",

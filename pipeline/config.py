@@ -34,6 +34,7 @@ class SegmentOptions:
     model: str | None = None
     halo: int | None = None
     align: int | None = None
+    force_halo: bool = False  # a --halo below the measured receptive field (not exact)
     tile: int | None = None  # default: 1024 (2D) / 128 (3D)
     chunk: int | None = None  # default: min(512, tile) (2D) / min(64, tile) (3D)
     batch_size: int | str = "auto"  # from free GPU memory; 4 on the CPU
@@ -87,6 +88,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str, type(None)),
     "halo": (int, type(None)),
     "align": (int, type(None)),
+    "force_halo": (bool,),
     "tile": (int, type(None)),
     "chunk": (int, type(None)),
     "batch_size": (int, str),

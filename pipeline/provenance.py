@@ -25,7 +25,7 @@ RUNTIME_ONLY = ("scheduler", "resources", "workers", "prefetch", "overwrite")
 # begun earlier, the setting that output ran with (``pipeline.worker.NUMERICS``), so they are
 # left out of the fingerprint at that value: an upgrade must not make finished outputs
 # "different" (a directory run would redo every slide), and an unfinished one still resumes.
-ADDED_LATER = {"fold_norm": "auto"}
+ADDED_LATER = {"fold_norm": "auto", "force_halo": False}
 _ABSENT = object()
 _ZARR_METADATA = (".zarray", ".zgroup", ".zattrs", "zarr.json")
 

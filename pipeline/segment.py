@@ -182,7 +182,7 @@ def segment_image(
         axes=options.axes,
         allow_missing_chunks=options.allow_missing_chunks,
     )
-    model_spec = ModelSpec(options.model, options.halo, options.align)
+    model_spec = ModelSpec.from_options(options)
     model = load_model(model_spec)
     check_compatible(image, model)
     grid = plan(image, model, options)

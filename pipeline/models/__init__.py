@@ -6,6 +6,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import TilesegError
 from pipeline.models.files import (
@@ -16,6 +17,9 @@ from pipeline.models.files import (
     save_unet,
 )
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
+
+if TYPE_CHECKING:
+    from pipeline.config import SegmentOptions
 
 __all__ = [
     "LoadedModel",
@@ -35,6 +39,12 @@ class ModelSpec:
     path: str | None = None
     halo: int | None = None
     align: int | None = None
+    force_halo: bool = False
+
+    @classmethod
+    def from_options(cls, options: SegmentOptions) -> ModelSpec:
+        """The model a run's options name, with their geometry overrides."""
+        return cls(options.model, options.halo, options.align, force_halo=options.force_halo)
 
     def load(self) -> LoadedModel:
         return load_model(self)
@@ -67,10 +77,10 @@ def _load_uncached(spec: ModelSpec) -> LoadedModel:
     if path is not None and path.suffix in (".pt", ".pth", ".ts", ".torchscript"):
         if not path.is_file():
             raise TilesegError(path, "model file not found")
-        return load_torchscript(path, halo=spec.halo, align=spec.align)
-    if spec.halo is not None or spec.align is not None:
+        return load_torchscript(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
+    if spec.halo is not None or spec.align is not None or spec.force_halo:
         # A built-in U-Net knows its geometry; a silent override could break exactness.
-        raise TilesegError(path, "--halo/--align apply to TorchScript models only")
+        raise TilesegError(path, "--halo/--align/--force-halo apply to TorchScript models only")
     if path is None:
         return default_model()
     if not path.is_file():
