@@ -50,3 +50,22 @@ def script(module: nn.Module, path: Path, meta: dict | None = None) -> Path:
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
         torch.jit.save(torch.jit.script(module.eval()), str(path), _extra_files=extra)
     return path
+
+
+def export_onnx(
+    module: nn.Module, path: Path, *, shape: tuple[int, ...], dynamic: dict[int, str] | None = None
+) -> Path:
+    """An ONNX export of ``module`` traced at input ``shape``, with the dimensions in
+    ``dynamic`` (default: batch and spatial) dynamic.
+
+    The TorchScript-based exporter: the torch.export-based one takes minutes on a U-Net whose
+    sizes it must prove symbolically, this one about a second."""
+    if dynamic is None:
+        dynamic = {0: "n", **{d: f"s{d}" for d in range(2, len(shape))}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module.eval(), (torch.zeros(shape),), str(path), dynamo=False, input_names=["x"],
+            output_names=["y"], dynamic_axes={"x": dynamic},
+        )  # fmt: skip
+    return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from external_models import PadsToPeriod, script, unet
+from external_models import PadsToPeriod, export_onnx, script, unet
 from imagefiles import write_zarr
 from test_exactness import check, reference, run
 
@@ -79,3 +79,51 @@ def test_cli_refuses_a_halo_below_the_receptive_field_in_one_line(tmp_path, caps
     assert not (tmp_path / "out.zarr").exists()
     assert main([*args, "--halo", "8", "--force-halo"]) == 0
     assert read_record(tmp_path / "out.zarr")["config"]["force_halo"] is True
+
+
+# -- ONNX ------------------------------------------------------------------------------------
+
+
+def test_onnx_of_the_papers_geometry_is_exact(tmp_path):
+    config = UNetConfig(depth=4, width=2, padding="valid", classes=2)
+    model = str(export_onnx(unet(config), tmp_path / "paper.onnx", shape=(1, 1, 188, 188)))
+    loaded = load_model(ModelSpec(model))
+    assert loaded.geometry == config.geometry and loaded.info["arch"] == "onnx"
+    record = _segment(tmp_path, model, (130, 110), tile=32, chunk=32)
+    assert record["model"]["geometry"]["size_min"] == [188, 188]
+
+
+@pytest.mark.slow
+def test_onnx_depth5_valid_net_is_exact(tmp_path):
+    config = UNetConfig(depth=5, width=2, padding="valid", classes=3)
+    model = str(export_onnx(unet(config), tmp_path / "deep.onnx", shape=(1, 1, 380, 380)))
+    assert load_model(ModelSpec(model)).geometry == config.geometry
+    _segment(tmp_path, model, (200, 190), tile=64, chunk=32)
+
+
+def test_onnx_same_padded_3d_with_fixed_batch_is_exact(tmp_path):
+    """The halo measured; a batch fixed at 1 is run a tile at a time."""
+    config = UNetConfig(ndim=3, depth=1, width=4, padding="same")
+    path = tmp_path / "same3d.onnx"
+    export_onnx(unet(config, seed=1), path, shape=(1, 1, 8, 8, 8), dynamic={2: "z", 3: "y", 4: "x"})
+    assert load_model(ModelSpec(str(path))).geometry == config.geometry
+    _segment(tmp_path, str(path), (20, 26, 23), tile=8, chunk=8)
+
+
+@pytest.mark.parametrize(
+    ("dynamic", "problem"),
+    [({0: "n", 1: "c", 2: "h", 3: "w"}, "channel dimension is dynamic ('c')"),
+     ({0: "n"}, "spatial dimensions are fixed")],
+)  # fmt: skip
+def test_cli_refuses_onnx_without_dynamic_spatial_dims_in_one_line(
+    tmp_path, capsys, dynamic, problem
+):
+    config = UNetConfig(depth=1, width=2, padding="same")
+    model = export_onnx(unet(config), tmp_path / "bad.onnx", shape=(1, 1, 16, 16), dynamic=dynamic)
+    image = np.random.default_rng(0).normal(size=(40, 40)).astype(np.float32)
+    write_zarr(tmp_path / "in.zarr", image, chunks=(16, 16))
+    code = main(["segment", str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--axes", "YX",
+                 "--model", str(model), "--no-progress"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0] and str(model) in err[0]

@@ -197,9 +197,9 @@ def test_torchscript_3d_model_is_3d_without_saying_so(tmp_path):
 
 
 def test_halo_override_for_builtin_model_is_refused():
-    with pytest.raises(TilesegError, match="TorchScript models only"):
+    with pytest.raises(TilesegError, match="TorchScript and ONNX models only"):
         load_model(ModelSpec(None, halo=3))
-    with pytest.raises(TilesegError, match="TorchScript models only"):
+    with pytest.raises(TilesegError, match="TorchScript and ONNX models only"):
         load_model(ModelSpec(None, force_halo=True))
 
 

@@ -1,4 +1,4 @@
-"""Models: the built-in U-Net, its file format, external TorchScript models, and loading."""
+"""Models: the built-in U-Net, its file format, external TorchScript and ONNX models, loading."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pipeline.models.files import (
     load_unet,
     save_unet,
 )
+from pipeline.models.onnx_model import load_onnx
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
 
 if TYPE_CHECKING:
@@ -78,13 +79,21 @@ def _load_uncached(spec: ModelSpec) -> LoadedModel:
         if not path.is_file():
             raise TilesegError(path, "model file not found")
         return load_torchscript(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
+    if path is not None and path.suffix == ".onnx":
+        if not path.is_file():
+            raise TilesegError(path, "model file not found")
+        return load_onnx(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
     if spec.halo is not None or spec.align is not None or spec.force_halo:
         # A built-in U-Net knows its geometry; a silent override could break exactness.
-        raise TilesegError(path, "--halo/--align/--force-halo apply to TorchScript models only")
+        raise TilesegError(
+            path, "--halo/--align/--force-halo apply to TorchScript and ONNX models only"
+        )
     if path is None:
         return default_model()
     if not path.is_file():
         raise TilesegError(path, "model file not found")
     if path.suffix != ".safetensors":
-        raise TilesegError(path, "unknown model format (expected .safetensors or TorchScript .pt)")
+        raise TilesegError(
+            path, "unknown model format (expected .safetensors, TorchScript .pt or .onnx)"
+        )
     return load_unet(path)
