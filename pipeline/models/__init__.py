@@ -16,6 +16,7 @@ from pipeline.models.files import (
     load_unet,
     save_unet,
 )
+from pipeline.models.metadata import ModelMetadata
 from pipeline.models.onnx_model import load_onnx
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel",
+    "ModelMetadata",
     "ModelSpec",
     "UNet",
     "UNetConfig",
@@ -49,6 +51,17 @@ class ModelSpec:
 
     def load(self) -> LoadedModel:
         return load_model(self)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """One name per output class, when the model's metadata has them (the model is loaded
+        once per process to read them)."""
+        return load_model(self).class_names
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """The pixel size (µm) the model was trained at, when its metadata says."""
+        return load_model(self).pixel_size_um
 
 
 _cache: dict[tuple[ModelSpec, tuple[int, int] | None], LoadedModel] = {}

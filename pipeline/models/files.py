@@ -25,11 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import TilesegError
 from pipeline.geometry import ModelGeometry
+from pipeline.models.metadata import ModelMetadata, parse_metadata
 from pipeline.models.probe import Forward, probe_geometry
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
 
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = Path(__file__).with_name("default.safetensors")
+DEFAULT_CLASS_NAMES = ("background", "nucleus")
 SEEDED_DEFAULT = UNetConfig(ndim=2, in_channels=1, classes=2, depth=4, width=16, padding="valid")
 
 
@@ -44,6 +46,15 @@ class LoadedModel:
     sha256: str
     source: str
     info: dict[str, Any] = field(default_factory=dict)
+    metadata: ModelMetadata = field(default_factory=ModelMetadata)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.metadata.class_names
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        return self.metadata.pixel_size_um
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -55,18 +66,26 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def save_unet(
-    model: UNet, path: str | os.PathLike[str], *, training: dict[str, Any] | None = None
+    model: UNet,
+    path: str | os.PathLike[str],
+    *,
+    training: dict[str, Any] | None = None,
+    metadata: ModelMetadata | None = None,
 ) -> None:
-    """Write a built-in U-Net as one ``.safetensors`` file with its config in the metadata."""
-    metadata = {
+    """Write a built-in U-Net as one ``.safetensors`` file with its config in the metadata
+    (and, when given, its class names and training pixel size: ``tileseg.model``)."""
+    header = {
         "tileseg.format": FORMAT_VERSION,
         "tileseg.arch": "unet",
         "tileseg.config": json.dumps(model.config.to_dict()),
     }
     if training is not None:
-        metadata["tileseg.training"] = json.dumps(training)
+        header["tileseg.training"] = json.dumps(training)
+    if metadata is not None and metadata != ModelMetadata():
+        parse_metadata(metadata.to_dict(), classes=model.config.classes, source=path)
+        header["tileseg.model"] = json.dumps(metadata.to_dict())
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, os.fspath(path), metadata=metadata)
+    save_file(state, os.fspath(path), metadata=header)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -101,16 +120,28 @@ def load_unet(path: str | os.PathLike[str]) -> LoadedModel:
     info: dict[str, Any] = {"arch": "unet", "config": config.to_dict()}
     if "tileseg.training" in metadata:
         info["training"] = json.loads(metadata["tileseg.training"])
+    try:
+        facts = json.loads(metadata.get("tileseg.model", "{}"))
+    except json.JSONDecodeError as exc:
+        raise TilesegError(path, f"bad tileseg.model metadata ({exc})") from None
+    facts = parse_metadata(facts, classes=config.classes, source=path)
+    info.update(facts.to_dict())
     return LoadedModel(
         model.eval(), config.geometry, config.in_channels, config.classes,
-        file_sha256(path), os.fspath(path), info,
+        file_sha256(path), os.fspath(path), info, facts,
     )  # fmt: skip
 
 
 def default_model() -> LoadedModel:
     """The shipped default model, or a seeded untrained U-Net when none is shipped."""
     if DEFAULT_MODEL.exists():
-        return load_unet(DEFAULT_MODEL)
+        loaded = load_unet(DEFAULT_MODEL)
+        if loaded.class_names is None:
+            # Named here, not in the file: rewriting it would change its sha256, and with it
+            # the fingerprint of every output made with it.
+            loaded.metadata = ModelMetadata(DEFAULT_CLASS_NAMES, loaded.pixel_size_um)
+            loaded.info.update(loaded.metadata.to_dict())
+        return loaded
     config = SEEDED_DEFAULT
     model = seeded_unet(config, seed=0)
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -177,10 +208,12 @@ def load_torchscript(
             align=align if align is not None else meta.get("align"),
             force_halo=force_halo,
         )  # fmt: skip
-    info = {"arch": "torchscript", "tileseg.json": meta, "geometry": how}
+    facts = parse_metadata(meta, classes=meta.get("classes"), source=path)
+    info = {"arch": "torchscript", "tileseg.json": meta, "geometry": how, **facts.to_dict()}
     return LoadedModel(
-        module, geometry, in_channels, meta.get("classes"), file_sha256(path), os.fspath(path), info
-    )
+        module, geometry, in_channels, meta.get("classes"), file_sha256(path), os.fspath(path),
+        info, facts,
+    )  # fmt: skip
 
 
 @contextmanager

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import TilesegError
 from pipeline.models.files import LoadedModel, file_sha256
+from pipeline.models.metadata import parse_metadata
 from pipeline.models.probe import Forward, probe_geometry
 
 __all__ = ["OnnxModule", "load_onnx"]
@@ -135,10 +136,12 @@ def load_onnx(
         force_halo=force_halo,
     )  # fmt: skip
     module = OnnxModule(os.fspath(path), input_name=name, batch_one=batch_one)
-    info = {"arch": "onnx", "metadata": meta, "geometry": how}
+    facts = parse_metadata(meta, classes=meta.get("classes"), source=path)
+    info = {"arch": "onnx", "metadata": meta, "geometry": how, **facts.to_dict()}
     return LoadedModel(
-        module, geometry, channels, meta.get("classes"), file_sha256(path), os.fspath(path), info
-    )
+        module, geometry, channels, meta.get("classes"), file_sha256(path), os.fspath(path),
+        info, facts,
+    )  # fmt: skip
 
 
 def _forward(session: Any, name: str) -> Forward:
