@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, help="parallel tasks")
     demo.add_argument("--no-progress", action="store_true")
     _train_parser(sub)
+    _export_parser(sub)
     # Other packages add commands through this entry-point group (flows/ adds the Prefect
     # ones), so the library never imports them: each plugin's register(subparsers) adds its
     # parsers and sets `handler` on them with set_defaults(handler=function(args) -> int).
@@ -329,6 +330,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-model", help="export a tileseg model for other tools (bioimage.io package)"
+    )
+    p.add_argument("model", help="a .safetensors model made by tileseg train")
+    p.add_argument("out", help="the package to write (.zip)")
+    p.add_argument("--format", choices=["bioimageio"], default="bioimageio")
+    p.add_argument("--name", help="the model's name in the package (default: from the file)")
+    p.add_argument("--author", default="tileseg user", help="the package's author")
+    p.add_argument("--license", default="CC-BY-4.0", help="SPDX license id of the model")
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from pipeline.models.bioimageio_export import export_bioimageio
+
+    out = export_bioimageio(
+        args.model, args.out, name=args.name, author=args.author, license=args.license
+    )
+    print(f"{out}: bioimage.io package, {out.stat().st_size / 1e6:.1f} MB, validated")
+    return 0
+
+
 def _is_zarr(path: Path) -> bool:
     return any((path / name).exists() for name in (".zgroup", ".zarray", "zarr.json"))
 
@@ -343,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "export-model":
+            return _export_model(args)
         if getattr(args, "handler", None) is not None:
             return args.handler(args)
     except TilesegError as exc:

@@ -103,6 +103,12 @@ def percentiles_of(
     return np.percentile(values, q, axis=axis)
 
 
+def sample_pixels(image: LazyImage) -> tuple[np.ndarray, str]:
+    """(C, N) pixels representative of the whole image, and where they came from: what every
+    per-image statistic is computed from."""
+    return _sample(image)
+
+
 def _sample(image: LazyImage) -> tuple[np.ndarray, str]:
     """A bounded set of pixels representative of the whole image, as (C, N)."""
     for level in range(image.n_levels):

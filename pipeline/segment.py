@@ -200,12 +200,16 @@ def segment_image(
             "foreign": "is not a tileseg output",
         }[state]
         raise TilesegError(output, f"already exists and {what} (use --overwrite to replace it)")
-    normalization = compute_normalization(
-        image,
-        mode=options.normalize,
-        percentiles=options.percentiles,
-        scale=options.scale,
-        offset=options.offset,
+    normalization = (
+        model.normalization(image)  # a bioimage.io package's own preprocessing
+        if model.normalization is not None
+        else compute_normalization(
+            image,
+            mode=options.normalize,
+            percentiles=options.percentiles,
+            scale=options.scale,
+            offset=options.offset,
+        )
     )
     mask = None if options.tissue == "none" else _tissue_mask(input_path, image, options)
     classes = int(model.classes or 0) or _probe_classes(model_spec, options, grid)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import TilesegError
+from pipeline.models.bioimageio import is_package, load_bioimageio
 from pipeline.models.files import (
     LoadedModel,
     default_model,
@@ -92,6 +93,10 @@ def _load_uncached(spec: ModelSpec) -> LoadedModel:
         if not path.is_file():
             raise TilesegError(path, "model file not found")
         return load_torchscript(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
+    if path is not None and is_package(path):
+        if not path.is_file():
+            raise TilesegError(path, "model file not found")
+        return load_bioimageio(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
     if path is not None and path.suffix == ".onnx":
         if not path.is_file():
             raise TilesegError(path, "model file not found")

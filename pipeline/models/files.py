@@ -12,11 +12,11 @@ import json
 import os
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from pipeline.geometry import ModelGeometry
 from pipeline.models.metadata import ModelMetadata, parse_metadata
 from pipeline.models.probe import Forward, probe_geometry
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
+
+if TYPE_CHECKING:
+    from pipeline.normalize import Normalization
+    from pipeline.readers import LazyImage
 
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = Path(__file__).with_name("default.safetensors")
@@ -47,6 +51,9 @@ class LoadedModel:
     source: str
     info: dict[str, Any] = field(default_factory=dict)
     metadata: ModelMetadata = field(default_factory=ModelMetadata)
+    # the model's own per-image normalisation (a bioimage.io package's preprocessing), which
+    # replaces --normalize
+    normalization: Callable[[LazyImage], Normalization] | None = None
 
     @property
     def class_names(self) -> tuple[str, ...] | None:

@@ -24,7 +24,7 @@ from pipeline.models.files import LoadedModel, file_sha256
 from pipeline.models.metadata import parse_metadata
 from pipeline.models.probe import Forward, probe_geometry
 
-__all__ = ["OnnxModule", "load_onnx"]
+__all__ = ["OnnxModule", "load_onnx", "onnx_module"]
 
 METADATA_KEY = "tileseg"  # optional JSON in the model's metadata_props, as tileseg.json
 
@@ -37,7 +37,7 @@ def _runtime() -> Any:
     return onnxruntime
 
 
-def _session(path: str, *, device: torch.device, threads: int = 0) -> Any:
+def _session(model: str | bytes, *, device: torch.device, threads: int = 0) -> Any:
     ort = _runtime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # refused probe sizes are errors the caller handles
@@ -46,15 +46,16 @@ def _session(path: str, *, device: torch.device, threads: int = 0) -> Any:
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         cuda = ("CUDAExecutionProvider", {"device_id": device.index or 0})
         providers = [cuda, "CPUExecutionProvider"]
-    return ort.InferenceSession(path, options, providers=providers)
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 class OnnxModule(torch.nn.Module):
-    """An ONNX model as a module: (N, C, *spatial) float32 in, its first output back."""
+    """An ONNX model (a file, or its bytes) as a module: (N, C, *spatial) float32 in, its first
+    output back."""
 
-    def __init__(self, path: str, *, input_name: str, batch_one: bool) -> None:
+    def __init__(self, model: str | bytes, *, input_name: str, batch_one: bool) -> None:
         super().__init__()
-        self.path, self.input_name, self.batch_one = path, input_name, batch_one
+        self.model, self.input_name, self.batch_one = model, input_name, batch_one
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -66,7 +67,7 @@ class OnnxModule(torch.nn.Module):
         with self._lock:
             key = str(device)
             if key not in self._sessions:
-                self._sessions[key] = _session(self.path, device=device)
+                self._sessions[key] = _session(self.model, device=device)
             return self._sessions[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +78,12 @@ class OnnxModule(torch.nn.Module):
         return torch.from_numpy(np.concatenate(outputs)).to(x.device)
 
 
-def _checked_input(session: Any, path: Path) -> tuple[str, int, int, bool]:
+def _checked_input(
+    session: Any, path: Path, axes: list[str] | None = None
+) -> tuple[str, int, int, bool]:
     """(input name, spatial dimensions, channels, batch fixed at 1) of a model tileseg can
-    tile: one float input of rank 4 or 5, the channels fixed, every spatial dimension dynamic."""
+    tile: one float input of rank 4 or 5, the channels fixed, every spatial dimension dynamic.
+    ``axes`` names the input's dimensions where they are not (batch, channel, *spatial)."""
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise TilesegError(path, f"the ONNX model has {len(inputs)} inputs; tileseg needs one")
@@ -87,12 +91,15 @@ def _checked_input(session: Any, path: Path) -> tuple[str, int, int, bool]:
     if spec.type != "tensor(float)":
         raise TilesegError(path, f"the ONNX model's input is {spec.type}, not tensor(float)")
     shape = list(spec.shape)
-    if len(shape) not in (4, 5):
+    if len(shape) not in ((4, 5) if axes is None else (len(axes),)):
         raise TilesegError(
             path, f"the ONNX model's input has rank {len(shape)} {shape}; tileseg needs "
-            "(N, C, Y, X) or (N, C, Z, Y, X)",
+            f"{axes or '(N, C, Y, X) or (N, C, Z, Y, X)'}",
         )  # fmt: skip
-    batch, channels, spatial = shape[0], shape[1], shape[2:]
+    names = axes or ["batch", "channel", *("s" * (len(shape) - 2))]
+    named = dict(zip(names, shape, strict=True))
+    batch, channels = named.get("batch", 1), named.get("channel", 1)
+    spatial = [d for a, d in zip(names, shape, strict=True) if a not in ("batch", "channel")]
     if not isinstance(channels, int):
         raise TilesegError(
             path, f"the ONNX model's channel dimension is dynamic ({channels!r}) in input "
@@ -120,28 +127,40 @@ def load_onnx(
     so does a ``tileseg`` JSON entry in the model's metadata, like TorchScript's tileseg.json).
     """
     path = Path(path)
-    if _runtime() is None:
-        raise TilesegError(path, "ONNX models need onnxruntime: pip install 'tileseg[onnx]'")
-    try:
-        probe_session = _session(os.fspath(path), device=torch.device("cpu"), threads=1)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TilesegError(path, f"cannot load ONNX model ({first})") from None
-    name, ndim, channels, batch_one = _checked_input(probe_session, path)
+    module, probe_session = onnx_module(os.fspath(path), source=path)
     meta = _metadata(probe_session, path)
     geometry, how = probe_geometry(
-        _forward(probe_session, name), ndim=ndim, channels=channels, source=path,
-        halo=halo if halo is not None else meta.get("halo"),
+        _forward(probe_session, module.input_name), ndim=module.ndim, channels=module.channels,
+        source=path, halo=halo if halo is not None else meta.get("halo"),
         align=align if align is not None else meta.get("align"),
         force_halo=force_halo,
     )  # fmt: skip
-    module = OnnxModule(os.fspath(path), input_name=name, batch_one=batch_one)
+    channels = module.channels
     facts = parse_metadata(meta, classes=meta.get("classes"), source=path)
     info = {"arch": "onnx", "metadata": meta, "geometry": how, **facts.to_dict()}
     return LoadedModel(
         module, geometry, channels, meta.get("classes"), file_sha256(path), os.fspath(path),
         info, facts,
     )  # fmt: skip
+
+
+def onnx_module(
+    model: str | bytes, *, source: Any, axes: list[str] | None = None
+) -> tuple[OnnxModule, Any]:
+    """The module of an ONNX model (a path or its bytes) whose input tileseg can tile, and a
+    one-thread session for probing it; ``ndim`` and ``channels`` are set on the module.
+    ``axes``: the input's dimension names, where they are not (batch, channel, *spatial)."""
+    if _runtime() is None:
+        raise TilesegError(source, "ONNX models need onnxruntime: pip install 'tileseg[onnx]'")
+    try:
+        probe_session = _session(model, device=torch.device("cpu"), threads=1)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TilesegError(source, f"cannot load ONNX model ({first})") from None
+    name, ndim, channels, batch_one = _checked_input(probe_session, source, axes)
+    module = OnnxModule(model, input_name=name, batch_one=batch_one)
+    module.ndim, module.channels = ndim, channels
+    return module, probe_session
 
 
 def _forward(session: Any, name: str) -> Forward:
