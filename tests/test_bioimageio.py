@@ -164,3 +164,16 @@ def test_a_package_without_usable_weights_is_one_line_exit_2(tmp_path, capsys):
     assert "no torchscript or onnx weights" in err[0] and "keras_hdf5" in err[0]
     assert json.dumps(rdf)  # the package itself stayed a valid mapping
     assert not (tmp_path / "out.zarr" / LABELS_PATH).exists()
+
+
+def test_export_refuses_what_it_cannot_package_in_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    for args, problem in (
+        ([str(junk), str(tmp_path / "out.zip")], "not a readable safetensors model file"),
+        ([str(junk), str(tmp_path / "out.tar")], "must end with .zip"),
+    ):
+        assert main(["export-model", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0]
+    assert not (tmp_path / "out.zip").exists()
