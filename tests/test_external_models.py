@@ -34,7 +34,7 @@ def test_torchscript_of_the_papers_geometry_is_exact(tmp_path):
     loaded = load_model(ModelSpec(model))
     assert loaded.geometry == config.geometry
     assert loaded.geometry.input_size(388, 0) == 572
-    record = _segment(tmp_path, model, (130, 110), tile=32, chunk=32)
+    record = _segment(tmp_path, model, (130, 110), tile=64, chunk=32)
     how = record["model"]["geometry"]
     assert how["halo"] == [92, 92] and how["halo_from"] == "shrink"
     assert how["size_min"] == [188, 188] and how["size_step"] == [16, 16]
@@ -89,7 +89,7 @@ def test_onnx_of_the_papers_geometry_is_exact(tmp_path):
     model = str(export_onnx(unet(config), tmp_path / "paper.onnx", shape=(1, 1, 188, 188)))
     loaded = load_model(ModelSpec(model))
     assert loaded.geometry == config.geometry and loaded.info["arch"] == "onnx"
-    record = _segment(tmp_path, model, (130, 110), tile=32, chunk=32)
+    record = _segment(tmp_path, model, (130, 110), tile=64, chunk=32)
     assert record["model"]["geometry"]["size_min"] == [188, 188]
 
 

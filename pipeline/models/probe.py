@@ -113,6 +113,23 @@ def _scan_start(forward: Forward, *, ndim: int, channels: int) -> int:
     return hi
 
 
+def _next_side(side: int, accepted: list[int], losses: list[list[int]], rules: list) -> int:
+    """The next cube side to try: once every unsettled axis has seen a whole period (two sizes
+    of its smallest loss), only the size one period on can settle it."""
+    ahead = []
+    if not accepted:
+        return side + 1
+    for axis, rule in enumerate(rules):
+        if rule is not None:
+            continue
+        best = min(losses[axis])
+        valid = [s for s, loss in zip(accepted, losses[axis], strict=True) if loss == best]
+        if len(valid) < 2 or best % 2:
+            return side + 1
+        ahead.append(2 * valid[-1] - valid[-2])
+    return max(side + 1, min(ahead, default=side + 1))
+
+
 def probe_size_rule(forward: Forward, *, ndim: int, channels: int, source: Any) -> SizeRule:
     """Find the valid input sizes and the shrink of ``forward`` with cube-shaped dummy inputs.
 
@@ -126,19 +143,18 @@ def probe_size_rule(forward: Forward, *, ndim: int, channels: int, source: Any) 
     losses: list[list[int]] = [[] for _ in range(ndim)]
     rules: list[tuple[int, int, int] | None] = [None] * ndim
     limit = MAX_SIDE[ndim]
-    for side in range(_scan_start(forward, ndim=ndim, channels=channels), limit + 1):
+    side = _scan_start(forward, ndim=ndim, channels=channels)
+    while side <= limit:
         y = _cube(forward, side, ndim=ndim, channels=channels)
-        if y is None:
-            continue
-        accepted.append(side)
-        for axis in range(ndim):
-            losses[axis].append(side - y.shape[2 + axis])
-            if rules[axis] is None and (side - y.shape[2 + axis]) % 2 == 0:
-                rules[axis] = _settled(accepted, losses[axis])
-        if all(r is not None for r in rules):
-            break
-        if accepted and side - accepted[0] > 3 * MAX_PERIOD:
-            break
+        if y is not None:
+            accepted.append(side)
+            for axis in range(ndim):
+                losses[axis].append(side - y.shape[2 + axis])
+                if rules[axis] is None and (side - y.shape[2 + axis]) % 2 == 0:
+                    rules[axis] = _settled(accepted, losses[axis])
+            if all(r is not None for r in rules) or side - accepted[0] > 3 * MAX_PERIOD:
+                break
+        side = _next_side(side, accepted, losses, rules)
     tried = f"cubes of side 1-{limit} px, {channels} channel(s), batch 1"
     if not accepted:
         raise TilesegError(source, f"the model accepted no input size ({tried})")
