@@ -3,9 +3,14 @@ whose geometry tileseg found by itself (files written here, run by ``segment_ima
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 from external_models import PadsToPeriod, export_onnx, script, unet
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from imagefiles import write_zarr
 from test_exactness import check, reference, run
 
@@ -127,3 +132,34 @@ def test_cli_refuses_onnx_without_dynamic_spatial_dims_in_one_line(
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and problem in err[0] and str(model) in err[0]
+
+
+# -- any geometry, any kind --------------------------------------------------------------------
+
+
+@st.composite
+def external_cases(draw):
+    padding = draw(st.sampled_from(["valid", "same"]))
+    config = UNetConfig(depth=draw(st.integers(1, 3)), width=2, padding=padding,
+                        classes=draw(st.integers(1, 3)))  # fmt: skip
+    halo, align = config.geometry.halo[0], config.geometry.align[0]
+    shape = tuple(draw(st.integers(halo, halo + 40)) for _ in range(2))
+    tile = align * draw(st.integers(1, max(1, 48 // align)))
+    return draw(st.sampled_from(["pt", "onnx"])), config, shape, tile, draw(st.integers(0, 99))
+
+
+@pytest.mark.slow
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(external_cases())
+def test_external_models_of_any_geometry_are_exact(case):
+    """Whatever the depth, padding and classes, tiles of a model whose geometry was probed
+    equal one whole-image pass."""
+    kind, config, shape, tile, seed = case
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        net = unet(config, seed=seed)
+        size = config.geometry.input_size(8, 0)
+        path = (script(net, tmp / "m.pt") if kind == "pt"
+                else export_onnx(net, tmp / "m.onnx", shape=(1, 1, size, size)))  # fmt: skip
+        assert load_model(ModelSpec(str(path))).geometry == config.geometry
+        _segment(tmp, str(path), shape, tile=tile, chunk=tile, seed=seed)
