@@ -199,7 +199,7 @@ Progress = Callable[[int, int], None]
 
 def prior_state(job: SlideJob, options: SegmentOptions) -> str:
     """State of the slide's existing output for these options (see ``output_state``)."""
-    model = load_model(ModelSpec(options.model, options.halo, options.align))
+    model = load_model(ModelSpec.from_options(options))
     return output_state(job.output, fingerprint(job.input, options, model_sha256=model.sha256))
 
 

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, help="parallel tasks")
     demo.add_argument("--no-progress", action="store_true")
     _train_parser(sub)
+    _export_parser(sub)
     # Other packages add commands through this entry-point group (flows/ adds the Prefect
     # ones), so the library never imports them: each plugin's register(subparsers) adds its
     # parsers and sets `handler` on them with set_defaults(handler=function(args) -> int).
@@ -269,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "export-model":
+            return _export_model(args)
         if getattr(args, "handler", None) is not None:
             return args.handler(args)
     except TilesegError as exc:

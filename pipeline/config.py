@@ -132,6 +132,10 @@ class SegmentOptions:
         None, "tile origin alignment (TorchScript models; else from the model file)", "model",
         (int, _NONE), minimum=1, metavar="N",
     )  # fmt: skip
+    force_halo: bool = option(
+        False, "use --halo even below the model's measured receptive field (tiles are then "
+        "not exact)", "model", (bool,), flag="switch",
+    )  # fmt: skip
     tile: int | None = option(
         None, "output tile side in px, a multiple of the chunk and of the model's alignment "
         "(default 1024 in 2D, 128 in 3D)", "tiling", (int, _NONE), minimum=1, metavar="N",

@@ -225,7 +225,7 @@ def _prepare(
     resampled = None
     if options.mpp is not None:
         image, resampled = at_pixel_size(image, options.mpp)
-    model_spec = ModelSpec(options.model, options.halo, options.align)
+    model_spec = ModelSpec.from_options(options)
     model = load_model(model_spec)
     stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
@@ -310,14 +310,17 @@ def _run(
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
     image, grid, options, output = job.image, job.grid, job.options, job.output
-    normalization = compute_normalization(
-        image,
-        mode=options.normalize,
-        percentiles=options.percentiles,
-        scale=options.scale,
-        offset=options.offset,
-        stain=job.stain,
-    )
+    if job.model.normalization is not None:  # a bioimage.io package's own preprocessing
+        normalization = job.model.normalization(image)
+    else:
+        normalization = compute_normalization(
+            image,
+            mode=options.normalize,
+            percentiles=options.percentiles,
+            scale=options.scale,
+            offset=options.offset,
+            stain=job.stain,
+        )
     mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)

@@ -28,7 +28,7 @@ import yaml
 from pipeline import __version__
 from pipeline.errors import TilesegError
 from pipeline.heap import keep_freed_memory
-from pipeline.models import UNet, UNetConfig, save_unet
+from pipeline.models import ModelMetadata, UNet, UNetConfig, save_unet
 from pipeline.train_data import (
     CropGeometry,
     TrainPair,
@@ -111,6 +111,10 @@ class TrainConfig:
     percentiles: tuple[float, float] = (1.0, 99.8)
     augment: Augment = field(default_factory=Augment)
     device: str = "auto"
+    # recorded in the model file: one name per class, and the pixel size (µm) of the training
+    # images (default: theirs, when every image says and they agree)
+    class_names: tuple[str, ...] | None = None
+    pixel_size_um: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -134,6 +138,11 @@ class TrainConfig:
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device: auto, cpu, cuda[:N]",
         )
+        _require(
+            self.class_names is None or len(self.class_names) == unet.classes,
+            f"class_names: one name per class ({unet.classes}) needed",
+        )
+        _require(self.pixel_size_um is None or self.pixel_size_um > 0, "pixel_size_um: > 0")
         if self.heldout is not None:
             need = 3 if self.heldout.kind == "he" else 1
             _require(unet.in_channels == need, f"heldout: {self.heldout.kind} needs {need} channel")
@@ -151,6 +160,8 @@ class TrainConfig:
         data = asdict(self)
         data["model"] = self.unet.to_dict()
         data["percentiles"] = list(self.percentiles)
+        if self.class_names is not None:
+            data["class_names"] = list(self.class_names)
         return data
 
 
@@ -169,6 +180,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if is_dataclass(hint):
         return _from_mapping(hint, value, key + ".")
     origin = typing.get_origin(hint)
+    if origin is tuple and typing.get_args(hint) == (str, Ellipsis):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{key}: expected a list of names, got {value!r}")
+        return tuple(value)
     if origin is tuple:
         n = len(typing.get_args(hint))
         if not isinstance(value, list | tuple) or len(value) != n:
@@ -433,9 +448,22 @@ def train(
     model.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    save_unet(model, partial, training=record)
+    save_unet(model, partial, training=record, metadata=_model_metadata(config, pairs))
     os.replace(partial, out)  # a reader (or the model cache) never sees a half-written file
     return TrainResult(out, record)
+
+
+def _model_metadata(config: TrainConfig, pairs: list[TrainPair]) -> ModelMetadata:
+    """Class names from the recipe; the pixel size from the recipe, else the training images'
+    in Y and X when every image has one and they agree (generated images have none)."""
+    size = config.pixel_size_um
+    if size is None:
+        sizes = {getattr(p.image, "pixel_size", None) for p in pairs}
+        if len(sizes) == 1 and None not in sizes:
+            (known,) = sizes
+            if len(set(known[-2:])) == 1:
+                size = float(known[-1])
+    return ModelMetadata(config.class_names, size)
 
 
 def with_overrides(config: TrainConfig, **flags: Any) -> TrainConfig:

@@ -169,15 +169,20 @@ def test_torchscript_model_runs_in_every_layout_without_warnings(tmp_path):
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
 
 
-def test_torchscript_same_model_needs_a_halo(tmp_path):
+def test_torchscript_same_model_geometry_is_measured(tmp_path):
+    """Nothing given: alignment from the sizes it accepts, halo from its receptive field,
+    recorded as found; a smaller --halo is refused unless forced."""
     config = UNetConfig(depth=2, width=2, padding="same")
     path = _scripted(tmp_path, config, None)
-    with pytest.raises(TilesegError, match="--align"):
-        load_torchscript(path, halo=None, align=None)
-    with pytest.raises(TilesegError, match="--halo"):
-        load_torchscript(path, halo=None, align=4)
-    loaded = load_torchscript(path, halo=24, align=4)
-    assert loaded.geometry.halo == (24, 24) and loaded.geometry.shrink == (0, 0)
+    loaded = load_torchscript(path, halo=None, align=None)
+    assert loaded.geometry == config.geometry
+    how = loaded.info["geometry"]
+    assert how["halo_from"] == "receptive field" and how["align_from"] == "probe"
+    with pytest.raises(TilesegError, match="--force-halo") as info:
+        load_model(ModelSpec(str(path), halo=20))
+    assert str(info.value).startswith("--halo: halo 20 is smaller")
+    forced = load_model(ModelSpec(str(path), halo=20, align=4, force_halo=True))
+    assert forced.geometry.halo == (20, 20) and forced.geometry.shrink == (0, 0)
 
 
 def test_torchscript_3d_model_is_3d_without_saying_so(tmp_path):
@@ -194,8 +199,10 @@ def test_torchscript_3d_model_is_3d_without_saying_so(tmp_path):
 
 
 def test_halo_override_for_builtin_model_is_refused():
-    with pytest.raises(TilesegError, match="TorchScript models only"):
+    with pytest.raises(TilesegError, match="TorchScript and ONNX models only"):
         load_model(ModelSpec(None, halo=3))
+    with pytest.raises(TilesegError, match="TorchScript and ONNX models only"):
+        load_model(ModelSpec(None, force_halo=True))
 
 
 def test_seeded_unet_is_deterministic_and_leaves_global_rng_alone():

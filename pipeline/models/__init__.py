@@ -1,4 +1,4 @@
-"""Models: the built-in U-Net, its file format, external TorchScript models, and loading."""
+"""Models: the built-in U-Net, its file format, external TorchScript and ONNX models, loading."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import TilesegError
+from pipeline.models.bioimageio import is_package, load_bioimageio
 from pipeline.models.files import (
     LoadedModel,
     default_model,
@@ -15,10 +17,16 @@ from pipeline.models.files import (
     load_unet,
     save_unet,
 )
+from pipeline.models.metadata import ModelMetadata
+from pipeline.models.onnx_model import load_onnx
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
+
+if TYPE_CHECKING:
+    from pipeline.config import SegmentOptions
 
 __all__ = [
     "LoadedModel",
+    "ModelMetadata",
     "ModelSpec",
     "UNet",
     "UNetConfig",
@@ -35,9 +43,26 @@ class ModelSpec:
     path: str | None = None
     halo: int | None = None
     align: int | None = None
+    force_halo: bool = False
+
+    @classmethod
+    def from_options(cls, options: SegmentOptions) -> ModelSpec:
+        """The model a run's options name, with their geometry overrides."""
+        return cls(options.model, options.halo, options.align, force_halo=options.force_halo)
 
     def load(self) -> LoadedModel:
         return load_model(self)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """One name per output class, when the model's metadata has them (the model is loaded
+        once per process to read them)."""
+        return load_model(self).class_names
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """The pixel size (µm) the model was trained at, when its metadata says."""
+        return load_model(self).pixel_size_um
 
 
 _cache: dict[tuple[ModelSpec, tuple[int, int] | None], LoadedModel] = {}
@@ -67,14 +92,26 @@ def _load_uncached(spec: ModelSpec) -> LoadedModel:
     if path is not None and path.suffix in (".pt", ".pth", ".ts", ".torchscript"):
         if not path.is_file():
             raise TilesegError(path, "model file not found")
-        return load_torchscript(path, halo=spec.halo, align=spec.align)
-    if spec.halo is not None or spec.align is not None:
+        return load_torchscript(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
+    if path is not None and is_package(path):
+        if not path.is_file():
+            raise TilesegError(path, "model file not found")
+        return load_bioimageio(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
+    if path is not None and path.suffix == ".onnx":
+        if not path.is_file():
+            raise TilesegError(path, "model file not found")
+        return load_onnx(path, halo=spec.halo, align=spec.align, force_halo=spec.force_halo)
+    if spec.halo is not None or spec.align is not None or spec.force_halo:
         # A built-in U-Net knows its geometry; a silent override could break exactness.
-        raise TilesegError(path, "--halo/--align apply to TorchScript models only")
+        raise TilesegError(
+            path, "--halo/--align/--force-halo apply to TorchScript and ONNX models only"
+        )
     if path is None:
         return default_model()
     if not path.is_file():
         raise TilesegError(path, "model file not found")
     if path.suffix != ".safetensors":
-        raise TilesegError(path, "unknown model format (expected .safetensors or TorchScript .pt)")
+        raise TilesegError(
+            path, "unknown model format (expected .safetensors, TorchScript .pt or .onnx)"
+        )
     return load_unet(path)

@@ -9,24 +9,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import TilesegError
 from pipeline.geometry import ModelGeometry
+from pipeline.models.metadata import ModelMetadata, parse_metadata
+from pipeline.models.probe import Forward, probe_geometry
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
+
+if TYPE_CHECKING:
+    from pipeline.normalize import Normalization
+    from pipeline.readers import LazyImage
 
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = Path(__file__).with_name("default.safetensors")
+DEFAULT_CLASS_NAMES = ("background", "nucleus")
 SEEDED_DEFAULT = UNetConfig(ndim=2, in_channels=1, classes=2, depth=4, width=16, padding="valid")
 
 
@@ -41,6 +50,18 @@ class LoadedModel:
     sha256: str
     source: str
     info: dict[str, Any] = field(default_factory=dict)
+    metadata: ModelMetadata = field(default_factory=ModelMetadata)
+    # the model's own per-image normalisation (a bioimage.io package's preprocessing), which
+    # replaces --normalize
+    normalization: Callable[[LazyImage], Normalization] | None = None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return self.metadata.class_names
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        return self.metadata.pixel_size_um
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -52,18 +73,26 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def save_unet(
-    model: UNet, path: str | os.PathLike[str], *, training: dict[str, Any] | None = None
+    model: UNet,
+    path: str | os.PathLike[str],
+    *,
+    training: dict[str, Any] | None = None,
+    metadata: ModelMetadata | None = None,
 ) -> None:
-    """Write a built-in U-Net as one ``.safetensors`` file with its config in the metadata."""
-    metadata = {
+    """Write a built-in U-Net as one ``.safetensors`` file with its config in the metadata
+    (and, when given, its class names and training pixel size: ``tileseg.model``)."""
+    header = {
         "tileseg.format": FORMAT_VERSION,
         "tileseg.arch": "unet",
         "tileseg.config": json.dumps(model.config.to_dict()),
     }
     if training is not None:
-        metadata["tileseg.training"] = json.dumps(training)
+        header["tileseg.training"] = json.dumps(training)
+    if metadata is not None and metadata != ModelMetadata():
+        parse_metadata(metadata.to_dict(), classes=model.config.classes, source=path)
+        header["tileseg.model"] = json.dumps(metadata.to_dict())
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, os.fspath(path), metadata=metadata)
+    save_file(state, os.fspath(path), metadata=header)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -98,16 +127,28 @@ def load_unet(path: str | os.PathLike[str]) -> LoadedModel:
     info: dict[str, Any] = {"arch": "unet", "config": config.to_dict()}
     if "tileseg.training" in metadata:
         info["training"] = json.loads(metadata["tileseg.training"])
+    try:
+        facts = json.loads(metadata.get("tileseg.model", "{}"))
+    except json.JSONDecodeError as exc:
+        raise TilesegError(path, f"bad tileseg.model metadata ({exc})") from None
+    facts = parse_metadata(facts, classes=config.classes, source=path)
+    info.update(facts.to_dict())
     return LoadedModel(
         model.eval(), config.geometry, config.in_channels, config.classes,
-        file_sha256(path), os.fspath(path), info,
+        file_sha256(path), os.fspath(path), info, facts,
     )  # fmt: skip
 
 
 def default_model() -> LoadedModel:
     """The shipped default model, or a seeded untrained U-Net when none is shipped."""
     if DEFAULT_MODEL.exists():
-        return load_unet(DEFAULT_MODEL)
+        loaded = load_unet(DEFAULT_MODEL)
+        if loaded.class_names is None:
+            # Named here, not in the file: rewriting it would change its sha256, and with it
+            # the fingerprint of every output made with it.
+            loaded.metadata = ModelMetadata(DEFAULT_CLASS_NAMES, loaded.pixel_size_um)
+            loaded.info.update(loaded.metadata.to_dict())
+        return loaded
     config = SEEDED_DEFAULT
     model = seeded_unet(config, seed=0)
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -126,14 +167,21 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def load_torchscript(
-    path: str | os.PathLike[str], *, halo: int | None, align: int | None, ndim: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    halo: int | None,
+    align: int | None,
+    ndim: int | None = None,
+    force_halo: bool = False,
 ) -> LoadedModel:
-    """Load an external fully convolutional TorchScript model.
+    """Load an external fully convolutional TorchScript model and find its geometry.
 
-    Halo and alignment come from the arguments or from a ``tileseg.json`` extra file in the
-    archive (``{"halo": N, "align": N, "ndim": 2, "in_channels": C, "classes": K}``). The shrink
-    (valid convolutions) is measured with dummy inputs; without ``ndim``, a 5D first
-    convolution weight makes the model 3D.
+    Halo and alignment may come from the arguments or from a ``tileseg.json`` extra file in the
+    archive (``{"halo": N, "align": N, "ndim": 2, "in_channels": C, "classes": K}``); whatever
+    is not given is probed with dummy inputs (:mod:`pipeline.models.probe`): valid sizes and
+    shrink always, the alignment from the period of valid sizes, the halo of a same-padded
+    model from its measured receptive field. Without ``ndim``, a 5D first convolution weight
+    makes the model 3D.
     """
     path = Path(path)
     if not _is_torchscript(path):
@@ -153,32 +201,48 @@ def load_torchscript(
             meta = json.loads(extra["tileseg.json"])
         except json.JSONDecodeError as exc:
             raise TilesegError(path, f"bad tileseg.json in the archive ({exc})") from None
-    halo = halo if halo is not None else meta.get("halo")
-    align = align if align is not None else meta.get("align")
     ndim = ndim or int(meta.get("ndim") or _conv_ndim(module) or 2)
     in_channels = meta.get("in_channels") or _first_conv_channels(module, ndim)
-    if align is None:
-        raise TilesegError(path, "unknown alignment: pass --align or add tileseg.json to the model")
     module.eval()
     # Inference only. A copy of a ScriptModule (each predictor's) has non-leaf parameters while
     # they require grad, and moving those to channels-last warns about their .grad.
     for param in module.parameters():
         param.requires_grad_(False)
-    align = int(align)
-    shrink, size_min = _probe_shrink(module, path, ndim=ndim, align=align, cin=in_channels or 1)
-    if halo is None:
-        if shrink == 0:
-            raise TilesegError(path, "unknown halo of a same-padded model: pass --halo")
-        halo = shrink
-    if halo < shrink:
-        raise TilesegError(path, f"halo {halo} is smaller than the model's shrink {shrink}")
-    geometry = ModelGeometry.uniform(
-        ndim, halo=int(halo), align=align, shrink=shrink, size_min=size_min, size_step=align
-    )
-    info = {"arch": "torchscript", "tileseg.json": meta}
+    with probe_threads():
+        geometry, how = probe_geometry(
+            torch_forward(module), ndim=ndim, channels=in_channels or 1, source=path,
+            halo=halo if halo is not None else meta.get("halo"),
+            align=align if align is not None else meta.get("align"),
+            force_halo=force_halo,
+        )  # fmt: skip
+    facts = parse_metadata(meta, classes=meta.get("classes"), source=path)
+    info = {"arch": "torchscript", "tileseg.json": meta, "geometry": how, **facts.to_dict()}
     return LoadedModel(
-        module, geometry, in_channels, meta.get("classes"), file_sha256(path), os.fspath(path), info
-    )
+        module, geometry, in_channels, meta.get("classes"), file_sha256(path), os.fspath(path),
+        info, facts,
+    )  # fmt: skip
+
+
+@contextmanager
+def probe_threads() -> Iterator[None]:
+    """One CPU thread for the probes' small dummy inputs: a parallel region's start costs more
+    than it saves on them, and far more where other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torch_forward(module: torch.nn.Module) -> Forward:
+    """A module as a numpy function of one float32 batch, for the geometry probes."""
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).float().numpy()
+
+    return forward
 
 
 def _conv_ndim(module: torch.nn.Module) -> int | None:
@@ -196,29 +260,3 @@ def _first_conv_channels(module: torch.nn.Module, ndim: int) -> int | None:
         if p.dim() == ndim + 2:
             return int(p.shape[1])
     return None
-
-
-def _probe_shrink(
-    module: torch.nn.Module, path: Path, *, ndim: int, align: int, cin: int
-) -> tuple[int, int]:
-    """Find (shrink, smallest probed valid input size) by running small dummy inputs.
-
-    Valid sizes are assumed to repeat with the alignment period; two sizes one period apart
-    must give the same shrink, otherwise the model is not translation-equivariant the way
-    overlap-tile inference needs."""
-    base = max(4, math.ceil(64 / align)) * align
-    for size in range(base, base + align):
-        outs = []
-        for s in (size, size + align):
-            x = torch.zeros((1, cin) + (s,) * ndim)
-            try:
-                with torch.inference_mode():
-                    y = module(x)
-            except Exception:
-                break
-            if y.dim() != ndim + 2 or len(set(y.shape[2:])) != 1 or (s - y.shape[-1]) % 2:
-                break
-            outs.append((s - y.shape[-1]) // 2)
-        if len(outs) == 2 and outs[0] == outs[1] and outs[0] >= 0:
-            return outs[0], size
-    raise TilesegError(path, "could not find a valid input size for this model with dummy tiles")
