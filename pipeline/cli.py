@@ -260,6 +260,28 @@ def _is_one_image(path: Path) -> bool:
     return zarr or dicom_folder_file(path) is not None
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-model", help="export a tileseg model for other tools (bioimage.io package)"
+    )
+    p.add_argument("model", help="a .safetensors model made by tileseg train")
+    p.add_argument("out", help="the package to write (.zip)")
+    p.add_argument("--format", choices=["bioimageio"], default="bioimageio")
+    p.add_argument("--name", help="the model's name in the package (default: from the file)")
+    p.add_argument("--author", default="tileseg user", help="the package's author")
+    p.add_argument("--license", default="CC-BY-4.0", help="SPDX license id of the model")
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    from pipeline.models.bioimageio_export import export_bioimageio
+
+    out = export_bioimageio(
+        args.model, args.out, name=args.name, author=args.author, license=args.license
+    )
+    print(f"{out}: bioimage.io package, {out.stat().st_size / 1e6:.1f} MB, validated")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
