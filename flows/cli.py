@@ -139,7 +139,11 @@ def _serve(args: argparse.Namespace) -> int:
         "cluster_config": _absolute(args.cluster_config),
         "qc_base_url": args.qc_base_url,
     }
-    segment_directory.serve(
+    from flows.core import load_directory_config
+
+    timeout = load_directory_config(args.config).run.flow_timeout_seconds
+    flow = segment_directory.with_options(timeout_seconds=timeout) if timeout else segment_directory
+    flow.serve(
         name=args.name,
         schedules=[Cron(args.cron, timezone=args.timezone)],
         parameters={k: v for k, v in parameters.items() if v is not None},

@@ -23,7 +23,9 @@ first read and last write are hidden behind the other's inference (as local runs
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ from pipeline.config import read_yaml_mapping
 from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.inference import TASKS_PER_GPU
+from pipeline.worker_wait import wait_for_workers
 
 TYPES = ("local", "address", "slurm", "none")
 GPU = {"GPU": 1}  # what a GPU worker declares
@@ -60,6 +63,7 @@ class ClusterHandle:
     address: str | None  # None: embedded threads, no cluster
     task_resources: dict[str, float] | None
     description: str
+    detail: Callable[[], str] | None = None  # why workers are missing (e.g. SLURM job states)
 
 
 def load_cluster_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -118,10 +122,35 @@ def open_cluster(spec: dict[str, Any]) -> Iterator[ClusterHandle]:
         yield ClusterHandle(spec["address"], resources, f"existing scheduler {spec['address']}")
         return
     cluster = _local_cluster(spec) if kind == "local" else _slurm_cluster(spec)
+    detail = (lambda: slurm_job_states(cluster)) if kind == "slurm" else None
     try:
-        yield ClusterHandle(cluster.scheduler_address, _task_resources(spec), _describe(spec))
+        yield ClusterHandle(
+            cluster.scheduler_address, _task_resources(spec), _describe(spec), detail
+        )
     finally:
         cluster.close()
+
+
+def check_workers(handle: ClusterHandle, *, wait: float) -> int:
+    """Connect to the run's cluster once and wait at most ``wait`` seconds for a worker able
+    to run its inference tasks; the number of such workers (0 without a cluster).
+
+    An unreachable scheduler or no able worker is one :class:`~pipeline.errors.TilesegError`
+    line before any slide starts, not one failure (and one connection timeout) per slide.
+    """
+    if handle.address is None:
+        return 0
+    from distributed import Client
+
+    try:
+        client = Client(handle.address, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, malformed address
+        problem = f"cannot connect to the Dask scheduler ({exc})"
+        raise TilesegError(handle.address, problem) from None
+    with client:
+        return wait_for_workers(
+            client, handle.task_resources, wait=wait, address=handle.address, detail=handle.detail
+        )
 
 
 def _task_resources(spec: dict[str, Any]) -> dict[str, float] | None:
@@ -223,6 +252,10 @@ def _slurm_cluster(spec: dict[str, Any]) -> Any:
         raise TilesegError(
             "cluster", "type slurm needs dask-jobqueue: pip install 'tileseg[flows]'"
         ) from None
+    if shutil.which("sbatch") is None:
+        raise TilesegError(
+            "cluster", "type slurm: sbatch not found on PATH (run where SLURM's commands are)"
+        )
     cluster = SLURMCluster(**slurm_arguments(spec))
     if spec.get("adapt"):
         cluster.adapt(**spec["adapt"])
@@ -242,3 +275,22 @@ def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
         if not any("MALLOC_ARENA_MAX" in line for line in prologue):
             args["job_script_prologue"] = ["export MALLOC_ARENA_MAX=1", *prologue]
     return args
+
+
+def slurm_job_states(cluster: Any) -> str:
+    """The state of the cluster's SLURM jobs (``squeue``), e.g. ``SLURM jobs 41 PENDING
+    (Resources)``: why no worker came."""
+    ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
+    if not ids:
+        return "no SLURM job was submitted (see the log for sbatch's error)"
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--jobs", ",".join(ids), "--format", "%i %T (%r)"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"SLURM jobs {', '.join(ids)}: squeue failed ({exc})"
+    listed = ", ".join(line.strip() for line in out.stdout.splitlines() if line.strip())
+    if not listed:
+        return f"SLURM jobs {', '.join(ids)} are no longer queued (ended or failed: see sacct)"
+    return f"SLURM jobs {listed}"

@@ -15,12 +15,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import dask
+
 from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
 from pipeline.errors import TilesegError
 from pipeline.heap import heap_hint
 from pipeline.models import ModelSpec, load_model
 from pipeline.provenance import fingerprint, output_state
 from pipeline.readers import find_images, image_stem
+from pipeline.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
 
 log = logging.getLogger("tileseg.flows")
 
@@ -38,12 +41,20 @@ class RunSettings:
     retry_delay_seconds: float = 30.0
     qc: bool = True  # write a QC overlay picture per slide (2D images only)
     on_changed: str = "reprocess"  # an output made with another input/config/model: redo or fail
+    # How long the run waits for a Dask worker able to run its tasks (GPU resources, any worker
+    # at all) before it fails with one line saying what is missing, up front and while it runs.
+    worker_wait_seconds: float = DEFAULT_WAIT_S
+    slide_timeout_seconds: float | None = None  # Prefect: a slide's task fails after this
+    flow_timeout_seconds: float | None = None  # Prefect: the whole run fails after this
 
     def __post_init__(self) -> None:
         if self.on_changed not in ON_CHANGED:
             raise TilesegError("run.on_changed", f"must be one of {', '.join(ON_CHANGED)}")
         if self.max_concurrent_slides < 1 or self.retries < 0 or self.retry_delay_seconds < 0:
             raise TilesegError("run", "max_concurrent_slides >= 1, retries >= 0, delay >= 0")
+        timeouts = (self.slide_timeout_seconds, self.flow_timeout_seconds)
+        if self.worker_wait_seconds < 0 or any(t is not None and t <= 0 for t in timeouts):
+            raise TilesegError("run", "worker_wait_seconds >= 0, timeouts > 0 (or null)")
 
 
 @dataclass(frozen=True)
@@ -318,14 +329,15 @@ def run_with_retries(
     sleep: Callable[[float], None] = time.sleep,
 ) -> SlideReport:
     """``process_slide`` with the retry policy of the flow's task, for runs without Prefect.
-    Never raises (except on interrupt): a failure is a ``failed`` report."""
+    Never raises (except on interrupt and :class:`NoWorkers`): a failure is a ``failed``
+    report."""
     for attempt in range(settings.retries + 1):
         try:
             return process_slide(
                 job, options, settings=settings, progress=progress, resources=resources
             )
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, NoWorkers):
+            raise  # not this slide's problem: the run ends
         except Exception as exc:
             if is_transient(exc) and attempt < settings.retries:
                 n = f"{attempt + 1}/{settings.retries}"
@@ -411,11 +423,15 @@ def run_batch(
 ) -> list[SlideReport]:
     """The directory run without Prefect: one cluster, slides one after another (each one
     fills the cluster), failures isolated and retried like the flow's tasks."""
-    from flows.cluster import open_cluster
+    from flows.cluster import check_workers, open_cluster
 
     reports = []
-    with open_cluster(plan.cluster) as cluster:
+    with (
+        open_cluster(plan.cluster) as cluster,
+        dask.config.set({CONFIG_KEY: plan.run.worker_wait_seconds}),
+    ):
         log.info("%d slide(s) on %s", len(plan.jobs), cluster.description)
+        check_workers(cluster, wait=plan.run.worker_wait_seconds)
         options = replace(plan.options, scheduler=cluster.address)
         for job in plan.jobs:
             progress = progress_for(job) if progress_for else None

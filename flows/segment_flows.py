@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import dask
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_image_artifact,
@@ -28,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.cluster import open_cluster
+from flows.cluster import check_workers, open_cluster
 from flows.core import (
     RunSettings,
     SlideJob,
@@ -41,6 +42,7 @@ from flows.core import (
     summary_lines,
 )
 from pipeline.config import SegmentOptions
+from pipeline.worker_wait import CONFIG_KEY, NoWorkers
 
 SLIDE_TAG = "tileseg-slide"  # `prefect concurrency-limit create tileseg-slide N` caps all runs
 
@@ -144,8 +146,10 @@ def segment_directory(
         cluster_config=cluster_config,
     )  # fmt: skip
     logger.info("%d slide(s) in %s", len(plan.jobs), input_dir)
-    with open_cluster(plan.cluster) as cluster:
+    wait = plan.run.worker_wait_seconds
+    with open_cluster(plan.cluster) as cluster, dask.config.set({CONFIG_KEY: wait}):
         logger.info("Dask: %s", cluster.description)
+        check_workers(cluster, wait=wait)  # no able worker: the run fails now, with one line
         options = replace(plan.options, scheduler=cluster.address)
         reports = _run_slides(
             plan.jobs, options, plan.run, cluster.task_resources, plan.run.max_concurrent_slides
@@ -169,7 +173,9 @@ def _run_slides(
 ) -> list[SlideReport]:
     """Submit the slides, at most ``limit`` in flight, and collect every outcome."""
     slide_task = segment_slide.with_options(
-        retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds
+        retries=settings.retries,
+        retry_delay_seconds=settings.retry_delay_seconds,
+        timeout_seconds=settings.slide_timeout_seconds,
     )
     futures: dict[SlideJob, PrefectFuture[SlideReport]] = {}
     running: list[PrefectFuture[SlideReport]] = []
@@ -185,6 +191,8 @@ def _run_slides(
 def _outcome(job: SlideJob, future: PrefectFuture[SlideReport]) -> SlideReport:
     try:
         return future.result()
+    except NoWorkers:
+        raise  # the cluster's problem, not the slide's: the run fails with it
     except Exception as exc:  # one slide's failure is a row of the summary, not the run's end
         return failed_report(job, exc)
 

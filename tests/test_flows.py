@@ -600,3 +600,110 @@ def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
     assert off == [False, False]
     share = str(max(1, usable_cores() // 2))
     assert all(list(seen.values()) == [share, share] for seen in threads.values())
+
+
+# ------------------------------------------------------------------- never hang, never redo
+
+
+@pytest.fixture(scope="module")
+def cpu_scheduler():
+    """A real scheduler whose one worker declares no GPU (in-process: starts in a second)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def gpu_cluster_config(path: Path, address: str) -> Path:
+    path.write_text(yaml.safe_dump({"type": "address", "address": address,
+                                    "task_resources": GPU_TASK}))  # fmt: skip
+    return path
+
+
+def test_batch_without_gpu_workers_fails_within_the_wait(
+    slides, model, tmp_path, capsys, cpu_scheduler
+):
+    config = write_config(tmp_path / "wait.yaml", model, run={"worker_wait_seconds": 1})
+    cluster = gpu_cluster_config(tmp_path / "gpu.yaml", cpu_scheduler)
+    argv = ["batch", str(slides), str(tmp_path / "out"), "--config", str(config),
+            "--cluster-config", str(cluster), "--no-progress"]  # fmt: skip
+    start = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - start < 30
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"tileseg: error: {cpu_scheduler}: no Dask worker with resources ")
+    assert "GPU=0.5 within 1 s: 1 worker(s) connected, none declares any resource" in line
+    assert not (tmp_path / "out" / "a.zarr").exists()  # checked before any slide started
+
+
+def test_an_unreachable_scheduler_is_one_check_not_one_per_slide(
+    slides, config, tmp_path, capsys, monkeypatch
+):
+    import dask
+    import distributed
+
+    connects = []
+
+    class Counting(distributed.Client):
+        def __init__(self, address, *args, **kwargs):
+            connects.append(address)
+            super().__init__(address, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "Client", Counting)
+    argv = [
+        "batch",
+        str(slides),
+        str(tmp_path / "out"),
+        "--config",
+        str(config),
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+    ]  # fmt: skip (port 9: discard, nobody listens)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(argv) == 2
+    assert connects == ["tcp://127.0.0.1:9"]  # three slides, one attempt
+    err = capsys.readouterr().err
+    assert "tileseg: error: tcp://127.0.0.1:9: cannot connect to the Dask scheduler" in err
+
+
+def test_slurm_without_sbatch_is_one_line(monkeypatch):
+    from flows.cluster import open_cluster
+
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(TilesegError, match="sbatch not found on PATH"):
+        with open_cluster({"type": "slurm", "slurm": {"cores": 1, "memory": "1GB"}}):
+            pass
+
+
+def test_flow_fails_instead_of_hanging_and_the_next_run_is_not_blocked(
+    harness, slides, model, tmp_path
+):
+    from distributed import LocalCluster
+
+    from flows.segment_flows import segment_directory
+
+    config = write_config(tmp_path / "wait.yaml", model, run={"worker_wait_seconds": 1})
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        args = {"input_dir": str(slides), "output_dir": str(tmp_path / "out"),
+                "config": str(config), "scheduler": empty.scheduler_address}  # fmt: skip
+        for _ in range(2):  # a scheduled run after a failed one starts and ends the same way
+            start = time.monotonic()
+            state = segment_directory(**args, return_state=True)
+            assert state.is_failed() and time.monotonic() - start < 60
+            with pytest.raises(TilesegError, match="no Dask worker connected within 1 s"):
+                state.result()
+
+
+def test_serve_takes_the_flow_timeout_from_the_config(tmp_path, monkeypatch):
+    from prefect import Flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    seen = {}
+    monkeypatch.setattr(Flow, "serve", lambda self, **kw: seen.update(timeout=self.timeout_seconds))
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {flow_timeout_seconds: 3600, slide_timeout_seconds: 600}\n")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert main(["serve", "in", "out", "--config", str(config)]) == 0
+    assert seen["timeout"] == 3600
