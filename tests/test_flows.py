@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -223,6 +224,10 @@ def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_c
     assert rows["b.tif"]["throughput (MP/s)"] != "" and rows["b.tif"]["time (s)"] != ""
     assert rows["broken.tif"]["status"].startswith("failed: ")
     assert "truncated TIFF file" in rows["broken.tif"]["status"]  # the library's one-line error
+    [summary] = summaries(out)  # also on disk, written as the slides finished
+    assert summary["status"] == "complete"
+    statuses = {r["slide"]: r["status"] for r in summary["slides"]}
+    assert statuses == {"a.ome.tif": "done", "b.tif": "done", "broken.tif": "failed"}
 
     # Second run: both done slides are skipped without any inference.
     calls = no_inference(monkeypatch)
@@ -694,6 +699,10 @@ def test_flow_fails_instead_of_hanging_and_the_next_run_is_not_blocked(
             assert state.is_failed() and time.monotonic() - start < 60
             with pytest.raises(TilesegError, match="no Dask worker connected within 1 s"):
                 state.result()
+    runs = summaries(tmp_path / "out")
+    assert len(runs) == 2 and all(r["status"] == "failed" for r in runs)
+    assert "no Dask worker connected" in runs[-1]["error"]
+    assert {r["status"] for r in runs[-1]["slides"]} == {"pending"}
 
 
 def test_serve_takes_the_flow_timeout_from_the_config(tmp_path, monkeypatch):
@@ -707,3 +716,84 @@ def test_serve_takes_the_flow_timeout_from_the_config(tmp_path, monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         assert main(["serve", "in", "out", "--config", str(config)]) == 0
     assert seen["timeout"] == 3600
+
+
+def summaries(output: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_batch_leaves_a_summary_and_the_next_run_resumes(model, tmp_path, capsys):
+    """SLURM's walltime and scancel send SIGTERM: the run ends cleanly, non-zero, with a
+    summary of done, failed and pending slides; the same command then finishes the rest."""
+    folder = tiny_slides(tmp_path / "slides", {f"s{i}.tif": (384, 384) for i in range(1, 6)})
+    broken = write_tiff(folder / "s0-broken.tif", np.zeros((200, 200), np.uint16), axes="YX",
+                        tile=(64, 64), compression="zlib")  # fmt: skip
+    os.truncate(broken, broken.stat().st_size // 2)
+    config = write_config(tmp_path / "c.yaml", model, batch_size=1, run={"qc": False,
+                                                                         "retries": 0})  # fmt: skip
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline", "batch", str(folder), str(out), "--config",
+            str(config), "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until one slide failed and one is done
+        rows = [r["status"] for s in summaries(out) for r in s["slides"]] if out.exists() else []
+        if "failed" in rows and "done" in rows:
+            break
+        time.sleep(0.1)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    [first] = summaries(out)
+    assert first["status"] == "interrupted" and first["finished"]
+    status = {r["slide"]: r["status"] for r in first["slides"]}
+    assert status["s0-broken.tif"] == "failed" and "done" in status.values()
+    assert "pending" in status.values() and "running" not in status.values()
+    errors = {r["slide"]: r["error"] for r in first["slides"]}
+    assert "truncated TIFF file" in errors["s0-broken.tif"]
+
+    in_process = argv[3:]  # the same command, without the interpreter's start-up
+    assert main(in_process) == 2  # the broken slide fails again
+    second = summaries(out)[-1]
+    again = {r["slide"]: r["status"] for r in second["slides"]}
+    assert second["status"] == "complete"
+    assert all(again[s] == "skipped" for s, st in status.items() if st == "done")
+    assert all(again[s] == "done" for s, st in status.items() if st == "pending")
+
+    assert main([*in_process, "--only-failed", "--exclude", "s3*"]) == 2
+    assert [r["slide"] for r in summaries(out)[-1]["slides"]] == ["s0-broken.tif"]
+    capsys.readouterr()
+    assert main([*in_process, "--exclude", "*broken*"]) == 0
+    assert "5 slide(s): 0 done, 5 skipped" in capsys.readouterr().out
+
+
+def test_outputs_inside_the_input_directory_are_never_slides(slides, config, tmp_path, capsys):
+    out = slides / "results"
+    argv = ["batch", str(slides), str(out), "--config", str(config), "--no-progress",
+            "--pattern", "**/*.tif", "--pattern", "**/*.zarr", "--exclude", "broken*"]  # fmt: skip
+    assert main(argv) == 0
+    assert "2 slide(s): 2 done" in capsys.readouterr().out
+    assert (out / "a.zarr").is_dir()
+    assert main(argv) == 0  # the outputs in results/ match **/*.zarr, and are not taken
+    assert "2 slide(s): 0 done, 2 skipped" in capsys.readouterr().out
+
+    assert main(["batch", str(slides), str(slides), "--config", str(config)]) == 2
+    assert "OUTPUT_DIR is INPUT_DIR" in capsys.readouterr().err
+
+
+def test_batch_honours_max_concurrent_slides(model, tmp_path, monkeypatch, capsys):
+    names = {f"s{i}.tif": (96, 96) for i in range(4)}
+    folder = tiny_slides(tmp_path / "slides", names)
+    for limit in (1, 2):
+        counter = InFlight(monkeypatch, hold_s=0.5)
+        config = write_config(tmp_path / f"{limit}.yaml", model,
+                              run={"max_concurrent_slides": limit, "qc": False})  # fmt: skip
+        out = tmp_path / f"out{limit}"
+        assert main(["batch", str(folder), str(out), "--config", str(config)]) == 0
+        assert counter.most == limit and sorted(counter.slides) == sorted(names)
+        assert "4 slide(s): 4 done" in capsys.readouterr().out
+        monkeypatch.undo()
