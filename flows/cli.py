@@ -88,7 +88,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     _directory_arguments(p)
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule ({DEFAULT_CRON!r})")
     p.add_argument("--timezone", help="IANA timezone of the schedule, e.g. Europe/Berlin (UTC)")
-    p.add_argument("--name", default="nightly", help="deployment name (nightly)")
+    # Not "nightly": that is prefect.yaml's deployment, which this would overwrite.
+    p.add_argument("--name", default="serve", help="deployment name (serve)")
     p.add_argument("--qc-base-url", help="URL at which OUTPUT_DIR is served (inline QC images)")
     p.set_defaults(handler=_serve)
 

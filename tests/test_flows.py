@@ -797,3 +797,29 @@ def test_batch_honours_max_concurrent_slides(model, tmp_path, monkeypatch, capsy
         assert counter.most == limit and sorted(counter.slides) == sorted(names)
         assert "4 slide(s): 4 done" in capsys.readouterr().out
         monkeypatch.undo()
+
+
+def test_serve_and_prefect_yaml_deployments_have_distinct_names():
+    from pipeline.cli import build_parser
+
+    served = build_parser().parse_args(["serve", "in", "out"]).name
+    deployed = {
+        d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    }
+    assert served not in deployed  # one would overwrite the other (segment-directory/<name>)
+
+
+def test_the_ephemeral_prefect_server_gets_time_to_start():
+    code = (
+        "import flows.segment_flows\n"
+        "from prefect.settings import get_current_settings as s\n"
+        "print(s().server.ephemeral.startup_timeout_seconds)"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert int(out.stdout.strip()) >= 90  # Prefect's own default, 20 s, is too short
