@@ -265,11 +265,26 @@ def _slurm_cluster(spec: dict[str, Any]) -> Any:
 
 
 def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
-    """``SLURMCluster``'s arguments: the ``slurm:`` section, and for CPU workers glibc's main
-    heap for every thread, as local CPU workers get (:func:`cpu_worker_environ`): the job
-    script exports it before the nanny starts, and the worker it spawns inherits it. Their
-    thread count is set by each inference task (``pipeline/cores.py``)."""
+    """``SLURMCluster``'s arguments: the ``slurm:`` section, and what it leaves out:
+
+    - ``python: python`` when a ``job_script_prologue`` is given: the worker runs the Python
+      the prologue chose (an activated environment), not this process's interpreter (Dask's
+      default, a path that need not exist on the nodes).
+    - ``--lifetime``/``--lifetime-stagger`` worker arguments from ``walltime``: workers leave
+      cleanly before SLURM kills their job, and an adaptive cluster (``adapt:``) submits
+      replacements.
+    - for CPU workers glibc's main heap for every thread, as local CPU workers get
+      (:func:`cpu_worker_environ`): the job script exports it before the nanny starts, and
+      the worker it spawns inherits it. Their thread count is set by each inference task
+      (``pipeline/cores.py``).
+    """
     args = dict(spec.get("slurm") or {})
+    if args.get("job_script_prologue") and "python" not in args:
+        args["python"] = "python"
+    extra = [str(a) for a in args.get("worker_extra_args") or []]
+    if args.get("walltime") and not any(a.startswith("--lifetime") for a in extra):
+        lifetime, stagger = worker_lifetime(str(args["walltime"]))
+        args["worker_extra_args"] = [*extra, "--lifetime", lifetime, "--lifetime-stagger", stagger]
     if not _slurm_gpu_workers(spec):
         prologue = [str(line) for line in args.get("job_script_prologue") or []]
         if not any("MALLOC_ARENA_MAX" in line for line in prologue):
@@ -294,3 +309,36 @@ def slurm_job_states(cluster: Any) -> str:
     if not listed:
         return f"SLURM jobs {', '.join(ids)} are no longer queued (ended or failed: see sacct)"
     return f"SLURM jobs {listed}"
+
+
+def worker_lifetime(walltime: str) -> tuple[str, str]:
+    """``--lifetime`` and ``--lifetime-stagger`` for a SLURM walltime (``MM``, ``MM:SS``,
+    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``): a worker leaves at most lifetime +
+    stagger after it starts, a margin (a tenth of the walltime, at most 5 min) short of the
+    walltime, so that it hands back its tasks before SLURM kills it."""
+    seconds = _walltime_seconds(walltime)
+    stagger = min(240, seconds // 20)
+    margin = min(300, seconds // 10)
+    return f"{seconds - stagger - margin}s", f"{stagger}s"
+
+
+def _walltime_seconds(walltime: str) -> int:
+    days, _, clock = walltime.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        if len(parts) > 3 or any(p < 0 for p in parts):
+            raise ValueError
+        # SLURM: MM, MM:SS, HH:MM:SS; with days D-HH, D-HH:MM, D-HH:MM:SS
+        if days:
+            parts = [*parts, 0, 0][:3]
+        else:
+            parts = [0, *parts, 0][:3] if len(parts) < 3 else parts
+        hours, minutes, secs = parts
+        total = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + secs
+    except ValueError:
+        raise TilesegError(
+            "slurm.walltime", f"not a SLURM time, e.g. 12:00:00: {walltime!r}"
+        ) from None
+    if total < 60:
+        raise TilesegError("slurm.walltime", f"too short for a worker: {walltime!r}")
+    return total

@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=2)
 GPU = {"GPU": 1}
 GPU_TASK = {"GPU": 0.5}  # two tasks per GPU, sharing its model
+# A SLURMCluster's scheduler takes port 8787 by default, often taken on a shared machine
+NO_DASHBOARD = {"dashboard_address": ":0"}
 
 
 @pytest.fixture(scope="module")
@@ -438,10 +440,16 @@ def test_example_configs_are_valid():
     assert spec["type"] == "slurm" and _task_resources(spec) == GPU_TASK
     from dask_jobqueue import SLURMCluster
 
+    from flows.cluster import slurm_arguments
+
     # Builds the job script only: no job is submitted (scale is never called).
-    with SLURMCluster(**spec["slurm"]) as cluster:
+    with SLURMCluster(**slurm_arguments(spec), scheduler_options=dict(NO_DASHBOARD)) as cluster:
         script = cluster.job_script()
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    # the prologue's environment chooses the Python; workers leave before the 12 h walltime
+    assert "\npython -m distributed.cli.dask_worker " in script and sys.executable not in script
+    assert "--lifetime 42660s --lifetime-stagger 240s" in script
+    assert spec["adapt"]["minimum_jobs"] >= 1  # workers that leave are replaced
     assert "MALLOC_ARENA_MAX" not in script  # a GPU's forward needs no heap of its own
 
 
@@ -453,7 +461,7 @@ def test_slurm_cpu_workers_start_on_the_main_heap():
     prologue = ["source ~/tileseg/.venv/bin/activate"]
     slurm = {"cores": 8, "memory": "32GB", "job_script_prologue": prologue}
     spec = {"type": "slurm", "slurm": slurm}
-    with SLURMCluster(**slurm_arguments(spec)) as cluster:
+    with SLURMCluster(**slurm_arguments(spec), scheduler_options=dict(NO_DASHBOARD)) as cluster:
         script = cluster.job_script()
     # exported before the worker command starts the nanny, whose worker inherits it
     lines = script.splitlines()
@@ -823,3 +831,33 @@ def test_the_ephemeral_prefect_server_gets_time_to_start():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert int(out.stdout.strip()) >= 90  # Prefect's own default, 20 s, is too short
+
+
+@pytest.mark.parametrize(
+    ("walltime", "seconds"),
+    [("30", 1800), ("45:00", 2700), ("12:00:00", 43200), ("2-12", 216000), ("1-2:30", 95400)],
+)
+def test_worker_lifetimes_end_before_the_walltime(walltime, seconds):
+    from dask.utils import parse_timedelta
+
+    from flows.cluster import worker_lifetime
+
+    lifetime, stagger = (parse_timedelta(t) for t in worker_lifetime(walltime))
+    assert 0 < stagger and seconds * 0.85 < lifetime + stagger < seconds
+
+
+def test_slurm_interface_and_explicit_lifetimes_are_kept():
+    from dask_jobqueue import SLURMCluster
+
+    from flows.cluster import slurm_arguments
+
+    slurm = {"cores": 2, "memory": "4GB", "walltime": "01:00:00", "interface": "lo",
+             "worker_extra_args": ["--lifetime", "50m"], "python": "/opt/bin/python"}  # fmt: skip
+    with SLURMCluster(
+        **slurm_arguments({"type": "slurm", "slurm": slurm}), scheduler_options=dict(NO_DASHBOARD)
+    ) as cluster:
+        script = cluster.job_script()
+    assert "--interface lo" in script and script.count("--lifetime") == 1
+    assert "/opt/bin/python -m distributed.cli.dask_worker" in script
+    with pytest.raises(TilesegError, match="not a SLURM time"):
+        slurm_arguments({"slurm": {"walltime": "noon"}})
