@@ -861,3 +861,18 @@ def test_slurm_interface_and_explicit_lifetimes_are_kept():
     assert "/opt/bin/python -m distributed.cli.dask_worker" in script
     with pytest.raises(TilesegError, match="not a SLURM time"):
         slurm_arguments({"slurm": {"walltime": "noon"}})
+
+
+def test_docker_runs_unprivileged_with_a_small_context_and_local_ports():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "**/*.zarr", "bench/results"} <= set(ignored)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert 'pip install -c constraints.txt ".[flows]"' in dockerfile  # extras pinned too
+    pins = (ROOT / "constraints.txt").read_text()
+    assert "\nprefect==" in pins and "\ndask-jobqueue==" in pins
+    services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    ports = [p for s in services.values() for p in s.get("ports", [])]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
+    assert all("user" in services[s] for s in ("gpu-worker", "flows"))  # output owners
