@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.errors import TilesegError
@@ -41,6 +43,14 @@ def _directory_arguments(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="glob of slides to take, e.g. '*.svs' (repeatable; default: every image)",
     )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="glob of slide names never to take, e.g. known-bad slides (repeatable; adds to "
+        "run.exclude)",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", help="address of an existing Dask scheduler")
     where.add_argument(
@@ -61,6 +71,11 @@ def _batch_parser(sub: argparse._SubParsersAction) -> None:
     )
     _directory_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no per-slide progress lines")
+    p.add_argument(
+        "--only-failed",
+        action="store_true",
+        help="only the slides that failed in the latest run (its summary in OUTPUT_DIR/runs/)",
+    )
     p.set_defaults(handler=_batch)
 
 
@@ -76,13 +91,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     _directory_arguments(p)
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule ({DEFAULT_CRON!r})")
     p.add_argument("--timezone", help="IANA timezone of the schedule, e.g. Europe/Berlin (UTC)")
-    p.add_argument("--name", default="nightly", help="deployment name (nightly)")
+    # Not "nightly": that is prefect.yaml's deployment, which this would overwrite.
+    p.add_argument("--name", default="serve", help="deployment name (serve)")
     p.add_argument("--qc-base-url", help="URL at which OUTPUT_DIR is served (inline QC images)")
     p.set_defaults(handler=_serve)
 
 
 def _batch(args: argparse.Namespace) -> int:
     from flows.core import plan_directory, run_batch, summary_lines
+    from flows.runlog import Stopped, failed_slides, latest_summary, stop_on_signals
 
     # Our progress at INFO on stderr; Dask's INFO chatter (workers starting, closing) stays out.
     logger = logging.getLogger("tileseg")
@@ -91,17 +108,40 @@ def _batch(args: argparse.Namespace) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    only = failed_slides(args.output_dir) if args.only_failed else None
+    if only == []:
+        print(f"no failed slides in {latest_summary(args.output_dir)}: nothing to rerun")
+        return 0
     plan = plan_directory(
         args.input_dir, args.output_dir, config=args.config, patterns=args.patterns,
-        scheduler=args.scheduler, cluster_config=args.cluster_config,
+        scheduler=args.scheduler, cluster_config=args.cluster_config, exclude=args.exclude,
+        only=only,
     )  # fmt: skip
     if not plan.jobs:
-        raise TilesegError(args.input_dir, "no slides found (check --pattern)")
+        raise TilesegError(args.input_dir, "no slides found (check --pattern, --exclude)")
     progress_for = None if args.no_progress else _progress_lines
-    reports = run_batch(plan, progress_for=progress_for)
+    try:
+        with stop_on_signals():
+            reports = run_batch(plan, progress_for=progress_for)
+    except Stopped as exc:
+        summary = latest_summary(plan.output_dir)
+        print(f"tileseg: stopped by {exc}: the run's summary is {summary}; the same command "
+              "resumes it", file=sys.stderr, flush=True)  # fmt: skip
+        return _stopped(128 + exc.signum)
     for line in summary_lines(reports):
         print(line)
+    print(f"summary: {latest_summary(plan.output_dir)}")
     return 2 if any(r.status == "failed" for r in reports) else 0
+
+
+def _stopped(code: int) -> int:
+    """The exit status of a stopped run. Slides still running in other threads are not waited
+    for: every output is resumable from any point (the summary says which are pending)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if others:
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _progress_lines(job):  # -> Callable[[int, int], None]
@@ -138,11 +178,16 @@ def _serve(args: argparse.Namespace) -> int:
         "output_dir": str(Path(args.output_dir).absolute()),
         "config": _absolute(args.config),
         "patterns": args.patterns,
+        "exclude": args.exclude or None,
         "scheduler": args.scheduler,
         "cluster_config": _absolute(args.cluster_config),
         "qc_base_url": args.qc_base_url,
     }
-    segment_directory.serve(
+    from flows.core import load_directory_config
+
+    timeout = load_directory_config(args.config).run.flow_timeout_seconds
+    flow = segment_directory.with_options(timeout_seconds=timeout) if timeout else segment_directory
+    flow.serve(
         name=args.name,
         schedules=[Cron(args.cron, timezone=args.timezone)],
         parameters={k: v for k, v in parameters.items() if v is not None},

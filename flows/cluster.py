@@ -23,7 +23,9 @@ first read and last write are hidden behind the other's inference (as local runs
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,7 @@ from pipeline.config import read_yaml_mapping
 from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
 from pipeline.inference import TASKS_PER_GPU
+from pipeline.worker_wait import wait_for_workers
 
 TYPES = ("local", "address", "slurm", "none")
 GPU = {"GPU": 1}  # what a GPU worker declares
@@ -60,6 +63,7 @@ class ClusterHandle:
     address: str | None  # None: embedded threads, no cluster
     task_resources: dict[str, float] | None
     description: str
+    detail: Callable[[], str] | None = None  # why workers are missing (e.g. SLURM job states)
 
 
 def load_cluster_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -118,10 +122,35 @@ def open_cluster(spec: dict[str, Any]) -> Iterator[ClusterHandle]:
         yield ClusterHandle(spec["address"], resources, f"existing scheduler {spec['address']}")
         return
     cluster = _local_cluster(spec) if kind == "local" else _slurm_cluster(spec)
+    detail = (lambda: slurm_job_states(cluster)) if kind == "slurm" else None
     try:
-        yield ClusterHandle(cluster.scheduler_address, _task_resources(spec), _describe(spec))
+        yield ClusterHandle(
+            cluster.scheduler_address, _task_resources(spec), _describe(spec), detail
+        )
     finally:
         cluster.close()
+
+
+def check_workers(handle: ClusterHandle, *, wait: float) -> int:
+    """Connect to the run's cluster once and wait at most ``wait`` seconds for a worker able
+    to run its inference tasks; the number of such workers (0 without a cluster).
+
+    An unreachable scheduler or no able worker is one :class:`~pipeline.errors.TilesegError`
+    line before any slide starts, not one failure (and one connection timeout) per slide.
+    """
+    if handle.address is None:
+        return 0
+    from distributed import Client
+
+    try:
+        client = Client(handle.address, set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, malformed address
+        problem = f"cannot connect to the Dask scheduler ({exc})"
+        raise TilesegError(handle.address, problem) from None
+    with client:
+        return wait_for_workers(
+            client, handle.task_resources, wait=wait, address=handle.address, detail=handle.detail
+        )
 
 
 def _task_resources(spec: dict[str, Any]) -> dict[str, float] | None:
@@ -223,6 +252,10 @@ def _slurm_cluster(spec: dict[str, Any]) -> Any:
         raise TilesegError(
             "cluster", "type slurm needs dask-jobqueue: pip install 'tileseg[flows]'"
         ) from None
+    if shutil.which("sbatch") is None:
+        raise TilesegError(
+            "cluster", "type slurm: sbatch not found on PATH (run where SLURM's commands are)"
+        )
     cluster = SLURMCluster(**slurm_arguments(spec))
     if spec.get("adapt"):
         cluster.adapt(**spec["adapt"])
@@ -232,13 +265,80 @@ def _slurm_cluster(spec: dict[str, Any]) -> Any:
 
 
 def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
-    """``SLURMCluster``'s arguments: the ``slurm:`` section, and for CPU workers glibc's main
-    heap for every thread, as local CPU workers get (:func:`cpu_worker_environ`): the job
-    script exports it before the nanny starts, and the worker it spawns inherits it. Their
-    thread count is set by each inference task (``pipeline/cores.py``)."""
+    """``SLURMCluster``'s arguments: the ``slurm:`` section, and what it leaves out:
+
+    - ``python: python`` when a ``job_script_prologue`` is given: the worker runs the Python
+      the prologue chose (an activated environment), not this process's interpreter (Dask's
+      default, a path that need not exist on the nodes).
+    - ``--lifetime``/``--lifetime-stagger`` worker arguments from ``walltime``: workers leave
+      cleanly before SLURM kills their job, and an adaptive cluster (``adapt:``) submits
+      replacements.
+    - for CPU workers glibc's main heap for every thread, as local CPU workers get
+      (:func:`cpu_worker_environ`): the job script exports it before the nanny starts, and
+      the worker it spawns inherits it. Their thread count is set by each inference task
+      (``pipeline/cores.py``).
+    """
     args = dict(spec.get("slurm") or {})
+    if args.get("job_script_prologue") and "python" not in args:
+        args["python"] = "python"
+    extra = [str(a) for a in args.get("worker_extra_args") or []]
+    if args.get("walltime") and not any(a.startswith("--lifetime") for a in extra):
+        lifetime, stagger = worker_lifetime(str(args["walltime"]))
+        args["worker_extra_args"] = [*extra, "--lifetime", lifetime, "--lifetime-stagger", stagger]
     if not _slurm_gpu_workers(spec):
         prologue = [str(line) for line in args.get("job_script_prologue") or []]
         if not any("MALLOC_ARENA_MAX" in line for line in prologue):
             args["job_script_prologue"] = ["export MALLOC_ARENA_MAX=1", *prologue]
     return args
+
+
+def slurm_job_states(cluster: Any) -> str:
+    """The state of the cluster's SLURM jobs (``squeue``), e.g. ``SLURM jobs 41 PENDING
+    (Resources)``: why no worker came."""
+    ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
+    if not ids:
+        return "no SLURM job was submitted (see the log for sbatch's error)"
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--jobs", ",".join(ids), "--format", "%i %T (%r)"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"SLURM jobs {', '.join(ids)}: squeue failed ({exc})"
+    listed = ", ".join(line.strip() for line in out.stdout.splitlines() if line.strip())
+    if not listed:
+        return f"SLURM jobs {', '.join(ids)} are no longer queued (ended or failed: see sacct)"
+    return f"SLURM jobs {listed}"
+
+
+def worker_lifetime(walltime: str) -> tuple[str, str]:
+    """``--lifetime`` and ``--lifetime-stagger`` for a SLURM walltime (``MM``, ``MM:SS``,
+    ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``): a worker leaves at most lifetime +
+    stagger after it starts, a margin (a tenth of the walltime, at most 5 min) short of the
+    walltime, so that it hands back its tasks before SLURM kills it."""
+    seconds = _walltime_seconds(walltime)
+    stagger = min(240, seconds // 20)
+    margin = min(300, seconds // 10)
+    return f"{seconds - stagger - margin}s", f"{stagger}s"
+
+
+def _walltime_seconds(walltime: str) -> int:
+    days, _, clock = walltime.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        if len(parts) > 3 or any(p < 0 for p in parts):
+            raise ValueError
+        # SLURM: MM, MM:SS, HH:MM:SS; with days D-HH, D-HH:MM, D-HH:MM:SS
+        if days:
+            parts = [*parts, 0, 0][:3]
+        else:
+            parts = [0, *parts, 0][:3] if len(parts) < 3 else parts
+        hours, minutes, secs = parts
+        total = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + secs
+    except ValueError:
+        raise TilesegError(
+            "slurm.walltime", f"not a SLURM time, e.g. 12:00:00: {walltime!r}"
+        ) from None
+    if total < 60:
+        raise TilesegError("slurm.walltime", f"too short for a worker: {walltime!r}")
+    return total

@@ -7,13 +7,17 @@ which slides exist, which are already done, what a failure looks like in the sum
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import dask
 
 from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
 from pipeline.errors import TilesegError
@@ -21,6 +25,7 @@ from pipeline.heap import heap_hint
 from pipeline.models import ModelSpec, load_model
 from pipeline.provenance import fingerprint, output_state
 from pipeline.readers import find_images, image_stem
+from pipeline.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
 
 log = logging.getLogger("tileseg.flows")
 
@@ -33,17 +38,26 @@ class RunSettings:
     """How a directory run behaves (the ``run:`` section of a directory config)."""
 
     patterns: tuple[str, ...] = ()  # glob patterns in the input directory; () = every image
+    exclude: tuple[str, ...] = ()  # globs of slide names never taken (e.g. known-bad slides)
     max_concurrent_slides: int = 1  # slides in flight at once (each fills the whole cluster)
     retries: int = 2  # retries of a slide after a transient (non-user) error
     retry_delay_seconds: float = 30.0
     qc: bool = True  # write a QC overlay picture per slide (2D images only)
     on_changed: str = "reprocess"  # an output made with another input/config/model: redo or fail
+    # How long the run waits for a Dask worker able to run its tasks (GPU resources, any worker
+    # at all) before it fails with one line saying what is missing, up front and while it runs.
+    worker_wait_seconds: float = DEFAULT_WAIT_S
+    slide_timeout_seconds: float | None = None  # Prefect: a slide's task fails after this
+    flow_timeout_seconds: float | None = None  # Prefect: the whole run fails after this
 
     def __post_init__(self) -> None:
         if self.on_changed not in ON_CHANGED:
             raise TilesegError("run.on_changed", f"must be one of {', '.join(ON_CHANGED)}")
         if self.max_concurrent_slides < 1 or self.retries < 0 or self.retry_delay_seconds < 0:
             raise TilesegError("run", "max_concurrent_slides >= 1, retries >= 0, delay >= 0")
+        timeouts = (self.slide_timeout_seconds, self.flow_timeout_seconds)
+        if self.worker_wait_seconds < 0 or any(t is not None and t <= 0 for t in timeouts):
+            raise TilesegError("run", "worker_wait_seconds >= 0, timeouts > 0 (or null)")
 
 
 @dataclass(frozen=True)
@@ -95,11 +109,12 @@ def _run_settings(data: dict[str, Any], source: str) -> RunSettings:
     unknown = sorted(set(data) - known)
     if unknown:
         raise TilesegError(source, f"run: unknown key(s) {unknown} (known: {sorted(known)})")
-    if "patterns" in data:
-        patterns = data["patterns"]
-        if isinstance(patterns, str):
-            patterns = [patterns]
-        data["patterns"] = tuple(str(p) for p in patterns or ())
+    for key in ("patterns", "exclude"):
+        if key in data:
+            patterns = data[key]
+            if isinstance(patterns, str):
+                patterns = [patterns]
+            data[key] = tuple(str(p) for p in patterns or ())
     try:
         return RunSettings(**data)
     except TilesegError as exc:
@@ -124,18 +139,48 @@ class SlideJob:
         return self.input.name
 
 
-def discover(directory: str | os.PathLike[str], patterns: Sequence[str] = ()) -> list[Path]:
-    """Slides directly inside ``directory``: every image, or those matching any glob pattern.
+def discover(
+    directory: str | os.PathLike[str],
+    patterns: Sequence[str] = (),
+    *,
+    exclude: Sequence[str] = (),
+    output_dir: str | os.PathLike[str] | None = None,
+) -> list[Path]:
+    """Slides directly inside ``directory``: every image, or those matching any glob pattern,
+    less those whose name matches an ``exclude`` glob.
 
-    Hidden entries are skipped, as in :func:`pipeline.readers.find_images`.
+    Hidden entries are skipped, as in :func:`pipeline.readers.find_images`; so is everything
+    inside ``output_dir`` when it lies in ``directory`` (a run's own outputs are no slides).
     """
     if not patterns:
-        return find_images(directory)
-    root = Path(directory)
-    if not root.is_dir():
-        raise TilesegError(root, "not a directory" if root.exists() else "no such directory")
-    found = {p for pattern in patterns for p in root.glob(pattern) if not p.name.startswith(".")}
-    return sorted(found)
+        found = find_images(directory)
+    else:
+        root = Path(directory)
+        if not root.is_dir():
+            raise TilesegError(root, "not a directory" if root.exists() else "no such directory")
+        found = sorted(
+            {p for pattern in patterns for p in root.glob(pattern) if not p.name.startswith(".")}
+        )
+    found = [p for p in found if not any(fnmatch.fnmatch(p.name, x) for x in exclude)]
+    if output_dir is None:
+        return found
+    outputs = Path(output_dir).resolve()
+    if not outputs.is_relative_to(Path(directory).resolve()):
+        return found
+    return [p for p in found if not p.resolve().is_relative_to(outputs)]
+
+
+def check_directories(
+    input_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]
+) -> None:
+    """Refuse an output directory that is the input directory: its ``<stem>.zarr`` outputs
+    would lie beside the slides and be taken as slides by the next run."""
+    if Path(input_dir).resolve() == Path(output_dir).resolve():
+        raise TilesegError(
+            output_dir,
+            "OUTPUT_DIR is INPUT_DIR: the outputs would be taken as slides by the next run; "
+            "write them to another directory (a subdirectory of INPUT_DIR is fine)",
+        )
 
 
 def plan_jobs(slides: Sequence[Path], output_dir: str | os.PathLike[str]) -> list[SlideJob]:
@@ -318,14 +363,15 @@ def run_with_retries(
     sleep: Callable[[float], None] = time.sleep,
 ) -> SlideReport:
     """``process_slide`` with the retry policy of the flow's task, for runs without Prefect.
-    Never raises (except on interrupt): a failure is a ``failed`` report."""
+    Never raises (except on interrupt and :class:`NoWorkers`): a failure is a ``failed``
+    report."""
     for attempt in range(settings.retries + 1):
         try:
             return process_slide(
                 job, options, settings=settings, progress=progress, resources=resources
             )
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, NoWorkers):
+            raise  # not this slide's problem: the run ends
         except Exception as exc:
             if is_transient(exc) and attempt < settings.retries:
                 n = f"{attempt + 1}/{settings.retries}"
@@ -376,6 +422,8 @@ class DirectoryPlan:
     run: RunSettings
     cluster: dict[str, Any]
     jobs: list[SlideJob]
+    input_dir: Path = Path(".")
+    output_dir: Path = Path(".")
 
 
 def plan_directory(
@@ -386,22 +434,38 @@ def plan_directory(
     patterns: Sequence[str] | None = None,
     scheduler: str | None = None,
     cluster_config: str | os.PathLike[str] | None = None,
+    exclude: Sequence[str] = (),
+    only: Sequence[str] | None = None,
 ) -> DirectoryPlan:
     """Read the configs and discover the slides. Arguments given here override the config:
     ``patterns`` its ``run.patterns``; ``scheduler`` (an address) or ``cluster_config`` (a
-    file) its ``cluster:`` section, which overrides a ``segment.scheduler``."""
+    file) its ``cluster:`` section, which overrides a ``segment.scheduler``. ``exclude`` adds
+    to ``run.exclude``; ``only`` (slide names, e.g. the failed ones of the latest run) keeps
+    just those."""
     from flows.cluster import check_cluster_config, choose_cluster, load_cluster_config
 
+    check_directories(input_dir, output_dir)
     loaded = load_directory_config(config)
     settings = loaded.run if patterns is None else replace(loaded.run, patterns=tuple(patterns))
+    settings = replace(settings, exclude=(*settings.exclude, *exclude))
     cluster = load_cluster_config(cluster_config) if cluster_config else loaded.cluster
     if cluster is not None:
         check_cluster_config(cluster, source=os.fspath(cluster_config or config or "cluster"))
     if scheduler is None and cluster is None:
         scheduler = loaded.options.scheduler
     spec = choose_cluster(scheduler=scheduler, cluster=cluster)
-    slides = discover(input_dir, settings.patterns)
-    return DirectoryPlan(loaded.options, settings, spec, plan_jobs(slides, output_dir))
+    slides = discover(input_dir, settings.patterns, exclude=settings.exclude, output_dir=output_dir)
+    if only is not None:
+        slides = [s for s in slides if s.name in set(only)]
+    jobs = plan_jobs(slides, output_dir)
+    return DirectoryPlan(
+        loaded.options,
+        settings,
+        spec,
+        jobs,
+        Path(input_dir).absolute(),
+        Path(output_dir).absolute(),
+    )
 
 
 def run_batch(
@@ -409,20 +473,65 @@ def run_batch(
     *,
     progress_for: Callable[[SlideJob], Progress | None] | None = None,
 ) -> list[SlideReport]:
-    """The directory run without Prefect: one cluster, slides one after another (each one
-    fills the cluster), failures isolated and retried like the flow's tasks."""
-    from flows.cluster import open_cluster
+    """The directory run without Prefect: one cluster, at most ``run.max_concurrent_slides``
+    slides at once, failures isolated and retried like the flow's tasks, and the run's summary
+    in ``OUTPUT_DIR/runs/`` (:class:`~flows.runlog.RunLog`) kept as slides start and finish.
 
-    reports = []
-    with open_cluster(plan.cluster) as cluster:
-        log.info("%d slide(s) on %s", len(plan.jobs), cluster.description)
-        options = replace(plan.options, scheduler=cluster.address)
-        for job in plan.jobs:
-            progress = progress_for(job) if progress_for else None
-            report = run_with_retries(
-                job, options, plan.run, progress=progress, resources=cluster.task_resources
-            )
-            if report.status == "failed":
-                log.error("%s failed: %s", job.name, report.error)
-            reports.append(report)
-    return reports
+    An interrupt (:class:`~flows.runlog.Stopped` from SIGTERM, Ctrl-C) or a cluster without
+    able workers ends the run: the summary is finished first, then the exception goes on.
+    """
+    from flows.cluster import check_workers, open_cluster
+    from flows.runlog import RunLog
+
+    rows = [(job.name, str(job.input), str(job.output)) for job in plan.jobs]
+    runlog = RunLog(plan.output_dir, rows, input_dir=str(plan.input_dir))
+    reports: list[SlideReport] = []
+    try:
+        with (
+            open_cluster(plan.cluster) as cluster,
+            dask.config.set({CONFIG_KEY: plan.run.worker_wait_seconds}),
+        ):
+            log.info("%d slide(s) on %s", len(plan.jobs), cluster.description)
+            check_workers(cluster, wait=plan.run.worker_wait_seconds)
+            options = replace(plan.options, scheduler=cluster.address)
+
+            def one(job: SlideJob) -> SlideReport:
+                runlog.update(job.name, "running")
+                progress = progress_for(job) if progress_for else None
+                return run_with_retries(
+                    job, options, plan.run, progress=progress, resources=cluster.task_resources
+                )
+
+            for report in _each_slide(one, plan.jobs, plan.run.max_concurrent_slides):
+                if report.status == "failed":
+                    log.error("%s failed: %s", report.slide, report.error)
+                error = report.error
+                runlog.update(report.slide, report.status, seconds=report.seconds, error=error)
+                reports.append(report)
+    except KeyboardInterrupt as exc:
+        runlog.finish("interrupted", error=f"stopped by {exc}" if str(exc) else "interrupted")
+        raise
+    except BaseException as exc:
+        runlog.finish("failed", error=str(exc))
+        raise
+    runlog.finish("complete")
+    order = {job.name: i for i, job in enumerate(plan.jobs)}
+    return sorted(reports, key=lambda r: order[r.slide])
+
+
+def _each_slide(
+    one: Callable[[SlideJob], SlideReport], jobs: Sequence[SlideJob], limit: int
+) -> Iterator[SlideReport]:
+    """``one(job)`` for every job, at most ``limit`` at a time, reports as they finish. One at
+    a time runs in the calling thread (where a CPU forward keeps its freed memory)."""
+    if limit == 1:
+        yield from map(one, jobs)
+        return
+    pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="tileseg-slide")
+    try:
+        futures = [pool.submit(one, job) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+    finally:
+        # On an interrupt, slides not yet started never start; running ones are not waited for.
+        pool.shutdown(wait=False, cancel_futures=True)

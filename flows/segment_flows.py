@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import dask
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_image_artifact,
@@ -28,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.cluster import open_cluster
+from flows.cluster import check_workers, open_cluster
 from flows.core import (
     RunSettings,
     SlideJob,
@@ -40,7 +41,9 @@ from flows.core import (
     process_slide,
     summary_lines,
 )
+from flows.runlog import RunLog
 from pipeline.config import SegmentOptions
+from pipeline.worker_wait import CONFIG_KEY, NoWorkers
 
 SLIDE_TAG = "tileseg-slide"  # `prefect concurrency-limit create tileseg-slide N` caps all runs
 
@@ -128,6 +131,7 @@ def segment_directory(
     scheduler: str | None = None,
     cluster_config: str | None = None,
     qc_base_url: str | None = None,
+    exclude: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment every slide of ``input_dir`` into ``output_dir/<stem>.zarr``.
 
@@ -137,19 +141,29 @@ def segment_directory(
     cluster serves all slides: ``scheduler`` (an address), else ``cluster_config`` (a file such
     as configs/slurm-gpu.yaml), else the config's ``cluster:`` section, else a local cluster.
     ``qc_base_url``: where ``output_dir`` is served over HTTP, to show QC pictures inline.
+    ``exclude``: globs of slide names never taken (adds to the config's ``run.exclude``).
     """
     logger = get_run_logger()
     plan = plan_directory(
         input_dir, output_dir, config=config, patterns=patterns, scheduler=scheduler,
-        cluster_config=cluster_config,
+        cluster_config=cluster_config, exclude=exclude or (),
     )  # fmt: skip
     logger.info("%d slide(s) in %s", len(plan.jobs), input_dir)
-    with open_cluster(plan.cluster) as cluster:
-        logger.info("Dask: %s", cluster.description)
-        options = replace(plan.options, scheduler=cluster.address)
-        reports = _run_slides(
-            plan.jobs, options, plan.run, cluster.task_resources, plan.run.max_concurrent_slides
-        )
+    wait = plan.run.worker_wait_seconds
+    rows = [(job.name, str(job.input), str(job.output)) for job in plan.jobs]
+    runlog = RunLog(plan.output_dir, rows, input_dir=str(plan.input_dir))
+    logger.info("run summary: %s", runlog.path)
+    try:
+        with open_cluster(plan.cluster) as cluster, dask.config.set({CONFIG_KEY: wait}):
+            logger.info("Dask: %s", cluster.description)
+            check_workers(cluster, wait=wait)  # no able worker: the run fails now, with one line
+            options = replace(plan.options, scheduler=cluster.address)
+            reports = _run_slides(plan.jobs, options, plan.run, cluster.task_resources, runlog)
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        runlog.finish("interrupted" if interrupted else "failed", error=str(exc) or None)
+        raise
+    runlog.finish("complete")
     for line in summary_lines(reports):
         (logger.error if line.startswith("FAILED") else logger.info)(line)
     _publish(reports, output_dir, qc_base_url)
@@ -165,26 +179,38 @@ def _run_slides(
     options: SegmentOptions,
     settings: RunSettings,
     resources: dict[str, float] | None,
-    limit: int,
+    runlog: RunLog,
 ) -> list[SlideReport]:
-    """Submit the slides, at most ``limit`` in flight, and collect every outcome."""
+    """Submit the slides, at most ``run.max_concurrent_slides`` in flight, and collect every
+    outcome, each into the run's summary file as it comes."""
     slide_task = segment_slide.with_options(
-        retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds
+        retries=settings.retries,
+        retry_delay_seconds=settings.retry_delay_seconds,
+        timeout_seconds=settings.slide_timeout_seconds,
     )
-    futures: dict[SlideJob, PrefectFuture[SlideReport]] = {}
-    running: list[PrefectFuture[SlideReport]] = []
+    reports: dict[SlideJob, SlideReport] = {}
+    running: dict[PrefectFuture[SlideReport], SlideJob] = {}
+
+    def collect(future: PrefectFuture[SlideReport]) -> None:
+        job = running.pop(future)
+        reports[job] = report = _outcome(job, future)
+        runlog.update(job.name, report.status, seconds=report.seconds, error=report.error)
+
     for job in jobs:
-        while len(running) >= limit:
-            running.remove(next(as_completed(running)))
-        future = slide_task.submit(job, options, settings, resources)
-        futures[job] = future
-        running.append(future)
-    return [_outcome(job, future) for job, future in futures.items()]
+        while len(running) >= settings.max_concurrent_slides:
+            collect(next(as_completed(list(running))))
+        runlog.update(job.name, "running")
+        running[slide_task.submit(job, options, settings, resources)] = job
+    for future in as_completed(list(running)):
+        collect(future)
+    return [reports[job] for job in jobs]
 
 
 def _outcome(job: SlideJob, future: PrefectFuture[SlideReport]) -> SlideReport:
     try:
         return future.result()
+    except NoWorkers:
+        raise  # the cluster's problem, not the slide's: the run fails with it
     except Exception as exc:  # one slide's failure is a row of the summary, not the run's end
         return failed_report(job, exc)
 

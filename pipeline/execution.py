@@ -6,7 +6,8 @@ straight to the output store, never through the scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
@@ -14,9 +15,12 @@ import dask
 from dask.callbacks import Callback
 
 from pipeline.errors import TilesegError
+from pipeline.worker_wait import wait_for_workers
 
 T = TypeVar("T")
 R = TypeVar("R")
+WATCH_S = 5.0  # while no task finishes, how often the workers are checked
+POLL_S = 0.02  # how often finished tasks are collected (a task takes seconds)
 
 
 class _Progress(Callback):
@@ -51,6 +55,8 @@ def run_tasks(
         with one, in order in the calling thread);
         an address (``tcp://host:8786``) runs on that existing distributed cluster, where a lost
         worker's tasks are rescheduled elsewhere.
+        No worker able to run the tasks for ``tileseg.worker-wait-seconds`` (Dask config,
+        default 300) ends the run with :class:`~pipeline.worker_wait.NoWorkers`, not a hang.
     on_done
         Called in the calling process with each result as it finishes (progress reporting).
     resources
@@ -89,18 +95,20 @@ def _run_distributed(
     on_done: Callable[[R], None] | None,
     resources: dict[str, float] | None = None,
 ) -> list[R]:
-    from distributed import Client, KilledWorker, as_completed
+    from distributed import Client, KilledWorker
 
     try:
         client = Client(scheduler, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:  # refused, timed out, malformed address
         raise TilesegError(scheduler, f"cannot connect to the Dask scheduler ({exc})") from None
     with client:
+        # A scheduler without an able worker would hold the tasks forever: bounded waits.
+        wait_for_workers(client, resources, address=scheduler)
         futures = client.map(fn, list(items), pure=False, resources=resources)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)
         try:
-            for future in as_completed(futures, loop=client.loop):
+            for future in _finished(client, futures, resources, scheduler):
                 # .result() re-raises a task's exception here, with its original type.
                 results[index[future.key]] = result = future.result()
                 if on_done:
@@ -116,3 +124,25 @@ def _run_distributed(
             client.cancel(futures)
             raise
     return results
+
+
+def _finished(
+    client: Any, futures: list[Any], resources: dict[str, float] | None, scheduler: str
+) -> Iterator[Any]:
+    """The futures as they finish; while none does, the cluster is asked whether a worker
+    able to run them is still there (workers lost at a job's walltime, and none replaced)."""
+    from distributed import as_completed
+
+    finished = as_completed(futures, loop=client.loop)
+    quiet_since = time.monotonic()
+    while not finished.is_empty():
+        batch = finished.next_batch(block=False)
+        yield from batch
+        now = time.monotonic()
+        if batch:
+            quiet_since = now
+        elif now - quiet_since > WATCH_S:
+            wait_for_workers(client, resources, address=scheduler)
+            quiet_since = time.monotonic()
+        else:
+            time.sleep(POLL_S)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = UNetConfig(depth=2, width=4, padding="valid", classes=2)
 GPU = {"GPU": 1}
 GPU_TASK = {"GPU": 0.5}  # two tasks per GPU, sharing its model
+# A SLURMCluster's scheduler takes port 8787 by default, often taken on a shared machine
+NO_DASHBOARD = {"dashboard_address": ":0"}
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +225,10 @@ def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_c
     assert rows["b.tif"]["throughput (MP/s)"] != "" and rows["b.tif"]["time (s)"] != ""
     assert rows["broken.tif"]["status"].startswith("failed: ")
     assert "truncated TIFF file" in rows["broken.tif"]["status"]  # the library's one-line error
+    [summary] = summaries(out)  # also on disk, written as the slides finished
+    assert summary["status"] == "complete"
+    statuses = {r["slide"]: r["status"] for r in summary["slides"]}
+    assert statuses == {"a.ome.tif": "done", "b.tif": "done", "broken.tif": "failed"}
 
     # Second run: both done slides are skipped without any inference.
     calls = no_inference(monkeypatch)
@@ -434,10 +441,16 @@ def test_example_configs_are_valid():
     assert spec["type"] == "slurm" and _task_resources(spec) == GPU_TASK
     from dask_jobqueue import SLURMCluster
 
+    from flows.cluster import slurm_arguments
+
     # Builds the job script only: no job is submitted (scale is never called).
-    with SLURMCluster(**spec["slurm"]) as cluster:
+    with SLURMCluster(**slurm_arguments(spec), scheduler_options=dict(NO_DASHBOARD)) as cluster:
         script = cluster.job_script()
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
+    # the prologue's environment chooses the Python; workers leave before the 12 h walltime
+    assert "\npython -m distributed.cli.dask_worker " in script and sys.executable not in script
+    assert "--lifetime 42660s --lifetime-stagger 240s" in script
+    assert spec["adapt"]["minimum_jobs"] >= 1  # workers that leave are replaced
     assert "MALLOC_ARENA_MAX" not in script  # a GPU's forward needs no heap of its own
 
 
@@ -449,7 +462,7 @@ def test_slurm_cpu_workers_start_on_the_main_heap():
     prologue = ["source ~/tileseg/.venv/bin/activate"]
     slurm = {"cores": 8, "memory": "32GB", "job_script_prologue": prologue}
     spec = {"type": "slurm", "slurm": slurm}
-    with SLURMCluster(**slurm_arguments(spec)) as cluster:
+    with SLURMCluster(**slurm_arguments(spec), scheduler_options=dict(NO_DASHBOARD)) as cluster:
         script = cluster.job_script()
     # exported before the worker command starts the nanny, whose worker inherits it
     lines = script.splitlines()
@@ -601,3 +614,266 @@ def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
     assert off == [False, False]
     share = str(max(1, usable_cores() // 2))
     assert all(list(seen.values()) == [share, share] for seen in threads.values())
+
+
+# ------------------------------------------------------------------- never hang, never redo
+
+
+@pytest.fixture(scope="module")
+def cpu_scheduler():
+    """A real scheduler whose one worker declares no GPU (in-process: starts in a second)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+def gpu_cluster_config(path: Path, address: str) -> Path:
+    path.write_text(yaml.safe_dump({"type": "address", "address": address,
+                                    "task_resources": GPU_TASK}))  # fmt: skip
+    return path
+
+
+def test_batch_without_gpu_workers_fails_within_the_wait(
+    slides, model, tmp_path, capsys, cpu_scheduler
+):
+    config = write_config(tmp_path / "wait.yaml", model, run={"worker_wait_seconds": 1})
+    cluster = gpu_cluster_config(tmp_path / "gpu.yaml", cpu_scheduler)
+    argv = ["batch", str(slides), str(tmp_path / "out"), "--config", str(config),
+            "--cluster-config", str(cluster), "--no-progress"]  # fmt: skip
+    start = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - start < 30
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"tileseg: error: {cpu_scheduler}: no Dask worker with resources ")
+    assert "GPU=0.5 within 1 s: 1 worker(s) connected, none declares any resource" in line
+    assert not (tmp_path / "out" / "a.zarr").exists()  # checked before any slide started
+
+
+def test_an_unreachable_scheduler_is_one_check_not_one_per_slide(
+    slides, config, tmp_path, capsys, monkeypatch
+):
+    import dask
+    import distributed
+
+    connects = []
+
+    class Counting(distributed.Client):
+        def __init__(self, address, *args, **kwargs):
+            connects.append(address)
+            super().__init__(address, *args, **kwargs)
+
+    monkeypatch.setattr(distributed, "Client", Counting)
+    argv = [
+        "batch",
+        str(slides),
+        str(tmp_path / "out"),
+        "--config",
+        str(config),
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+    ]  # fmt: skip (port 9: discard, nobody listens)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert main(argv) == 2
+    assert connects == ["tcp://127.0.0.1:9"]  # three slides, one attempt
+    err = capsys.readouterr().err
+    assert "tileseg: error: tcp://127.0.0.1:9: cannot connect to the Dask scheduler" in err
+
+
+def test_slurm_without_sbatch_is_one_line(monkeypatch):
+    from flows.cluster import open_cluster
+
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(TilesegError, match="sbatch not found on PATH"):
+        with open_cluster({"type": "slurm", "slurm": {"cores": 1, "memory": "1GB"}}):
+            pass
+
+
+def test_flow_fails_instead_of_hanging_and_the_next_run_is_not_blocked(
+    harness, slides, model, tmp_path
+):
+    from distributed import LocalCluster
+
+    from flows.segment_flows import segment_directory
+
+    config = write_config(tmp_path / "wait.yaml", model, run={"worker_wait_seconds": 1})
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        args = {"input_dir": str(slides), "output_dir": str(tmp_path / "out"),
+                "config": str(config), "scheduler": empty.scheduler_address}  # fmt: skip
+        for _ in range(2):  # a scheduled run after a failed one starts and ends the same way
+            start = time.monotonic()
+            state = segment_directory(**args, return_state=True)
+            assert state.is_failed() and time.monotonic() - start < 60
+            with pytest.raises(TilesegError, match="no Dask worker connected within 1 s"):
+                state.result()
+    runs = summaries(tmp_path / "out")
+    assert len(runs) == 2 and all(r["status"] == "failed" for r in runs)
+    assert "no Dask worker connected" in runs[-1]["error"]
+    assert {r["status"] for r in runs[-1]["slides"]} == {"pending"}
+
+
+def test_serve_takes_the_flow_timeout_from_the_config(tmp_path, monkeypatch):
+    from prefect import Flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    seen = {}
+    monkeypatch.setattr(Flow, "serve", lambda self, **kw: seen.update(timeout=self.timeout_seconds))
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {flow_timeout_seconds: 3600, slide_timeout_seconds: 600}\n")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert main(["serve", "in", "out", "--config", str(config)]) == 0
+    assert seen["timeout"] == 3600
+
+
+def summaries(output: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_batch_leaves_a_summary_and_the_next_run_resumes(model, tmp_path, capsys):
+    """SLURM's walltime and scancel send SIGTERM: the run ends cleanly, non-zero, with a
+    summary of done, failed and pending slides; the same command then finishes the rest."""
+    folder = tiny_slides(tmp_path / "slides", {f"s{i}.tif": (384, 384) for i in range(1, 6)})
+    broken = write_tiff(folder / "s0-broken.tif", np.zeros((200, 200), np.uint16), axes="YX",
+                        tile=(64, 64), compression="zlib")  # fmt: skip
+    os.truncate(broken, broken.stat().st_size // 2)
+    config = write_config(tmp_path / "c.yaml", model, batch_size=1, run={"qc": False,
+                                                                         "retries": 0})  # fmt: skip
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline", "batch", str(folder), str(out), "--config",
+            str(config), "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until one slide failed and one is done
+        rows = [r["status"] for s in summaries(out) for r in s["slides"]] if out.exists() else []
+        if "failed" in rows and "done" in rows:
+            break
+        time.sleep(0.1)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    [first] = summaries(out)
+    assert first["status"] == "interrupted" and first["finished"]
+    status = {r["slide"]: r["status"] for r in first["slides"]}
+    assert status["s0-broken.tif"] == "failed" and "done" in status.values()
+    assert "pending" in status.values() and "running" not in status.values()
+    errors = {r["slide"]: r["error"] for r in first["slides"]}
+    assert "truncated TIFF file" in errors["s0-broken.tif"]
+
+    in_process = argv[3:]  # the same command, without the interpreter's start-up
+    assert main(in_process) == 2  # the broken slide fails again
+    second = summaries(out)[-1]
+    again = {r["slide"]: r["status"] for r in second["slides"]}
+    assert second["status"] == "complete"
+    assert all(again[s] == "skipped" for s, st in status.items() if st == "done")
+    assert all(again[s] == "done" for s, st in status.items() if st == "pending")
+
+    assert main([*in_process, "--only-failed", "--exclude", "s3*"]) == 2
+    assert [r["slide"] for r in summaries(out)[-1]["slides"]] == ["s0-broken.tif"]
+    capsys.readouterr()
+    assert main([*in_process, "--exclude", "*broken*"]) == 0
+    assert "5 slide(s): 0 done, 5 skipped" in capsys.readouterr().out
+
+
+def test_outputs_inside_the_input_directory_are_never_slides(slides, config, tmp_path, capsys):
+    out = slides / "results"
+    argv = ["batch", str(slides), str(out), "--config", str(config), "--no-progress",
+            "--pattern", "**/*.tif", "--pattern", "**/*.zarr", "--exclude", "broken*"]  # fmt: skip
+    assert main(argv) == 0
+    assert "2 slide(s): 2 done" in capsys.readouterr().out
+    assert (out / "a.zarr").is_dir()
+    assert main(argv) == 0  # the outputs in results/ match **/*.zarr, and are not taken
+    assert "2 slide(s): 0 done, 2 skipped" in capsys.readouterr().out
+
+    assert main(["batch", str(slides), str(slides), "--config", str(config)]) == 2
+    assert "OUTPUT_DIR is INPUT_DIR" in capsys.readouterr().err
+
+
+def test_batch_honours_max_concurrent_slides(model, tmp_path, monkeypatch, capsys):
+    names = {f"s{i}.tif": (96, 96) for i in range(4)}
+    folder = tiny_slides(tmp_path / "slides", names)
+    for limit in (1, 2):
+        counter = InFlight(monkeypatch, hold_s=0.5)
+        config = write_config(tmp_path / f"{limit}.yaml", model,
+                              run={"max_concurrent_slides": limit, "qc": False})  # fmt: skip
+        out = tmp_path / f"out{limit}"
+        assert main(["batch", str(folder), str(out), "--config", str(config)]) == 0
+        assert counter.most == limit and sorted(counter.slides) == sorted(names)
+        assert "4 slide(s): 4 done" in capsys.readouterr().out
+        monkeypatch.undo()
+
+
+def test_serve_and_prefect_yaml_deployments_have_distinct_names():
+    from pipeline.cli import build_parser
+
+    served = build_parser().parse_args(["serve", "in", "out"]).name
+    deployed = {
+        d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    }
+    assert served not in deployed  # one would overwrite the other (segment-directory/<name>)
+
+
+def test_the_ephemeral_prefect_server_gets_time_to_start():
+    code = (
+        "import flows.segment_flows\n"
+        "from prefect.settings import get_current_settings as s\n"
+        "print(s().server.ephemeral.startup_timeout_seconds)"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert int(out.stdout.strip()) >= 90  # Prefect's own default, 20 s, is too short
+
+
+@pytest.mark.parametrize(
+    ("walltime", "seconds"),
+    [("30", 1800), ("45:00", 2700), ("12:00:00", 43200), ("2-12", 216000), ("1-2:30", 95400)],
+)
+def test_worker_lifetimes_end_before_the_walltime(walltime, seconds):
+    from dask.utils import parse_timedelta
+
+    from flows.cluster import worker_lifetime
+
+    lifetime, stagger = (parse_timedelta(t) for t in worker_lifetime(walltime))
+    assert 0 < stagger and seconds * 0.85 < lifetime + stagger < seconds
+
+
+def test_slurm_interface_and_explicit_lifetimes_are_kept():
+    from dask_jobqueue import SLURMCluster
+
+    from flows.cluster import slurm_arguments
+
+    slurm = {"cores": 2, "memory": "4GB", "walltime": "01:00:00", "interface": "lo",
+             "worker_extra_args": ["--lifetime", "50m"], "python": "/opt/bin/python"}  # fmt: skip
+    with SLURMCluster(
+        **slurm_arguments({"type": "slurm", "slurm": slurm}), scheduler_options=dict(NO_DASHBOARD)
+    ) as cluster:
+        script = cluster.job_script()
+    assert "--interface lo" in script and script.count("--lifetime") == 1
+    assert "/opt/bin/python -m distributed.cli.dask_worker" in script
+    with pytest.raises(TilesegError, match="not a SLURM time"):
+        slurm_arguments({"slurm": {"walltime": "noon"}})
+
+
+def test_docker_runs_unprivileged_with_a_small_context_and_local_ports():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "**/*.zarr", "bench/results"} <= set(ignored)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert 'pip install -c constraints.txt ".[flows]"' in dockerfile  # extras pinned too
+    pins = (ROOT / "constraints.txt").read_text()
+    assert "\nprefect==" in pins and "\ndask-jobqueue==" in pins
+    services = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    ports = [p for s in services.values() for p in s.get("ports", [])]
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
+    assert all("user" in services[s] for s in ("gpu-worker", "flows"))  # output owners
