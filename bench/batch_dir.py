@@ -31,7 +31,7 @@ from run import RAW
 
 SLIDES = """
 import os, sys
-from pipeline.synthetic import SyntheticConfig, write_synthetic_slide
+from pipeline.synthetic.slides import SyntheticConfig, write_synthetic_slide
 folder, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 for i in range(n):
     write_synthetic_slide(os.path.join(folder, f"slide{i}.ome.tif"), shape=(size, size),

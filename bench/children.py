@@ -36,8 +36,8 @@ def peak_memory():
 SEGMENT = """
 import json, shutil, sys
 from pipeline.config import SegmentOptions
-from pipeline.segment import segment_image
-from pipeline.inference import resolve_device
+from pipeline.engine.driver import segment_image
+from pipeline.models.inference import resolve_device
 src, dst, model, device, tile, batch, workers, tissue = sys.argv[1:9]
 per_task = int(sys.argv[9]) if len(sys.argv) > 9 else SegmentOptions().batches_per_task
 opts = SegmentOptions(model=model or None, device=device, tile=int(tile),

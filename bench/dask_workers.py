@@ -2,9 +2,10 @@
 
 Workers that ``dask worker`` or dask-jobqueue start get Dask's nanny defaults: one OpenMP and
 BLAS thread, and glibc's per-thread arenas. An inference task then sets its thread's forward
-to the worker's share of the cores (``pipeline/cores.py``); the arenas cannot be changed once
+to the worker's share of the cores (``pipeline/runtime/cores.py``); the arenas cannot be changed
+once
 a process runs, so a task's CPU forward maps and page-faults its activations in again at every
-batch unless the worker was started with ``MALLOC_ARENA_MAX=1`` (``pipeline/heap.py``; the
+batch unless the worker was started with ``MALLOC_ARENA_MAX=1`` (``pipeline/runtime/heap.py``; the
 SLURM clusters tileseg starts export it).
 
 Three runs of the default model on one generated --size slide, each timed warm (its second
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 SETUP = """
 import sys, tifffile
-from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
+from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 image, _ = synthetic_pair((int(sys.argv[2]),) * 2, config=SyntheticConfig(seed=3))
 tifffile.imwrite(sys.argv[1], image, tile=(256, 256), compression="zlib")
 print("{}")
@@ -39,7 +40,7 @@ import json, sys, time
 import dask
 src, dst, mode = sys.argv[1:4]
 from pipeline.config import SegmentOptions
-from pipeline.segment import segment_image
+from pipeline.engine.driver import segment_image
 def timed(scheduler=None):
     opts = SegmentOptions(device="cpu", overwrite=True, scheduler=scheduler)
     segment_image(src, dst + "-warm-up", opts)

@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.inference import Predictor
 from pipeline.models import ModelSpec, load_model
+from pipeline.models.inference import Predictor
 
 ON_OFF = ("off", "on")
 SETTINGS = [{"channels_last": c, "fold_norm": f} for c, f in itertools.product(ON_OFF, ON_OFF)]

@@ -27,10 +27,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline import blocks, worker  # noqa: E402
-from pipeline import segment as seg  # noqa: E402
 from pipeline.config import SegmentOptions  # noqa: E402
-from pipeline.inference import Prediction  # noqa: E402
+from pipeline.engine import driver as seg  # noqa: E402
+from pipeline.engine import tasks as blocks  # noqa: E402
+from pipeline.models.inference import Prediction  # noqa: E402
+from pipeline.runtime import worker  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ pass on the CPU over the whole image, mirror-padded by the halo, in tileseg's de
 (channels-last): what tileseg promises to equal. MONAI runs three times: roi = tileseg's output
 tile with the module as loaded (how it is called) and "tuned" as tileseg runs a model (batch
 norm folded into the convolutions, the module in channels-last, which MONAI's windows then
-follow, and on the CPU freed memory kept in the heap: ``pipeline/heap.py``), and roi =
+follow, and on the CPU freed memory kept in the heap: ``pipeline/runtime/heap.py``), and roi =
 tileseg's whole window (the same cost per forward).
 Each contender runs in its own child process so its peak memory is its own. On CUDA both run
 in the precision tileseg picks there (autocast bf16), and both are timed warm (after one
@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 SETUP = """
 import sys, numpy as np, tifffile
 from pipeline.models import UNetConfig, save_unet, seeded_unet
-from pipeline.synthetic_render import SyntheticConfig, synthetic_pair
+from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 out, size, depth = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 config = UNetConfig(depth=depth, width=16, padding="same")
 save_unet(seeded_unet(config, seed=0), out + "/same.safetensors")
@@ -42,10 +42,10 @@ print("{}")
 COMMON = """
 import json, sys, time
 import numpy as np, tifffile, torch
-from pipeline.inference import Predictor, predict_whole, resolve_device, resolve_precision
+from pipeline.models.inference import Predictor, predict_whole, resolve_device, resolve_precision
 from pipeline.models import ModelSpec, load_model
-from pipeline.normalize import compute_normalization
-from pipeline.readers import open_image
+from pipeline.preprocess.normalize import compute_normalization
+from pipeline.io.readers import open_image
 out, tile, overlap, batch = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 device = resolve_device(sys.argv[5])
 model = load_model(ModelSpec(out + "/same.safetensors"))
@@ -82,7 +82,7 @@ if sys.argv[6] == "tuned":  # tileseg's settings: MONAI's windows follow the wei
     fold_batch_norm(module)  # this child's own copy of the model
     module = module.to(memory_format=torch.channels_last)
     if device.type == "cpu":
-        from pipeline.heap import keep_freed_memory
+        from pipeline.runtime.heap import keep_freed_memory
         keep_freed_memory()
 autocast = resolve_precision("auto", device)  # what tileseg runs in on this device
 def run():
@@ -108,7 +108,7 @@ TILESEG = (
     + """
 import zarr
 from pipeline.config import SegmentOptions
-from pipeline.segment import segment_image
+from pipeline.engine.driver import segment_image
 # tile = output tile; tileseg's window adds the halo (the model's own geometry)
 opts = SegmentOptions(model=out + "/same.safetensors", tile=tile, batch_size=batch,
                       device=str(device), save_probabilities=True, probability_dtype="float32",

@@ -42,7 +42,7 @@ RAW = """
 import json, sys, time
 import numpy as np
 import torch
-from pipeline.inference import Predictor
+from pipeline.models.inference import Predictor
 from pipeline.models import ModelSpec, load_model
 model, device, window, tiles, batch = sys.argv[1:6]
 window, tiles, batch = int(window), int(tiles), int(batch)
@@ -91,7 +91,7 @@ print("{}")
 
 SLIDE = """
 import os, sys
-from pipeline.synthetic import SyntheticConfig, write_synthetic_slide
+from pipeline.synthetic.slides import SyntheticConfig, write_synthetic_slide
 n = int(sys.argv[2])
 write_synthetic_slide(sys.argv[1], shape=(n, n), config=SyntheticConfig(seed=1),
                       workers=os.cpu_count())

@@ -27,7 +27,12 @@ def write_partial_slide(path: Path, *, size: int, fraction: float, tile: int = 5
     """A size x size fluorescence slide whose rows ``y < fraction * size`` hold tissue."""
     import tifffile
 
-    from pipeline.synthetic import SyntheticConfig, pyramid_shapes, render_block, write_pyramid
+    from pipeline.synthetic.slides import (
+        SyntheticConfig,
+        pyramid_shapes,
+        render_block,
+        write_pyramid,
+    )
 
     tissue = SyntheticConfig(seed=1, tissue=False)  # tissue everywhere
     # 1e-9: a tissue threshold of 0.5 + 6 sd of the tissue noise, which never reaches it

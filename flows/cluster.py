@@ -17,7 +17,7 @@ A cluster config (the ``cluster:`` section of a directory config, or a file of i
 ``{GPU: 0.5}`` whenever the cluster's workers are declared as GPU workers here: a worker
 declaring ``GPU=1`` then runs two tasks at a time, sharing its one model, so that one task's
 first read and last write are hidden behind the other's inference (as local runs do, see
-``pipeline.segment.local_workers``). ``{GPU: 1}`` gives one task at a time per GPU.
+``pipeline.engine.driver.local_workers``). ``{GPU: 1}`` gives one task at a time per GPU.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any
 import dask
 
 from pipeline.config import read_yaml_mapping
-from pipeline.cores import usable_cores
 from pipeline.errors import TilesegError
-from pipeline.inference import TASKS_PER_GPU
-from pipeline.worker_wait import wait_for_workers
+from pipeline.models.inference import TASKS_PER_GPU
+from pipeline.runtime.cores import usable_cores
+from pipeline.runtime.worker_wait import wait_for_workers
 
 TYPES = ("local", "address", "slurm", "none")
 GPU = {"GPU": 1}  # what a GPU worker declares
@@ -220,7 +220,8 @@ def cpu_worker_environ(*, workers: int, threads: int) -> dict[str, Any]:
     """The environment CPU worker processes start with. Dask's nanny gives them one OpenMP and
     BLAS thread each and a low malloc trim threshold, made for many small tasks; a tileseg task
     is a model forward. So each task thread gets its share of the cores, and every thread uses
-    glibc's main heap, which keeps freed activations for the next batch (``pipeline/heap.py``;
+    glibc's main heap, which keeps freed activations for the next batch
+    (``pipeline/runtime/heap.py``;
     glibc reads these variables only at start-up)."""
     share = str(max(1, usable_cores() // max(1, workers * threads)))
     environ = dict(dask.config.get(PRE_SPAWN, default={}) or {})
@@ -276,7 +277,7 @@ def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
     - for CPU workers glibc's main heap for every thread, as local CPU workers get
       (:func:`cpu_worker_environ`): the job script exports it before the nanny starts, and
       the worker it spawns inherits it. Their thread count is set by each inference task
-      (``pipeline/cores.py``).
+      (``pipeline/runtime/cores.py``).
     """
     args = dict(spec.get("slurm") or {})
     if args.get("job_script_prologue") and "python" not in args:

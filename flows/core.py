@@ -21,11 +21,11 @@ import dask
 
 from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
 from pipeline.errors import TilesegError
-from pipeline.heap import heap_hint
+from pipeline.io.readers import find_images, image_stem
 from pipeline.models import ModelSpec, load_model
-from pipeline.provenance import fingerprint, output_state
-from pipeline.readers import find_images, image_stem
-from pipeline.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
+from pipeline.output.provenance import fingerprint, output_state
+from pipeline.runtime.heap import heap_hint
+from pipeline.runtime.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
 
 log = logging.getLogger("tileseg.flows")
 
@@ -149,7 +149,7 @@ def discover(
     """Slides directly inside ``directory``: every image, or those matching any glob pattern,
     less those whose name matches an ``exclude`` glob.
 
-    Hidden entries are skipped, as in :func:`pipeline.readers.find_images`; so is everything
+    Hidden entries are skipped, as in :func:`pipeline.io.readers.find_images`; so is everything
     inside ``output_dir`` when it lies in ``directory`` (a run's own outputs are no slides).
     """
     if not patterns:
@@ -219,7 +219,9 @@ class SlideReport:
     qc: str | None = None  # QC picture path
     error: str | None = None
     reprocessed: bool = False  # an older output from another config/model/input was replaced
-    tasks_off_main_heap: int = 0  # CPU forwards that lost their freed memory (pipeline/heap.py)
+    tasks_off_main_heap: int = (
+        0  # CPU forwards that lost their freed memory (pipeline/runtime/heap.py)
+    )
 
     def row(self) -> dict[str, Any]:
         """The artifact/summary table row: blanks where a value is not known."""
@@ -265,7 +267,9 @@ def process_slide(
     else may be transient (a lost worker, a full scratch disk being cleaned) and is retried by
     the caller.
     """
-    from pipeline.segment import segment_image  # torch import: only where slides are processed
+    from pipeline.engine.driver import (
+        segment_image,  # torch import: only where slides are processed
+    )
 
     if job.problem:
         raise TilesegError(job.input, job.problem)
@@ -297,7 +301,7 @@ def process_slide(
 
 
 def _report_from_record(job: SlideJob, *, status: str) -> SlideReport:
-    from pipeline.ngff import read_record
+    from pipeline.output.ngff import read_record
 
     record = read_record(job.output) or {}
     shape = record.get("spatial_shape") or []
@@ -330,8 +334,8 @@ def qc_path(job: SlideJob) -> Path:
 
 def write_qc(job: SlideJob, options: SegmentOptions) -> str | None:
     """A QC overlay picture; a failure here is logged, never fails a segmented slide."""
-    from pipeline.qc import overlay_png
-    from pipeline.readers import open_image
+    from pipeline.io.readers import open_image
+    from pipeline.output.qc import overlay_png
 
     png = qc_path(job)
     try:

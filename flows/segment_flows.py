@@ -43,7 +43,7 @@ from flows.core import (
 )
 from flows.runlog import RunLog
 from pipeline.config import SegmentOptions
-from pipeline.worker_wait import CONFIG_KEY, NoWorkers
+from pipeline.runtime.worker_wait import CONFIG_KEY, NoWorkers
 
 SLIDE_TAG = "tileseg-slide"  # `prefect concurrency-limit create tileseg-slide N` caps all runs
 

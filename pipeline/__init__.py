@@ -21,13 +21,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 _EXPORTS = {
     "segment": "pipeline.api",
-    "SegmentResult": "pipeline.segment",
+    "SegmentResult": "pipeline.engine.driver",
     "SegmentOptions": "pipeline.config",
-    "open_image": "pipeline.readers",
+    "open_image": "pipeline.io.readers",
     "load_model": "pipeline.models",
     "ModelSpec": "pipeline.models",
-    "label_instances": "pipeline.instances",
-    "measure_objects": "pipeline.measure",
+    "label_instances": "pipeline.objects.instances",
+    "measure_objects": "pipeline.objects.measure",
     "TilesegError": "pipeline.errors",
 }
 __all__ = ["__version__", *_EXPORTS]

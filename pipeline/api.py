@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import options_from_mapping
+from pipeline.engine.driver import SegmentResult, segment_image
 from pipeline.errors import TilesegError
-from pipeline.segment import SegmentResult, segment_image
 
 __all__ = ["segment"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.ngff import (
+from pipeline.output.ngff import (
     LABELS_PATH,
     OutputLayout,
     _mean2,

@@ -22,7 +22,10 @@ def api_model(tmp_path):
 
 
 def test_import_is_lazy():
-    code = "import pipeline, sys; print('torch' in sys.modules, 'pipeline.segment' in sys.modules)"
+    code = (
+        "import pipeline, sys; "
+        "print('torch' in sys.modules, 'pipeline.engine.driver' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
     assert {"segment", "open_image", "load_model", "label_instances"} <= set(dir(pipeline))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import build_parser
+from pipeline.cli.main import build_parser
 from pipeline.config import SECTIONS, SegmentOptions, declared, options_from_mapping, options_table
 from pipeline.errors import TilesegError
 

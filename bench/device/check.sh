@@ -29,7 +29,7 @@ fi
 import dask, distributed, imagecodecs, numpy, scipy, skimage, tifffile, torch, yaml, zarr
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())
 print('numpy', numpy.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__)
-import pipeline.segment, monai; print('tileseg and monai import')"
+import pipeline.engine.driver, monai; print('tileseg and monai import')"
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 (while sleep 5; do cp "$BENCH"/*.json "$OUT/" 2>/dev/null; done) &

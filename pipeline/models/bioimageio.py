@@ -39,10 +39,10 @@ from pipeline.models.files import LoadedModel, probe_threads, torch_forward
 from pipeline.models.metadata import ModelMetadata
 from pipeline.models.onnx_model import onnx_module
 from pipeline.models.probe import probe_geometry
-from pipeline.normalize import Normalization, percentiles_of, sample_pixels
+from pipeline.preprocess.normalize import Normalization, percentiles_of, sample_pixels
 
 if TYPE_CHECKING:
-    from pipeline.readers import LazyImage
+    from pipeline.io.readers import LazyImage
 
 __all__ = ["AxesAdapter", "is_package", "load_bioimageio", "opened", "package_normalization"]
 

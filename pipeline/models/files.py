@@ -30,8 +30,8 @@ from pipeline.models.probe import Forward, probe_geometry
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
 
 if TYPE_CHECKING:
-    from pipeline.normalize import Normalization
-    from pipeline.readers import LazyImage
+    from pipeline.io.readers import LazyImage
+    from pipeline.preprocess.normalize import Normalization
 
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = Path(__file__).with_name("default.safetensors")

@@ -1,0 +1,1 @@
+"""The tileseg command line (`pipeline.cli.main`)."""

@@ -1,0 +1,694 @@
+"""Segmenting one image: plan in the driver, infer in tasks that each own a block of output chunks.
+
+The driver opens the image and the model only to learn shapes, checks everything that can be
+checked before any work starts, decides the normalisation, creates the output arrays, and then
+runs the tasks of :mod:`pipeline.engine.tasks`. Each task reads its input windows (halo included,
+mirrored at the image border), infers in batches and writes its own chunk-aligned regions
+once. Pyramid levels follow, each computed from the level below, and the object steps; the
+overview (``pipeline/output/overview.py``) is written after the tasks in a local CPU run and
+alongside
+them otherwise. The provenance record is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.config import SegmentOptions
+from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
+from pipeline.errors import TilesegError
+from pipeline.geometry import (
+    Tile,
+    TileGrid,
+    group_tiles,
+    plan_tiles,
+)
+from pipeline.io.readers import LazyImage, open_image
+from pipeline.io.resolution import at_pixel_size
+from pipeline.models import LoadedModel, ModelSpec, load_model
+from pipeline.models.inference import (
+    label_dtype,
+    resolve_device,
+)
+from pipeline.objects.export import check_export, export_segmentation
+from pipeline.objects.instances import label_instances
+from pipeline.objects.measure import measure_objects
+from pipeline.output.chunk_writer import remove_leftovers
+from pipeline.output.label_classes import class_names
+from pipeline.output.lock import OutputLock, TakenOver, check_owner, claim_output, is_owner
+from pipeline.output.ngff import (
+    OutputLayout,
+    Overview,
+    create_output,
+    downsample_region,
+    forget_arrays,
+    level_regions,
+    levels_in_tasks,
+    mark_complete,
+    mark_failed,
+    overview_factor,
+    read_layout,
+    read_record,
+)
+from pipeline.output.overview import (
+    OverviewSource,
+    finish_overview,
+    overview_regions,
+    overview_source,
+    write_overview_block,
+)
+from pipeline.output.provenance import (
+    done_dir,
+    done_summary,
+    fingerprint,
+    is_done,
+    mark_done,
+    output_state,
+)
+from pipeline.preprocess.normalize import Normalization, compute_normalization
+from pipeline.preprocess.stain import StainMap, slide_stain
+from pipeline.preprocess.tissue import TissueMask, tissue_mask
+from pipeline.runtime.execution import run_tasks
+from pipeline.runtime.worker import (
+    RunSettings,
+    batches_per_task,
+    cached_predictor,
+    local_workers,
+    resolve_batch_size,
+    resolve_numerics,
+    resolve_prefetch,
+    shared_cpu,
+)
+
+
+@dataclass
+class SegmentResult:
+    """What a finished segmentation reports."""
+
+    input: str
+    output: str
+    spatial_shape: tuple[int, ...]
+    tiles: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # the output was already complete for the same fingerprint
+    resumed_tasks: int = 0  # tasks found done from an interrupted run
+    computed_pixels: int = 0  # pixels this run inferred (a resumed run: not those found done)
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.computed_pixels / 1e6 / max(self.seconds, 1e-9)
+
+    @property
+    def nonfinite_pixels(self) -> int:
+        """Input pixels that were NaN or infinite (set to 0 after normalisation)."""
+        return int(self.record.get("nonfinite_pixels", 0))
+
+
+def _pyramid_block(
+    args: tuple[str, OutputLayout, int, tuple[slice, ...], str, str],
+) -> dict[str, float]:
+    output, layout, level, region, name, run_id = args
+    check_owner(output, run_id)
+    with writing(output):
+        downsample_region(output, layout, level, region)
+        mark_done(output, name)
+    return {"tiles": 0}
+
+
+def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | None = None) -> None:
+    """Refuse image/model combinations that cannot work, before any work starts; ``channels``:
+    what the model is given per pixel (default: the image's channels)."""
+    g = model.geometry
+    if len(image.spatial_shape) != g.ndim:
+        raise TilesegError(
+            image.path,
+            f"image has {len(image.spatial_shape)} spatial axes ({image.spatial_axes}) "
+            f"but the model ({model.source}) is {g.ndim}D",
+        )
+    if image.dtype.kind not in "biuf":
+        raise TilesegError(image.path, f"unsupported pixel type {image.dtype} (need integer/float)")
+    small = [
+        f"{ax}={n} < {h}"
+        for ax, n, h in zip(image.spatial_axes, image.spatial_shape, g.halo, strict=True)
+        if n < h
+    ]
+    if small:
+        # Context for the border pixels would be mirrored many times over: not a real image
+        # for this model. Use a finer pyramid level or a model with a smaller halo.
+        raise TilesegError(
+            image.path,
+            f"image is smaller than the model's halo ({', '.join(small)} px): too little "
+            "context to segment it",
+        )
+    given = image.n_channels if channels is None else channels
+    if model.in_channels is not None and given != model.in_channels:
+        what = f"image has {image.n_channels} channel(s)"
+        if channels is not None:
+            what = f"{what}, {given} after stain separation,"
+        raise TilesegError(
+            image.path, f"{what} but the model ({model.source}) expects {model.in_channels}"
+        )
+
+
+def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileGrid:
+    g = model.geometry
+    tile, chunk = options.tile_and_chunk(g.ndim)
+    for axis, a in enumerate(g.align):
+        if tile < a or tile % a:
+            problem = f"tile {tile} is not a multiple of the model's alignment {a} (axis {axis})"
+            raise TilesegError("--tile", problem)
+    if tile % chunk:
+        raise TilesegError("--tile", f"tile {tile} is not a multiple of the output chunk {chunk}")
+    return plan_tiles(
+        image.spatial_shape, geometry=g, tile=(tile,) * g.ndim, chunk=(chunk,) * g.ndim
+    )
+
+
+def segment_image(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    options: SegmentOptions,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> SegmentResult:
+    """Segment one image into an OME-Zarr output.
+
+    The output's lock (:mod:`pipeline.output.lock`) is held from before the output is looked
+    at until its record is written: one run writes an output at a time.
+    ``progress(done_pixels, total_pixels)`` is called in this process as tiles finish.
+    """
+    job = _prepare(input_path, output_path, options)
+    output, image, grid = job.output, job.image, job.grid
+    with OutputLock(output) as lock:
+        state = existing_output(
+            output, job.fingerprint, overwrite=options.overwrite, input_path=input_path
+        )
+        if state == "complete":
+            record = read_record(output) or {}
+            return SegmentResult(
+                os.fspath(input_path), output, image.spatial_shape, len(grid), 0.0,
+                record.get("timings", {}), record, skipped=True,
+            )  # fmt: skip
+        try:
+            return _run(job, state, lock.run_id, progress=progress)
+        except TilesegError as exc:
+            raise _with_resume_hint(exc, output, lock.run_id) from None
+
+
+def _prepare(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: SegmentOptions
+) -> _Job:
+    """Open the image and the model, and refuse what cannot work, before any output exists."""
+    started = time.perf_counter()
+    try:
+        resolve_device(options.device)
+    except (ValueError, RuntimeError) as exc:
+        raise TilesegError("--device", str(exc)) from None
+    image = open_image(
+        input_path,
+        level=options.level,
+        axes=options.axes,
+        allow_missing_chunks=options.allow_missing_chunks,
+    )
+    resampled = None
+    if options.mpp is not None:
+        image, resampled = at_pixel_size(image, options.mpp)
+    model_spec = ModelSpec.from_options(options)
+    model = load_model(model_spec)
+    stain = slide_stain(image, options.stain, model.in_channels)
+    check_compatible(image, model, channels=None if stain is None else 1)
+    if options.export:
+        check_export(input_path, ndim=len(image.spatial_shape))
+    grid = plan(image, model, options)
+    return _Job(
+        input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
+        options, started, fingerprint(input_path, options, model_sha256=model.sha256),
+        stain=stain, resampled=resampled,
+    )  # fmt: skip
+
+
+def existing_output(
+    output: str, expected: str, *, overwrite: bool, input_path: str | os.PathLike[str]
+) -> str:
+    """What to do with what is at ``output``: ``missing`` (create it), ``replace`` (it),
+    ``partial`` (resume it) or ``complete`` (skip it). A directory that is not a tileseg output
+    is never replaced; another run's output only with ``overwrite``, or when it is a failed run
+    of the same input path whose file has changed since (repaired: its done tasks read the
+    file as it was, so it starts afresh)."""
+    state = output_state(output, expected)
+    if state == "different" and _failed_on(output, input_path):
+        return "replace"
+    if state == "foreign":
+        what = "--overwrite replaces tileseg outputs only: " if overwrite else ""
+        raise TilesegError(
+            output,
+            f"already exists and is not a tileseg output ({what}choose another output path, "
+            "or remove it yourself)",
+        )
+    if overwrite:
+        return "missing" if state == "missing" else "replace"
+    if state == "different":
+        raise TilesegError(
+            output,
+            "already exists and was made from a different input, model or configuration "
+            "(use --overwrite to replace it)",
+        )
+    return state
+
+
+def _with_resume_hint(exc: TilesegError, output: str, run_id: str) -> TilesegError:
+    """A failure after this run made or took up its output: the output is recorded as failed
+    and stays unfinished, and the same command continues it, which the message says."""
+    if isinstance(exc, TakenOver) or not is_owner(output, run_id):
+        return exc
+    with contextlib.suppress(OSError, ValueError):
+        mark_failed(output, exc.problem)
+    return TilesegError(
+        exc.path or output,
+        f"{exc.problem}; the unfinished output {output} resumes when the same command is "
+        "given again once this is fixed",
+    )
+
+
+def _failed_on(output: str, input_path: str | os.PathLike[str]) -> bool:
+    record = read_record(output) or {}
+    here = os.fspath(Path(input_path).absolute())
+    return record.get("status") == "failed" and record.get("input") == here
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a run works on, decided before its output is looked at."""
+
+    input_path: str | os.PathLike[str]
+    output: str
+    image: LazyImage
+    model_spec: ModelSpec
+    model: LoadedModel
+    grid: TileGrid
+    options: SegmentOptions
+    started: float
+    fingerprint: str
+    stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
+    resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
+
+
+def _run(
+    job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
+) -> SegmentResult:
+    """Create or resume the output, run the tasks and the steps after them, write the record."""
+    image, grid, options, output = job.image, job.grid, job.options, job.output
+    if job.model.normalization is not None:  # a bioimage.io package's own preprocessing
+        normalization = job.model.normalization(image)
+    else:
+        normalization = compute_normalization(
+            image,
+            mode=options.normalize,
+            percentiles=options.percentiles,
+            scale=options.scale,
+            offset=options.offset,
+            stain=job.stain,
+        )
+    mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
+    layout = _layout(job, state)
+    record = _record(job, normalization, layout, mask)
+    workers = options.workers or local_workers(options)
+    # A resumed run works as the run it continues did: its done tasks must match the rest.
+    resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
+    in_channels = normalization.channels(image.n_channels)
+    run, per_task, levels = _run_settings(
+        job, layout, workers, resumed=resumed, in_channels=in_channels
+    )
+    record["run"] = {
+        "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
+        "channels_last": run.channels_last, "fold_norm": run.fold_norm,
+        "labels_from": run.labels_from,
+    }  # fmt: skip
+    forget_arrays(output)
+    if state != "partial":
+        with writing(output):
+            create_output(
+                output, layout, overwrite=state == "replace", attrs=record,
+                subdirs=[os.path.relpath(done_dir(output), output)],
+            )  # fmt: skip
+    claim_output(output, run_id)
+    tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
+    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
+    record.update(_objects(output, image, options, workers=workers))
+    _finish_record(record, job, computed, resumed_tasks)
+    with writing(output):
+        remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
+        mark_complete(output, record)
+    return SegmentResult(
+        os.fspath(job.input_path), output, image.spatial_shape, len(grid),
+        record["timings"]["total_wall"], record["timings"], record,
+        resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
+    )  # fmt: skip
+
+
+def _layout(job: _Job, state: str) -> OutputLayout:
+    image, options = job.image, job.options
+    classes = int(job.model.classes or 0) or _probe_classes(job.model_spec, options, job.grid)
+    _, chunk = options.tile_and_chunk(job.grid.geometry.ndim)
+    layout = OutputLayout(
+        spatial_shape=image.spatial_shape,
+        chunks=tuple(min(chunk, n) for n in image.spatial_shape),
+        classes=classes,
+        label_dtype=label_dtype(max(classes, 2)).str,
+        probability_dtype=options.probability_dtype if options.save_probabilities else None,
+        pixel_size=image.pixel_size,
+        overview=None
+        if options.save_probabilities
+        else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
+        class_names=class_names(classes, getattr(job.model_spec, "class_names", None)),
+    )
+    if state == "partial" and read_layout(job.output).overview is None:
+        layout = replace(layout, overview=None)  # begun before outputs had an overview
+    return layout
+
+
+def _record(
+    job: _Job, normalization: Normalization, layout: OutputLayout, mask: TissueMask | None
+) -> dict[str, Any]:
+    """The provenance record as it is written when the output is created."""
+    model, grid = job.model, job.grid
+    return {
+        "version": __version__,
+        "input": os.fspath(Path(job.input_path).absolute()),
+        "reader": job.image.reader,
+        "level": job.options.level,
+        "model": {"source": model.source, "sha256": model.sha256, **model.info},
+        "config": job.options.to_dict(),
+        "normalization": normalization.to_dict(),
+        "geometry": {
+            "halo": list(grid.geometry.halo),
+            "align": list(grid.geometry.align),
+            "tile": list(grid.tile),
+            "window": list(grid.window),
+            "chunks": list(layout.chunks),
+        },
+        "tissue": None if mask is None else mask.to_dict(),
+        **({} if job.resampled is None else {"resample": job.resampled}),
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "fingerprint": job.fingerprint,
+    }
+
+
+def _run_settings(
+    job: _Job,
+    layout: OutputLayout,
+    workers: int,
+    *,
+    resumed: dict[str, Any] | None,
+    in_channels: int,
+) -> tuple[RunSettings, int, int]:
+    """How the tasks run, and how many tiles a task and pyramid levels it takes. A resumed
+    run takes all of these from the run it continues: its tasks must batch and group tiles,
+    and compute them, exactly as the done ones were."""
+    options = job.options
+    numerics = resolve_numerics(options, resumed=resumed)
+    if resumed and resumed.get("batch_size"):
+        batch_size = int(resumed["batch_size"])
+    else:
+        batch_size = resolve_batch_size(
+            options, job.model_spec, job.image, job.grid, resumed=None, numerics=numerics,
+            in_channels=in_channels,
+        )  # fmt: skip
+    run = RunSettings(
+        device=options.device, precision=options.precision, **numerics,
+        compile=options.compile, prefetch=resolve_prefetch(options, workers),
+        batch_size=batch_size,
+    )  # fmt: skip
+    if resumed and resumed.get("batches_per_task"):
+        per_task = int(resumed["batches_per_task"])
+    else:
+        per_task = batches_per_task(options, job.grid, run.batch_size)
+    if resumed is not None:  # the tasks it left done wrote the levels of the version that ran
+        levels = int(resumed.get("levels_in_tasks", 0))
+    else:
+        levels = levels_in_tasks(layout, [tile.region for tile in job.grid.tiles()])
+    return run, per_task, levels
+
+
+def _tasks(
+    job: _Job,
+    normalization: Normalization,
+    layout: OutputLayout,
+    run: RunSettings,
+    per_task: int,
+    levels: int,
+    mask: TissueMask | None,
+    run_id: str,
+) -> tuple[list[BlockTask], list[str]]:
+    """The tasks still to do, and the names of those a resumed run found done."""
+    grid, output, margin = job.grid, job.output, job.options.tissue_margin
+    # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
+    # run did and rewrites byte-identical chunks.
+    groups = group_tiles(grid, per_group=run.batch_size * per_task)
+    names = [f"tiles-{i:07d}" for i in range(len(groups))]
+    done = [name for name in names if is_done(output, name)]
+
+    def task(group: list[Tile], name: str) -> BlockTask:
+        skip = (
+            ()
+            if mask is None
+            else tuple(t.index for t in group if not mask.covers(t.region, margin=margin))
+        )
+        return BlockTask(
+            image=job.image.spec, model=job.model_spec, normalization=normalization, grid=grid,
+            tiles=tuple(t.index for t in group), output=output, layout=layout, run=run,
+            name=name, levels=levels, run_id=run_id, skip=skip,
+        )  # fmt: skip
+
+    tasks = [task(g, n) for g, n in zip(groups, names, strict=True) if n not in done]
+    return tasks, done
+
+
+def _execute(
+    job: _Job,
+    tasks: list[BlockTask],
+    layout: OutputLayout,
+    levels: int,
+    workers: int,
+    run_id: str,
+    resumed: list[str],
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """Run the inference tasks, the pyramid levels above theirs and the overview; return
+    the tasks' results and the steps' wall times."""
+    options, output, image = job.options, job.output, job.image
+    total = int(np.prod(image.spatial_shape))
+    n_groups = len(tasks) + len(resumed)
+    done = int(total * len(resumed) / max(n_groups, 1))
+
+    def on_done(result: dict[str, float]) -> None:
+        nonlocal done
+        done += int(result.get("pixels", 0))
+        if progress:
+            progress(done, total)
+
+    def write_overview() -> float:
+        t = time.perf_counter()
+        if layout.overview is not None:
+            _overview(output, image, layout, options, workers=workers, run_id=run_id)
+        return time.perf_counter() - t
+
+    # The overview reads only the input: where the forwards are not the host's (a GPU, a
+    # cluster), it is written while they run instead of after them. Leaving the block waits
+    # for it, so that nothing of it is still being written once a failure is raised.
+    with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
+        overview = alongside.submit(write_overview) if overview_alongside(options) else None
+        t = time.perf_counter()
+        with shared_cpu(options, workers):
+            if options.scheduler is None and workers == 1:
+                # One task at a time here: as one stream of batches, the next task's first
+                # read and the last one's writes overlap inference instead of waiting for it.
+                results = [run_blocks(tasks, on_done=on_done)] if tasks else []
+            else:
+                results = run_tasks(
+                    run_block, tasks, scheduler=options.scheduler, workers=workers,
+                    on_done=on_done, resources=options.resources,
+                )  # fmt: skip
+        infer_wall = time.perf_counter() - t
+        t = time.perf_counter()
+        _pyramid(output, layout, levels, options, workers=workers, run_id=run_id)
+        pyramid_wall = time.perf_counter() - t
+        overview_wall = write_overview() if overview is None else overview.result()
+    nonfinite = sum(int(r.get("nonfinite", 0)) for r in results)
+    nonfinite += sum(int((done_summary(output, n) or {}).get("nonfinite", 0)) for n in resumed)
+    return {
+        "results": results,
+        "pixels": int(sum(r.get("pixels", 0) for r in results)),
+        "nonfinite": nonfinite,
+        "walls": {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall},
+    }
+
+
+def _pyramid(
+    output: str,
+    layout: OutputLayout,
+    levels: int,
+    options: SegmentOptions,
+    *,
+    workers: int,
+    run_id: str,
+) -> None:
+    """The pyramid levels above those the tasks wrote, each from the level below."""
+    for level in range(1 + levels, len(layout.levels)):
+        jobs = [
+            (output, layout, level, region, f"pyramid-{level}-{i:07d}", run_id)
+            for i, region in enumerate(level_regions(layout, level))
+        ]
+        jobs = [job for job in jobs if not is_done(output, job[-2])]
+        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+
+
+def _finish_record(
+    record: dict[str, Any], job: _Job, computed: dict[str, Any], resumed: list[str]
+) -> None:
+    """Add what the run measured to the record: timings, counts, throughput (over the pixels
+    this run computed, not those a resumed run found done)."""
+    results = computed["results"]
+    seconds = time.perf_counter() - job.started
+    timings = {
+        key: float(sum(r[key] for r in results))
+        for key in ("read", "infer", "write", "stall", "task")
+    }
+    timings["resumed_tasks"] = len(resumed)
+    timings["tiles_inferred"] = int(sum(r["tiles"] for r in results))
+    timings["tasks_off_main_heap"] = int(sum(r["tasks_off_main_heap"] for r in results))
+    threads = [int(r["cpu_forward_threads"]) for r in results if r["cpu_forward_threads"]]
+    if threads:  # CPU forwards: the fewest threads a task's ran on
+        timings["cpu_forward_threads"] = min(threads)
+    timings.update({f"{k}_wall": v for k, v in computed["walls"].items()}, total_wall=seconds)
+    record.update(
+        {
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "timings": timings,
+            "tiles": len(job.grid),
+            "spatial_shape": list(job.image.spatial_shape),
+            "computed_pixels": computed["pixels"],
+            "megapixels_per_second": computed["pixels"] / 1e6 / max(seconds, 1e-9),
+            "nonfinite_pixels": computed["nonfinite"],
+        }
+    )
+
+
+def overview_alongside(options: SegmentOptions) -> bool:
+    """Whether the overview is written while the inference tasks run: not in a local CPU run,
+    whose forwards use every core (threads beside them hold up each of their parallel regions,
+    as readers and writers beside them did: ``resolve_prefetch``)."""
+    return options.scheduler is not None or resolve_device(options.device).type != "cpu"
+
+
+def _overview(
+    output: str,
+    image: LazyImage,
+    layout: OutputLayout,
+    options: SegmentOptions,
+    *,
+    workers: int,
+    run_id: str,
+) -> None:
+    """Write the overview (``pipeline/output/overview.py``) in tasks that each own chunks of it."""
+    assert layout.overview is not None
+    source = overview_source(image, factor=layout.overview.factor)
+    jobs = [
+        (output, source, region, f"overview-{i:07d}", run_id)
+        for i, region in enumerate(overview_regions(layout))
+    ]
+    jobs = [job for job in jobs if not is_done(output, job[-2])]
+    run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
+    with writing(output):
+        finish_overview(output, rgb="S" in image.axes)
+
+
+def _overview_block(
+    args: tuple[str, OverviewSource, tuple[slice, ...], str, str],
+) -> dict[str, int]:
+    output, source, region, name, run_id = args
+    check_owner(output, run_id)
+    with writing(output):
+        write_overview_block(output, source, region)
+        mark_done(output, name)
+    return {"tiles": 0}
+
+
+def _objects(
+    output: str, image: LazyImage, options: SegmentOptions, *, workers: int
+) -> dict[str, Any]:
+    """Instance labels and the object table, as steps after the class labels are complete.
+    Each is redone whole unless its marker says it finished (both are idempotent)."""
+    # A run resumed after these steps finished takes their summaries from the markers.
+    found: dict[str, Any] = {
+        name: done_summary(output, name)
+        for name, wanted in (("instances", options.instances), ("table", options.table))
+        if wanted != "none" and is_done(output, name)
+    }
+    run = {"scheduler": options.scheduler, "workers": workers}
+    if options.instances != "none" and not is_done(output, "instances"):
+        with writing(output):
+            threshold = options.instance_threshold
+            summary = label_instances(
+                output, watershed=options.instances == "watershed",
+                min_distance=options.min_distance,
+                source="labels" if threshold is None else "probabilities",
+                threshold=0.5 if threshold is None else threshold, **run,
+            )  # fmt: skip
+            found["instances"] = summary.to_dict()
+            mark_done(output, "instances", found["instances"])
+    if options.table != "none" and not is_done(output, "table"):
+        with writing(output):
+            table = measure_objects(
+                output, image, table_path=Path(output) / f"objects.{options.table}",
+                format=options.table, pixel_size=image.pixel_size, **run,
+            )  # fmt: skip
+            found["table"] = table.to_dict()
+            mark_done(output, "table", found["table"])
+    if options.export and is_done(output, "export"):
+        found["export"] = done_summary(output, "export")
+    elif options.export:
+        with writing(output):
+            table_file = Path(output) / f"objects.{options.table}"
+            exported = export_segmentation(
+                output, image, formats=options.export,
+                table=table_file if options.table != "none" else None, **run,
+            )  # fmt: skip
+            found["export"] = exported.to_dict()
+            mark_done(output, "export", found["export"])
+    return found
+
+
+def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> int:
+    """Number of output classes of a model that does not declare it: one dummy window."""
+    predictor = cached_predictor(
+        spec, RunSettings(device="cpu", precision="fp32", channels_last="off")
+    )
+    cin = predictor.model.in_channels or 1
+    return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])
+
+
+def _tissue_mask(
+    input_path: str | os.PathLike, image: LazyImage, options: SegmentOptions
+) -> TissueMask:
+    """The tissue mask the options ask for; a level the file lacks is the file's problem."""
+    try:
+        return tissue_mask(
+            image, method=options.tissue, threshold=options.tissue_threshold,
+            level=options.tissue_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise TilesegError(input_path, f"tissue mask: {exc}") from None

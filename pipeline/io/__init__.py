@@ -1,0 +1,2 @@
+"""Reading images: lazy window readers over TIFF, Zarr/OME-Zarr and OpenSlide, the decoded-tile
+cache."""

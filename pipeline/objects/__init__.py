@@ -1,0 +1,1 @@
+"""Objects across chunk borders: instance labels, per-object measurements, polygons."""

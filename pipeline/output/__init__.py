@@ -1,0 +1,2 @@
+"""The OME-Zarr output: layout and NGFF metadata, whole-chunk writes, the overview, provenance, the
+output lock."""

@@ -1,0 +1,2 @@
+"""Per-image decisions applied identically to every tile: normalisation, stain separation,
+resampling to a pixel size, tissue masks."""

@@ -1,0 +1,1 @@
+"""tileseg train: data, the training loop, the shipped real-image checks."""

@@ -1,0 +1,325 @@
+"""Training data for ``tileseg train``: image/mask pairs, synthetic data, crops, augmentation,
+and the held-out score on generated images.
+
+Images are only ever read window by window (a :class:`~pipeline.io.readers.LazyImage`, or an
+in-memory :class:`ArrayImage` for generated data), so a gigapixel training slide is never loaded
+whole. Each image is normalised exactly as inference normalises it: per-channel percentiles of the
+whole image (or of the bounded sample :func:`~pipeline.preprocess.normalize.compute_normalization`
+takes),
+never of a crop, so a crop seen in training has the intensities the same pixels get at inference.
+Crop windows reaching outside an image are mirrored, as inference windows are.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.errors import TilesegError
+from pipeline.geometry import apply_window, window_read
+from pipeline.io.readers import LazyImage, find_images, image_stem, open_image
+from pipeline.preprocess.normalize import Normalization, compute_normalization
+from pipeline.synthetic.render import SyntheticConfig, render_block
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.models import UNet
+
+
+class ArrayImage:
+    """An in-memory ``(C, *spatial)`` array with the part of the LazyImage interface that
+    training and :func:`~pipeline.preprocess.normalize.compute_normalization` use."""
+
+    level = 0
+    n_levels = 1
+
+    def __init__(self, array: np.ndarray, path: str) -> None:
+        self.array = array
+        self.path = path
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[1:])
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def read(self, spatial_region: tuple[slice, ...]) -> np.ndarray:
+        return self.array[(slice(None), *spatial_region)]
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    """One image with its label mask; ``rows`` restricts the labelled outputs used from it along
+    the first spatial axis (a single image is split into training and validation rows)."""
+
+    name: str
+    image: LazyImage | ArrayImage
+    mask: LazyImage | ArrayImage
+    normalization: Normalization
+    rows: tuple[int, int]
+
+    @property
+    def area(self) -> int:
+        return (self.rows[1] - self.rows[0]) * math.prod(self.image.spatial_shape[1:])
+
+
+def _pair(name: str, image, mask, percentiles: tuple[float, float]) -> TrainPair:
+    norm = compute_normalization(image, mode="percentile", percentiles=percentiles)
+    return TrainPair(name, image, mask, norm, (0, image.spatial_shape[0]))
+
+
+def file_pairs(
+    images: str | os.PathLike[str],
+    masks: str | os.PathLike[str],
+    *,
+    percentiles: tuple[float, float] = (1.0, 99.8),
+    axes: str | None = None,
+    level: int = 0,
+    allow_missing_chunks: bool = False,
+) -> list[TrainPair]:
+    """Pairs of images in ``images`` with the masks of the same :func:`image_stem` in ``masks``.
+
+    Masks are class label images (0 = background) or instance label images (any positive id is
+    foreground in a two-class model); they must have the image's spatial shape and one channel.
+    ``allow_missing_chunks`` reads chunks missing from a Zarr *image* as fill instead of failing;
+    masks always do, since zarr-python 3 omits all-background chunks of label arrays by default.
+    """
+    found = find_images(images)
+    if not found:
+        raise TilesegError(images, "no images found in this directory")
+    by_stem = {image_stem(p): p for p in find_images(masks)}
+    pairs = []
+    for path in found:
+        mask_path = by_stem.get(image_stem(path))
+        if mask_path is None:
+            raise TilesegError(path, f"no mask named {image_stem(path)}.* in {masks}")
+        image = open_image(path, level=level, axes=axes, allow_missing_chunks=allow_missing_chunks)
+        mask = open_image(mask_path, level=level, axes=axes, allow_missing_chunks=True)
+        if mask.spatial_shape != image.spatial_shape:
+            raise TilesegError(
+                mask_path,
+                f"mask shape {mask.spatial_shape} differs from image {image.spatial_shape}",
+            )
+        if mask.n_channels != 1:
+            raise TilesegError(mask_path, f"a mask must have one channel, not {mask.n_channels}")
+        if mask.dtype.kind not in "biu":
+            raise TilesegError(
+                mask_path, f"a mask must be an integer label image, not {mask.dtype}"
+            )
+        pairs.append(_pair(image_stem(path), image, mask, percentiles))
+    return pairs
+
+
+def varied_config(seed: int, *, kind: str = "fluorescence") -> SyntheticConfig:
+    """A synthetic slide configuration drawn around the defaults, for generalisation: signal,
+    background, noise, camera offset/gain, blur, nucleus size/shape/density, texture, uneven
+    illumination, bit depth and tissue coverage all vary (ranges include the defaults)."""
+    rng = np.random.default_rng([seed, 7])
+    u = rng.uniform
+    lo = u(3.0, 6.0)
+    return SyntheticConfig(
+        kind=kind,
+        seed=seed,
+        density=u(3.0, 12.0),
+        radius=(lo, u(max(lo + 3.0, 9.0), 16.0)),
+        dtype="uint8" if rng.random() < 0.3 else "uint16",
+        tissue=bool(rng.random() < 0.7),
+        tissue_fraction=u(0.5, 0.9),
+        cluster_scale=u(150.0, 500.0),
+        aspect=u(1.2, 2.3),
+        irregularity=u(0.02, 0.12),
+        separation=u(0.7, 0.95),
+        doublets=u(0.05, 0.3),
+        texture=u(0.2, 0.8),
+        psf_sigma=u(0.6, 2.2),
+        illumination=u(0.0, 0.4),
+        photons=float(np.exp(u(np.log(60.0), np.log(3000.0)))),
+        background=u(5.0, 120.0),
+        read_noise=u(1.0, 8.0),
+        offset=u(20.0, 500.0),
+        gain=float(np.exp(u(np.log(0.5), np.log(4.0)))),
+    )
+
+
+def synthetic_image(config: SyntheticConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C, Y, X) image and (1, Y, X) instance labels of a ``size`` square at the origin."""
+    image, labels = render_block(config, origin=(0, 0), shape=(size, size))
+    image = np.moveaxis(image, -1, 0) if image.ndim == 3 else image[None]
+    return image, labels[None]
+
+
+def synthetic_pairs(
+    *, images: int, size: int, seed: int, vary: bool, kind: str, percentiles: tuple[float, float]
+) -> list[TrainPair]:
+    """``images`` generated pairs; image ``i`` uses slide seed ``seed + i`` (varied around the
+    defaults when ``vary``; every fourth image keeps the defaults, the demo's distribution)."""
+    pairs = []
+    for i in range(images):
+        s = seed + i
+        config = (
+            varied_config(s, kind=kind) if vary and i % 4 else SyntheticConfig(kind=kind, seed=s)
+        )
+        image, labels = synthetic_image(config, size)
+        name = f"synthetic-{kind}-{s}"
+        pairs.append(_pair(name, ArrayImage(image, name), ArrayImage(labels, name), percentiles))
+    return pairs
+
+
+def split_pairs(
+    pairs: list[TrainPair], *, fraction: float, seed: int
+) -> tuple[list[TrainPair], list[TrainPair]]:
+    """Hold out whole images for validation (at least one), or the last rows of a single image."""
+    if len(pairs) == 1:
+        (pair,) = pairs
+        n = pair.image.spatial_shape[0]
+        cut = min(max(1, round(n * (1 - fraction))), n - 1)
+        return [replace(pair, rows=(0, cut))], [replace(pair, rows=(cut, n))]
+    order = np.random.default_rng([seed, 11]).permutation(len(pairs))
+    n_val = min(max(1, round(len(pairs) * fraction)), len(pairs) - 1)
+    val = sorted(order[:n_val].tolist())
+    return [p for i, p in enumerate(pairs) if i not in val], [pairs[i] for i in val]
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Model input window ``size`` and the centred ``out`` pixels its output covers."""
+
+    size: int
+    out: int
+
+    @property
+    def margin(self) -> int:
+        return (self.size - self.out) // 2
+
+
+def read_crop(
+    pair: TrainPair, origin: tuple[int, ...], crop: CropGeometry, *, classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised input window (C, *size) and class targets (*out) for the output at ``origin``.
+
+    With valid padding the target is the centre of the window matching the model's output."""
+    ndim = len(origin)
+    start = [o - crop.margin for o in origin]
+    plan = window_read(start, [s + crop.size for s in start], pair.image.spatial_shape)
+    x = pair.normalization.apply(
+        apply_window(pair.image.read(plan.source), plan, first_spatial_axis=1)
+    )
+    stop = [o + crop.out for o in origin]
+    plan = window_read(origin, stop, pair.mask.spatial_shape)
+    mask = apply_window(pair.mask.read(plan.source), plan, first_spatial_axis=1)[0]
+    if classes == 2:
+        y = (mask > 0).astype(np.int64)  # instance ids and binary masks alike: foreground
+    else:
+        y = mask.astype(np.int64)
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            raise TilesegError(
+                pair.mask.path,
+                f"mask values must be class ids 0..{classes - 1}, found {y.min()}..{y.max()}",
+            )
+    assert x.shape[1:] == (crop.size,) * ndim and y.shape == (crop.out,) * ndim
+    return x, y
+
+
+def random_origin(pair: TrainPair, crop: CropGeometry, rng: np.random.Generator) -> tuple[int, ...]:
+    """A uniformly drawn output origin whose output lies inside the pair's rows when it fits."""
+    bounds = [pair.rows, *((0, n) for n in pair.image.spatial_shape[1:])]
+    return tuple(int(rng.integers(a, max(a, b - crop.out) + 1)) for a, b in bounds)
+
+
+def draw_crops(
+    pairs: list[TrainPair], n: int, crop: CropGeometry, rng: np.random.Generator
+) -> list[tuple[int, tuple[int, ...]]]:
+    """``n`` (pair index, origin) draws, pairs weighted by their labelled area."""
+    weights = np.array([p.area for p in pairs], np.float64)
+    chosen = rng.choice(len(pairs), size=n, p=weights / weights.sum())
+    return [(int(i), random_origin(pairs[i], crop, rng)) for i in chosen]
+
+
+def augment(
+    x: np.ndarray,
+    y: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    flip: bool,
+    rotate: bool,
+    gain: float,
+    offset: float,
+    noise: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips and 90° rotations (together: the 8 symmetries of the square) of image and
+    target, then intensity jitter of the image: a log-uniform gain in exp(±gain), an offset in
+    ±offset and Gaussian noise of a standard deviation up to ``noise`` (normalised units)."""
+    spatial = range(1, x.ndim)
+    if rotate and x.ndim >= 3:
+        k = int(rng.integers(4))
+        x, y = np.rot90(x, k, axes=(-2, -1)), np.rot90(y, k, axes=(-2, -1))
+    if flip:
+        for axis in spatial:
+            if rng.random() < 0.5:
+                x, y = np.flip(x, axis), np.flip(y, axis - 1)
+    x = x * np.float32(np.exp(rng.uniform(-gain, gain))) + np.float32(rng.uniform(-offset, offset))
+    if noise > 0:
+        sd = rng.uniform(0, noise)
+        x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(sd)
+    return np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y)
+
+
+def heldout_dice(
+    model: UNet,
+    *,
+    kind: str,
+    images: int,
+    size: int,
+    seed: int,
+    percentiles: tuple[float, float],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Foreground Dice on generated default-parameter images (slide seeds ``seed`` ...), each
+    predicted in one whole-image pass normalised as ``tileseg segment`` normalises it. Tiling is
+    exact, so ``tileseg segment`` on the same image gives the same labels (see the tests)."""
+    from pipeline.models import LoadedModel
+    from pipeline.models.inference import Predictor, predict_whole
+    from pipeline.runtime.heap import keep_freed_memory
+
+    loaded = LoadedModel(model.eval(), model.config.geometry, None, None, "", "training")
+    # create(): fp32 and the layout of `tileseg segment --precision fp32` (IEEE, not cuDNN's
+    # TF32 default)
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # else each forward page-faults its activations in again
+    predictor = Predictor.create(loaded, device=str(device), precision="fp32", channels_last="on")
+    per_image, fg, predicted, inter, total = [], [], [], 0, 0
+    for i in range(images):
+        image, labels = synthetic_image(SyntheticConfig(kind=kind, seed=seed + i), size)
+        norm = compute_normalization(
+            ArrayImage(image, ""), mode="percentile", percentiles=percentiles
+        )
+        probs = predict_whole(predictor, norm.apply(image), geometry=loaded.geometry)
+        pred, truth = probs.argmax(0) > 0, labels[0] > 0
+        a, t = int((pred & truth).sum()), int(pred.sum()) + int(truth.sum())
+        per_image.append(round(1.0 if t == 0 else 2 * a / t, 5))
+        fg.append(round(float(truth.mean()), 4))
+        predicted.append(round(float(pred.mean()), 4))
+        inter, total = inter + a, total + t
+    return {
+        "generator": "pipeline.synthetic.slides.SyntheticConfig defaults",
+        "kind": kind,
+        "seeds": [seed + i for i in range(images)],
+        "shape": [size, size],
+        "origin": [0, 0],
+        "inference": "whole image, percentile normalisation, argmax",
+        "foreground_fraction": fg,
+        "predicted_fraction": predicted,  # an image without nuclei scores 0 for any false positive
+        "dice": per_image,
+        "pooled_dice": round(1.0 if total == 0 else 2 * inter / total, 5),
+    }

@@ -1,0 +1,132 @@
+"""H&E brightfield into one-channel nuclei models: colour deconvolution fitted once per slide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from exactness import check, make_model, reference, run
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from imagefiles import write_tiff
+from skimage.color import hed_from_rgb, rgb2hed
+
+from pipeline.cli.main import main
+from pipeline.config import SegmentOptions, options_from_mapping
+from pipeline.engine.driver import segment_image
+from pipeline.errors import TilesegError
+from pipeline.io.readers import open_image
+from pipeline.models import UNetConfig
+from pipeline.output.ngff import LABELS_PATH, read_record
+from pipeline.preprocess.normalize import compute_normalization
+from pipeline.preprocess.stain import StainMap, fit_stain, slide_stain
+from pipeline.synthetic.render import _EOSIN, _HEMA, SyntheticConfig, synthetic_pair
+
+FIXED = StainMap(
+    weights=tuple(float(w) for w in hed_from_rgb[:, 0]),
+    white=(255.0, 255.0, 255.0),
+    vectors=(),
+    method="ruifrok-johnston",
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    image=arrays(np.uint8, st.tuples(st.just(3), st.integers(1, 24), st.integers(1, 24))),
+    data=st.data(),
+)
+def test_the_stain_map_is_per_pixel(image, data):
+    """A window's haematoxylin is that window of the whole image's, bit for bit."""
+    _, h, w = image.shape
+    y0, x0 = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    y1, x1 = data.draw(st.integers(y0 + 1, h)), data.draw(st.integers(x0 + 1, w))
+    whole = FIXED.apply(image)
+    window = FIXED.apply(np.ascontiguousarray(image[:, y0:y1, x0:x1]))
+    np.testing.assert_array_equal(window, whole[:, y0:y1, x0:x1])
+    # The lookup tables hold what the direct float arithmetic gives.
+    direct = FIXED.apply(image.astype(np.float32))
+    np.testing.assert_allclose(whole, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_vectors_give_scikit_images_haematoxylin():
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    ours = FIXED.apply(np.moveaxis(rgb, -1, 0))[0]
+    # Ours is -log((I + 1) / 256); rgb2hed takes log(I) / log(1e-6) of what it is given, and
+    # clips negative amounts to 0.
+    theirs = rgb2hed((rgb + 1.0) / 256.0)[..., 0] * -np.log(1e-6)
+    np.testing.assert_allclose(np.maximum(ours, 0), theirs, rtol=1e-4, atol=1e-4)
+    assert (ours < 0).any()  # the comparison covered both signs
+
+
+def unit(v):
+    return np.asarray(v, np.float64) / np.linalg.norm(v)
+
+
+def test_macenko_finds_the_stains_the_renderer_used():
+    rgb, _ = synthetic_pair((384, 384), config=SyntheticConfig(kind="he", seed=3))
+    stain = fit_stain(np.moveaxis(rgb, -1, 0).reshape(3, -1), dtype=np.dtype(np.uint8))
+    assert stain.method == "macenko"
+    h, e = unit(stain.vectors[0]), unit(stain.vectors[1])
+    assert h @ unit(_HEMA) > 0.99
+    assert e @ unit(_EOSIN) > 0.95
+
+
+def test_too_little_tissue_falls_back_to_fixed_vectors():
+    glass = np.full((3, 1000), 250, np.uint8)
+    stain = fit_stain(glass, dtype=np.dtype(np.uint8))
+    assert stain.method == "ruifrok-johnston"
+    np.testing.assert_allclose(stain.weights, hed_from_rgb[:, 0])
+
+
+@pytest.fixture
+def he_slide(tmp_path):
+    rgb, truth = synthetic_pair((230, 190), config=SyntheticConfig(kind="he", seed=5))
+    path = write_tiff(tmp_path / "he.tif", rgb, axes="YXS", tile=(64, 64), compression="zlib")
+    return path, rgb, truth
+
+
+@pytest.mark.parametrize(("tile", "chunk", "threads"), [(32, 32, False), (64, 32, True)])
+def test_tiles_equal_one_whole_image_pass_on_he(tmp_path, he_slide, tile, chunk, threads):
+    path, rgb, _ = he_slide
+    model = make_model(tmp_path, UNetConfig(depth=2, width=4, padding="valid", classes=2))
+    probabilities, labels = run(
+        path, tmp_path / "out.zarr", model=model, tile=tile, chunk=chunk, parallel_io=threads
+    )
+    assert read_record(tmp_path / "out.zarr")["normalization"]["stain"]["method"] == "macenko"
+    image = open_image(path)
+    stain = slide_stain(image, "auto", 1)
+    normalised = compute_normalization(image, mode="none", stain=stain).apply(
+        np.moveaxis(rgb, -1, 0)
+    )
+    check(probabilities, labels, reference(model, normalised))
+
+
+def test_default_model_finds_nuclei_in_generated_he(tmp_path):
+    """The shipped fluorescence model on the haematoxylin channel of generated H&E."""
+    rgb, truth = synthetic_pair((512, 512), config=SyntheticConfig(kind="he", seed=11))
+    path = write_tiff(tmp_path / "he.tif", rgb, axes="YXS", tile=(128, 128), compression="zlib")
+    segment_image(path, tmp_path / "out.zarr", SegmentOptions(tile=256, chunk=256))
+    labels = zarr.open_group(tmp_path / "out.zarr", mode="r")[f"{LABELS_PATH}/0"][...]
+    found, true = labels > 0, truth > 0
+    dice = 2 * (found & true).sum() / (found.sum() + true.sum())
+    assert dice > 0.9, dice
+
+
+def test_stain_none_on_rgb_and_hematoxylin_on_grey_are_one_line(tmp_path, he_slide, capsys):
+    grey = write_tiff(tmp_path / "grey.tif", np.zeros((64, 64), np.uint8), axes="YX")
+    for target, flags, problem in [
+        (he_slide[0], ["--stain", "none"], "image has 3 channel(s) but the model"),
+        (
+            grey,
+            ["--stain", "hematoxylin"],
+            "--stain hematoxylin needs an RGB image, this one has 1 channel(s)",
+        ),
+    ]:
+        assert (
+            main(["segment", str(target), str(tmp_path / "o.zarr"), "--no-progress", *flags]) == 2
+        )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "Traceback" not in "\n".join(err) and problem in err[-1], err
+    with pytest.raises(TilesegError, match="stain: must be one of auto, hematoxylin, none"):
+        options_from_mapping({"stain": "blue"})

@@ -1,0 +1,249 @@
+"""``tileseg train`` and the shipped default model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from imagefiles import write_tiff, write_zarr
+from safetensors import safe_open
+
+from pipeline.cli.main import main
+from pipeline.config import SegmentOptions
+from pipeline.engine.driver import segment_image
+from pipeline.errors import TilesegError
+from pipeline.models import ModelSpec, load_model
+from pipeline.models.files import DEFAULT_MODEL
+from pipeline.output.qc import foreground_dice, instance_f1
+from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
+from pipeline.training.data import augment, file_pairs, read_crop
+from pipeline.training.real_nuclei import score_real_nuclei
+from pipeline.training.train import TrainConfig, config_from_mapping, crop_geometry, train
+
+# A tiny valid U-Net and a short schedule: seconds on two CPU cores.
+TINY = {
+    "model": {"depth": 2, "width": 8, "padding": "valid"},
+    "epochs": 4,
+    "steps_per_epoch": 8,
+    "batch_size": 4,
+    "crop": 48,
+    "val_crops": 8,
+    "lr": 0.01,
+    "patience": 10,
+    "device": "cpu",
+    "allow_missing_chunks": True,  # zarr-python omits the all-background chunks of masks
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three generated pairs as real files: TIFF and Zarr images, instance-label masks."""
+    root = tmp_path_factory.mktemp("data")
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i, name in enumerate(["a", "b", "c"]):
+        image, labels = synthetic_pair(
+            (160, 160), config=SyntheticConfig(seed=100 + i, tissue=False)
+        )
+        assert labels.max() > 1  # instance ids, not a binary mask
+        if name == "c":
+            write_zarr(images / "c.zarr", image, chunks=(64, 64))
+            write_zarr(masks / "c.zarr", labels, chunks=(32, 32))
+            assert labels.reshape(5, 32, 5, 32).max(axis=(1, 3)).min() == 0  # chunks omitted
+        else:
+            write_tiff(images / f"{name}.ome.tif", image, axes="YX", tile=(64, 64))
+            write_tiff(masks / f"{name}.tif", labels, axes="YX", tile=None)
+    return images, masks
+
+
+def tiny(dataset, **extra) -> TrainConfig:
+    images, masks = dataset
+    return config_from_mapping({**TINY, "images": str(images), "masks": str(masks), **extra})
+
+
+def test_training_reduces_the_loss_and_writes_a_loadable_model(dataset, tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = train(tiny(dataset), out, progress=False)
+    history = result.record["history"]
+    assert len(history) == 4 and not result.record["stopped_early"]
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert min(h["val_loss"] for h in history) < history[0]["val_loss"]
+    model = load_model(ModelSpec(str(out)))
+    assert model.info["config"]["depth"] == 2 and model.classes == 2
+    record = model.info["training"]
+    assert record["data"]["source"] == "files" and len(record["data"]["val"]) == 1
+    assert record["val_loss"] == min(h["val_loss"] for h in history)
+    assert {"epochs", "best_epoch", "val_dice", "seconds", "torch", "recipe"} <= set(record)
+
+
+def test_early_stopping(dataset, tmp_path):
+    # No epoch can improve on the first by more than min_delta: stop after `patience` more.
+    config = tiny(dataset, epochs=10, steps_per_epoch=2, patience=2, min_delta=100.0)
+    record = train(config, tmp_path / "m.safetensors", progress=False).record
+    assert record["stopped_early"] and record["epochs"] == 3 and record["best_epoch"] == 1
+
+
+def test_valid_training_crops_target_the_output_centre(dataset):
+    config = tiny(dataset)
+    crop = crop_geometry(config.unet, config.crop)
+    assert (crop.size, crop.out) == (88, 48)  # depth 2 valid: 20 px shrink per side
+    pair = file_pairs(*dataset)[0]
+
+    x, y = read_crop(pair, (10, 20), crop, classes=2)
+    mask = pair.mask.read((slice(10, 58), slice(20, 68)))[0]
+    np.testing.assert_array_equal(y, mask > 0)
+    raw = pair.image.read((slice(0, 78), slice(0, 88)))  # rows -10.. are mirrored
+    np.testing.assert_allclose(x[:, 10:, :], pair.normalization.apply(raw), rtol=1e-6)
+    # augmentation moves image and target together
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        x = y[None].astype(np.float32)
+        xa, ya = augment(x, y, rng, flip=True, rotate=True, gain=0.3, offset=0, noise=0)
+        np.testing.assert_array_equal(xa[0] > 0, ya > 0)
+
+
+def test_missing_or_mismatched_masks_name_the_file(dataset, tmp_path):
+    images, masks = dataset
+    other = tmp_path / "masks"
+    other.mkdir()
+    write_tiff(other / "a.tif", np.zeros((160, 160), np.uint16), axes="YX", tile=None)
+    with pytest.raises(TilesegError, match=r"b\.ome\.tif: no mask named b\.\*"):
+        file_pairs(images, other)
+    write_tiff(other / "b.tif", np.zeros((100, 160), np.uint16), axes="YX", tile=None)
+    with pytest.raises(TilesegError, match=r"b\.tif: mask shape \(100, 160\) differs"):
+        file_pairs(images, other)
+    write_tiff(other / "b.tif", np.zeros((160, 160), np.float32), axes="YX", tile=None)
+    with pytest.raises(TilesegError, match=r"b\.tif: a mask must be an integer label image"):
+        file_pairs(images, other)
+    # a mask Zarr may omit its empty chunks (zarr-python 3 does by default): background there
+    pair = file_pairs(images, masks)[2]
+    labels = pair.mask.read((slice(0, 160), slice(0, 160)))[0]
+    empty = tuple(np.argwhere(labels.reshape(5, 32, 5, 32).max(axis=(1, 3)) == 0)[0] * 32)
+    crop = crop_geometry(tiny(dataset).unet, 32)
+    _, target = read_crop(pair, empty, crop, classes=2)
+    assert not target.any()
+
+
+def test_cli_train(dataset, tmp_path, capsys):
+    images, masks = dataset
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "train:\n  model: {depth: 2, width: 4, padding: same}\n  crop: 32\n  val_crops: 4\n"
+        "  steps_per_epoch: 3\n  batch_size: 2\n  lr: 1e-3\n"
+    )
+    out = tmp_path / "cli.safetensors"
+    args = ["train", "--images", str(images), "--masks", str(masks), "--out", str(out)]
+    args.append("--allow-missing-chunks")
+    assert main([*args, "--config", str(config), "--epochs", "2", "--no-progress"]) == 0
+    assert "2 epochs" in capsys.readouterr().out
+    record = load_model(ModelSpec(str(out))).info["training"]
+    assert record["recipe"]["epochs"] == 2 and record["recipe"]["lr"] == 1e-3
+    assert record["recipe"]["model"]["padding"] == "same"
+
+    assert main([*args, "--config", str(config), "--epochs", "1"]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+
+    for text, expected in [
+        ("epochs: 2\nlearning_rate: 0.1\n", "unknown option 'learning_rate'"),
+        ("augment: {flip: true, shear: 2}\n", "unknown option 'augment.shear'"),
+        ("model: {depth: 2, heads: 3}\n", "model: unknown U-Net config keys"),
+        ("epochs: two\n", "epochs: expected int"),
+        ("heldout: {seed: 1000}\nsynthetic: {seed: 1000}\n", "seeds overlap"),
+    ]:
+        config.write_text(text)
+        code = main([*args, "--config", str(config), "--overwrite", "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "Traceback" not in err[0]
+        assert err[0].startswith(f"tileseg: error: {config}: ") and expected in err[0]
+    assert main(["train", "--images", str(images), "--out", str(out), "--overwrite"]) == 2
+    assert "--images and --masks go together" in capsys.readouterr().err
+
+
+def test_shipped_default_reproduces_its_recorded_heldout_dice(tmp_path):
+    """Segment one recorded held-out image with `tileseg segment` defaults and compare.
+
+    The recorded Dice came from one whole-image pass on the same generated pixels with the same
+    percentile normalisation (a 512 x 512 image is sampled whole either way). Tiled inference
+    equals that pass to < 1e-4 in probability, so only pixels within 1e-4 of the decision
+    boundary can flip: far fewer than the 0.001 Dice tolerance (~30 of ~60k foreground pixels).
+    fp32 is asked for so that a CUDA machine does not use bf16 autocast (larger deviations)."""
+    assert DEFAULT_MODEL.exists(), "the trained default model is not shipped"
+    with safe_open(str(DEFAULT_MODEL), framework="pt") as f:
+        record = json.loads(f.metadata()["tileseg.training"])
+    heldout = record["heldout"]
+    assert heldout["pooled_dice"] >= 0.9
+    assert not set(heldout["seeds"]) & set(
+        range(record["data"]["seed"], record["data"]["seed"] + record["data"]["images"])
+    )
+    i = 0
+    image, labels = synthetic_pair(
+        tuple(heldout["shape"]), config=SyntheticConfig(seed=heldout["seeds"][i])
+    )
+    write_tiff(tmp_path / "heldout.tif", image, axes="YX", tile=(128, 128))
+    segment_image(tmp_path / "heldout.tif", tmp_path / "out.zarr", SegmentOptions(precision="fp32"))
+    dice = foreground_dice(tmp_path / "out.zarr", labels)
+    assert dice == pytest.approx(heldout["dice"][i], abs=1e-3)
+    assert dice >= 0.9
+
+
+def test_shipped_default_generalises_to_real_fluorescence_nuclei(tmp_path):
+    """The default model, trained on generated images only, on a real DSB 2018 image."""
+    score = score_real_nuclei(tmp_path, options=SegmentOptions(precision="fp32"))
+    assert score["true_objects"] == 125
+    assert score["foreground_dice"] >= 0.9  # 0.927 when written
+    assert score["object_f1"] >= 0.85  # 0.901 when written (128 objects found)
+
+
+def test_instance_f1_counts_objects_matched_above_the_iou():
+    truth = np.zeros((8, 12), np.uint16)
+    truth[1:4, 1:4] = 7  # found as id 3
+    truth[5:8, 1:4] = 9  # found, but too small: IoU 3/9
+    truth[1:7, 6:12] = 2  # split in two halves: IoU 1/2 each, not above 0.5
+    pred = np.zeros_like(truth)
+    pred[1:4, 1:4] = 3
+    pred[5, 1:4] = 1
+    pred[1:7, 6:9] = 4
+    pred[1:7, 9:12] = 5
+    assert instance_f1(pred, truth) == {"f1": 2 / 7, "matched": 1, "predicted": 4, "true": 3}
+    assert instance_f1(truth, truth)["f1"] == 1.0
+    assert instance_f1(np.zeros_like(truth), np.zeros_like(truth))["f1"] == 1.0
+    with pytest.raises(ValueError, match="assignment"):
+        instance_f1(pred, truth, iou=0.3)
+
+
+@pytest.mark.slow
+def test_a_3d_unet_trains_on_volumes_and_segments_them(tmp_path):
+    """ZYX Zarr volumes with instance masks (balls), a 3D valid U-Net: the loss falls, and the
+    model file segments a volume through the engine."""
+    rng = np.random.default_rng(7)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    z, y, x = np.mgrid[:32, :48, :48]
+    for name in ("a", "b", "c"):
+        labels = np.zeros((32, 48, 48), np.uint16)
+        for k in range(1, 25):
+            c = rng.uniform((4, 4, 4), (28, 44, 44))
+            r = rng.uniform(3, 6)
+            labels[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 < r * r] = k
+        image = (100 + 800 * (labels > 0) + rng.normal(0, 60, labels.shape)).astype(np.uint16)
+        write_zarr(images / f"{name}.zarr", image, chunks=(16, 24, 24))
+        write_zarr(masks / f"{name}.zarr", labels, chunks=(16, 24, 24))
+    config = config_from_mapping({
+        **TINY, "model": {"ndim": 3, "depth": 1, "width": 8, "padding": "valid"},
+        "images": str(images), "masks": str(masks), "axes": "ZYX", "crop": 24, "epochs": 12,
+        "steps_per_epoch": 16, "lr": 0.003,
+    })  # fmt: skip
+    out = tmp_path / "m3d.safetensors"
+    result = train(config, out, progress=False)
+    history = result.record["history"]
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert load_model(ModelSpec(str(out))).geometry.ndim == 3
+
+    opts = SegmentOptions(model=str(out), axes="ZYX", tile=16, chunk=16, device="cpu")
+    segment_image(images / "a.zarr", tmp_path / "a-seg.zarr", opts)
+    truth = zarr.open_array(masks / "a.zarr", mode="r")
+    assert foreground_dice(tmp_path / "a-seg.zarr", truth) > 0.7  # 0.81 when written
