@@ -39,7 +39,7 @@ trap 'kill $saver 2>/dev/null; cp "$BENCH"/*.json "$OUT/" 2>/dev/null' EXIT
 # No -x: a failing compiled test must not hide the bf16 and batch-size ones.
 timeout "${TEST_SECONDS:-150}" "$PY" -m pytest -q -rA -p no:cacheprovider -o addopts= \
   -W ignore::DeprecationWarning -W ignore::FutureWarning \
-  tests/test_gpu.py tests/test_inference.py tests/test_stages.py > "$OUT/tests.log" 2>&1
+  tests/models/test_gpu.py tests/models/test_inference.py tests/engine/test_stages.py > "$OUT/tests.log" 2>&1
 echo "tests: exit $? (tests.log)"; grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" \
   "$OUT/tests.log" | tail -25
 timeout "${BENCH_SECONDS:-240}" "$PY" bench/run.py --device "$DEVICE" --size "${SIZE:-16384}" \
