@@ -213,7 +213,7 @@ def load_torchscript(
             torch_forward(module), ndim=ndim, channels=in_channels or 1, source=path,
             halo=halo if halo is not None else meta.get("halo"),
             align=align if align is not None else meta.get("align"),
-            force_halo=force_halo,
+            force_halo=force_halo, reach_forward=open_paths(module),
         )  # fmt: skip
     facts = parse_metadata(meta, classes=meta.get("classes"), source=path)
     info = {"arch": "torchscript", "tileseg.json": meta, "geometry": how, **facts.to_dict()}
@@ -233,6 +233,29 @@ def probe_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def open_paths(module: torch.nn.Module) -> Forward:
+    """The network of ``module`` with every path open, for measuring its receptive field: a
+    copy with positive weights, biases and batch-norm scales (running means 0, variances 1),
+    run on the absolute value of its input, so every ReLU passes and every input pixel that
+    the architecture connects to an output changes it."""
+    import copy
+
+    opened = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, tensor in [*opened.named_parameters(), *opened.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "running_mean":
+                tensor.zero_()
+            elif leaf == "running_var":
+                tensor.fill_(1.0)
+            else:
+                tensor.abs_().add_(1e-2)
+    forward = torch_forward(opened)
+    return lambda x: forward(np.abs(x) + 1.0)
 
 
 def torch_forward(module: torch.nn.Module) -> Forward:

@@ -133,7 +133,7 @@ def load_onnx(
         _forward(probe_session, module.input_name), ndim=module.ndim, channels=module.channels,
         source=path, halo=halo if halo is not None else meta.get("halo"),
         align=align if align is not None else meta.get("align"),
-        force_halo=force_halo,
+        force_halo=force_halo, reach_forward=_open_paths(path, module.input_name),
     )  # fmt: skip
     channels = module.channels
     facts = parse_metadata(meta, classes=meta.get("classes"), source=path)
@@ -161,6 +161,35 @@ def onnx_module(
     module = OnnxModule(model, input_name=name, batch_one=batch_one)
     module.ndim, module.channels = ndim, channels
     return module, probe_session
+
+
+def _open_paths(path: Path, name: str) -> Forward | None:
+    """The model with every path open, for measuring its receptive field (as
+    :func:`pipeline.models.files.open_paths` does for torch modules): positive weights and
+    biases, batch norms with means 0 and variances 1, run on the absolute value of its input.
+    None without the ``onnx`` package to edit the model with."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return None
+    model = onnx.load(os.fspath(path))
+    stats = {}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and len(node.input) >= 5:
+            stats[node.input[3]], stats[node.input[4]] = 0.0, 1.0
+    for init in model.graph.initializer:
+        values = numpy_helper.to_array(init)
+        if values.dtype.kind != "f":
+            continue
+        if init.name in stats:
+            opened = np.full_like(values, stats[init.name])
+        else:
+            opened = np.abs(values) + values.dtype.type(1e-2)
+        init.CopyFrom(numpy_helper.from_array(opened.astype(values.dtype), init.name))
+    session = _session(model.SerializeToString(), device=torch.device("cpu"), threads=1)
+    forward = _forward(session, name)
+    return lambda x: forward(np.abs(x) + np.float32(1.0))
 
 
 def _forward(session: Any, name: str) -> Forward:

@@ -319,11 +319,15 @@ def probe_geometry(
     halo: int | None = None,
     align: int | None = None,
     force_halo: bool = False,
+    reach_forward: Forward | None = None,
 ) -> tuple[ModelGeometry, dict[str, Any]]:
     """The tiler's geometry of ``forward`` and how each part was found (for the record).
 
     ``halo`` and ``align`` override what is probed; a halo smaller than the measured one is
     refused (tiles would not equal a whole-image pass) unless ``force_halo``.
+    ``reach_forward``: the same network with every path open (see
+    :func:`pipeline.models.files.open_paths`), whose receptive field is measured too, so that
+    ReLUs the model's own weights close for the probe's inputs cannot hide part of it.
     """
     started = time.perf_counter()
     rule = probe_size_rule(forward, ndim=ndim, channels=channels, source=source)
@@ -334,7 +338,9 @@ def probe_geometry(
         aligns = probe_alignment(forward, rule, channels=channels, source=source)
         how["align_from"] = "probe"
     rule = _whole_periods(rule, aligns)
-    halos, how["halo_from"] = _halo(forward, rule, aligns, channels, source, halo, force_halo)
+    halos, how["halo_from"] = _halo(
+        forward, rule, aligns, channels, source, halo, force_halo, reach_forward
+    )
     how.update(
         halo=list(halos), align=list(aligns), shrink=list(rule.shrink),
         size_min=list(rule.size_min), size_step=list(rule.size_step),
@@ -363,6 +369,7 @@ def _halo(
     source: Any,
     halo: int | None,
     force: bool,
+    reach_forward: Forward | None = None,
 ) -> tuple[tuple[int, ...], str]:
     if halo is not None and force:
         if halo < max(rule.shrink):
@@ -374,6 +381,9 @@ def _halo(
     else:
         measured = probe_halo(forward, rule, align=align, channels=channels, source=source)
         found = "receptive field"
+        if reach_forward is not None:
+            opened = probe_halo(reach_forward, rule, align=align, channels=channels, source=source)
+            measured = tuple(max(a, b) for a, b in zip(measured, opened, strict=True))
     if halo is None:
         return measured, found
     if any(halo < m for m in measured):

@@ -92,7 +92,17 @@ class OutputLock:
 
     def acquire(self) -> OutputLock:
         """Take the lock, taking over a stale one; a live holder is a one-line error."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._take()
+        except OSError as exc:
+            problem = f"cannot write output ({exc.strerror or exc})"
+            raise TilesegError(self.output, problem) from None
+        self._beat = threading.Thread(target=self._heartbeat, name="tileseg-lock", daemon=True)
+        self._beat.start()
+        return self
+
+    def _take(self) -> None:
         while not _create(self.path, self.holder):
             holder = _read(self.path)
             if holder is None and not self.path.exists():
@@ -104,9 +114,6 @@ class OutputLock:
                     "wait for it to finish, or stop it, then give this command again",
                 )
             _break(self.path, holder)
-        self._beat = threading.Thread(target=self._heartbeat, name="tileseg-lock", daemon=True)
-        self._beat.start()
-        return self
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock, if it is still this run's."""

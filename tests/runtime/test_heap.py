@@ -42,9 +42,9 @@ print(json.dumps({{"kept": kept, "faults": faults() - before}}))
 """
 
 PREDICTOR = """
-from pipeline.models.inference import Predictor
-from pipeline.models import default_model
-Predictor.create(default_model(), device="cpu")
+from pipeline.models import ModelSpec
+from pipeline.runtime.worker import RunSettings, cached_predictor
+cached_predictor(ModelSpec(None), RunSettings(device="cpu"))
 """
 
 

@@ -238,15 +238,16 @@ def test_directory_flow_isolates_failures_skips_done_slides_and_redoes_changed_c
     rows = {row["slide"]: row for row in table("tileseg-results")}
     assert [rows[s]["status"] for s in ("a.ome.tif", "b.tif")] == ["skipped", "skipped"]
 
-    # A changed config (another batch size changes the fingerprint) reprocesses both.
+    # A changed config (another tile size changes the fingerprint; how the work runs, e.g.
+    # the batch size, does not) reprocesses both.
     monkeypatch.undo()
     before = read_record(out / "a.zarr")["fingerprint"]
-    write_config(config, model, batch_size=2)
+    write_config(config, model, tile=128)
     segment_directory(**args, patterns=["*.tif"], return_state=True)
     rows = {row["slide"]: row for row in table("tileseg-results")}
     assert [rows[s]["status"] for s in ("a.ome.tif", "b.tif")] == ["done", "done"]
     after = read_record(out / "a.zarr")
-    assert after["fingerprint"] != before and after["config"]["batch_size"] == 2
+    assert after["fingerprint"] != before and after["config"]["tile"] == 128
 
 
 def tiny_slides(folder: Path, names: dict[str, tuple[int, int]], *, tissue: bool = False) -> Path:
