@@ -29,6 +29,7 @@ from pipeline import __version__
 from pipeline.errors import TilesegError
 from pipeline.heap import keep_freed_memory
 from pipeline.models import UNet, UNetConfig, save_unet
+from pipeline.object_size import training_object_size
 from pipeline.train_data import (
     CropGeometry,
     TrainPair,
@@ -53,10 +54,13 @@ class SyntheticData:
     size: int = 768
     seed: int = 1000
     vary: bool = True
+    textures: bool = False  # real nuclei's texture and clutter (pipeline.train_data.varied_config)
+    zoom: tuple[float, float] = (1.0, 1.0)  # scale augmentation: object size factor range
 
     def __post_init__(self) -> None:
         _require(self.kind in ("fluorescence", "he"), "kind: must be fluorescence or he")
         _require(self.images >= 2 and self.size >= 64, "images >= 2 and size >= 64 needed")
+        _require(0.25 <= self.zoom[0] <= self.zoom[1] <= 4, "zoom: need 0.25 <= low <= high <= 4")
 
 
 @dataclass(frozen=True)
@@ -302,7 +306,7 @@ def _load_data(config: TrainConfig) -> tuple[list[TrainPair], dict[str, Any]]:
         s = config.synthetic
         pairs = synthetic_pairs(
             images=s.images, size=s.size, seed=s.seed, vary=s.vary, kind=s.kind,
-            percentiles=config.percentiles,
+            percentiles=config.percentiles, textures=s.textures, zoom=s.zoom,
         )  # fmt: skip
         return pairs, {"source": "synthetic", **asdict(s)}
     if config.images is None or config.masks is None:
@@ -348,6 +352,8 @@ def train(
                 f"model takes {unet.in_channels} channel(s), {unet.ndim}D",
             )
     train_pairs, val_pairs = split_pairs(pairs, fraction=config.val_fraction, seed=config.seed)
+    object_size = training_object_size([p.mask for p in train_pairs])
+    object_size["pixel_size"] = _pixel_size(train_pairs)
     data["train"] = [f"{p.name}[rows {p.rows[0]}:{p.rows[1]}]" for p in train_pairs]
     data["val"] = [f"{p.name}[rows {p.rows[0]}:{p.rows[1]}]" for p in val_pairs]
 
@@ -424,6 +430,7 @@ def train(
         "val_loss": best["val_loss"],
         "val_dice": best["val_dice"],
         "history": history,
+        "object_size": object_size,
     }
     if config.heldout is not None:
         record["heldout"] = heldout_dice(
@@ -436,6 +443,14 @@ def train(
     save_unet(model, partial, training=record)
     os.replace(partial, out)  # a reader (or the model cache) never sees a half-written file
     return TrainResult(out, record)
+
+
+def _pixel_size(pairs: list[TrainPair]) -> list[float] | None:
+    """The training images' pixel size when they all share one (files that record it)."""
+    sizes = {getattr(p.image, "pixel_size", None) for p in pairs}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    return list(sizes.pop())
 
 
 def with_overrides(config: TrainConfig, **flags: Any) -> TrainConfig:
