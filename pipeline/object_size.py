@@ -15,6 +15,7 @@ image given; objects touching the analysed window's border are not counted (they
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,10 +35,12 @@ __all__ = [
     "size_warning",
     "trained_object_size",
     "training_object_size",
+    "warn_object_size",
 ]
 
-# resize factors tried, 2^(k/2): from 4x enlarged (2 px objects) to 1/16 (300 px objects)
-_LADDER = tuple(2.0 ** (k / 2) for k in range(4, -9, -1))
+# resize factors tried, from 4x enlarged (4 px objects) to 1/16 (256 px objects); octaves are
+# enough, since the size is measured again at the exact factor the best of them implies
+_LADDER = tuple(2.0**k for k in range(2, -5, -1))
 _MIN_OBJECTS = 3  # fewer objects than this at a factor say nothing about the size
 
 
@@ -213,10 +216,21 @@ def size_warning(
     """One line for ``tileseg segment`` when the image's objects look far from the model's
     trained size (beyond a factor ``tolerance`` either way), else None.
 
-    Models without a recorded trained size, and images where no objects are found, give None:
-    the check is advice, never a reason to stop a run.
+    One forward of a central window at the image's own scale settles the usual case (objects
+    found near the trained size); only otherwise is the size estimated. Models without a
+    recorded trained size, 3D images, and images where no objects are found give None: the
+    check is advice, never a reason to stop a run.
     """
-    if trained_object_size(model) is None or len(image.spatial_shape) != 2:
+    from pipeline.inference import Predictor
+    from pipeline.normalize import compute_normalization
+
+    trained = trained_object_size(model)
+    if trained is None or len(image.spatial_shape) != 2:
+        return None
+    norm = compute_normalization(image, mode="percentile")
+    predictor = Predictor.create(model, device=device, precision="fp32", channels_last="on")
+    d = _measure(predictor, norm, image, 1.0, 256)
+    if len(d) >= _MIN_OBJECTS and 1 / tolerance <= np.median(d) / trained <= tolerance:
         return None
     try:
         found = estimate_object_size(image, model, device=device)
@@ -229,3 +243,11 @@ def size_warning(
         f"at {found.trained:.0f} px; segmenting at that scale may find parts of objects or "
         f"miss them (resize the image by {found.trained / found.diameter:.2g})"
     )
+
+
+def warn_object_size(image: LazyImage, model: LoadedModel, *, device: str = "cpu") -> None:
+    """Log :func:`size_warning`'s line, if any, as a warning (stderr when logging is not set
+    up): the hook ``tileseg segment`` calls once per image, when no object size is given."""
+    line = size_warning(image, model, device=device)
+    if line is not None:
+        logging.getLogger("tileseg").warning("tileseg: warning: %s", line)

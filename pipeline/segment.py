@@ -59,6 +59,7 @@ from pipeline.ngff import (
     read_record,
 )
 from pipeline.normalize import Normalization, compute_normalization
+from pipeline.object_size import warn_object_size
 from pipeline.output_lock import OutputLock, TakenOver, check_owner, claim_output, is_owner
 from pipeline.overview import (
     OverviewSource,
@@ -199,6 +200,7 @@ def segment_image(
     model_spec = ModelSpec(options.model, options.halo, options.align)
     model = load_model(model_spec)
     check_compatible(image, model)
+    warn_object_size(image, model, device=options.device)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)

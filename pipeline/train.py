@@ -83,6 +83,7 @@ class HeldOut:
     images: int = 8
     size: int = 512
     seed: int = 0
+    scales: bool = False  # also score object sizes 8..128 px (pipeline.scale_eval)
 
     def __post_init__(self) -> None:
         _require(self.kind in ("fluorescence", "he"), "kind: must be fluorescence or he")
@@ -433,9 +434,13 @@ def train(
         "object_size": object_size,
     }
     if config.heldout is not None:
+        h = config.heldout
         record["heldout"] = heldout_dice(
-            model, **asdict(config.heldout), percentiles=config.percentiles, device=device
-        )
+            model, kind=h.kind, images=h.images, size=h.size, seed=h.seed,
+            percentiles=config.percentiles, device=device,
+        )  # fmt: skip
+        if h.scales and h.kind == "fluorescence" and unet.ndim == 2:
+            record["heldout_scales"] = heldout_scales(model, object_size, device=device)
     record["seconds"] = round(time.perf_counter() - started, 1)
     model.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -443,6 +448,18 @@ def train(
     save_unet(model, partial, training=record)
     os.replace(partial, out)  # a reader (or the model cache) never sees a half-written file
     return TrainResult(out, record)
+
+
+def heldout_scales(
+    model: UNet, object_size: dict[str, Any], *, device: torch.device
+) -> dict[str, Any]:
+    """:func:`pipeline.scale_eval.evaluate_scales` of a freshly trained model."""
+    from pipeline.models import LoadedModel
+    from pipeline.scale_eval import evaluate_scales
+
+    info = {"training": {"object_size": object_size}}
+    loaded = LoadedModel(model.eval(), model.config.geometry, None, None, "", "training", info)
+    return evaluate_scales(loaded, device=str(device))
 
 
 def _pixel_size(pairs: list[TrainPair]) -> list[float] | None:
