@@ -187,15 +187,15 @@ def varied_config(
 def _texture_knobs(rng: np.random.Generator, base: SyntheticConfig) -> dict[str, float]:
     u = rng.uniform
     return {
-        "brightness_spread": u(0.2, 0.8),
+        "brightness_spread": u(0.2, 0.55),
         "condensed": u(0.0, 0.08),
-        "condensed_brightness": u(2.5, 8.0),
-        "defocus": u(0.0, 0.3),
+        "condensed_brightness": u(2.5, 5.0),
+        "defocus": u(0.0, 0.15),
         "spots": u(0.0, 4.0) if rng.random() < 0.6 else 0.0,
         "nucleoli": u(0.0, 0.7),
         "texture_scale": base.texture_scale * u(0.8, 1.6),
-        "gradient": u(0.0, 1.0) if rng.random() < 0.5 else 0.0,
-        "separation": base.separation * u(0.8, 1.0),  # clumps: nuclei pressed together
+        "gradient": u(0.0, 0.6) if rng.random() < 0.5 else 0.0,
+        "separation": base.separation * u(0.9, 1.0),  # clumps: nuclei pressed together
     }
 
 
