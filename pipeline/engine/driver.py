@@ -41,6 +41,7 @@ from pipeline.models.inference import (
     label_dtype,
     resolve_device,
 )
+from pipeline.models.object_size import warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import label_instances
 from pipeline.objects.measure import measure_objects
@@ -230,6 +231,7 @@ def _prepare(
     model = load_model(model_spec)
     stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
+    warn_object_size(image, model, device=options.device)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)

@@ -70,6 +70,15 @@ class SyntheticConfig:
     read_noise: float = 2.0  # electrons rms
     offset: float = 100.0  # camera offset (ADU)
     gain: float = 1.0  # ADU per electron (uint16); uint8 is rescaled to keep nuclei mid-range
+    # appearance knobs of real nuclei; the defaults render the original slides unchanged
+    brightness_spread: float = 0.35  # sd of log nucleus brightness (dim and bright in one image)
+    condensed: float = 0.04  # share of small bright (mitotic/apoptotic) nuclei
+    condensed_brightness: float = 2.5  # their brightness relative to a typical nucleus
+    defocus: float = 0.0  # share of nuclei out of focus (edge blur ~ a third of the radius)
+    spots: float = 0.0  # contrast of bright chromocentres (x the nucleus signal)
+    nucleoli: float = 0.0  # depth of dark nucleoli (0..1)
+    texture_scale: float = 1.0  # size of chromatin texture, spots and nucleoli (x default)
+    gradient: float = 0.0  # additive background ramp across ~1000 px (x background)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", (float(self.radius[0]), float(self.radius[1])))
@@ -85,6 +94,9 @@ class SyntheticConfig:
             raise ValueError(f"density must be in (0, 20], not {self.density}")
         if self.aspect < 1 or self.cell < 2 * self.separation * self.radius[1]:
             raise ValueError("need aspect >= 1 and cell >= 2 * separation * radius max")
+        knobs = (self.brightness_spread, self.condensed, self.defocus, self.spots, self.gradient)
+        if min(knobs) < 0 or not 0 <= self.nucleoli <= 1 or self.texture_scale <= 0:
+            raise ValueError("appearance knobs must be >= 0, nucleoli <= 1, texture_scale > 0")
 
     @property
     def out_dtype(self) -> np.dtype:
@@ -189,7 +201,8 @@ def _tissue_threshold(cfg: SyntheticConfig) -> float:
 # uniform streams per candidate (hash keys); normals use Box-Muller on two streams
 _U_Y, _U_X, _U_R1, _U_R2, _U_ASP, _U_TH, _U_COND, _U_SOFT, _U_MARK, _U_KEEP = range(10)
 _U_HARM, _U_PHASE, _U_BRIGHT, _U_PAIR = 10, 16, 19, 21  # 6, 3, 2 and 4 streams
-_NSTREAM = 25
+_U_FOCUS = 25  # later streams: earlier ones keep their keys, so old slides stay the same
+_NSTREAM = 26
 
 
 def _uniforms(cfg: SyntheticConfig, cy: np.ndarray, cx: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -217,7 +230,7 @@ def _candidates(cfg: SyntheticConfig, cys: np.ndarray, cxs: np.ndarray) -> np.nd
     u = _uniforms(cfg, cy, cx, k).astype(np.float64)
     lo, hi = cfg.radius
     r = lo + (hi - lo) * ((u[:, _U_R1] + u[:, _U_R2]) / 2) ** 1.15
-    condensed = u[:, _U_COND] < 0.04  # small bright mitotic/apoptotic nuclei
+    condensed = u[:, _U_COND] < cfg.condensed  # small bright mitotic/apoptotic nuclei
     r = np.where(condensed, lo + 0.3 * (r - lo), r)
     aspect = 1 + (cfg.aspect - 1) * u[:, _U_ASP] ** 1.5
     obj = np.empty((len(k), _NCOL + 1))
@@ -230,8 +243,12 @@ def _candidates(cfg: SyntheticConfig, cys: np.ndarray, cxs: np.ndarray) -> np.nd
         obj[:, col] = np.minimum(np.abs(g), 2.5) * cfg.irregularity * (1.0, 0.7, 0.5)[j]
         obj[:, _P2 + j] = 2 * np.pi * u[:, _U_PHASE + j]
     g = _normal(u[:, _U_BRIGHT], u[:, _U_BRIGHT + 1])
-    obj[:, _BRIGHT] = np.exp(0.35 * g) * np.where(condensed, 2.5, 1.0)
+    obj[:, _BRIGHT] = np.exp(cfg.brightness_spread * g)
+    obj[:, _BRIGHT] *= np.where(condensed, cfg.condensed_brightness, 1.0)
     obj[:, _SOFT] = 0.5 + 2.5 * u[:, _U_SOFT] ** 4  # mostly in focus, a few blurry
+    if cfg.defocus > 0:  # out of the focal plane: an edge blurred over a third of the radius
+        blur = 0.5 + 2.5 * u[:, _U_SOFT] ** 4 + 0.35 * r * (0.5 + u[:, _U_SOFT])
+        obj[:, _SOFT] = np.where(u[:, _U_FOCUS] < cfg.defocus, blur, obj[:, _SOFT])
     # id = 128 * code(cell) + index: Szudzik pairing keeps ids small (< 128 (n+1)^2 on a slide of
     # n x n cells); cell indices wrap every 4096 cells so ids always fit uint32
     a, b = (cy + 1) % 4096, (cx + 1) % 4096
@@ -349,6 +366,19 @@ def _rasterize(
 # ---------------------------------------------------------------------------- rendering
 
 
+def _chromatin(cfg: SyntheticConfig, nuclei, amount, ys, xs, s: int) -> np.ndarray:
+    """Bright chromocentres and dark nucleoli on top of the chromatin texture: a dim nucleus
+    with a few bright spots is one object, not a set of spots."""
+    ts = cfg.texture_scale
+    if cfg.spots > 0:  # sparse blobs a few px across (x texture_scale)
+        blob = np.clip((_fbm(cfg, 14, ys, xs, 5.0 * ts, 2, scale=s) - 0.66) / 0.12, 0, 1)
+        nuclei = nuclei + cfg.spots * amount * blob**2
+    if cfg.nucleoli > 0:  # one or two larger dark patches per nucleus
+        hole = np.clip((_fbm(cfg, 15, ys, xs, 9.0 * ts, 2, scale=s) - 0.64) / 0.1, 0, 1)
+        nuclei = nuclei * (1 - cfg.nucleoli * hole)
+    return nuclei
+
+
 def render_block(
     config: SyntheticConfig, *, origin: tuple[int, int], shape: tuple[int, int], scale: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -402,14 +432,19 @@ def _render(
     else:
         tissue = np.float32(1)
     illum = 1 + cfg.illumination * (2 * _fbm(cfg, 5, ys, xs, 4000.0, 1) - 1)
-    chroma = _fbm(cfg, 6, ys, xs, 6.0, 3, scale=s)
-    spots = np.maximum(_fbm(cfg, 7, ys, xs, 3.0, 1, scale=s) - 0.7, 0) * 4  # chromocentres
+    ts = cfg.texture_scale
+    chroma = _fbm(cfg, 6, ys, xs, 6.0 * ts, 3, scale=s)
+    spots = np.maximum(_fbm(cfg, 7, ys, xs, 3.0 * ts, 1, scale=s) - 0.7, 0) * 4  # chromocentres
     nuclei = amount * (1 + cfg.texture * (2 * (chroma - 0.5) * 1.6 + spots))
+    nuclei = _chromatin(cfg, nuclei, amount, ys, xs, s)
     stroma = _fbm(cfg, 8, ys, xs, 48.0, 4, scale=s)
     rng = _rng(cfg.seed, 9, s, *origin)
 
     if cfg.kind == "fluorescence":
         sig = cfg.photons * nuclei + cfg.background * tissue * (0.4 + 1.2 * stroma)
+        if cfg.gradient > 0:  # uneven background (scattered light, out-of-focus haze)
+            ramp = _fbm(cfg, 16, ys, xs, 1000.0, 1)
+            sig = sig + cfg.gradient * cfg.background * 1.5 * ramp
         sig = ndimage.gaussian_filter(sig * illum, sigma, mode="nearest", truncate=4.0)
         sig = sig[m : m + shape[0], m : m + shape[1]]
         if cfg.noise:  # Gaussian approximation of Poisson shot + read noise, averaged over s*s

@@ -121,14 +121,35 @@ def file_pairs(
     return pairs
 
 
-def varied_config(seed: int, *, kind: str = "fluorescence") -> SyntheticConfig:
+def varied_config(
+    seed: int,
+    *,
+    kind: str = "fluorescence",
+    textures: bool = False,
+    zoom: tuple[float, float] = (1.0, 1.0),
+) -> SyntheticConfig:
     """A synthetic slide configuration drawn around the defaults, for generalisation: signal,
     background, noise, camera offset/gain, blur, nucleus size/shape/density, texture, uneven
-    illumination, bit depth and tissue coverage all vary (ranges include the defaults)."""
+    illumination, bit depth and tissue coverage all vary (ranges include the defaults).
+
+    Parameters
+    ----------
+    seed
+        Slide seed; the draws are a pure function of it.
+    kind
+        ``fluorescence`` or ``he``.
+    textures
+        Also draw what real nuclei show: bright chromocentres, dark nucleoli, dim and bright
+        nuclei in one image, a few very bright mitotic ones, clumps, out-of-focus nuclei and
+        background ramps.
+    zoom
+        Scale augmentation around the trained size: nucleus radii, their placement cell and
+        the chromatin texture are multiplied by one factor per image, log-uniform in this range.
+    """
     rng = np.random.default_rng([seed, 7])
     u = rng.uniform
     lo = u(3.0, 6.0)
-    return SyntheticConfig(
+    base = SyntheticConfig(
         kind=kind,
         seed=seed,
         density=u(3.0, 12.0),
@@ -150,6 +171,33 @@ def varied_config(seed: int, *, kind: str = "fluorescence") -> SyntheticConfig:
         offset=u(20.0, 500.0),
         gain=float(np.exp(u(np.log(0.5), np.log(4.0)))),
     )
+    # drawn after the original knobs, so those keep their values for a given seed
+    if zoom != (1.0, 1.0):
+        f = float(np.exp(u(np.log(zoom[0]), np.log(zoom[1]))))
+        base = replace(
+            base,
+            radius=(base.radius[0] * f, base.radius[1] * f),
+            cell=max(64, math.ceil(64 * f)),
+            texture_scale=f,
+        )
+    if textures:
+        base = replace(base, **_texture_knobs(rng, base))
+    return base
+
+
+def _texture_knobs(rng: np.random.Generator, base: SyntheticConfig) -> dict[str, float]:
+    u = rng.uniform
+    return {
+        "brightness_spread": u(0.2, 0.55),
+        "condensed": u(0.0, 0.08),
+        "condensed_brightness": u(2.5, 5.0),
+        "defocus": u(0.0, 0.15),
+        "spots": u(0.0, 4.0) if rng.random() < 0.6 else 0.0,
+        "nucleoli": u(0.0, 0.7),
+        "texture_scale": base.texture_scale * u(0.8, 1.6),
+        "gradient": u(0.0, 0.6) if rng.random() < 0.5 else 0.0,
+        "separation": base.separation * u(0.9, 1.0),  # clumps: nuclei pressed together
+    }
 
 
 def synthetic_image(config: SyntheticConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,15 +208,26 @@ def synthetic_image(config: SyntheticConfig, size: int) -> tuple[np.ndarray, np.
 
 
 def synthetic_pairs(
-    *, images: int, size: int, seed: int, vary: bool, kind: str, percentiles: tuple[float, float]
+    *,
+    images: int,
+    size: int,
+    seed: int,
+    vary: bool,
+    kind: str,
+    percentiles: tuple[float, float],
+    textures: bool = False,
+    zoom: tuple[float, float] = (1.0, 1.0),
 ) -> list[TrainPair]:
     """``images`` generated pairs; image ``i`` uses slide seed ``seed + i`` (varied around the
-    defaults when ``vary``; every fourth image keeps the defaults, the demo's distribution)."""
+    defaults when ``vary``, see :func:`varied_config`; every fourth image keeps the defaults,
+    the demo's distribution)."""
     pairs = []
     for i in range(images):
         s = seed + i
         config = (
-            varied_config(s, kind=kind) if vary and i % 4 else SyntheticConfig(kind=kind, seed=s)
+            varied_config(s, kind=kind, textures=textures, zoom=zoom)
+            if vary and i % 4
+            else SyntheticConfig(kind=kind, seed=s)
         )
         image, labels = synthetic_image(config, size)
         name = f"synthetic-{kind}-{s}"

@@ -28,6 +28,7 @@ import yaml
 from pipeline import __version__
 from pipeline.errors import TilesegError
 from pipeline.models import ModelMetadata, UNet, UNetConfig, save_unet
+from pipeline.models.object_size import training_object_size
 from pipeline.runtime.heap import keep_freed_memory
 from pipeline.training.data import (
     CropGeometry,
@@ -53,10 +54,15 @@ class SyntheticData:
     size: int = 768
     seed: int = 1000
     vary: bool = True
+    textures: bool = (
+        False  # real nuclei's texture and clutter (pipeline.training.data.varied_config)
+    )
+    zoom: tuple[float, float] = (1.0, 1.0)  # scale augmentation: object size factor range
 
     def __post_init__(self) -> None:
         _require(self.kind in ("fluorescence", "he"), "kind: must be fluorescence or he")
         _require(self.images >= 2 and self.size >= 64, "images >= 2 and size >= 64 needed")
+        _require(0.25 <= self.zoom[0] <= self.zoom[1] <= 4, "zoom: need 0.25 <= low <= high <= 4")
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class HeldOut:
     images: int = 8
     size: int = 512
     seed: int = 0
+    scales: bool = False  # also score object sizes 8..128 px (pipeline.training.scale_eval)
 
     def __post_init__(self) -> None:
         _require(self.kind in ("fluorescence", "he"), "kind: must be fluorescence or he")
@@ -317,7 +324,7 @@ def _load_data(config: TrainConfig) -> tuple[list[TrainPair], dict[str, Any]]:
         s = config.synthetic
         pairs = synthetic_pairs(
             images=s.images, size=s.size, seed=s.seed, vary=s.vary, kind=s.kind,
-            percentiles=config.percentiles,
+            percentiles=config.percentiles, textures=s.textures, zoom=s.zoom,
         )  # fmt: skip
         return pairs, {"source": "synthetic", **asdict(s)}
     if config.images is None or config.masks is None:
@@ -363,6 +370,8 @@ def train(
                 f"model takes {unet.in_channels} channel(s), {unet.ndim}D",
             )
     train_pairs, val_pairs = split_pairs(pairs, fraction=config.val_fraction, seed=config.seed)
+    object_size = training_object_size([p.mask for p in train_pairs])
+    object_size["pixel_size"] = _pixel_size(train_pairs)
     data["train"] = [f"{p.name}[rows {p.rows[0]}:{p.rows[1]}]" for p in train_pairs]
     data["val"] = [f"{p.name}[rows {p.rows[0]}:{p.rows[1]}]" for p in val_pairs]
 
@@ -439,11 +448,16 @@ def train(
         "val_loss": best["val_loss"],
         "val_dice": best["val_dice"],
         "history": history,
+        "object_size": object_size,
     }
     if config.heldout is not None:
+        h = config.heldout
         record["heldout"] = heldout_dice(
-            model, **asdict(config.heldout), percentiles=config.percentiles, device=device
-        )
+            model, kind=h.kind, images=h.images, size=h.size, seed=h.seed,
+            percentiles=config.percentiles, device=device,
+        )  # fmt: skip
+        if h.scales and h.kind == "fluorescence" and unet.ndim == 2:
+            record["heldout_scales"] = heldout_scales(model, object_size, device=device)
     record["seconds"] = round(time.perf_counter() - started, 1)
     model.cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -464,6 +478,26 @@ def _model_metadata(config: TrainConfig, pairs: list[TrainPair]) -> ModelMetadat
             if len(set(known[-2:])) == 1:
                 size = float(known[-1])
     return ModelMetadata(config.class_names, size)
+
+
+def heldout_scales(
+    model: UNet, object_size: dict[str, Any], *, device: torch.device
+) -> dict[str, Any]:
+    """:func:`pipeline.training.scale_eval.evaluate_scales` of a freshly trained model."""
+    from pipeline.models import LoadedModel
+    from pipeline.training.scale_eval import evaluate_scales
+
+    info = {"training": {"object_size": object_size}}
+    loaded = LoadedModel(model.eval(), model.config.geometry, None, None, "", "training", info)
+    return evaluate_scales(loaded, device=str(device))
+
+
+def _pixel_size(pairs: list[TrainPair]) -> list[float] | None:
+    """The training images' pixel size when they all share one (files that record it)."""
+    sizes = {getattr(p.image, "pixel_size", None) for p in pairs}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    return list(sizes.pop())
 
 
 def with_overrides(config: TrainConfig, **flags: Any) -> TrainConfig:

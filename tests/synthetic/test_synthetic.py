@@ -212,3 +212,30 @@ def test_write_slide_he_zarr_truth(tmp_path):
     labels = zarr.open_array(truth, mode="r")
     assert labels.chunks == (128, 128) and labels.dtype == np.uint32
     np.testing.assert_array_equal(labels[:], render_block(cfg, origin=(0, 0), shape=(600, 500))[1])
+
+
+def test_appearance_knobs_change_the_pixels_not_the_truth():
+    """Chromocentres, nucleoli, defocus and background ramps are drawn on the same nuclei."""
+    plain = synthetic_pair((256, 256), config=DENSE)
+    knobs = dataclasses.replace(DENSE, spots=4.0, nucleoli=0.6, defocus=0.3, gradient=1.0)
+    real = synthetic_pair((256, 256), config=knobs)
+    np.testing.assert_array_equal(real[1], plain[1])
+    fg = plain[1] > 0
+    # bright spots: the brightest nuclear pixels stand further above the typical one
+    spread = [np.percentile(im[fg], 99.5) / np.median(im[fg]) for im in (plain[0], real[0])]
+    assert spread[1] > 1.3 * spread[0]
+    assert real[0][~fg].mean() > plain[0][~fg].mean()  # the background ramp adds light
+
+
+def test_varied_training_slides_with_textures_and_zoom():
+    from pipeline.training.data import varied_config
+
+    plain = varied_config(1001)
+    assert (plain.spots, plain.nucleoli, plain.texture_scale) == (0.0, 0.0, 1.0)
+    rich = varied_config(1001, textures=True, zoom=(0.7, 1.45))
+    f = rich.radius[1] / plain.radius[1]
+    assert 0.7 <= f <= 1.45 and rich.radius[0] / plain.radius[0] == pytest.approx(f)
+    assert rich.cell >= 2 * rich.separation * rich.radius[1]
+    assert rich.photons == plain.photons  # the original draws keep their values
+    spots = [varied_config(s, textures=True).spots for s in range(1000, 1040)]
+    assert 0 < sum(s > 0 for s in spots) < 40  # chromocentres in some images, not all

@@ -77,6 +77,10 @@ def test_training_reduces_the_loss_and_writes_a_loadable_model(dataset, tmp_path
     assert record["data"]["source"] == "files" and len(record["data"]["val"]) == 1
     assert record["val_loss"] == min(h["val_loss"] for h in history)
     assert {"epochs", "best_epoch", "val_dice", "seconds", "torch", "recipe"} <= set(record)
+    # the trained object size: generated nuclei of radius 4..14 px in the masks' files
+    size = record["object_size"]
+    assert 10 < size["diameter_px"] < 22 and size["objects"] > 10
+    assert size["pixel_size"] is None  # the test files record none
 
 
 def test_early_stopping(dataset, tmp_path):

@@ -1,0 +1,253 @@
+"""Object size: the typical object diameter of an image, and of the data a model was trained on.
+
+A U-Net sees a fixed context (89 px for the default model): nuclei far larger than the ones it
+was trained on are segmented as their texture (chromocentres), far smaller ones vanish. The
+scale that maps an image's objects onto the model's trained size is ``trained / observed``
+(:func:`scale_factor`). :func:`estimate_object_size` finds the observed size the way Cellpose
+does, from the model itself: it segments a window of the image resized by a ladder of factors
+and keeps the factor at which the objects found are closest to the trained size, where the
+model is reliable; the objects' median diameter there, divided by the factor, is the estimate.
+It is then measured once more at exactly the scale it implies.
+
+Diameters are equivalent diameters (that of the disc of the object's area), in pixels of the
+image given; objects touching the analysed window's border are not counted (they are cut).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import ndimage
+
+if TYPE_CHECKING:
+    from pipeline.io.readers import LazyImage
+    from pipeline.models import LoadedModel
+
+__all__ = [
+    "SizeEstimate",
+    "estimate_object_size",
+    "object_diameters",
+    "scale_factor",
+    "size_warning",
+    "trained_object_size",
+    "training_object_size",
+    "warn_object_size",
+]
+
+# resize factors tried, from 4x enlarged (4 px objects) to 1/16 (256 px objects); octaves are
+# enough, since the size is measured again at the exact factor the best of them implies
+_LADDER = tuple(2.0**k for k in range(2, -5, -1))
+_MIN_OBJECTS = 3  # fewer objects than this at a factor say nothing about the size
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """An estimated typical object diameter (px of the image) and how it was found."""
+
+    diameter: float
+    factor: float  # the resize factor of the final measurement
+    objects: int  # objects measured at that factor
+    trained: float  # the model's trained diameter
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "diameter_px": round(self.diameter, 2),
+            "factor": round(self.factor, 4),
+            "objects": self.objects,
+            "trained_diameter_px": round(self.trained, 2),
+        }
+
+
+def scale_factor(object_size: float, trained_size: float) -> float:
+    """The resize factor that brings objects of ``object_size`` px to ``trained_size`` px.
+
+    Parameters
+    ----------
+    object_size, trained_size
+        Typical object diameters in pixels (image and model), both > 0.
+
+    Returns
+    -------
+    float
+        ``trained_size / object_size``: < 1 shrinks the image (large objects), > 1 enlarges it.
+    """
+    if not (object_size > 0 and trained_size > 0) or math.isinf(object_size * trained_size):
+        raise ValueError(f"object sizes must be finite and > 0, not {object_size}, {trained_size}")
+    return trained_size / object_size
+
+
+def object_diameters(labels: np.ndarray, *, min_area: int = 4) -> np.ndarray:
+    """Equivalent diameters of the objects in a 2D label image not touching its border.
+
+    ``labels`` holds instance ids or a mask (a mask, or a label image with a single id, is
+    split into connected components). Objects smaller than ``min_area`` pixels are noise.
+    """
+    labels = np.asarray(labels)
+    ids = np.unique(labels[labels > 0])
+    if len(ids) <= 1:
+        labels = ndimage.label(labels > 0)[0]
+    else:  # dense ids for bincount: the sparse ids of generated truth can be huge
+        labels = np.where(labels > 0, np.searchsorted(ids, labels) + 1, 0)
+    area = np.bincount(labels.ravel())
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    area[border] = 0
+    area[0] = 0
+    area = area[area >= min_area]
+    return np.sqrt(4 * area / np.pi)
+
+
+def trained_object_size(model: LoadedModel) -> float | None:
+    """The object diameter (px) a model was trained at, from its training record, if recorded."""
+    record = (model.info or {}).get("training") or {}
+    size = (record.get("object_size") or {}).get("diameter_px")
+    return float(size) if size else None
+
+
+def training_object_size(masks, *, window: int = 1024) -> dict[str, Any]:
+    """The object size of training data, for the model's record: the median equivalent
+    diameter of the objects in the central ``window`` square of each mask (read lazily).
+
+    ``masks`` are 2D label images (instance ids, or masks split into connected components)
+    with ``read`` and ``spatial_shape``; 3D masks are not measured (``diameter_px`` None).
+    """
+    found = [
+        object_diameters(_read_window(m, window)[0]) for m in masks if len(m.spatial_shape) == 2
+    ]
+    d = np.concatenate(found) if found else np.zeros(0)
+    return {
+        "diameter_px": round(float(np.median(d)), 2) if len(d) else None,
+        "diameter_quartiles_px": [round(float(q), 2) for q in np.percentile(d, [25, 75])]
+        if len(d)
+        else None,
+        "objects": len(d),
+        "measure": "median equivalent diameter of the training masks' objects",
+    }
+
+
+def _read_window(image: LazyImage, side: int) -> np.ndarray:
+    """The central ``side``-px square of a 2D image (clipped to it), (C, Y, X)."""
+    region = []
+    for n in image.spatial_shape:
+        start = max(0, (n - side) // 2)
+        region.append(slice(start, min(n, start + side)))
+    return image.read(tuple(region))
+
+
+def _measure(predictor, norm, image: LazyImage, factor: float, window: int) -> np.ndarray:
+    """Diameters (px of ``image``) of the objects the model finds in a window resized by
+    ``factor`` so that it is about ``window`` px per side."""
+    from skimage.transform import rescale
+
+    from pipeline.models.inference import predict_whole
+
+    x = norm.apply(_read_window(image, math.ceil(window / factor)))
+    if factor != 1:  # antialiased when shrinking, as any downsampling of the image should be
+        x = rescale(x, (1, factor, factor), order=1, anti_aliasing=factor < 1, mode="reflect")
+    if min(x.shape[1:]) < 16:
+        return np.zeros(0)
+    probs = predict_whole(predictor, x.astype(np.float32), geometry=predictor.model.geometry)
+    return object_diameters(probs.argmax(0) > 0) / factor
+
+
+def estimate_object_size(
+    image: LazyImage,
+    model: LoadedModel,
+    *,
+    trained_size: float | None = None,
+    window: int = 256,
+    device: str = "cpu",
+) -> SizeEstimate:
+    """Estimate the typical object diameter of a 2D image, in its pixels, with the model.
+
+    Parameters
+    ----------
+    image
+        A lazy image (or anything with ``spatial_shape``, ``read`` and ``n_channels``); only
+        central windows of it are read.
+    model
+        The segmentation model; its recorded trained diameter is the target scale.
+    trained_size
+        The trained diameter, for models that do not record it.
+    window
+        Side of the analysed window after resizing (px): the cost of one factor's forward.
+    device
+        Where the model runs.
+
+    Returns
+    -------
+    SizeEstimate
+        The median diameter of the objects found at the factor closest to the trained size,
+        measured again at the factor it implies. Raises ``ValueError`` when no factor finds
+        objects or the model records no trained size.
+    """
+    from pipeline.models.inference import Predictor
+    from pipeline.preprocess.normalize import compute_normalization
+
+    trained = trained_size or trained_object_size(model)
+    if not trained:
+        raise ValueError("the model records no trained object size: give trained_size")
+    if len(image.spatial_shape) != 2:
+        raise ValueError("object sizes are estimated on 2D images")
+    norm = compute_normalization(image, mode="percentile")
+    predictor = Predictor.create(model, device=device, precision="fp32", channels_last="on")
+    best = None
+    for factor in _LADDER:
+        d = _measure(predictor, norm, image, factor, window)
+        if len(d) >= _MIN_OBJECTS:
+            miss = abs(math.log(float(np.median(d)) * factor / trained))
+            if best is None or miss < best[0]:
+                best = (miss, factor, d)
+    if best is None:
+        raise ValueError("no objects found at any scale")
+    factor = scale_factor(float(np.median(best[2])), trained)
+    d = _measure(predictor, norm, image, factor, window)
+    if len(d) < _MIN_OBJECTS:  # the exact factor lost them: keep the ladder's measurement
+        factor, d = best[1], best[2]
+    return SizeEstimate(float(np.median(d)), factor, len(d), trained)
+
+
+def size_warning(
+    image: LazyImage, model: LoadedModel, *, tolerance: float = 2.0, device: str = "cpu"
+) -> str | None:
+    """One line for ``tileseg segment`` when the image's objects look far from the model's
+    trained size (beyond a factor ``tolerance`` either way), else None.
+
+    One forward of a central window at the image's own scale settles the usual case (objects
+    found near the trained size); only otherwise is the size estimated. Models without a
+    recorded trained size, 3D images, and images where no objects are found give None: the
+    check is advice, never a reason to stop a run.
+    """
+    from pipeline.models.inference import Predictor
+    from pipeline.preprocess.normalize import compute_normalization
+
+    trained = trained_object_size(model)
+    if trained is None or len(image.spatial_shape) != 2:
+        return None
+    norm = compute_normalization(image, mode="percentile")
+    predictor = Predictor.create(model, device=device, precision="fp32", channels_last="on")
+    d = _measure(predictor, norm, image, 1.0, 256)
+    if len(d) >= _MIN_OBJECTS and 1 / tolerance <= np.median(d) / trained <= tolerance:
+        return None
+    try:
+        found = estimate_object_size(image, model, device=device)
+    except ValueError:
+        return None
+    if 1 / tolerance <= found.diameter / found.trained <= tolerance:
+        return None
+    return (
+        f"{image.path}: objects look about {found.diameter:.0f} px across, the model was trained "
+        f"at {found.trained:.0f} px; segmenting at that scale may find parts of objects or "
+        f"miss them (resize the image by {found.trained / found.diameter:.2g})"
+    )
+
+
+def warn_object_size(image: LazyImage, model: LoadedModel, *, device: str = "cpu") -> None:
+    """Log :func:`size_warning`'s line, if any, as a warning (stderr when logging is not set
+    up): the hook ``tileseg segment`` calls once per image, when no object size is given."""
+    line = size_warning(image, model, device=device)
+    if line is not None:
+        logging.getLogger("tileseg").warning("tileseg: warning: %s", line)

@@ -1,0 +1,109 @@
+"""Object sizes: estimated with the model, recorded by training, and the size warning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from imagefiles import write_tiff
+from skimage.draw import disk
+
+from pipeline.io.readers import open_image
+from pipeline.models.files import DEFAULT_MODEL, load_unet
+from pipeline.models.object_size import (
+    estimate_object_size,
+    object_diameters,
+    scale_factor,
+    size_warning,
+    trained_object_size,
+    training_object_size,
+)
+from pipeline.synthetic.render import synthetic_pair
+from pipeline.training.data import ArrayImage
+from pipeline.training.scale_eval import BINS, evaluate_bin, sized_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_unet(DEFAULT_MODEL)
+
+
+def test_scale_factor_maps_objects_onto_the_trained_size():
+    assert scale_factor(64.0, 16.0) == 0.25
+    assert scale_factor(8.0, 16.0) == 2.0
+    for bad in [(0, 16), (16, -1), (float("inf"), 16), (float("nan"), 16)]:
+        with pytest.raises(ValueError, match="finite and > 0"):
+            scale_factor(*bad)
+
+
+def test_object_diameters_skip_cut_objects_and_split_masks():
+    labels = np.zeros((100, 100), np.int64)
+    for i, (y, x, r) in enumerate([(30, 30, 10), (70, 60, 5), (2, 90, 6)], 1):
+        labels[disk((y, x), r, shape=labels.shape)] = 1000 * i  # sparse ids
+    d = object_diameters(labels)
+    assert len(d) == 2  # the third touches the border
+    areas = [np.count_nonzero(labels == i) for i in (2000, 1000)]
+    np.testing.assert_allclose(sorted(d), np.sqrt(4 * np.array(areas) / np.pi))
+    np.testing.assert_allclose(sorted(d), [10, 20], rtol=0.07)
+    np.testing.assert_allclose(sorted(object_diameters(labels > 0)), sorted(d))
+
+
+def test_training_object_size_is_the_median_diameter_of_the_masks():
+    masks = []
+    for seed in (0, 1):
+        _, labels = synthetic_pair((256, 256), config=sized_config(24, seed=seed))
+        masks.append(ArrayImage(labels[None], "mask"))
+    found = training_object_size(masks)
+    assert found["objects"] > 20
+    assert 24 * 0.8 < found["diameter_px"] < 24 * 1.2
+    assert training_object_size([])["diameter_px"] is None
+
+
+def test_the_default_model_records_its_trained_size(model):
+    trained = trained_object_size(model)
+    assert trained is not None and 10 <= trained <= 25
+    assert model.info["training"]["object_size"]["objects"] > 1000
+
+
+@pytest.mark.parametrize("diameter", BINS)
+def test_estimated_size_is_within_a_quarter_of_the_truth(model, diameter):
+    image, truth = synthetic_pair(
+        (max(256, 8 * diameter),) * 2, config=sized_config(diameter, seed=7)
+    )
+    true = float(np.median(object_diameters(truth)))
+    found = estimate_object_size(ArrayImage(image[None], "img"), model)
+    assert found.diameter == pytest.approx(true, rel=0.25)
+    assert found.objects >= 3
+    assert found.factor == pytest.approx(found.trained / true, rel=0.3)
+
+
+def test_size_warning_only_for_objects_far_from_the_trained_size(model, tmp_path):
+    small, _ = synthetic_pair((256, 256), config=sized_config(16, seed=3))
+    large, _ = synthetic_pair((512, 512), config=sized_config(64, seed=3))
+    write_tiff(tmp_path / "small.tif", small, axes="YX", tile=(128, 128))
+    write_tiff(tmp_path / "large.tif", large, axes="YX", tile=(128, 128))
+    assert size_warning(open_image(tmp_path / "small.tif"), model) is None
+    line = size_warning(open_image(tmp_path / "large.tif"), model)
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"{tmp_path / 'large.tif'}: objects look about ")
+    assert "trained at" in line
+
+
+def test_model_quality_at_a_given_scale(model):
+    """At the right factor the model segments large nuclei; at factor 1 it does not."""
+    right = evaluate_bin(model, 64, seeds=(5,), factor=16 / 64)
+    wrong = evaluate_bin(model, 64, seeds=(5,), factor=1.0)
+    assert right["foreground_dice"] >= 0.9 and right["object_f1"] >= 0.8
+    assert wrong["object_f1"] < right["object_f1"]
+
+
+def test_segment_warns_once_when_objects_are_far_from_the_trained_size(tmp_path, caplog):
+    from pipeline.config import SegmentOptions
+    from pipeline.engine.driver import segment_image
+
+    large, _ = synthetic_pair((384, 384), config=sized_config(64, seed=4))
+    write_tiff(tmp_path / "large.tif", large, axes="YX", tile=(128, 128))
+    with caplog.at_level("WARNING", logger="tileseg"):
+        segment_image(tmp_path / "large.tif", tmp_path / "out.zarr", SegmentOptions(tile=256))
+    (record,) = [r for r in caplog.records if "objects look about" in r.getMessage()]
+    assert record.getMessage().startswith("tileseg: warning: ")
+    assert (tmp_path / "out.zarr").exists()  # a warning, not an error
