@@ -231,7 +231,8 @@ def _prepare(
     model = load_model(model_spec)
     stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
-    warn_object_size(image, model, device=options.device)
+    if stain is None:  # the estimate runs the model on the image's own channels
+        warn_object_size(image, model, device=options.device)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
