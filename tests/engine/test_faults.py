@@ -115,15 +115,14 @@ def test_chunk_files_left_by_a_killed_writer_are_removed_when_the_run_completes(
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
-def test_lost_worker_is_survived_with_identical_output(tmp_path, slide, model):
+def kill_a_worker_mid_run(slide, out, options, *, workers: int, after: int) -> list:
+    """Segment on a local cluster of worker processes in a thread, SIGKILL one worker once
+    ``after`` tasks are done, and return what the run raised (its nanny starts a new one)."""
     from distributed import Client, LocalCluster
 
-    options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=2)
-    segment_image(slide, tmp_path / "reference.zarr", options)
-    out = tmp_path / "out.zarr"
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
@@ -132,18 +131,26 @@ def test_lost_worker_is_survived_with_identical_output(tmp_path, slide, model):
         def run() -> None:
             try:
                 segment_image(slide, out, replace(options, scheduler=cluster.scheduler_address))
-            except BaseException as exc:  # surfaced below
+            except BaseException as exc:  # returned to the test
                 errors.append(exc)
 
         thread = threading.Thread(target=run)
         thread.start()
         deadline = time.monotonic() + 120
-        while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= 3):
+        while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= after):
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.01)
         pids = client.run(os.getpid)
-        os.kill(next(iter(pids.values())), signal.SIGKILL)  # its nanny starts a new one
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
         thread.join(timeout=240)
+    return errors
+
+
+def test_lost_worker_is_survived_with_identical_output(tmp_path, slide, model):
+    options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=2)
+    segment_image(slide, tmp_path / "reference.zarr", options)
+    out = tmp_path / "out.zarr"
+    errors = kill_a_worker_mid_run(slide, out, options, workers=2, after=3)
     assert not errors, errors
     assert read_record(out)["status"] == "complete"
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
@@ -440,35 +447,12 @@ def test_a_run_failed_on_a_corrupt_tile_resumes_once_the_input_is_repaired(tmp_p
 
 def test_workers_dying_past_the_allowed_failures_is_one_line_and_resumable(tmp_path, slide, model):
     import dask
-    from distributed import Client, LocalCluster
 
     options = SegmentOptions(model=model, tile=32, chunk=32, batch_size=2)
     segment_image(slide, tmp_path / "reference.zarr", options)
     out = tmp_path / "out.zarr"
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster,
-        Client(cluster, set_as_default=False) as client,
-    ):
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                segment_image(slide, out, replace(options, scheduler=cluster.scheduler_address))
-            except BaseException as exc:  # checked below
-                errors.append(exc)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.monotonic() + 120
-        while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= 2):
-            assert thread.is_alive() and time.monotonic() < deadline
-            time.sleep(0.01)
-        pids = client.run(os.getpid)
-        os.kill(next(iter(pids.values())), signal.SIGKILL)
-        thread.join(timeout=240)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        errors = kill_a_worker_mid_run(slide, out, options, workers=1, after=2)
     assert len(errors) == 1 and isinstance(errors[0], TilesegError), errors
     assert "died running task" in str(errors[0]) and "resumes when" in str(errors[0])
     assert "\n" not in str(errors[0])
