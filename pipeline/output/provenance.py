@@ -58,19 +58,23 @@ def _sampled_hash(path: Path) -> str:
 
 
 def _directory_identity(path: Path) -> dict[str, Any]:
-    """A Zarr store: its metadata documents' content, its chunk files' names and sizes, and
-    the content of some of them."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    meta = [p for p in files if p.name in _ZARR_METADATA]
-    chunks = [p for p in files if p.name not in _ZARR_METADATA]
+    """A Zarr store: its metadata documents' content, its chunk files' names, and the content
+    of some of them. Listed with ``os.walk`` and no ``stat`` per chunk: a store can hold
+    millions of chunk files, and this runs before every run and directory skip check."""
+    files = sorted(
+        os.path.relpath(os.path.join(root, name), path)
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+    meta = [f for f in files if os.path.basename(f) in _ZARR_METADATA]
+    chunks = [f for f in files if os.path.basename(f) not in _ZARR_METADATA]
     digest = hashlib.sha256()
-    for p in meta:
-        digest.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
-    for p in chunks:
-        digest.update(f"{p.relative_to(path)}\0{p.stat().st_size}\0".encode())
+    for f in meta:
+        digest.update(f.encode() + b"\0" + (path / f).read_bytes())
+    digest.update("\0".join(chunks).encode())
     step = max(1, len(chunks) // _SAMPLED_CHUNKS)
-    for p in chunks[::step][:_SAMPLED_CHUNKS]:
-        digest.update(p.read_bytes())
+    for f in chunks[::step][:_SAMPLED_CHUNKS]:
+        digest.update((path / f).read_bytes())
     return {"files": len(files), "sha256": digest.hexdigest()}
 
 
