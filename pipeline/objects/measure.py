@@ -40,7 +40,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import TilesegError
-from pipeline.io.readers import ImageSpec, LazyImage
+from pipeline.io.readers import ImageSpec, LazyImage, cached_image
 from pipeline.objects.table_schema import with_metadata
 from pipeline.output.ngff import (
     LABELS_PATH,
@@ -106,15 +106,6 @@ class _Plan:
         return (ids % np.uint64(self.buckets)).astype(np.int64)
 
 
-_images: dict[ImageSpec, LazyImage] = {}
-
-
-def _image(spec: ImageSpec) -> LazyImage:
-    if spec not in _images:
-        _images[spec] = LazyImage.from_spec(spec)
-    return _images[spec]
-
-
 def _partial(item: tuple[_Plan, int, tuple[slice, ...]]) -> dict[str, int]:
     plan, index, region = item
     # Opened afresh (not cached): the instances may have been relabelled since, as another dtype.
@@ -141,7 +132,7 @@ def _partial(item: tuple[_Plan, int, tuple[slice, ...]]) -> dict[str, int]:
         ).reshape(n, plan.classes),
     }
     if plan.image is not None:
-        pixels = _image(plan.image).read(region)[:, fg].astype(np.float64)
+        pixels = cached_image(plan.image).read(region)[:, fg].astype(np.float64)
         arrays["intensity"] = np.stack([np.bincount(inverse, p, n) for p in pixels], 1)
     bucket = plan.bucket(values)
     for b in np.unique(bucket):

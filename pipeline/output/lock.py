@@ -17,6 +17,7 @@ driver killed, its Dask workers still running) stops instead of writing into its
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import json
 import os
@@ -168,8 +169,6 @@ def check_owner(output: str | os.PathLike[str], run_id: str) -> None:
 
 
 def _me(run_id: str) -> LockHolder:
-    import datetime as dt
-
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (containers with an arbitrary uid)
