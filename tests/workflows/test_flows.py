@@ -773,7 +773,10 @@ def test_sigterm_mid_batch_leaves_a_summary_and_the_next_run_resumes(model, tmp_
     again = {r["slide"]: r["status"] for r in second["slides"]}
     assert second["status"] == "complete"
     assert all(again[s] == "skipped" for s, st in status.items() if st == "done")
-    assert all(again[s] == "done" for s, st in status.items() if st == "pending")
+    # a slide running when SIGTERM came may have written its record before the run stopped:
+    # the summary cannot confirm it, so it is pending, and the next run finds it complete
+    pending = [again[s] for s, st in status.items() if st == "pending"]
+    assert set(pending) <= {"done", "skipped"} and "done" in pending
 
     assert main([*in_process, "--only-failed", "--exclude", "s3*"]) == 2
     assert [r["slide"] for r in summaries(out)[-1]["slides"]] == ["s0-broken.tif"]
