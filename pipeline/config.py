@@ -26,6 +26,7 @@ TISSUE = ("none", "otsu", "triangle", "fixed")
 INSTANCES = ("none", "connected", "watershed")
 TABLES = ("none", "parquet", "csv")
 EXPORTS = ("geojson", "geoparquet")
+LABELS_AT = ("model", "input")
 # On a CPU of at most this many cores, ``prefetch: auto`` runs the stages serially (worker.py).
 SERIAL_CORES = 4
 
@@ -45,9 +46,8 @@ class Option:
     choices: tuple[Any, ...] = ()
     minimum: float | None = None  # inclusive
     below: float | None = None  # exclusive upper bound
-    flag: str = (
-        "value"  # value | switch (--x/--no-x) | auto-int | many (repeatable) | pair | resource
-    )
+    # value | switch (--x/--no-x) | auto-int | auto-float | many (repeatable) | pair | resource
+    flag: str = "value"
     metavar: str | None = None
     canonical: Callable[[Any], Any] | None = None  # the value's canonical form, once checked
 
@@ -104,6 +104,16 @@ def _probability(value: float) -> float:
 def _mpp(value: float) -> float:
     if not 0 < value < 1e4:
         raise ValueError(f"must be a pixel size in µm > 0, got {value!r}")
+    return float(value)
+
+
+def _object_size(value: float | str) -> float | str:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"must be a diameter in px > 0 or auto, got {value!r}")
+        return value
+    if not 0 < value < 1e6:
+        raise ValueError(f"must be a diameter in px > 0 or auto, got {value!r}")
     return float(value)
 
 
@@ -202,6 +212,18 @@ class SegmentOptions:
     mpp: float | None = option(
         None, "segment at this pixel size in µm (the nearest finer level, resampled)", "input",
         (float, int, _NONE), canonical=_mpp, metavar="UM",
+    )  # fmt: skip
+    object_size: float | str | None = option(
+        None, "typical object diameter in input px (at --mpp, if given), or auto: estimated per "
+        "image with the model; the image is resampled so that objects have the model's trained "
+        "size", "input", (float, int, str, _NONE), flag="auto-float", canonical=_object_size,
+        metavar="PX",
+    )  # fmt: skip
+    labels_at: str | None = option(
+        None, "grid the labels are written on when the input is resampled: model (the grid "
+        "segmented) or input (the image's own, nearest-neighbour); default: input with "
+        "--object-size, else model; no effect when the input is not resampled", "output",
+        (str, _NONE), choices=LABELS_AT,
     )  # fmt: skip
     axes: str | None = option(
         None, "input axes when the file does not say (plain Zarr/TIFF), e.g. YX, CYX, ZYX",
@@ -316,7 +338,7 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         bounds = [f">= {opt.minimum:g}"] if opt.minimum is not None else []
         bounds += [f"< {opt.below:g}, got {value!r}"] if opt.below is not None else []
         raise bad(f"must be {' and '.join(bounds)}")
-    if opt.choices and opt.flag != "many" and value not in opt.choices:
+    if opt.choices and opt.flag != "many" and value is not None and value not in opt.choices:
         raise bad(f"must be one of {', '.join(opt.choices)}, got {value!r}")
     if opt.canonical is not None and value is not None:
         try:

@@ -48,6 +48,8 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs = {"help": opt.help, "dest": name, "action": _OnOff}
         elif opt.flag == "auto-int":
             kwargs["type"] = _int_or_auto
+        elif opt.flag == "auto-float":
+            kwargs["type"] = _float_or_auto
         elif opt.flag == "pair":
             kwargs.update(type=float, nargs=2)
         elif opt.flag == "resource":
@@ -78,6 +80,15 @@ def _int_or_auto(value: str) -> int | str:
         return value
     try:
         return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
+def _float_or_auto(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
+from pipeline.engine.scale import Scale, choose_scale
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
@@ -35,7 +37,6 @@ from pipeline.geometry import (
     plan_tiles,
 )
 from pipeline.io.readers import LazyImage, open_image
-from pipeline.io.resolution import at_pixel_size
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import (
     label_dtype,
@@ -58,9 +59,11 @@ from pipeline.output.ngff import (
     levels_in_tasks,
     mark_complete,
     mark_failed,
+    model_grid_path,
     overview_factor,
     read_layout,
     read_record,
+    upsample_region,
 )
 from pipeline.output.overview import (
     OverviewSource,
@@ -224,14 +227,13 @@ def _prepare(
         axes=options.axes,
         allow_missing_chunks=options.allow_missing_chunks,
     )
-    resampled = None
-    if options.mpp is not None:
-        image, resampled = at_pixel_size(image, options.mpp)
     model_spec = ModelSpec.from_options(options)
     model = load_model(model_spec)
+    scale = choose_scale(image, model, options, device=options.device)
+    image = scale.image
     stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
-    if stain is None:  # the estimate runs the model on the image's own channels
+    if stain is None and options.object_size is None:  # the estimate needs the image's channels
         warn_object_size(image, model, device=options.device)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
@@ -239,7 +241,7 @@ def _prepare(
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
         options, started, fingerprint(input_path, options, model_sha256=model.sha256),
-        stain=stain, resampled=resampled,
+        stain=stain, scale=scale,
     )  # fmt: skip
 
 
@@ -306,7 +308,17 @@ class _Job:
     started: float
     fingerprint: str
     stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
-    resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
+    scale: Scale | None = None  # the grids segmented and written on (engine/scale.py)
+
+    @property
+    def labels_image(self) -> LazyImage:
+        """The image on whose grid the labels are written."""
+        return self.image if self.scale is None else self.scale.labels_image
+
+    @property
+    def upsampled(self) -> bool:
+        """Whether the tasks write the model's grid, upsampled to the input's after them."""
+        return self.scale is not None and self.scale.upsampled
 
 
 def _run(
@@ -341,29 +353,40 @@ def _run(
         "labels_from": run.labels_from,
     }  # fmt: skip
     forget_arrays(output)
+    forget_arrays(model_grid_path(output))
+    task_layout = _model_grid_layout(job, layout) if job.upsampled else layout
     if state != "partial":
         with writing(output):
             create_output(
                 output, layout, overwrite=state == "replace", attrs=record,
                 subdirs=[os.path.relpath(done_dir(output), output)],
+                model_grid=task_layout if job.upsampled else None,
             )  # fmt: skip
     claim_output(output, run_id)
-    tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
+    tasks, resumed_tasks = _tasks(
+        job, normalization, task_layout, run, per_task, levels, mask, run_id
+    )
     computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
-    record.update(_objects(output, image, options, workers=workers))
+    record.update(_objects(output, job.labels_image, options, workers=workers,
+                           downsample=_labels_downsample(job)))  # fmt: skip
     _finish_record(record, job, computed, resumed_tasks)
     with writing(output):
         remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
+        shutil.rmtree(model_grid_path(output), ignore_errors=True)  # upsampled: not needed
         mark_complete(output, record)
     return SegmentResult(
-        os.fspath(job.input_path), output, image.spatial_shape, len(grid),
+        os.fspath(job.input_path), output, job.labels_image.spatial_shape, len(grid),
         record["timings"]["total_wall"], record["timings"], record,
         resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
     )  # fmt: skip
 
 
 def _layout(job: _Job, state: str) -> OutputLayout:
-    image, options = job.image, job.options
+    """The output's arrays, on the grid the labels are written on (``job.labels_image``)."""
+    image, options = job.labels_image, job.options
+    scale_base = None  # the model's grid of a resampled input without a pixel size
+    if job.scale is not None and job.scale.record is not None and image.pixel_size is None:
+        scale_base = job.scale.input_factor if image is job.image else None
     classes = int(job.model.classes or 0) or _probe_classes(job.model_spec, options, job.grid)
     _, chunk = options.tile_and_chunk(job.grid.geometry.ndim)
     layout = OutputLayout(
@@ -377,10 +400,32 @@ def _layout(job: _Job, state: str) -> OutputLayout:
         if options.save_probabilities
         else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
         class_names=class_names(classes, getattr(job.model_spec, "class_names", None)),
+        scale_base=scale_base,
     )
     if state == "partial" and read_layout(job.output).overview is None:
         layout = replace(layout, overview=None)  # begun before outputs had an overview
     return layout
+
+
+def _model_grid_layout(job: _Job, layout: OutputLayout) -> OutputLayout:
+    """The arrays the tasks write when the labels are upsampled after them: level 0 on the
+    model's grid, chunked as the output."""
+    _, chunk = job.options.tile_and_chunk(job.grid.geometry.ndim)
+    shape = job.image.spatial_shape
+    return replace(
+        layout, spatial_shape=shape, chunks=tuple(min(chunk, n) for n in shape),
+        pixel_size=None, overview=None, scale_base=None,
+    )  # fmt: skip
+
+
+def _labels_downsample(job: _Job) -> tuple[float, ...]:
+    """One pixel of the labels' grid in pixels of level 0 of the input file (where exported
+    polygons lie)."""
+    source = job.image if job.scale is None else job.scale.input
+    base = [n0 / n for n0, n in zip(source.level_shapes[0], source.spatial_shape, strict=True)]
+    if job.scale is None or job.labels_image is job.scale.input:
+        return tuple(base)
+    return tuple(b * f for b, f in zip(base, job.scale.input_factor, strict=True))
 
 
 def _record(
@@ -404,10 +449,17 @@ def _record(
             "chunks": list(layout.chunks),
         },
         "tissue": None if mask is None else mask.to_dict(),
-        **({} if job.resampled is None else {"resample": job.resampled}),
+        **_resample_record(job),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fingerprint": job.fingerprint,
     }
+
+
+def _resample_record(job: _Job) -> dict[str, Any]:
+    """How the input was resampled and why (engine/scale.py), where it was."""
+    if job.scale is None or job.scale.record is None:
+        return {}
+    return {"resample": job.scale.record}
 
 
 def _run_settings(
@@ -441,6 +493,8 @@ def _run_settings(
         per_task = batches_per_task(options, job.grid, run.batch_size)
     if resumed is not None:  # the tasks it left done wrote the levels of the version that ran
         levels = int(resumed.get("levels_in_tasks", 0))
+    elif job.upsampled:  # the tasks write level 0 of the model's grid only
+        levels = 0
     else:
         levels = levels_in_tasks(layout, [tile.region for tile in job.grid.tiles()])
     return run, per_task, levels
@@ -474,6 +528,7 @@ def _tasks(
             image=job.image.spec, model=job.model_spec, normalization=normalization, grid=grid,
             tiles=tuple(t.index for t in group), output=output, layout=layout, run=run,
             name=name, levels=levels, run_id=run_id, skip=skip,
+            arrays=model_grid_path(output) if job.upsampled else "",
         )  # fmt: skip
 
     tasks = [task(g, n) for g, n in zip(groups, names, strict=True) if n not in done]
@@ -506,7 +561,7 @@ def _execute(
     def write_overview() -> float:
         t = time.perf_counter()
         if layout.overview is not None:
-            _overview(output, image, layout, options, workers=workers, run_id=run_id)
+            _overview(output, job.labels_image, layout, options, workers=workers, run_id=run_id)
         return time.perf_counter() - t
 
     # The overview reads only the input: where the forwards are not the host's (a GPU, a
@@ -527,6 +582,8 @@ def _execute(
                 )  # fmt: skip
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
+        if job.upsampled:
+            levels = _upsample(job, layout, workers=workers, run_id=run_id)
         _pyramid(output, layout, levels, options, workers=workers, run_id=run_id)
         pyramid_wall = time.perf_counter() - t
         overview_wall = write_overview() if overview is None else overview.result()
@@ -559,6 +616,35 @@ def _pyramid(
         run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
 
 
+def _upsample(job: _Job, layout: OutputLayout, *, workers: int, run_id: str) -> int:
+    """The labels on the input's grid from those on the model's (nearest neighbour), in
+    tasks that each own a block of chunks and the pyramid levels above it they can; returns
+    how many levels above 0 they wrote."""
+    assert job.scale is not None
+    regions = level_regions(layout, 0)
+    levels = levels_in_tasks(layout, regions)
+    source, factors = job.image.spatial_shape, job.scale.input_factor
+    jobs = [
+        (job.output, layout, region, source, factors, levels, f"upsample-{i:07d}", run_id)
+        for i, region in enumerate(regions)
+    ]
+    jobs = [j for j in jobs if not is_done(job.output, j[-2])]
+    run_tasks(_upsample_block, jobs, scheduler=job.options.scheduler, workers=workers)
+    return levels
+
+
+def _upsample_block(
+    args: tuple[str, OutputLayout, tuple[slice, ...], tuple[int, ...], tuple[float, ...], int,
+                str, str],
+) -> dict[str, float]:  # fmt: skip
+    output, layout, region, source, factors, levels, name, run_id = args
+    check_owner(output, run_id)
+    with writing(output):
+        upsample_region(output, layout, region, source_shape=source, factors=factors, levels=levels)
+        mark_done(output, name)
+    return {"tiles": 0}
+
+
 def _finish_record(
     record: dict[str, Any], job: _Job, computed: dict[str, Any], resumed: list[str]
 ) -> None:
@@ -582,7 +668,8 @@ def _finish_record(
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "timings": timings,
             "tiles": len(job.grid),
-            "spatial_shape": list(job.image.spatial_shape),
+            "spatial_shape": list(job.labels_image.spatial_shape),
+            "model_grid_shape": list(job.image.spatial_shape),
             "computed_pixels": computed["pixels"],
             "megapixels_per_second": computed["pixels"] / 1e6 / max(seconds, 1e-9),
             "nonfinite_pixels": computed["nonfinite"],
@@ -631,7 +718,12 @@ def _overview_block(
 
 
 def _objects(
-    output: str, image: LazyImage, options: SegmentOptions, *, workers: int
+    output: str,
+    image: LazyImage,
+    options: SegmentOptions,
+    *,
+    workers: int,
+    downsample: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
     Each is redone whole unless its marker says it finished (both are idempotent)."""
@@ -667,7 +759,7 @@ def _objects(
         with writing(output):
             table_file = Path(output) / f"objects.{options.table}"
             exported = export_segmentation(
-                output, image, formats=options.export,
+                output, image, formats=options.export, downsample=downsample,
                 table=table_file if options.table != "none" else None, **run,
             )  # fmt: skip
             found["export"] = exported.to_dict()

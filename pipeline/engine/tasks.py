@@ -53,6 +53,9 @@ class BlockTask:
     skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
     levels: int = 0  # pyramid levels above 0 the task writes too (see ngff.levels_in_tasks)
     run_id: str = ""  # the run the output must still belong to when the task writes
+    # Where the task's arrays are: the output's own, or its labels on the model's grid when
+    # they are upsampled to the input's after the tasks (ngff.MODEL_GRID).
+    arrays: str = ""
 
 
 @contextmanager
@@ -252,4 +255,4 @@ def _write_levels(
             labels, probs = next_level(labels, probs, layout=task.layout)
             region = half_region(region)
         with writing(task.output):
-            write_region(task.output, region, labels, probs, level=level)
+            write_region(task.arrays or task.output, region, labels, probs, level=level)

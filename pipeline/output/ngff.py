@@ -46,6 +46,9 @@ NGFF_VERSION = "0.4"
 LABEL_NAME = "segmentation"
 LABELS_PATH = f"labels/{LABEL_NAME}"
 OVERVIEW_NAME = "overview"
+# Labels (and probabilities) on the model's grid, when they are written on the input's: a
+# hidden Zarr group the inference tasks write and the upsampling reads; removed once complete.
+MODEL_GRID = ".tileseg/model-grid"
 _RGB = ["FF0000", "00FF00", "0000FF"]
 _CHANNEL_COLORS = ["00FFFF", "FF00FF", "FFFF00", "00FF00", "FF0000", "0000FF"]
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
@@ -88,6 +91,9 @@ class OutputLayout:
     pixel_size: tuple[float, ...] | None = None
     overview: Overview | None = None
     class_names: tuple[str, ...] = ()  # empty: the defaults of ``label_classes.class_names``
+    # Level 0's scale when the pixel size is not known but is not the input's pixel either
+    # (labels on the grid of a resampled input): in input pixels, without a unit.
+    scale_base: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.overview is not None and self.probability_dtype:
@@ -109,8 +115,13 @@ class OutputLayout:
     def level_chunks(self, level: int) -> tuple[int, ...]:
         return tuple(min(c, n) for c, n in zip(self.chunks, self.levels[level], strict=True))
 
+    @property
+    def base_scale(self) -> tuple[float, ...]:
+        """Level 0's scale: the pixel size (µm), else :attr:`scale_base`, else 1 per axis."""
+        return self.pixel_size or self.scale_base or (1.0,) * self.ndim
+
     def scale(self, level: int) -> list[float]:
-        base = self.pixel_size or (1.0,) * self.ndim
+        base = self.base_scale
         factor = [1] * (self.ndim - 2) + [2**level, 2**level]
         return [float(b) * f for b, f in zip(base, factor, strict=True)]
 
@@ -118,7 +129,7 @@ class OutputLayout:
         """Offset of a 2x2-mean level: its pixel ``i`` is the mean of level-0 pixels
         ``i * 2**level ... (i + 1) * 2**level - 1``, centred ``(2**level - 1) / 2`` past
         pixel ``i * 2**level`` (in physical units)."""
-        base = self.pixel_size or (1.0,) * self.ndim
+        base = self.base_scale
         shift = [0.0] * (self.ndim - 2) + [(2**level - 1) / 2] * 2
         return [float(b) * s for b, s in zip(base, shift, strict=True)]
 
@@ -209,9 +220,11 @@ def create_output(
     overwrite: bool,
     attrs: dict[str, Any],
     subdirs: Sequence[str] = (),
+    model_grid: OutputLayout | None = None,
 ) -> None:
-    """Create every array and all NGFF metadata (and the empty ``subdirs``); the data is
-    written later, chunk by chunk.
+    """Create every array and all NGFF metadata (and the empty ``subdirs``, and with
+    ``model_grid`` the level 0 arrays of the labels on the model's grid, :data:`MODEL_GRID`);
+    the data is written later, chunk by chunk.
 
     The output is built under a hidden name beside ``path`` and renamed into place whole, so a
     run killed meanwhile leaves either no output (the same command starts afresh) or a complete
@@ -226,6 +239,8 @@ def create_output(
     _create_skeleton(building, layout, attrs)
     for sub in subdirs:
         (building / sub).mkdir(parents=True)
+    if model_grid is not None:
+        _create_model_grid(building / MODEL_GRID, model_grid)
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     building.rename(path)
@@ -266,6 +281,65 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
             _create(root, str(level), shape, layout.overview_level_chunks(level), dtype)
         root.attrs["multiscales"] = _overview_multiscales(layout)
     root.attrs["tileseg"] = {**attrs, "status": "running"}
+
+
+def _create_model_grid(path: Path, layout: OutputLayout) -> None:
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    seg = root.create_group("labels").create_group(LABEL_NAME)
+    _create(seg, "0", layout.spatial_shape, layout.level_chunks(0), layout.label_dtype)
+    if layout.probability_dtype:
+        chunks = (layout.classes, *layout.level_chunks(0))
+        shape = (layout.classes, *layout.spatial_shape)
+        _create(root, "0", shape, chunks, layout.probability_dtype)
+
+
+def model_grid_path(path: str | os.PathLike[str]) -> str:
+    """Where an output keeps its labels on the model's grid while they are upsampled."""
+    return os.path.join(os.fspath(path), MODEL_GRID)
+
+
+def upsample_region(
+    path: str | os.PathLike[str],
+    layout: OutputLayout,
+    region: Sequence[slice],
+    *,
+    source_shape: Sequence[int],
+    factors: Sequence[float],
+    levels: int = 0,
+) -> None:
+    """Write one chunk-aligned region of level 0 of the labels (and probabilities) on the
+    input's grid, each pixel the model-grid pixel under its centre (nearest neighbour, so
+    labels stay the argmax of the probabilities and are never blended), and the ``levels``
+    pyramid levels above it the region owns (:func:`levels_in_tasks`).
+
+    ``source_shape`` is the model grid's spatial shape; one of its pixels spans ``factors``
+    input pixels per axis.
+    """
+    from pipeline.resample import nearest_source
+
+    index = [
+        nearest_source(s.start, s.stop, f, n)
+        for s, f, n in zip(region, factors, source_shape, strict=True)
+    ]
+    src = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
+    pick = np.ix_(*(ix - s.start for ix, s in zip(index, src, strict=True)))
+    grid = model_grid_path(path)
+    labels = chunk_writer.read(open_array(grid, label_array_name(0)), src)[pick]
+    probabilities = None
+    if layout.probability_dtype:
+        stored = chunk_writer.read(open_array(grid, "0"), (slice(None), *src))
+        probabilities = stored[(slice(None), *pick)]
+    region = tuple(region)
+    for level in range(levels + 1):
+        if level:
+            labels, probabilities = next_level(labels, probabilities, layout=layout)
+            region = half_region(region)
+        write_region(path, region, np.ascontiguousarray(labels), _contiguous(probabilities),
+                     level=level)  # fmt: skip
+
+
+def _contiguous(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.ascontiguousarray(a)
 
 
 def _probability_channels(names: Sequence[str]) -> dict[str, Any]:
@@ -493,11 +567,15 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
     properties = seg.attrs.get("image-label", {}).get("properties", [])
     names = tuple(str(p.get("class", "")) for p in properties)
     datasets = seg.attrs.get("multiscales", [{}])[0].get("datasets", [])
-    pixel_size = None
+    pixel_size = scale_base = None
     axes = seg.attrs.get("multiscales", [{}])[0].get("axes", [])
-    if datasets and any(a.get("unit") for a in axes):
-        scale = datasets[0]["coordinateTransformations"][0]["scale"]
-        pixel_size = tuple(float(s) for s in scale)
+    scale = None
+    if datasets:
+        scale = tuple(float(s) for s in datasets[0]["coordinateTransformations"][0]["scale"])
+    if scale is not None and any(a.get("unit") for a in axes):
+        pixel_size = scale
+    elif scale is not None and any(s != 1 for s in scale):
+        scale_base = scale
     return OutputLayout(
         spatial_shape=tuple(level0.shape),
         chunks=tuple(level0.chunks),
@@ -507,6 +585,7 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
         pixel_size=pixel_size,
         overview=overview,
         class_names=names if len(names) == max(classes, 2) else (),
+        scale_base=scale_base,
     )
 
 
