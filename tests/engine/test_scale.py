@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from exactness import check, randomise_batchnorm, reference, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
+from outputs import chunk_files
 from profiles import examples
 
 from pipeline.cli.main import main
@@ -27,7 +32,7 @@ from pipeline.engine.driver import segment_image
 from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
 from pipeline.models.object_size import object_diameters
 from pipeline.output.ngff import LABELS_PATH, MODEL_GRID, read_record
-from pipeline.output.provenance import fingerprint
+from pipeline.output.provenance import done_dir, fingerprint
 from pipeline.resample import Resampling, nearest_source, resample_axis
 from pipeline.synthetic.render import synthetic_pair
 from pipeline.training.scale_eval import sized_config
@@ -233,3 +238,37 @@ def test_object_size_auto_without_objects_is_one_line(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--object-size auto: no objects found" in err[0]
+
+
+@pytest.mark.slow
+def test_killed_mid_run_at_an_object_size_resumes_to_the_same_chunks(tmp_path):
+    """Tasks write the model's grid, the upsampling the input's: a run killed among the tasks
+    resumes to chunk files identical to an uninterrupted run's."""
+    image = np.random.default_rng(0).integers(0, 255, (384, 448)).astype(np.uint8)
+    slide = write_tiff(tmp_path / "slide.tif", image, axes="YX", tile=(64, 64))
+    model = sized_model(tmp_path, UNetConfig(depth=2, width=8, padding="same", classes=2))
+    args = [str(slide), "--model", model, "--tile", "32", "--chunk", "32", "--batch-size", "2",
+            "--object-size", "15", "--no-progress"]  # fmt: skip
+
+    def cli(out: Path) -> subprocess.Popen:
+        command = [sys.executable, "-m", "pipeline", "segment", args[0], str(out), *args[1:]]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    reference = tmp_path / "reference.zarr"
+    cli(reference).communicate()
+    assert read_record(reference)["status"] == "complete"
+    out = tmp_path / "out.zarr"
+    proc, markers = cli(out), done_dir(tmp_path / "out.zarr")
+    deadline = time.monotonic() + 120
+    while not (markers.exists() and len(list(markers.glob("tiles-*"))) >= 5):
+        assert proc.poll() is None, "run finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert read_record(out)["status"] == "running" and (out / MODEL_GRID).exists()
+    _, stderr = cli(out).communicate()
+    assert read_record(out)["status"] == "complete", stderr
+    assert chunk_files(out) == chunk_files(reference)
+    assert zarr.open_group(out, mode="r")[f"{LABELS_PATH}/0"].shape == (384, 448)
+    assert not (out / MODEL_GRID).exists()
