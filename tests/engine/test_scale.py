@@ -122,7 +122,7 @@ def large_nuclei(tmp_path_factory):
 def test_object_size_auto_finds_large_nuclei_and_segments_them(tmp_path, large_nuclei):
     path, truth = large_nuclei
     out = tmp_path / "out.zarr"
-    options = SegmentOptions(object_size="auto", tile=256, instances="watershed")
+    options = SegmentOptions(object_size="auto", tile=256, instances="watershed", table="csv")
     result = segment_image(path, out, options)
     done = result.record["resample"]
     true = float(np.median(object_diameters(truth)))
@@ -135,6 +135,10 @@ def test_object_size_auto_finds_large_nuclei_and_segments_them(tmp_path, large_n
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
     instances = zarr.open_group(out, mode="r")["labels/instances/0"][...]
     assert instances.shape == truth.shape
+    # Measured on the labels as written: objects in input pixels, the input's intensities.
+    table = np.genfromtxt(out / "objects.csv", delimiter=",", names=True)
+    assert len(table) == instances.max() > 20
+    assert table["centroid_x"].max() > 600 and table["area"].min() > 100
 
 
 def test_labels_on_either_grid_carry_their_ngff_scale(tmp_path, large_nuclei):
