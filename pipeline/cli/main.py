@@ -164,6 +164,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from pipeline.config import resolve_options
     from pipeline.engine.driver import segment_image
+    from pipeline.engine.scale import scale_note
     from pipeline.io.readers import find_images, image_stem
     from pipeline.runtime.heap import heap_hint
 
@@ -212,9 +213,10 @@ def _segment(args: argparse.Namespace) -> int:
                   f"{result.output} (skipped)")  # fmt: skip
             continue
         resumed = f", resumed {result.resumed_tasks} done tasks" if result.resumed_tasks else ""
+        scaled = scale_note(result.record.get("resample"))
         print(
             f"{image}: {shape} px, {result.tiles} tiles, {result.seconds:.1f} s, "
-            f"{result.megapixels_per_second:.2f} MP/s{resumed} -> {result.output}"
+            f"{result.megapixels_per_second:.2f} MP/s{resumed}{scaled} -> {result.output}"
         )
         off_main_heap += int(result.timings.get("tasks_off_main_heap", 0))
     if off_main_heap:

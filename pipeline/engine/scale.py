@@ -32,7 +32,7 @@ from pipeline.models import LoadedModel
 from pipeline.models.object_size import estimate_object_size, trained_object_size
 from pipeline.preprocess.stain import wants_stain
 
-__all__ = ["Scale", "choose_scale"]
+__all__ = ["Scale", "choose_scale", "scale_note"]
 
 # Levels coarser than this (per side) are not used for the estimate: their objects are blurred
 # into each other even when they are large.
@@ -178,3 +178,15 @@ def _estimate_levels(image: LazyImage) -> list[LazyImage]:
 
 def _ratios(image: LazyImage, level: LazyImage) -> tuple[float, ...]:
     return tuple(n / m for n, m in zip(image.spatial_shape, level.spatial_shape, strict=True))
+
+
+def scale_note(record: dict[str, Any] | None) -> str:
+    """A few words for the command line's summary of a run: the scale it segmented at and how
+    that was chosen (empty when the input was not resampled)."""
+    if not record:
+        return ""
+    how = record.get("chosen_by", "")
+    if record.get("object_size_px") is not None:
+        how = f"{how}, objects {record['object_size_px']:.3g} px"
+    factor = max(record.get("input_factor") or [1.0])
+    return f", segmented at {factor:.3g} input px per pixel ({how})"

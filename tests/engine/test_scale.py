@@ -174,6 +174,36 @@ def test_labels_on_the_model_grid_without_a_pixel_size_are_scaled_in_input_pixel
     assert len(features) > 10 and 128 * 1.5 < max(xs) <= 320
 
 
+def test_an_object_size_at_mpp_multiplies_its_factor(tmp_path, large_nuclei, capsys):
+    """20 px objects at 1 µm per pixel, for a model trained at 10 px: 2 µm per model pixel,
+    read from the 1 µm level; labels on the input's 0.5 µm grid."""
+    path, _ = large_nuclei
+    model = sized_model(tmp_path, UNetConfig(depth=1, width=2, classes=2))
+    out = tmp_path / "o.zarr"
+    args = ["segment", str(path), str(out), "--model", model, "--mpp", "1", "--object-size",
+            "20", "--tile", "128", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "segmented at 4 input px per pixel (given object size, objects 20 px)" in summary
+    done = read_record(out)["resample"]
+    assert done["level"] == 1 and done["factor"] == [2.0, 2.0] and done["shape"] == [192, 192]
+    assert done["input_factor"] == [4.0, 4.0] and done["labels_at"] == "input"
+    root = zarr.open_group(out, mode="r")
+    assert root[f"{LABELS_PATH}/0"].shape == (768, 768)
+    assert scale_of(root[LABELS_PATH])[-2:] == [0.5, 0.5]
+
+
+def test_object_sizes_resample_2d_images_only(tmp_path, capsys):
+    volume = np.zeros((16, 64, 64), np.float32)
+    write_zarr(tmp_path / "v.zarr", volume, chunks=(8, 32, 32))
+    model = sized_model(tmp_path, UNetConfig(depth=1, width=2, classes=2))
+    args = ["segment", str(tmp_path / "v.zarr"), str(tmp_path / "o.zarr"), "--axes", "ZYX",
+            "--model", model, "--object-size", "20", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--object-size: only 2D images are resampled" in err[0]
+
+
 def test_the_model_pixel_size_is_used_when_no_scale_is_given(tmp_path, large_nuclei):
     path, _ = large_nuclei
     model = sized_model(tmp_path, UNetConfig(depth=1, width=2, classes=2), pixel_size_um=1.0)
