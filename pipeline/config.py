@@ -268,7 +268,8 @@ class SegmentOptions:
     # Of 3, 5, 7, 9 and 12 px, 7 scores within 0.003 of the best object F1 both on generated
     # held-out images and on the shipped real one (5 is much worse on the real one).
     min_distance: int = option(
-        7, "watershed: least distance between two objects' centres in px", "objects", (int,),
+        7, "watershed: least distance between two objects' centres in px of the grid segmented "
+        "(labels upsampled to the input's grid: scaled with them)", "objects", (int,),
         minimum=1, metavar="N",
     )  # fmt: skip
     table: str = option(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import os
 import shutil
 import time
@@ -367,8 +368,9 @@ def _run(
         job, normalization, task_layout, run, per_task, levels, mask, run_id
     )
     computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
+    grid_scale = math.sqrt(math.prod(job.scale.input_factor)) if job.upsampled else 1.0
     record.update(_objects(output, job.labels_image, options, workers=workers,
-                           downsample=_labels_downsample(job)))  # fmt: skip
+                           downsample=_labels_downsample(job), grid_scale=grid_scale))  # fmt: skip
     _finish_record(record, job, computed, resumed_tasks)
     with writing(output):
         remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
@@ -724,9 +726,12 @@ def _objects(
     *,
     workers: int,
     downsample: tuple[float, ...] | None = None,
+    grid_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
-    Each is redone whole unless its marker says it finished (both are idempotent)."""
+    Each is redone whole unless its marker says it finished (both are idempotent).
+    ``grid_scale``: one model-grid pixel in label pixels (labels upsampled to the input's
+    grid): the watershed's distances are the model's, so they grow with it."""
     # A run resumed after these steps finished takes their summaries from the markers.
     found: dict[str, Any] = {
         name: done_summary(output, name)
@@ -739,7 +744,8 @@ def _objects(
             threshold = options.instance_threshold
             summary = label_instances(
                 output, watershed=options.instances == "watershed",
-                min_distance=options.min_distance,
+                min_distance=max(1, round(options.min_distance * grid_scale)),
+                halo=max(64, math.ceil(64 * grid_scale)),
                 source="labels" if threshold is None else "probabilities",
                 threshold=0.5 if threshold is None else threshold, **run,
             )  # fmt: skip
