@@ -132,6 +132,7 @@ def test_object_size_auto_finds_large_nuclei_and_segments_them(tmp_path, large_n
     assert done["estimate"]["level"] == 1  # the coarse level: the objects are large there too
     labels = zarr.open_group(out, mode="r")[f"{LABELS_PATH}/0"][...]
     assert labels.shape == truth.shape  # on the input's grid
+    assert zarr.open_group(out, mode="r")["0"].shape == (1, *truth.shape)  # the overview too
     a, b = labels > 0, truth > 0
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
     instances = zarr.open_group(out, mode="r")["labels/instances/0"][...]
