@@ -27,6 +27,23 @@ from pipeline.output.provenance import fingerprint, output_state
 from pipeline.runtime.heap import heap_hint
 from pipeline.runtime.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
 
+__all__ = [
+    "DirectoryConfig",
+    "DirectoryPlan",
+    "RunSettings",
+    "SlideJob",
+    "SlideReport",
+    "counts_line",
+    "failed_report",
+    "is_transient",
+    "load_directory_config",
+    "plan_directory",
+    "process_slide",
+    "run_batch",
+    "run_with_retries",
+    "summary_lines",
+]
+
 log = logging.getLogger("tileseg.flows")
 
 ON_CHANGED = ("reprocess", "fail")

@@ -16,6 +16,30 @@ import yaml
 
 from pipeline.errors import TilesegError
 
+__all__ = [
+    "CHANNELS_LAST",
+    "EXPORTS",
+    "FOLD_NORM",
+    "INSTANCES",
+    "NORMALIZE",
+    "PRECISION",
+    "PROBABILITY_DTYPES",
+    "SECTIONS",
+    "SERIAL_CORES",
+    "STAIN",
+    "TABLES",
+    "TISSUE",
+    "Option",
+    "SegmentOptions",
+    "declared",
+    "load_config",
+    "option",
+    "options_from_mapping",
+    "options_table",
+    "read_yaml_mapping",
+    "resolve_options",
+]
+
 NORMALIZE = ("none", "percentile", "fixed")
 STAIN = ("auto", "hematoxylin", "none")
 PRECISION = ("auto", "fp32", "bf16", "fp16")

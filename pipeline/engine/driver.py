@@ -92,6 +92,15 @@ from pipeline.runtime.worker import (
     shared_cpu,
 )
 
+__all__ = [
+    "SegmentResult",
+    "check_compatible",
+    "existing_output",
+    "overview_alongside",
+    "plan",
+    "segment_image",
+]
+
 
 @dataclass
 class SegmentResult:

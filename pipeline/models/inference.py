@@ -26,6 +26,24 @@ from pipeline.geometry import ModelGeometry, padded_whole
 from pipeline.models import LoadedModel
 from pipeline.models.fold import fold_batch_norm
 
+__all__ = [
+    "CPU_BATCH_SIZE",
+    "LEGACY_AUTO_LAYOUT",
+    "LEGACY_LABELS_FROM",
+    "TASKS_PER_GPU",
+    "Prediction",
+    "Predictor",
+    "auto_batch_size",
+    "batch_size_from_memory",
+    "label_dtype",
+    "predict_whole",
+    "resolve_channels_last",
+    "resolve_device",
+    "resolve_fold_norm",
+    "resolve_precision",
+    "worker_device",
+]
+
 CPU_BATCH_SIZE = 4  # CPU throughput is flat in batch size; memory is not
 
 

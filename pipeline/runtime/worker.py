@@ -37,6 +37,20 @@ from pipeline.runtime.cores import usable_cores
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.heap import keep_freed_memory
 
+__all__ = [
+    "MIN_TASKS",
+    "RunSettings",
+    "batches_per_task",
+    "cached_predictor",
+    "io_pool",
+    "local_workers",
+    "parallel_io",
+    "resolve_batch_size",
+    "resolve_numerics",
+    "resolve_prefetch",
+    "shared_cpu",
+]
+
 MIN_TASKS = 16  # per image, when it has that many batches: progress steps and parallelism
 
 

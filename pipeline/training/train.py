@@ -42,6 +42,19 @@ from pipeline.training.data import (
     synthetic_pairs,
 )
 
+__all__ = [
+    "Augment",
+    "HeldOut",
+    "SyntheticData",
+    "TrainConfig",
+    "TrainResult",
+    "config_from_mapping",
+    "crop_geometry",
+    "load_train_config",
+    "train",
+    "with_overrides",
+]
+
 DEFAULT_ARCH = {"depth": 3, "width": 16, "padding": "valid", "norm": "batch"}
 
 
@@ -280,7 +293,7 @@ def crop_geometry(config: UNetConfig, crop: int) -> CropGeometry:
     return CropGeometry(size, g.output_size(size, 0))
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy plus soft Dice loss of the non-background classes (Dice is the metric)."""
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(1)
@@ -303,7 +316,7 @@ def _batches(pairs, draws, crop, classes, bs, rng=None, aug=None):
         yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
-def evaluate(model: UNet, batches, device: torch.device) -> tuple[float, float]:
+def _evaluate(model: UNet, batches, device: torch.device) -> tuple[float, float]:
     """Mean loss and pooled foreground Dice (argmax > 0 against target > 0) over ``batches``."""
     model.eval()
     loss = n = inter = total = 0
@@ -311,7 +324,7 @@ def evaluate(model: UNet, batches, device: torch.device) -> tuple[float, float]:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            loss += float(segmentation_loss(logits, y)) * len(x)
+            loss += float(_segmentation_loss(logits, y)) * len(x)
             n += len(x)
             pred, truth = logits.argmax(1) > 0, y > 0
             inter += int((pred & truth).sum())
@@ -405,7 +418,7 @@ def train(
             for x, y in _batches(
                 train_pairs, draws, crop, unet.classes, config.batch_size, rng, config.augment
             ):
-                loss = segmentation_loss(model(x.to(device)), y.to(device))
+                loss = _segmentation_loss(model(x.to(device)), y.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -413,7 +426,7 @@ def train(
                 losses.append(loss.item())
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", refresh=False)
-            val_loss, val_dice = evaluate(model, val_batches, device)
+            val_loss, val_dice = _evaluate(model, val_batches, device)
             row = {
                 "epoch": epoch,
                 "train_loss": round(float(np.mean(losses)), 5),
