@@ -17,7 +17,7 @@ A cluster config (the ``cluster:`` section of a directory config, or a file of i
 ``{GPU: 0.5}`` whenever the cluster's workers are declared as GPU workers here: a worker
 declaring ``GPU=1`` then runs two tasks at a time, sharing its one model, so that one task's
 first read and last write are hidden behind the other's inference (as local runs do, see
-``pipeline.engine.driver.local_workers``). ``{GPU: 1}`` gives one task at a time per GPU.
+``pipeline.runtime.resolved.resolve_runtime``). ``{GPU: 1}`` gives one task at a time per GPU.
 """
 
 from __future__ import annotations

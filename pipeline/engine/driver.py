@@ -37,10 +37,7 @@ from pipeline.geometry import (
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.io.resolution import at_pixel_size
 from pipeline.models import LoadedModel, ModelSpec, load_model
-from pipeline.models.inference import (
-    label_dtype,
-    resolve_device,
-)
+from pipeline.models.inference import label_dtype
 from pipeline.models.object_size import warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import label_instances
@@ -81,11 +78,11 @@ from pipeline.preprocess.normalize import Normalization, compute_normalization
 from pipeline.preprocess.stain import StainMap, slide_stain
 from pipeline.preprocess.tissue import TissueMask, tissue_mask
 from pipeline.runtime.execution import run_tasks
+from pipeline.runtime.resolved import Runtime, resolve_runtime
 from pipeline.runtime.worker import (
     RunSettings,
     batches_per_task,
     cached_predictor,
-    local_workers,
     resolve_batch_size,
     resolve_numerics,
     resolve_prefetch,
@@ -223,10 +220,7 @@ def _prepare(
 ) -> _Job:
     """Open the image and the model, and refuse what cannot work, before any output exists."""
     started = time.perf_counter()
-    try:
-        resolve_device(options.device)
-    except (ValueError, RuntimeError) as exc:
-        raise TilesegError("--device", str(exc)) from None
+    runtime = resolve_runtime(options)
     image = open_image(
         input_path,
         level=options.level,
@@ -248,7 +242,7 @@ def _prepare(
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
         options, started, fingerprint(input_path, options, model_sha256=model.sha256),
-        stain=stain, resampled=resampled,
+        runtime, stain=stain, resampled=resampled,
     )  # fmt: skip
 
 
@@ -314,6 +308,7 @@ class _Job:
     options: SegmentOptions
     started: float
     fingerprint: str
+    runtime: Runtime
     stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
     resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
 
@@ -337,13 +332,10 @@ def _run(
     mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)
-    workers = options.workers or local_workers(options)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
     in_channels = normalization.channels(image.n_channels)
-    run, per_task, levels = _run_settings(
-        job, layout, workers, resumed=resumed, in_channels=in_channels
-    )
+    run, per_task, levels = _run_settings(job, layout, resumed=resumed, in_channels=in_channels)
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
         "channels_last": run.channels_last, "fold_norm": run.fold_norm,
@@ -358,8 +350,8 @@ def _run(
             )  # fmt: skip
     claim_output(output, run_id)
     tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
-    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
-    record.update(_objects(output, image, options, workers=workers))
+    computed = _execute(job, tasks, layout, levels, run_id, resumed_tasks, progress)
+    record.update(_objects(output, image, options, runtime=job.runtime))
     _finish_record(record, job, computed, resumed_tasks)
     with writing(output):
         remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
@@ -422,7 +414,6 @@ def _record(
 def _run_settings(
     job: _Job,
     layout: OutputLayout,
-    workers: int,
     *,
     resumed: dict[str, Any] | None,
     in_channels: int,
@@ -441,7 +432,7 @@ def _run_settings(
         )  # fmt: skip
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
-        compile=options.compile, prefetch=resolve_prefetch(options, workers),
+        compile=options.compile, prefetch=resolve_prefetch(options.prefetch, job.runtime),
         batch_size=batch_size,
     )  # fmt: skip
     if resumed and resumed.get("batches_per_task"):
@@ -494,14 +485,13 @@ def _execute(
     tasks: list[BlockTask],
     layout: OutputLayout,
     levels: int,
-    workers: int,
     run_id: str,
     resumed: list[str],
     progress: Callable[[int, int], None] | None,
 ) -> dict[str, Any]:
     """Run the inference tasks, the pyramid levels above theirs and the overview; return
     the tasks' results and the steps' wall times."""
-    options, output, image = job.options, job.output, job.image
+    runtime, output, image = job.runtime, job.output, job.image
     total = int(np.prod(image.spatial_shape))
     n_groups = len(tasks) + len(resumed)
     done = int(total * len(resumed) / max(n_groups, 1))
@@ -515,28 +505,28 @@ def _execute(
     def write_overview() -> float:
         t = time.perf_counter()
         if layout.overview is not None:
-            _overview(output, image, layout, options, workers=workers, run_id=run_id)
+            _overview(output, image, layout, runtime, run_id=run_id)
         return time.perf_counter() - t
 
     # The overview reads only the input: where the forwards are not the host's (a GPU, a
     # cluster), it is written while they run instead of after them. Leaving the block waits
     # for it, so that nothing of it is still being written once a failure is raised.
     with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
-        overview = alongside.submit(write_overview) if overview_alongside(options) else None
+        overview = alongside.submit(write_overview) if overview_alongside(runtime) else None
         t = time.perf_counter()
-        with shared_cpu(options, workers):
-            if options.scheduler is None and workers == 1:
+        with shared_cpu(runtime):
+            if runtime.serial:
                 # One task at a time here: as one stream of batches, the next task's first
                 # read and the last one's writes overlap inference instead of waiting for it.
                 results = [run_blocks(tasks, on_done=on_done)] if tasks else []
             else:
                 results = run_tasks(
-                    run_block, tasks, scheduler=options.scheduler, workers=workers,
-                    on_done=on_done, resources=options.resources,
+                    run_block, tasks, **runtime.tasks(), on_done=on_done,
+                    resources=job.options.resources,
                 )  # fmt: skip
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
-        _pyramid(output, layout, levels, options, workers=workers, run_id=run_id)
+        _pyramid(output, layout, levels, runtime, run_id=run_id)
         pyramid_wall = time.perf_counter() - t
         overview_wall = write_overview() if overview is None else overview.result()
     nonfinite = sum(int(r.get("nonfinite", 0)) for r in results)
@@ -553,9 +543,8 @@ def _pyramid(
     output: str,
     layout: OutputLayout,
     levels: int,
-    options: SegmentOptions,
+    runtime: Runtime,
     *,
-    workers: int,
     run_id: str,
 ) -> None:
     """The pyramid levels above those the tasks wrote, each from the level below."""
@@ -565,7 +554,7 @@ def _pyramid(
             for i, region in enumerate(level_regions(layout, level))
         ]
         jobs = [job for job in jobs if not is_done(output, job[-2])]
-        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+        run_tasks(_pyramid_block, jobs, **runtime.tasks())
 
 
 def _finish_record(
@@ -599,20 +588,19 @@ def _finish_record(
     )
 
 
-def overview_alongside(options: SegmentOptions) -> bool:
+def overview_alongside(runtime: Runtime) -> bool:
     """Whether the overview is written while the inference tasks run: not in a local CPU run,
     whose forwards use every core (threads beside them hold up each of their parallel regions,
     as readers and writers beside them did: ``resolve_prefetch``)."""
-    return options.scheduler is not None or resolve_device(options.device).type != "cpu"
+    return not runtime.local_cpu
 
 
 def _overview(
     output: str,
     image: LazyImage,
     layout: OutputLayout,
-    options: SegmentOptions,
+    runtime: Runtime,
     *,
-    workers: int,
     run_id: str,
 ) -> None:
     """Write the overview (``pipeline/output/overview.py``) in tasks that each own chunks of it."""
@@ -623,7 +611,7 @@ def _overview(
         for i, region in enumerate(overview_regions(layout))
     ]
     jobs = [job for job in jobs if not is_done(output, job[-2])]
-    run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
+    run_tasks(_overview_block, jobs, **runtime.tasks())
     with writing(output):
         finish_overview(output, rgb="S" in image.axes)
 
@@ -640,7 +628,7 @@ def _overview_block(
 
 
 def _objects(
-    output: str, image: LazyImage, options: SegmentOptions, *, workers: int
+    output: str, image: LazyImage, options: SegmentOptions, *, runtime: Runtime
 ) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
     Each is redone whole unless its marker says it finished (both are idempotent)."""
@@ -650,7 +638,7 @@ def _objects(
         for name, wanted in (("instances", options.instances), ("table", options.table))
         if wanted != "none" and is_done(output, name)
     }
-    run = {"scheduler": options.scheduler, "workers": workers}
+    run = runtime.tasks()
     if options.instances != "none" and not is_done(output, "instances"):
         with writing(output):
             threshold = options.instance_threshold

@@ -376,7 +376,7 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-TASKS_PER_GPU = 2  # a local run keeps two tasks in flight per GPU (see local_workers)
+TASKS_PER_GPU = 2  # a local run keeps two tasks in flight per GPU (see pipeline.runtime.resolved)
 
 
 def batch_size_from_memory(
