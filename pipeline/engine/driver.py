@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
+from pipeline.engine.resumable import pending, run_once, run_resumable
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
@@ -44,7 +45,7 @@ from pipeline.objects.instances import label_instances
 from pipeline.objects.measure import measure_objects
 from pipeline.output.chunk_writer import remove_leftovers
 from pipeline.output.label_classes import class_names
-from pipeline.output.lock import OutputLock, TakenOver, check_owner, claim_output, is_owner
+from pipeline.output.lock import OutputLock, TakenOver, claim_output, is_owner
 from pipeline.output.ngff import (
     OutputLayout,
     Overview,
@@ -60,7 +61,6 @@ from pipeline.output.ngff import (
     read_record,
 )
 from pipeline.output.overview import (
-    OverviewSource,
     finish_overview,
     overview_regions,
     overview_source,
@@ -70,8 +70,6 @@ from pipeline.output.provenance import (
     done_dir,
     done_summary,
     fingerprint,
-    is_done,
-    mark_done,
     output_state,
 )
 from pipeline.preprocess.normalize import Normalization, compute_normalization
@@ -122,17 +120,6 @@ class SegmentResult:
     def nonfinite_pixels(self) -> int:
         """Input pixels that were NaN or infinite (set to 0 after normalisation)."""
         return int(self.record.get("nonfinite_pixels", 0))
-
-
-def _pyramid_block(
-    args: tuple[str, OutputLayout, int, tuple[slice, ...], str, str],
-) -> dict[str, float]:
-    output, layout, level, region, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        downsample_region(output, layout, level, region)
-        mark_done(output, name)
-    return {"tiles": 0}
 
 
 def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | None = None) -> None:
@@ -462,7 +449,7 @@ def _tasks(
     # run did and rewrites byte-identical chunks.
     groups = group_tiles(grid, per_group=run.batch_size * per_task)
     names = [f"tiles-{i:07d}" for i in range(len(groups))]
-    done = [name for name in names if is_done(output, name)]
+    _, done = pending(output, names)
 
     def task(group: list[Tile], name: str) -> BlockTask:
         skip = (
@@ -549,12 +536,11 @@ def _pyramid(
 ) -> None:
     """The pyramid levels above those the tasks wrote, each from the level below."""
     for level in range(1 + levels, len(layout.levels)):
-        jobs = [
-            (output, layout, level, region, f"pyramid-{level}-{i:07d}", run_id)
+        parts = [
+            (f"pyramid-{level}-{i:07d}", (output, layout, level, region))
             for i, region in enumerate(level_regions(layout, level))
         ]
-        jobs = [job for job in jobs if not is_done(output, job[-2])]
-        run_tasks(_pyramid_block, jobs, **runtime.tasks())
+        run_resumable(downsample_region, parts, output=output, run_id=run_id, runtime=runtime)
 
 
 def _finish_record(
@@ -606,25 +592,13 @@ def _overview(
     """Write the overview (``pipeline/output/overview.py``) in tasks that each own chunks of it."""
     assert layout.overview is not None
     source = overview_source(image, factor=layout.overview.factor)
-    jobs = [
-        (output, source, region, f"overview-{i:07d}", run_id)
+    parts = [
+        (f"overview-{i:07d}", (output, source, region))
         for i, region in enumerate(overview_regions(layout))
     ]
-    jobs = [job for job in jobs if not is_done(output, job[-2])]
-    run_tasks(_overview_block, jobs, **runtime.tasks())
+    run_resumable(write_overview_block, parts, output=output, run_id=run_id, runtime=runtime)
     with writing(output):
         finish_overview(output, rgb="S" in image.axes)
-
-
-def _overview_block(
-    args: tuple[str, OverviewSource, tuple[slice, ...], str, str],
-) -> dict[str, int]:
-    output, source, region, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        write_overview_block(output, source, region)
-        mark_done(output, name)
-    return {"tiles": 0}
 
 
 def _objects(
@@ -633,42 +607,27 @@ def _objects(
     """Instance labels and the object table, as steps after the class labels are complete.
     Each is redone whole unless its marker says it finished (both are idempotent)."""
     # A run resumed after these steps finished takes their summaries from the markers.
-    found: dict[str, Any] = {
-        name: done_summary(output, name)
-        for name, wanted in (("instances", options.instances), ("table", options.table))
-        if wanted != "none" and is_done(output, name)
-    }
+    found: dict[str, Any] = {}
     run = runtime.tasks()
-    if options.instances != "none" and not is_done(output, "instances"):
-        with writing(output):
-            threshold = options.instance_threshold
-            summary = label_instances(
-                output, watershed=options.instances == "watershed",
-                min_distance=options.min_distance,
-                source="labels" if threshold is None else "probabilities",
-                threshold=0.5 if threshold is None else threshold, **run,
-            )  # fmt: skip
-            found["instances"] = summary.to_dict()
-            mark_done(output, "instances", found["instances"])
-    if options.table != "none" and not is_done(output, "table"):
-        with writing(output):
-            table = measure_objects(
-                output, image, table_path=Path(output) / f"objects.{options.table}",
-                format=options.table, pixel_size=image.pixel_size, **run,
-            )  # fmt: skip
-            found["table"] = table.to_dict()
-            mark_done(output, "table", found["table"])
-    if options.export and is_done(output, "export"):
-        found["export"] = done_summary(output, "export")
-    elif options.export:
-        with writing(output):
-            table_file = Path(output) / f"objects.{options.table}"
-            exported = export_segmentation(
-                output, image, formats=options.export,
-                table=table_file if options.table != "none" else None, **run,
-            )  # fmt: skip
-            found["export"] = exported.to_dict()
-            mark_done(output, "export", found["export"])
+    if options.instances != "none":
+        threshold = options.instance_threshold
+        found["instances"] = run_once(output, "instances", lambda: label_instances(
+            output, watershed=options.instances == "watershed",
+            min_distance=options.min_distance,
+            source="labels" if threshold is None else "probabilities",
+            threshold=0.5 if threshold is None else threshold, **run,
+        ).to_dict())  # fmt: skip
+    if options.table != "none":
+        found["table"] = run_once(output, "table", lambda: measure_objects(
+            output, image, table_path=Path(output) / f"objects.{options.table}",
+            format=options.table, pixel_size=image.pixel_size, **run,
+        ).to_dict())  # fmt: skip
+    if options.export:
+        table_file = Path(output) / f"objects.{options.table}"
+        found["export"] = run_once(output, "export", lambda: export_segmentation(
+            output, image, formats=options.export,
+            table=table_file if options.table != "none" else None, **run,
+        ).to_dict())  # fmt: skip
     return found
 
 
