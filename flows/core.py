@@ -19,7 +19,7 @@ from typing import Any
 
 import dask
 
-from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
+from pipeline.config import SegmentOptions, load_yaml_config, options_from_mapping
 from pipeline.errors import TilesegError
 from pipeline.io.readers import find_images, image_stem
 from pipeline.models import ModelSpec, load_model
@@ -98,7 +98,7 @@ def load_directory_config(path: str | os.PathLike[str] | None) -> DirectoryConfi
     if path is None:
         return DirectoryConfig()
     source = os.fspath(path)
-    data = read_yaml_mapping(source)
+    data = load_yaml_config(source)
     if not any(key in data for key in SECTIONS):
         data = {"segment": data}
     unknown = sorted(set(data) - set(SECTIONS))

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from pipeline import __version__
+from pipeline.config import load_yaml_config
 from pipeline.errors import TilesegError
 from pipeline.models import ModelMetadata, UNet, UNetConfig, save_unet
 from pipeline.models.object_size import training_object_size
@@ -257,20 +257,7 @@ def config_from_mapping(
 
 def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read a YAML recipe: a mapping of options, or one under a ``train:`` section."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise TilesegError(path, f"cannot read config ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TilesegError(path, f"invalid YAML{where}") from None
-    data = data or {}
-    if isinstance(data, dict) and isinstance(data.get("train"), dict):
-        data = data["train"]
-    if not isinstance(data, dict):
-        raise TilesegError(path, "config must be a mapping of option: value")
-    return config_from_mapping(data, source=os.fspath(path))
+    return config_from_mapping(load_yaml_config(path, command="train"), source=os.fspath(path))
 
 
 # ------------------------------------------------------------------------------ training
