@@ -7,14 +7,40 @@ Precedence: built-in defaults < YAML config file < command-line flags. Every pro
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
 from pipeline.errors import TilesegError
+
+__all__ = [
+    "CHANNELS_LAST",
+    "EXPORTS",
+    "FOLD_NORM",
+    "INSTANCES",
+    "NORMALIZE",
+    "PRECISION",
+    "PROBABILITY_DTYPES",
+    "SECTIONS",
+    "SERIAL_CORES",
+    "STAIN",
+    "TABLES",
+    "TISSUE",
+    "Option",
+    "SegmentOptions",
+    "declared",
+    "load_config",
+    "load_yaml_config",
+    "option",
+    "options_from_mapping",
+    "options_table",
+    "read_yaml_mapping",
+    "resolve_options",
+]
 
 NORMALIZE = ("none", "percentile", "fixed")
 STAIN = ("auto", "hematoxylin", "none")
@@ -311,6 +337,13 @@ class SegmentOptions:
         chunk = self.chunk or min(512 if ndim == 2 else 64, tile)
         return tile, chunk
 
+    def section(self, name: str) -> Mapping[str, Any]:
+        """The options of one section (one of ``SECTIONS``), read-only, in declaration order."""
+        if name not in SECTIONS:
+            raise ValueError(f"no section {name!r} (sections: {', '.join(SECTIONS)})")
+        values = {k: getattr(self, k) for k, (_, opt) in declared().items() if opt.section == name}
+        return MappingProxyType(values)
+
 
 def declared(cls: type = SegmentOptions) -> dict[str, tuple[Field[Any], Option]]:
     """Every option of ``cls`` with its declaration, in declaration order."""
@@ -368,7 +401,9 @@ def options_table() -> str:
 def options_from_mapping(
     data: dict[str, Any], *, base: SegmentOptions | None = None, source: str | None = None
 ) -> SegmentOptions:
-    """Apply a mapping of option values (from YAML or flags) on top of ``base``."""
+    """Apply a mapping of option values (from YAML or flags) on top of ``base``: flat keys, or
+    keys nested in their sections (``tiling: {tile: 512}``; see ``SECTIONS``)."""
+    data = _flatten(data, source)
     known = {f.name for f in fields(SegmentOptions)}
     for key in data:
         if key not in known:
@@ -405,6 +440,30 @@ def options_from_mapping(
     return options
 
 
+def _flatten(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """Flat option keys from a mapping that may nest them in their sections. A section's key
+    whose value is a mapping is that section (``model`` and ``tissue`` are options too, but
+    never mappings); a key given twice, or in another section than its own, is refused."""
+    options = declared()
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        # An empty section (every key commented out) reads as null.
+        empty = value is None and key not in options
+        nested = key in SECTIONS and (isinstance(value, Mapping) or empty)
+        items = (value or {}).items() if nested else [(key, value)]
+        for name, item in items:
+            name = str(name).replace("-", "_")
+            where = f"{key}.{name}" if nested else name
+            if nested and (name not in options or options[name][1].section != key):
+                own = ", ".join(k for k, (_, opt) in options.items() if opt.section == key)
+                problem = f"not an option of section {key} (its options: {own})"
+                raise TilesegError(source, f"{where}: {problem}")
+            if name in flat:
+                raise TilesegError(source, f"{where}: given twice")
+            flat[name] = item
+    return flat
+
+
 def read_yaml_mapping(path: str | os.PathLike[str], *, what: str = "config") -> dict[str, Any]:
     """A YAML file holding a mapping (an empty file is an empty one), with one-line errors."""
     path = Path(path)
@@ -425,14 +484,25 @@ def read_yaml_mapping(path: str | os.PathLike[str], *, what: str = "config") -> 
     return data
 
 
+def load_yaml_config(
+    path: str | os.PathLike[str], *, command: str | None = None, what: str = "config"
+) -> dict[str, Any]:
+    """The one reader of YAML config files (``tileseg segment``, ``train`` and directory runs):
+    the file's mapping, or the part under ``command:`` when the file has one (one file may hold
+    several commands' configs), with ``-`` in its top-level keys read as ``_``. What the keys
+    mean, and refusing unknown ones, is the caller's: :func:`options_from_mapping`,
+    :func:`pipeline.training.train.config_from_mapping`, ``flows.core.load_directory_config``.
+    """
+    data = read_yaml_mapping(path, what=what)
+    if command is not None and isinstance(data.get(command), dict):
+        data = data[command]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a mapping of options (validated by the caller)."""
-    data = read_yaml_mapping(path)
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    # One file may also hold other commands' sections (e.g. `train:`); `segment:` is ours.
-    if isinstance(data.get("segment"), dict):
-        data = {str(k).replace("-", "_"): v for k, v in data["segment"].items()}
-    return data
+    """Read a ``tileseg segment`` YAML config into a mapping of options (validated by the
+    caller, :func:`options_from_mapping`): flat keys or sections, or either under ``segment:``."""
+    return load_yaml_config(path, command="segment")
 
 
 def resolve_options(

@@ -24,6 +24,8 @@ from pipeline.training.he_check import score_generated_he
 from pipeline.training.real_nuclei import IMAGE as REAL_IMAGE
 from pipeline.training.real_nuclei import score_real_nuclei
 
+__all__ = ["run_demo"]
+
 
 def run_demo(
     directory: str | Path = "demo-output",

@@ -13,6 +13,8 @@ from pipeline import __version__
 from pipeline.config import SECTIONS, declared
 from pipeline.errors import TilesegError
 
+__all__ = ["build_parser", "main"]
+
 EXIT_USAGE = 2
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
+from pipeline.engine.resumable import pending, run_once, run_resumable
 from pipeline.engine.scale import Scale, choose_scale
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
@@ -39,17 +40,14 @@ from pipeline.geometry import (
 )
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
-from pipeline.models.inference import (
-    label_dtype,
-    resolve_device,
-)
+from pipeline.models.inference import label_dtype
 from pipeline.models.object_size import warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import label_instances
 from pipeline.objects.measure import measure_objects
 from pipeline.output.chunk_writer import remove_leftovers
 from pipeline.output.label_classes import class_names
-from pipeline.output.lock import OutputLock, TakenOver, check_owner, claim_output, is_owner
+from pipeline.output.lock import OutputLock, TakenOver, claim_output, is_owner
 from pipeline.output.ngff import (
     OutputLayout,
     Overview,
@@ -67,7 +65,6 @@ from pipeline.output.ngff import (
     upsample_region,
 )
 from pipeline.output.overview import (
-    OverviewSource,
     finish_overview,
     overview_regions,
     overview_source,
@@ -77,24 +74,31 @@ from pipeline.output.provenance import (
     done_dir,
     done_summary,
     fingerprint,
-    is_done,
-    mark_done,
     output_state,
 )
 from pipeline.preprocess.normalize import Normalization, compute_normalization
 from pipeline.preprocess.stain import StainMap, slide_stain
 from pipeline.preprocess.tissue import TissueMask, tissue_mask
 from pipeline.runtime.execution import run_tasks
+from pipeline.runtime.resolved import Runtime, resolve_runtime
 from pipeline.runtime.worker import (
     RunSettings,
     batches_per_task,
     cached_predictor,
-    local_workers,
     resolve_batch_size,
     resolve_numerics,
     resolve_prefetch,
     shared_cpu,
 )
+
+__all__ = [
+    "SegmentResult",
+    "check_compatible",
+    "existing_output",
+    "overview_alongside",
+    "plan",
+    "segment_image",
+]
 
 
 @dataclass
@@ -120,17 +124,6 @@ class SegmentResult:
     def nonfinite_pixels(self) -> int:
         """Input pixels that were NaN or infinite (set to 0 after normalisation)."""
         return int(self.record.get("nonfinite_pixels", 0))
-
-
-def _pyramid_block(
-    args: tuple[str, OutputLayout, int, tuple[slice, ...], str, str],
-) -> dict[str, float]:
-    output, layout, level, region, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        downsample_region(output, layout, level, region)
-        mark_done(output, name)
-    return {"tiles": 0}
 
 
 def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | None = None) -> None:
@@ -218,10 +211,7 @@ def _prepare(
 ) -> _Job:
     """Open the image and the model, and refuse what cannot work, before any output exists."""
     started = time.perf_counter()
-    try:
-        resolve_device(options.device)
-    except (ValueError, RuntimeError) as exc:
-        raise TilesegError("--device", str(exc)) from None
+    runtime = resolve_runtime(options)
     image = open_image(
         input_path,
         level=options.level,
@@ -242,7 +232,7 @@ def _prepare(
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
         options, started, fingerprint(input_path, options, model_sha256=model.sha256),
-        stain=stain, scale=scale,
+        runtime, stain=stain, scale=scale,
     )  # fmt: skip
 
 
@@ -308,6 +298,7 @@ class _Job:
     options: SegmentOptions
     started: float
     fingerprint: str
+    runtime: Runtime
     stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
     scale: Scale | None = None  # the grids segmented and written on (engine/scale.py)
 
@@ -341,13 +332,10 @@ def _run(
     mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)
-    workers = options.workers or local_workers(options)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
     in_channels = normalization.channels(image.n_channels)
-    run, per_task, levels = _run_settings(
-        job, layout, workers, resumed=resumed, in_channels=in_channels
-    )
+    run, per_task, levels = _run_settings(job, layout, resumed=resumed, in_channels=in_channels)
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
         "channels_last": run.channels_last, "fold_norm": run.fold_norm,
@@ -367,9 +355,9 @@ def _run(
     tasks, resumed_tasks = _tasks(
         job, normalization, task_layout, run, per_task, levels, mask, run_id
     )
-    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
+    computed = _execute(job, tasks, layout, levels, run_id, resumed_tasks, progress)
     grid_scale = math.sqrt(math.prod(job.scale.input_factor)) if job.upsampled else 1.0
-    record.update(_objects(output, job.labels_image, options, workers=workers,
+    record.update(_objects(output, job.labels_image, options, runtime=job.runtime,
                            downsample=_labels_downsample(job), grid_scale=grid_scale))  # fmt: skip
     _finish_record(record, job, computed, resumed_tasks)
     with writing(output):
@@ -467,7 +455,6 @@ def _resample_record(job: _Job) -> dict[str, Any]:
 def _run_settings(
     job: _Job,
     layout: OutputLayout,
-    workers: int,
     *,
     resumed: dict[str, Any] | None,
     in_channels: int,
@@ -486,7 +473,7 @@ def _run_settings(
         )  # fmt: skip
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
-        compile=options.compile, prefetch=resolve_prefetch(options, workers),
+        compile=options.compile, prefetch=resolve_prefetch(options.prefetch, job.runtime),
         batch_size=batch_size,
     )  # fmt: skip
     if resumed and resumed.get("batches_per_task"):
@@ -518,7 +505,7 @@ def _tasks(
     # run did and rewrites byte-identical chunks.
     groups = group_tiles(grid, per_group=run.batch_size * per_task)
     names = [f"tiles-{i:07d}" for i in range(len(groups))]
-    done = [name for name in names if is_done(output, name)]
+    _, done = pending(output, names)
 
     def task(group: list[Tile], name: str) -> BlockTask:
         skip = (
@@ -542,14 +529,13 @@ def _execute(
     tasks: list[BlockTask],
     layout: OutputLayout,
     levels: int,
-    workers: int,
     run_id: str,
     resumed: list[str],
     progress: Callable[[int, int], None] | None,
 ) -> dict[str, Any]:
     """Run the inference tasks, the pyramid levels above theirs and the overview; return
     the tasks' results and the steps' wall times."""
-    options, output, image = job.options, job.output, job.image
+    runtime, output, image = job.runtime, job.output, job.image
     total = int(np.prod(image.spatial_shape))
     n_groups = len(tasks) + len(resumed)
     done = int(total * len(resumed) / max(n_groups, 1))
@@ -563,30 +549,30 @@ def _execute(
     def write_overview() -> float:
         t = time.perf_counter()
         if layout.overview is not None:
-            _overview(output, job.labels_image, layout, options, workers=workers, run_id=run_id)
+            _overview(output, job.labels_image, layout, runtime, run_id=run_id)
         return time.perf_counter() - t
 
     # The overview reads only the input: where the forwards are not the host's (a GPU, a
     # cluster), it is written while they run instead of after them. Leaving the block waits
     # for it, so that nothing of it is still being written once a failure is raised.
     with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
-        overview = alongside.submit(write_overview) if overview_alongside(options) else None
+        overview = alongside.submit(write_overview) if overview_alongside(runtime) else None
         t = time.perf_counter()
-        with shared_cpu(options, workers):
-            if options.scheduler is None and workers == 1:
+        with shared_cpu(runtime):
+            if runtime.serial:
                 # One task at a time here: as one stream of batches, the next task's first
                 # read and the last one's writes overlap inference instead of waiting for it.
                 results = [run_blocks(tasks, on_done=on_done)] if tasks else []
             else:
                 results = run_tasks(
-                    run_block, tasks, scheduler=options.scheduler, workers=workers,
-                    on_done=on_done, resources=options.resources,
+                    run_block, tasks, **runtime.tasks(), on_done=on_done,
+                    resources=job.options.resources,
                 )  # fmt: skip
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
         if job.upsampled:
-            levels = _upsample(job, layout, workers=workers, run_id=run_id)
-        _pyramid(output, layout, levels, options, workers=workers, run_id=run_id)
+            levels = _upsample(job, layout, runtime, run_id=run_id)
+        _pyramid(output, layout, levels, runtime, run_id=run_id)
         pyramid_wall = time.perf_counter() - t
         overview_wall = write_overview() if overview is None else overview.result()
     nonfinite = sum(int(r.get("nonfinite", 0)) for r in results)
@@ -603,22 +589,20 @@ def _pyramid(
     output: str,
     layout: OutputLayout,
     levels: int,
-    options: SegmentOptions,
+    runtime: Runtime,
     *,
-    workers: int,
     run_id: str,
 ) -> None:
     """The pyramid levels above those the tasks wrote, each from the level below."""
     for level in range(1 + levels, len(layout.levels)):
-        jobs = [
-            (output, layout, level, region, f"pyramid-{level}-{i:07d}", run_id)
+        parts = [
+            (f"pyramid-{level}-{i:07d}", (output, layout, level, region))
             for i, region in enumerate(level_regions(layout, level))
         ]
-        jobs = [job for job in jobs if not is_done(output, job[-2])]
-        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+        run_resumable(downsample_region, parts, output=output, run_id=run_id, runtime=runtime)
 
 
-def _upsample(job: _Job, layout: OutputLayout, *, workers: int, run_id: str) -> int:
+def _upsample(job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str) -> int:
     """The labels on the input's grid from those on the model's (nearest neighbour), in
     tasks that each own a block of chunks and the pyramid levels above it they can; returns
     how many levels above 0 they wrote."""
@@ -626,25 +610,23 @@ def _upsample(job: _Job, layout: OutputLayout, *, workers: int, run_id: str) -> 
     regions = level_regions(layout, 0)
     levels = levels_in_tasks(layout, regions)
     source, factors = job.image.spatial_shape, job.scale.input_factor
-    jobs = [
-        (job.output, layout, region, source, factors, levels, f"upsample-{i:07d}", run_id)
+    parts = [
+        (f"upsample-{i:07d}", (job.output, layout, region, source, factors, levels))
         for i, region in enumerate(regions)
     ]
-    jobs = [j for j in jobs if not is_done(job.output, j[-2])]
-    run_tasks(_upsample_block, jobs, scheduler=job.options.scheduler, workers=workers)
+    run_resumable(_upsample_part, parts, output=job.output, run_id=run_id, runtime=runtime)
     return levels
 
 
-def _upsample_block(
-    args: tuple[str, OutputLayout, tuple[slice, ...], tuple[int, ...], tuple[float, ...], int,
-                str, str],
-) -> dict[str, float]:  # fmt: skip
-    output, layout, region, source, factors, levels, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        upsample_region(output, layout, region, source_shape=source, factors=factors, levels=levels)
-        mark_done(output, name)
-    return {"tiles": 0}
+def _upsample_part(
+    output: str,
+    layout: OutputLayout,
+    region: tuple[slice, ...],
+    source: tuple[int, ...],
+    factors: tuple[float, ...],
+    levels: int,
+) -> None:
+    upsample_region(output, layout, region, source_shape=source, factors=factors, levels=levels)
 
 
 def _finish_record(
@@ -679,44 +661,31 @@ def _finish_record(
     )
 
 
-def overview_alongside(options: SegmentOptions) -> bool:
+def overview_alongside(runtime: Runtime) -> bool:
     """Whether the overview is written while the inference tasks run: not in a local CPU run,
     whose forwards use every core (threads beside them hold up each of their parallel regions,
     as readers and writers beside them did: ``resolve_prefetch``)."""
-    return options.scheduler is not None or resolve_device(options.device).type != "cpu"
+    return not runtime.local_cpu
 
 
 def _overview(
     output: str,
     image: LazyImage,
     layout: OutputLayout,
-    options: SegmentOptions,
+    runtime: Runtime,
     *,
-    workers: int,
     run_id: str,
 ) -> None:
     """Write the overview (``pipeline/output/overview.py``) in tasks that each own chunks of it."""
     assert layout.overview is not None
     source = overview_source(image, factor=layout.overview.factor)
-    jobs = [
-        (output, source, region, f"overview-{i:07d}", run_id)
+    parts = [
+        (f"overview-{i:07d}", (output, source, region))
         for i, region in enumerate(overview_regions(layout))
     ]
-    jobs = [job for job in jobs if not is_done(output, job[-2])]
-    run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
+    run_resumable(write_overview_block, parts, output=output, run_id=run_id, runtime=runtime)
     with writing(output):
         finish_overview(output, rgb="S" in image.axes)
-
-
-def _overview_block(
-    args: tuple[str, OverviewSource, tuple[slice, ...], str, str],
-) -> dict[str, int]:
-    output, source, region, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        write_overview_block(output, source, region)
-        mark_done(output, name)
-    return {"tiles": 0}
 
 
 def _objects(
@@ -724,7 +693,7 @@ def _objects(
     image: LazyImage,
     options: SegmentOptions,
     *,
-    workers: int,
+    runtime: Runtime,
     downsample: tuple[float, ...] | None = None,
     grid_scale: float = 1.0,
 ) -> dict[str, Any]:
@@ -733,43 +702,28 @@ def _objects(
     ``grid_scale``: one model-grid pixel in label pixels (labels upsampled to the input's
     grid): the watershed's distances are the model's, so they grow with it."""
     # A run resumed after these steps finished takes their summaries from the markers.
-    found: dict[str, Any] = {
-        name: done_summary(output, name)
-        for name, wanted in (("instances", options.instances), ("table", options.table))
-        if wanted != "none" and is_done(output, name)
-    }
-    run = {"scheduler": options.scheduler, "workers": workers}
-    if options.instances != "none" and not is_done(output, "instances"):
-        with writing(output):
-            threshold = options.instance_threshold
-            summary = label_instances(
-                output, watershed=options.instances == "watershed",
-                min_distance=max(1, round(options.min_distance * grid_scale)),
-                halo=max(64, math.ceil(64 * grid_scale)),
-                source="labels" if threshold is None else "probabilities",
-                threshold=0.5 if threshold is None else threshold, **run,
-            )  # fmt: skip
-            found["instances"] = summary.to_dict()
-            mark_done(output, "instances", found["instances"])
-    if options.table != "none" and not is_done(output, "table"):
-        with writing(output):
-            table = measure_objects(
-                output, image, table_path=Path(output) / f"objects.{options.table}",
-                format=options.table, pixel_size=image.pixel_size, **run,
-            )  # fmt: skip
-            found["table"] = table.to_dict()
-            mark_done(output, "table", found["table"])
-    if options.export and is_done(output, "export"):
-        found["export"] = done_summary(output, "export")
-    elif options.export:
-        with writing(output):
-            table_file = Path(output) / f"objects.{options.table}"
-            exported = export_segmentation(
-                output, image, formats=options.export, downsample=downsample,
-                table=table_file if options.table != "none" else None, **run,
-            )  # fmt: skip
-            found["export"] = exported.to_dict()
-            mark_done(output, "export", found["export"])
+    found: dict[str, Any] = {}
+    run = runtime.tasks()
+    if options.instances != "none":
+        threshold = options.instance_threshold
+        found["instances"] = run_once(output, "instances", lambda: label_instances(
+            output, watershed=options.instances == "watershed",
+            min_distance=max(1, round(options.min_distance * grid_scale)),
+            halo=max(64, math.ceil(64 * grid_scale)),
+            source="labels" if threshold is None else "probabilities",
+            threshold=0.5 if threshold is None else threshold, **run,
+        ).to_dict())  # fmt: skip
+    if options.table != "none":
+        found["table"] = run_once(output, "table", lambda: measure_objects(
+            output, image, table_path=Path(output) / f"objects.{options.table}",
+            format=options.table, pixel_size=image.pixel_size, **run,
+        ).to_dict())  # fmt: skip
+    if options.export:
+        table_file = Path(output) / f"objects.{options.table}"
+        found["export"] = run_once(output, "export", lambda: export_segmentation(
+            output, image, formats=options.export, downsample=downsample,
+            table=table_file if options.table != "none" else None, **run,
+        ).to_dict())  # fmt: skip
     return found
 
 

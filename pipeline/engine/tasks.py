@@ -36,6 +36,8 @@ from pipeline.runtime.cores import use_worker_cores
 from pipeline.runtime.heap import off_main_heap
 from pipeline.runtime.worker import RunSettings, cached_predictor, io_pool
 
+__all__ = ["BlockTask", "read_window", "run_block", "run_blocks", "writing"]
+
 
 @dataclass(frozen=True)
 class BlockTask:
@@ -73,7 +75,7 @@ def read_window(image: LazyImage, start, stop) -> np.ndarray:
     return apply_window(image.read(plan.source), plan, first_spatial_axis=1)
 
 
-def tile_in_window(tile: Tile) -> tuple[slice, ...]:
+def _tile_in_window(tile: Tile) -> tuple[slice, ...]:
     """Where a tile's own output region lies inside its input window."""
     return tuple(
         slice(a - w, b - w)
@@ -209,7 +211,7 @@ class _Block:
         def fill(k: int) -> None:
             tile = batch[k]
             window = read_window(image, tile.window_start, tile.window_stop)
-            nonfinite[k] = count_nonfinite(window[(slice(None), *tile_in_window(tile))])
+            nonfinite[k] = count_nonfinite(window[(slice(None), *_tile_in_window(tile))])
             task.normalization.apply(window, out=view[k])
 
         self._each(fill, len(batch))

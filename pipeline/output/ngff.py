@@ -42,6 +42,37 @@ from pipeline.errors import TilesegError
 from pipeline.output import chunk_writer
 from pipeline.output.label_classes import class_color, class_names, hex_color
 
+__all__ = [
+    "LABELS_PATH",
+    "LABEL_NAME",
+    "MODEL_GRID",
+    "NGFF_VERSION",
+    "OVERVIEW_NAME",
+    "OutputLayout",
+    "Overview",
+    "create_array",
+    "create_labels_image",
+    "create_output",
+    "downsample_labels_region",
+    "downsample_region",
+    "forget_arrays",
+    "half_region",
+    "labels_image_path",
+    "level_regions",
+    "levels_in_tasks",
+    "mark_complete",
+    "mark_failed",
+    "model_grid_path",
+    "next_level",
+    "open_array",
+    "overview_factor",
+    "read_layout",
+    "read_record",
+    "set_overview_display",
+    "upsample_region",
+    "write_region",
+]
+
 NGFF_VERSION = "0.4"
 LABEL_NAME = "segmentation"
 LABELS_PATH = f"labels/{LABEL_NAME}"
@@ -252,10 +283,12 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
     labels.attrs["labels"] = [LABEL_NAME]
     seg = labels.create_group(LABEL_NAME)
     for level, shape in enumerate(layout.levels):
-        _create(seg, str(level), shape, layout.level_chunks(level), layout.label_dtype)
+        create_array(seg, str(level), shape, layout.level_chunks(level), layout.label_dtype)
         if layout.probability_dtype:
             chunks = (layout.classes, *layout.level_chunks(level))
-            _create(root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype)
+            create_array(
+                root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype
+            )
     names = layout.names
     seg.attrs.update(
         {
@@ -278,7 +311,7 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
     elif layout.overview is not None:
         dtype = layout.overview.dtype
         for level, shape in enumerate(layout.overview_levels):
-            _create(root, str(level), shape, layout.overview_level_chunks(level), dtype)
+            create_array(root, str(level), shape, layout.overview_level_chunks(level), dtype)
         root.attrs["multiscales"] = _overview_multiscales(layout)
     root.attrs["tileseg"] = {**attrs, "status": "running"}
 
@@ -286,11 +319,11 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
 def _create_model_grid(path: Path, layout: OutputLayout) -> None:
     root = zarr.open_group(path, mode="w", zarr_format=2)
     seg = root.create_group("labels").create_group(LABEL_NAME)
-    _create(seg, "0", layout.spatial_shape, layout.level_chunks(0), layout.label_dtype)
+    create_array(seg, "0", layout.spatial_shape, layout.level_chunks(0), layout.label_dtype)
     if layout.probability_dtype:
         chunks = (layout.classes, *layout.level_chunks(0))
         shape = (layout.classes, *layout.spatial_shape)
-        _create(root, "0", shape, chunks, layout.probability_dtype)
+        create_array(root, "0", shape, chunks, layout.probability_dtype)
 
 
 def model_grid_path(path: str | os.PathLike[str]) -> str:
@@ -324,7 +357,7 @@ def upsample_region(
     src = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
     pick = np.ix_(*(ix - s.start for ix, s in zip(index, src, strict=True)))
     grid = model_grid_path(path)
-    labels = chunk_writer.read(open_array(grid, label_array_name(0)), src)[pick]
+    labels = chunk_writer.read(open_array(grid, _label_array_name(0)), src)[pick]
     probabilities = None
     if layout.probability_dtype:
         stored = chunk_writer.read(open_array(grid, "0"), (slice(None), *src))
@@ -395,7 +428,8 @@ def _source(layout: OutputLayout) -> dict[str, Any]:
     return {"source": {"image": "../../"}} if root_image else {}
 
 
-def _create(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
+def create_array(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
+    """Create one output array: zero fill, the output's compressor, ``/``-separated chunk keys."""
     group.create_array(
         name,
         shape=tuple(shape),
@@ -427,7 +461,7 @@ def forget_arrays(path: str | os.PathLike[str]) -> None:
             del _arrays[key]
 
 
-def label_array_name(level: int) -> str:
+def _label_array_name(level: int) -> str:
     return f"{LABELS_PATH}/{level}"
 
 
@@ -440,7 +474,7 @@ def write_region(
     level: int = 0,
 ) -> None:
     """Write one chunk-aligned region of labels (and probabilities) at a pyramid level."""
-    chunk_writer.write(open_array(path, label_array_name(level)), tuple(region), labels)
+    chunk_writer.write(open_array(path, _label_array_name(level)), tuple(region), labels)
     if probabilities is not None:
         chunk_writer.write(open_array(path, str(level)), (slice(None), *region), probabilities)
 
@@ -466,7 +500,7 @@ def downsample_region(
     src = [slice(s.start, s.stop) for s in region[:-2]] + [
         slice(2 * s.start, 2 * s.stop) for s in region[-2:]
     ]
-    labels = chunk_writer.read(open_array(path, label_array_name(level - 1)), tuple(src))
+    labels = chunk_writer.read(open_array(path, _label_array_name(level - 1)), tuple(src))
     probabilities = None
     if layout.probability_dtype:
         probabilities = chunk_writer.read(open_array(path, str(level - 1)), (slice(None), *src))
@@ -615,7 +649,7 @@ def create_labels_image(
     forget_arrays(path)
     group = labels.create_group(name)
     for level, shape in enumerate(layout.levels):
-        _create(group, str(level), shape, layout.level_chunks(level), dtype)
+        create_array(group, str(level), shape, layout.level_chunks(level), dtype)
     group.attrs.update(
         {
             "multiscales": _multiscales(layout, name=name, channel=False),

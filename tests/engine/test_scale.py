@@ -32,8 +32,8 @@ from pipeline.engine.driver import segment_image
 from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
 from pipeline.models.object_size import object_diameters
 from pipeline.output.ngff import LABELS_PATH, MODEL_GRID, read_record
-from pipeline.output.qc import instance_f1
 from pipeline.output.provenance import done_dir, fingerprint
+from pipeline.output.qc import instance_f1
 from pipeline.resample import Resampling, nearest_source, resample_axis
 from pipeline.synthetic.render import synthetic_pair
 from pipeline.training.scale_eval import sized_config
