@@ -146,6 +146,18 @@ def test_object_size_auto_finds_large_nuclei_and_segments_them(tmp_path, large_n
     assert table["centroid_x"].max() > 600 and table["area"].min() > 100
 
 
+def test_object_size_auto_at_mpp_is_in_pixels_at_that_size(tmp_path, large_nuclei):
+    path, truth = large_nuclei
+    options = SegmentOptions(object_size="auto", mpp=1.0, tile=256)
+    done = segment_image(path, tmp_path / "out.zarr", options).record["resample"]
+    true = float(np.median(object_diameters(truth))) / 2  # 0.5 µm pixels seen at 1 µm
+    assert done["object_size_px"] == pytest.approx(true, rel=0.25)
+    assert done["input_factor"][0] == pytest.approx(done["scale_factor"] * 2)
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r")[f"{LABELS_PATH}/0"].shape == (
+        truth.shape
+    )
+
+
 def test_labels_on_either_grid_carry_their_ngff_scale(tmp_path, large_nuclei):
     """--mpp writes on the model's grid (its pixel size), --labels-at input on the input's."""
     path, _ = large_nuclei
