@@ -329,7 +329,7 @@ def _run(
             offset=options.offset,
             stain=job.stain,
         )
-    mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
+    mask = None if options.tissue == "none" else _tissue_mask(job, options)
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
@@ -736,14 +736,16 @@ def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> 
     return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])
 
 
-def _tissue_mask(
-    input_path: str | os.PathLike, image: LazyImage, options: SegmentOptions
-) -> TissueMask:
-    """The tissue mask the options ask for; a level the file lacks is the file's problem."""
+def _tissue_mask(job: _Job, options: SegmentOptions) -> TissueMask:
+    """The tissue mask the options ask for; a level the file lacks is the file's problem.
+    It is made from the pyramid of the image as opened (a resampled view has one level), and
+    laid over the grid segmented, which spans the same extent."""
+    source = job.image if job.scale is None else job.scale.input
     try:
-        return tissue_mask(
-            image, method=options.tissue, threshold=options.tissue_threshold,
+        mask = tissue_mask(
+            source, method=options.tissue, threshold=options.tissue_threshold,
             level=options.tissue_level,
         )  # fmt: skip
     except ValueError as exc:
-        raise TilesegError(input_path, f"tissue mask: {exc}") from None
+        raise TilesegError(job.input_path, f"tissue mask: {exc}") from None
+    return replace(mask, image_shape=tuple(job.image.spatial_shape))

@@ -29,6 +29,7 @@ from profiles import examples
 from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
+from pipeline.io.readers import open_image
 from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
 from pipeline.models.object_size import object_diameters
 from pipeline.output.ngff import LABELS_PATH, MODEL_GRID, read_record
@@ -219,6 +220,25 @@ def test_object_sizes_resample_2d_images_only(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--object-size: only 2D images are resampled" in err[0]
+
+
+def test_the_tissue_mask_comes_from_the_input_pyramid_and_lies_over_the_model_grid(
+    tmp_path, large_nuclei
+):
+    path, truth = large_nuclei
+    image = open_image(path).read((slice(None), slice(None)))[0]
+    image[:, :384] = 0  # glass on the left
+    glass = write_tiff(tmp_path / "glass.ome.tif", image, axes="YX", tile=(128, 128),
+                       pyramid_levels=1, pixel_size=(0.5, 0.5))  # fmt: skip
+    model = sized_model(tmp_path, UNetConfig(depth=1, width=2, classes=2))
+    options = SegmentOptions(model=model, object_size=25.0, tile=64, tissue="otsu",
+                             tissue_level=1)  # fmt: skip
+    result = segment_image(glass, tmp_path / "out.zarr", options)
+    tissue = result.record["tissue"]
+    assert tissue["level"] == 1 and tissue["image_shape"] == [307, 307]  # the model's grid
+    assert result.timings["tiles_inferred"] < result.tiles
+    labels = zarr.open_group(tmp_path / "out.zarr", mode="r")[f"{LABELS_PATH}/0"][...]
+    assert labels.shape == truth.shape and not labels[:, :300].any()
 
 
 def test_the_model_pixel_size_is_used_when_no_scale_is_given(tmp_path, large_nuclei):
