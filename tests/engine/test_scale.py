@@ -78,7 +78,7 @@ def scale_cases(draw):
     factor = draw(st.sampled_from([0.5, 1.5, 2.0, 2.7]) | st.floats(0.45, 3.0))
     halo = config.geometry.halo[0]
     low = math.ceil((halo + 2) * factor)
-    shape = (draw(st.integers(low, low + 60)), draw(st.integers(low, low + 60)))
+    shape = (draw(st.integers(low, low + 40)), draw(st.integers(low, low + 40)))
     chunk = 2**depth * draw(st.integers(1, 4))
     tile = chunk * draw(st.integers(1, 2))
     labels_at = draw(st.sampled_from(["input", "model"]))
@@ -86,7 +86,7 @@ def scale_cases(draw):
 
 
 @settings(
-    max_examples=examples(15),
+    max_examples=examples(10),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
