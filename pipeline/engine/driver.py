@@ -78,7 +78,13 @@ from pipeline.output.provenance import (
     output_state,
 )
 from pipeline.preprocess.normalize import Normalization, compute_normalization
-from pipeline.preprocess.stain import StainMap, slide_stain
+from pipeline.preprocess.stain import (
+    StainMap,
+    StainNormalizer,
+    slide_stain,
+    stain_identity,
+    stain_step,
+)
 from pipeline.preprocess.tissue import TissueMask, tissue_mask
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.worker import (
@@ -218,6 +224,28 @@ def _prepare(
         resolve_device(options.device)
     except (ValueError, RuntimeError) as exc:
         raise TilesegError("--device", str(exc)) from None
+    image, resampled, model_spec, model, step = _open_run(input_path, options)
+    stain = slide_stain(image, step or "none", model.in_channels)
+    check_compatible(image, model, channels=None if stain is None else stain.channels)
+    if stain is None:  # the estimate runs the model on the image's own channels
+        warn_object_size(image, model, device=options.device)
+    if options.export:
+        check_export(input_path, ndim=len(image.spatial_shape))
+    grid = plan(image, model, options)
+    identity = fingerprint(
+        input_path, options, model_sha256=model.sha256, stain=stain_identity(step)
+    )
+    return _Job(
+        input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
+        options, started, identity, stain=stain, resampled=resampled,
+    )  # fmt: skip
+
+
+def _open_run(
+    input_path: str | os.PathLike[str], options: SegmentOptions
+) -> tuple[LazyImage, dict[str, Any] | None, ModelSpec, LoadedModel, str | None]:
+    """The image (resampled with ``--mpp``), how it was resampled, the model picked for it, and
+    the stain step (``hematoxylin``, ``normalize`` or None) ``--stain`` takes on them."""
     image = open_image(
         input_path,
         level=options.level,
@@ -227,20 +255,16 @@ def _prepare(
     resampled = None
     if options.mpp is not None:
         image, resampled = at_pixel_size(image, options.mpp)
-    model_spec = ModelSpec.from_options(options)
+    model_spec = ModelSpec.for_image(options, image)
     model = load_model(model_spec)
-    stain = slide_stain(image, options.stain, model.in_channels)
-    check_compatible(image, model, channels=None if stain is None else 1)
-    if stain is None:  # the estimate runs the model on the image's own channels
-        warn_object_size(image, model, device=options.device)
-    if options.export:
-        check_export(input_path, ndim=len(image.spatial_shape))
-    grid = plan(image, model, options)
-    return _Job(
-        input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
-        options, started, fingerprint(input_path, options, model_sha256=model.sha256),
-        stain=stain, resampled=resampled,
-    )  # fmt: skip
+    return image, resampled, model_spec, model, stain_step(options.stain, image, model.in_channels)
+
+
+def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:
+    """The fingerprint a run of ``options`` on this input records (for skip checks): the model
+    picked for the image and the stain step are decided as a run decides them."""
+    _, _, _, model, step = _open_run(input_path, options)
+    return fingerprint(input_path, options, model_sha256=model.sha256, stain=stain_identity(step))
 
 
 def existing_output(
@@ -305,7 +329,8 @@ class _Job:
     options: SegmentOptions
     started: float
     fingerprint: str
-    stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
+    # RGB brightfield to haematoxylin or to reference stains, fitted per slide
+    stain: StainMap | StainNormalizer | None = None
     resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
 
 
@@ -393,7 +418,8 @@ def _record(
         "input": os.fspath(Path(job.input_path).absolute()),
         "reader": job.image.reader,
         "level": job.options.level,
-        "model": {"source": model.source, "sha256": model.sha256, **model.info},
+        "model": {"source": model.source, "sha256": model.sha256, "chosen": _model_choice(job)}
+        | model.info,
         "config": job.options.to_dict(),
         "normalization": normalization.to_dict(),
         "geometry": {
@@ -408,6 +434,15 @@ def _record(
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fingerprint": job.fingerprint,
     }
+
+
+def _model_choice(job: _Job) -> str:
+    """Why this model: named by ``--model``, or picked for the input."""
+    if job.options.model is not None:
+        return "--model"
+    if job.model_spec.path is not None:
+        return "H&E model: RGB brightfield input"
+    return "default model"
 
 
 def _run_settings(
