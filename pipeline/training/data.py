@@ -384,6 +384,8 @@ def heldout_dice(
     predicted in one whole-image pass normalised as ``tileseg segment`` normalises it (with the
     ``stain`` step fitted on the image). Tiling is exact, so ``tileseg segment`` on the same
     image gives the same labels (see the tests)."""
+    import torch
+
     from pipeline.models import LoadedModel
     from pipeline.models.inference import Predictor, predict_whole
     from pipeline.runtime.heap import keep_freed_memory
