@@ -22,8 +22,7 @@ import dask
 from pipeline.config import SegmentOptions, load_yaml_config, options_from_mapping
 from pipeline.errors import TilesegError
 from pipeline.io.readers import find_images, image_stem
-from pipeline.models import ModelSpec, load_model
-from pipeline.output.provenance import fingerprint, output_state
+from pipeline.output.provenance import output_state
 from pipeline.runtime.heap import heap_hint
 from pipeline.runtime.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
 
@@ -263,8 +262,9 @@ Progress = Callable[[int, int], None]
 
 def prior_state(job: SlideJob, options: SegmentOptions) -> str:
     """State of the slide's existing output for these options (see ``output_state``)."""
-    model = load_model(ModelSpec.from_options(options))
-    return output_state(job.output, fingerprint(job.input, options, model_sha256=model.sha256))
+    from pipeline.engine.driver import expected_fingerprint
+
+    return output_state(job.output, expected_fingerprint(job.input, options))
 
 
 def process_slide(

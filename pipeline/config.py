@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 NORMALIZE = ("none", "percentile", "fixed")
-STAIN = ("auto", "hematoxylin", "none")
+STAIN = ("auto", "hematoxylin", "normalize", "none")
 PRECISION = ("auto", "fp32", "bf16", "fp16")
 CHANNELS_LAST = ("auto", "on", "off")
 FOLD_NORM = ("auto", "on", "off")
@@ -231,8 +231,10 @@ class SegmentOptions:
         canonical=_float,
     )  # fmt: skip
     stain: str = option(
-        "auto", "RGB brightfield (H&E) to its haematoxylin channel, fitted once per slide "
-        "(auto: for 8-bit RGB input to a one-channel model)", "input", (str,), choices=STAIN,
+        "auto", "RGB brightfield (H&E), fitted once per slide: to its haematoxylin channel, or "
+        "Macenko-normalised to reference stains (auto: hematoxylin for 8-bit RGB into a "
+        "one-channel model, normalize for RGB brightfield into an RGB model)", "input", (str,),
+        choices=STAIN,
     )  # fmt: skip
     level: int = option(0, "input pyramid level to segment", "input", (int,), minimum=0)
     mpp: float | None = option(

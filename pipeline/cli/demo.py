@@ -72,7 +72,8 @@ def run_demo(
         open_image(REAL_IMAGE), real["output"], out / "qc-real-nuclei.png",
         labels=labels_image_path("instances"),
     )  # fmt: skip
-    # H&E brightfield through the same fluorescence model: its haematoxylin channel.
+    # H&E brightfield: with no --model the shipped H&E model, on Macenko-normalised RGB (no
+    # installed package ships a real H&E image with or without truth: a generated one).
     he = score_generated_he(out, options=options)
     he_qc = overlay_png(
         open_image(he["image"]), he["output"], out / "qc-he.png",
@@ -89,8 +90,8 @@ def run_demo(
         + (" (UNTRAINED seeded weights)" if model.get("untrained") else ""),
         "real_nuclei_dice": f"{real['foreground_dice']:.3f} (DSB 2018 fluorescence, 512², "
         f"object F1 {real['object_f1']:.3f} at IoU 0.5)",
-        "he_dice": f"{he['foreground_dice']:.3f} (generated H&E, 1024², haematoxylin, "
-        f"object F1 {he['object_f1']:.3f} at IoU 0.5)",
+        "he_dice": f"{he['foreground_dice']:.3f} (generated H&E, 1024², {he['model']}, "
+        f"stain {he['stain']}, object F1 {he['object_f1']:.3f} at IoU 0.5)",
         "output": str(result_path.absolute()),
         "qc_picture": str(qc.absolute()),
         "real_qc_picture": str(real_qc.absolute()),

@@ -77,7 +77,13 @@ from pipeline.output.provenance import (
     output_state,
 )
 from pipeline.preprocess.normalize import Normalization, compute_normalization
-from pipeline.preprocess.stain import StainMap, slide_stain
+from pipeline.preprocess.stain import (
+    StainMap,
+    StainNormalizer,
+    slide_stain,
+    stain_identity,
+    stain_step,
+)
 from pipeline.preprocess.tissue import TissueMask, tissue_mask
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.resolved import Runtime, resolve_runtime
@@ -95,6 +101,7 @@ __all__ = [
     "SegmentResult",
     "check_compatible",
     "existing_output",
+    "expected_fingerprint",
     "overview_alongside",
     "plan",
     "segment_image",
@@ -212,28 +219,46 @@ def _prepare(
     """Open the image and the model, and refuse what cannot work, before any output exists."""
     started = time.perf_counter()
     runtime = resolve_runtime(options)
+    image, model_spec, model, step = _open_run(input_path, options)
+    scale = choose_scale(image, model, options, device=options.device)
+    image = scale.image
+    stain = slide_stain(image, step or "none", model.in_channels)
+    check_compatible(image, model, channels=None if stain is None else stain.channels)
+    if stain is None and options.object_size is None:  # the estimate needs the image's channels
+        warn_object_size(image, model, device=options.device)
+    if options.export:
+        check_export(input_path, ndim=len(image.spatial_shape))
+    grid = plan(image, model, options)
+    identity = fingerprint(
+        input_path, options, model_sha256=model.sha256, stain=stain_identity(step)
+    )
+    return _Job(
+        input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
+        options, started, identity, runtime, stain=stain, scale=scale,
+    )  # fmt: skip
+
+
+def _open_run(
+    input_path: str | os.PathLike[str], options: SegmentOptions
+) -> tuple[LazyImage, ModelSpec, LoadedModel, str | None]:
+    """The image as opened, the model picked for it, and the stain step (``hematoxylin``,
+    ``normalize`` or None) ``--stain`` takes on them."""
     image = open_image(
         input_path,
         level=options.level,
         axes=options.axes,
         allow_missing_chunks=options.allow_missing_chunks,
     )
-    model_spec = ModelSpec.from_options(options)
+    model_spec = ModelSpec.for_image(options, image)
     model = load_model(model_spec)
-    scale = choose_scale(image, model, options, device=options.device)
-    image = scale.image
-    stain = slide_stain(image, options.stain, model.in_channels)
-    check_compatible(image, model, channels=None if stain is None else 1)
-    if stain is None and options.object_size is None:  # the estimate needs the image's channels
-        warn_object_size(image, model, device=options.device)
-    if options.export:
-        check_export(input_path, ndim=len(image.spatial_shape))
-    grid = plan(image, model, options)
-    return _Job(
-        input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
-        options, started, fingerprint(input_path, options, model_sha256=model.sha256),
-        runtime, stain=stain, scale=scale,
-    )  # fmt: skip
+    return image, model_spec, model, stain_step(options.stain, image, model.in_channels)
+
+
+def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:
+    """The fingerprint a run of ``options`` on this input records (for skip checks): the model
+    picked for the image and the stain step are decided as a run decides them."""
+    _, _, model, step = _open_run(input_path, options)
+    return fingerprint(input_path, options, model_sha256=model.sha256, stain=stain_identity(step))
 
 
 def existing_output(
@@ -299,7 +324,8 @@ class _Job:
     started: float
     fingerprint: str
     runtime: Runtime
-    stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
+    # RGB brightfield to haematoxylin or to reference stains, fitted per slide
+    stain: StainMap | StainNormalizer | None = None
     scale: Scale | None = None  # the grids segmented and written on (engine/scale.py)
 
     @property
@@ -428,7 +454,8 @@ def _record(
         "input": os.fspath(Path(job.input_path).absolute()),
         "reader": job.image.reader,
         "level": job.options.level,
-        "model": {"source": model.source, "sha256": model.sha256, **model.info},
+        "model": {"source": model.source, "sha256": model.sha256, "chosen": _model_choice(job)}
+        | model.info,
         "config": job.options.to_dict(),
         "normalization": normalization.to_dict(),
         "geometry": {
@@ -450,6 +477,15 @@ def _resample_record(job: _Job) -> dict[str, Any]:
     if job.scale is None or job.scale.record is None:
         return {}
     return {"resample": job.scale.record}
+
+
+def _model_choice(job: _Job) -> str:
+    """Why this model: named by ``--model``, or picked for the input."""
+    if job.options.model is not None:
+        return "--model"
+    if job.model_spec.path is not None:
+        return "H&E model: RGB brightfield input"
+    return "default model"
 
 
 def _run_settings(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import TilesegError
 from pipeline.models.bioimageio import is_package, load_bioimageio
 from pipeline.models.files import (
+    HE_MODEL,
     LoadedModel,
     default_model,
     load_torchscript,
@@ -23,6 +24,7 @@ from pipeline.models.unet import UNet, UNetConfig, seeded_unet
 
 if TYPE_CHECKING:
     from pipeline.config import SegmentOptions
+    from pipeline.io.readers import LazyImage
 
 __all__ = [
     "LoadedModel",
@@ -49,6 +51,19 @@ class ModelSpec:
     def from_options(cls, options: SegmentOptions) -> ModelSpec:
         """The model a run's options name, with their geometry overrides."""
         return cls(options.model, options.halo, options.align, force_halo=options.force_halo)
+
+    @classmethod
+    def for_image(cls, options: SegmentOptions, image: LazyImage) -> ModelSpec:
+        """The model a run on ``image`` uses: ``--model`` when given; else the shipped H&E model
+        for RGB brightfield input (:func:`~pipeline.preprocess.stain.is_brightfield`; not with
+        ``--stain hematoxylin``, which feeds the one-channel default model), else the default
+        model."""
+        from pipeline.preprocess.stain import is_brightfield
+
+        spec = cls.from_options(options)
+        if spec.path is not None or options.stain == "hematoxylin" or not HE_MODEL.is_file():
+            return spec
+        return replace(spec, path=os.fspath(HE_MODEL)) if is_brightfield(image) else spec
 
     def load(self) -> LoadedModel:
         return load_model(self)

@@ -49,6 +49,7 @@ __all__ = [
 
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = Path(__file__).with_name("default.safetensors")
+HE_MODEL = Path(__file__).with_name("he.safetensors")  # RGB brightfield (configs/train-he.yaml)
 DEFAULT_CLASS_NAMES = ("background", "nucleus")
 SEEDED_DEFAULT = UNetConfig(ndim=2, in_channels=1, classes=2, depth=4, width=16, padding="valid")
 

@@ -96,15 +96,22 @@ def result_options(options: SegmentOptions) -> dict[str, Any]:
 
 
 def fingerprint(
-    input_path: str | os.PathLike[str], options: SegmentOptions, *, model_sha256: str
+    input_path: str | os.PathLike[str],
+    options: SegmentOptions,
+    *,
+    model_sha256: str,
+    stain: dict[str, Any] | None = None,
 ) -> str:
-    """What decides an output's pixels: the input's content identity, the result options
-    and the model."""
+    """What decides an output's pixels: the input's content identity, the result options,
+    the model and, when stains are mapped, the step and its reference (what is fitted on the
+    slide follows from its content)."""
     payload = {
         "input": input_identity(input_path),
         "options": result_options(options),
         "model": model_sha256,
     }
+    if stain is not None:  # absent otherwise: fingerprints of earlier outputs stay valid
+        payload["stain"] = stain
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

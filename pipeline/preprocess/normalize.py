@@ -20,7 +20,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
-    from pipeline.preprocess.stain import StainMap
+    from pipeline.preprocess.stain import StainMap, StainNormalizer
 
 __all__ = [
     "MODES",
@@ -49,11 +49,12 @@ class Normalization:
     offset: tuple[float, ...]
     mode: str = "none"
     source: str = ""
-    stain: StainMap | None = None  # RGB to haematoxylin first (pipeline/preprocess/stain.py)
+    # RGB to haematoxylin, or to reference stains, first (pipeline/preprocess/stain.py)
+    stain: StainMap | StainNormalizer | None = None
 
     def channels(self, image_channels: int) -> int:
         """Channels of the normalised array for an image of ``image_channels``."""
-        return image_channels if self.stain is None else 1
+        return image_channels if self.stain is None else self.stain.channels
 
     def apply(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Normalise a (C, *spatial) array, returning float32 (written into ``out`` when given,
@@ -91,18 +92,18 @@ def compute_normalization(
     percentiles: tuple[float, float] = (1.0, 99.8),
     scale: float | None = None,
     offset: float | None = None,
-    stain: StainMap | None = None,
+    stain: StainMap | StainNormalizer | None = None,
 ) -> Normalization:
     """Decide the normalisation of one image.
 
     ``none`` casts to float32; ``fixed`` uses ``scale``/``offset``; ``percentile`` maps the
     per-channel low/high percentiles to 0/1, estimated from a bounded sample of the image.
-    With ``stain`` the image is first mapped to its haematoxylin channel, and the percentiles
-    are those of that channel.
+    With ``stain`` the image is first mapped to its haematoxylin channel (or normalised to the
+    reference stains), and the percentiles are those of the mapped channels.
     """
     if mode not in MODES:
         raise ValueError(f"normalize must be one of {MODES}, not {mode!r}")
-    c = image.n_channels if stain is None else 1
+    c = image.n_channels if stain is None else stain.channels
     if mode == "none":
         return Normalization((1.0,) * c, (0.0,) * c, "none", stain=stain)
     if mode == "fixed":
@@ -111,7 +112,8 @@ def compute_normalization(
         return Normalization((float(scale),) * c, (float(offset or 0.0),) * c, "fixed", stain=stain)
     sample, source = sample_pixels(image)
     if stain is not None:
-        sample, source = stain.apply(sample), f"{source}, haematoxylin ({stain.method})"
+        what = "haematoxylin" if stain.channels == 1 else "stain-normalised"
+        sample, source = stain.apply(sample), f"{source}, {what} ({stain.method})"
     lo_p, hi_p = percentiles
     lo, hi = finite_percentiles(sample.reshape(c, -1), (lo_p, hi_p))
     span = np.where(hi - lo > 0, hi - lo, 1.0)  # a flat channel maps to 0, not to inf

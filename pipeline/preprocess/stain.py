@@ -13,6 +13,14 @@ slide has too little tissue to estimate them.
 Per pixel the map is a fixed function of the pixel's own value (a log, then a fixed weighted
 sum): tiles stay identical to one whole-image pass. For 8- and 16-bit input the per-channel
 log and weight are one lookup table per channel, so the same value always gives the same bits.
+
+Models that take RGB (the shipped H&E model) get stain *normalisation* instead (Macenko et al.
+2009): with the slide's fitted stain matrix ``S`` (haematoxylin and eosin OD vectors) and the
+99th percentiles ``c_max`` of its tissue's stain concentrations, each pixel's concentrations
+``pinv(S) @ OD`` are rescaled to a reference's (``MACENKO_REFERENCE``: the reference matrix and
+maximum concentrations of Macenko's normalisation as commonly shipped) and recombined with the
+reference vectors. The whole map is one 3 x 3 matrix ``A`` fitted per slide,
+``I' = (I0 + 1) exp(-A @ OD) - 1`` per pixel, so tiles again equal one whole-image pass.
 """
 
 from __future__ import annotations
@@ -26,12 +34,31 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
 
-__all__ = ["StainMap", "fit_stain", "slide_stain", "wants_stain"]
+__all__ = [
+    "MACENKO_REFERENCE",
+    "StainMap",
+    "StainNormalizer",
+    "fit_normalizer",
+    "fit_stain",
+    "is_brightfield",
+    "slide_stain",
+    "stain_identity",
+    "stain_step",
+    "wants_stain",
+]
 
 TISSUE_OD = 0.15  # Macenko's beta: OD below it in any channel is glass or too faint to fit
 ANGLE_PERCENTILE = 1.0  # Macenko's alpha: robust extremes of the stain angles
 MIN_TISSUE_PIXELS = 500  # fewer tissue pixels than this: fixed vectors instead of a fit
 _LUT_MAX_BITS = 16
+CONCENTRATION_PERCENTILE = 99.0  # Macenko's robust maximum of a stain's concentration
+# Reference of the normalisation: unit OD vectors of haematoxylin and eosin and their maximum
+# concentrations (the values Macenko's normalisation is usually shipped with)
+MACENKO_REFERENCE = {
+    "vectors": ((0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581)),
+    "max_concentrations": (1.9705, 1.0308),
+}
+BRIGHT_BACKGROUND = 128  # brightfield: the median pixel's brightest channel at least this
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,7 @@ class StainMap:
     white: tuple[float, float, float]
     vectors: tuple[tuple[float, float, float], ...]
     method: str  # "macenko" | "ruifrok-johnston"
+    channels = 1  # channels of the mapped array
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Haematoxylin of a ``(3, *spatial)`` RGB array, as ``(1, *spatial)`` float32."""
@@ -65,6 +93,7 @@ class StainMap:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "step": "hematoxylin",
             "method": self.method,
             "vectors": [list(v) for v in self.vectors],
             "weights": list(self.weights),
@@ -86,37 +115,129 @@ def _od(values: np.ndarray, white: float) -> np.ndarray:
     return -np.log((np.asarray(values, np.float64) + 1.0) / (white + 1.0))
 
 
-def wants_stain(setting: str, image: LazyImage, model_channels: int | None) -> bool:
-    """Whether ``--stain setting`` separates haematoxylin for this image and model: ``auto``
-    does for RGB brightfield (3 channels of 8 bits) into a one-channel model."""
-    if setting == "hematoxylin":
-        return True
-    if setting == "none":
+@dataclass(frozen=True)
+class StainNormalizer:
+    """RGB to RGB with the stains of ``MACENKO_REFERENCE``: ``(I0 + 1) exp(-A @ OD) - 1``.
+
+    ``matrix`` is ``A`` (rows: output channels); ``vectors`` and ``max_concentrations`` are what
+    was fitted on the slide (haematoxylin, eosin), ``white`` the per-channel ``I0``.
+    """
+
+    matrix: tuple[tuple[float, float, float], ...]
+    white: tuple[float, float, float]
+    vectors: tuple[tuple[float, float, float], ...]
+    max_concentrations: tuple[float, float]
+    method: str  # "macenko" | "ruifrok-johnston" (the fitted or the fixed stain vectors)
+    channels = 3
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Normalised ``(3, *spatial)`` float32 of a ``(3, *spatial)`` RGB array."""
+        if x.shape[0] != 3:
+            raise ValueError(f"stain normalisation needs 3 channels, got {x.shape[0]}")
+        if x.dtype.kind == "u" and x.dtype.itemsize * 8 <= _LUT_MAX_BITS:
+            luts = _od_tables(self.white, x.dtype.str)
+            od = [luts[c][x[c]] for c in range(3)]
+        else:
+            od = [_od(x[c], self.white[c]).astype(np.float32) for c in range(3)]
+        out = np.empty(x.shape, np.float32)
+        for c, row in enumerate(self.matrix):
+            # a fixed order of float32 operations on contiguous arrays: the same bits per
+            # pixel whatever the window
+            acc = od[0] * np.float32(row[0])
+            acc += od[1] * np.float32(row[1])
+            acc += od[2] * np.float32(row[2])
+            np.negative(acc, out=acc)
+            np.exp(acc, out=acc)
+            out[c] = acc * np.float32(self.white[c] + 1.0) - np.float32(1.0)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": "normalize",
+            "method": self.method,
+            "vectors": [list(v) for v in self.vectors],
+            "max_concentrations": list(self.max_concentrations),
+            "reference": {
+                "vectors": [list(v) for v in MACENKO_REFERENCE["vectors"]],
+                "max_concentrations": list(MACENKO_REFERENCE["max_concentrations"]),
+            },
+            "matrix": [list(r) for r in self.matrix],
+            "white": list(self.white),
+        }
+
+
+@lru_cache(maxsize=8)
+def _od_tables(white: tuple[float, ...], dtype: str) -> tuple[np.ndarray, ...]:
+    """Per channel, the OD of every value of an unsigned integer ``dtype`` (float32)."""
+    values = np.arange(np.iinfo(dtype).max + 1, dtype=np.float64)
+    return tuple(_od(values, white[c]).astype(np.float32) for c in range(3))
+
+
+def is_brightfield(image: LazyImage) -> bool:
+    """RGB brightfield: 3 channels of 8 bits on a bright background (the median pixel of the
+    bounded sample the normalisation takes has a channel of at least ``BRIGHT_BACKGROUND``),
+    unlike an RGB fluorescence composite's dark one."""
+    from pipeline.preprocess.normalize import sample_pixels
+
+    if image.n_channels != 3 or image.dtype != np.uint8:
         return False
+    sample, _ = sample_pixels(image)
+    return float(np.median(sample.max(axis=0))) >= BRIGHT_BACKGROUND
+
+
+def stain_step(setting: str, image: LazyImage, model_channels: int | None) -> str | None:
+    """What ``--stain setting`` does for this image and model: ``hematoxylin``, ``normalize``
+    or ``None``. ``auto`` separates haematoxylin for RGB of 8 bits into a one-channel model
+    and normalises RGB brightfield (:func:`is_brightfield`) into a three-channel model."""
+    if setting in ("hematoxylin", "normalize"):
+        return setting
+    if setting == "none":
+        return None
     rgb = image.n_channels == 3 and image.dtype == np.uint8
-    return rgb and model_channels == 1
+    if rgb and model_channels == 1:
+        return "hematoxylin"
+    if rgb and model_channels == 3 and is_brightfield(image):
+        return "normalize"
+    return None
 
 
-def slide_stain(image: LazyImage, setting: str, model_channels: int | None) -> StainMap | None:
-    """The stain map ``--stain setting`` asks for on this image and model, fitted on the
-    bounded sample the normalisation takes (a low-resolution level), or ``None``.
+def stain_identity(step: str | None) -> dict[str, Any] | None:
+    """What of a stain step decides results beyond the slide's own pixels (its fingerprint)."""
+    if step is None:
+        return None
+    if step == "normalize":
+        return {"step": step, "reference": MACENKO_REFERENCE}
+    return {"step": step}
+
+
+def wants_stain(setting: str, image: LazyImage, model_channels: int | None) -> bool:
+    """Whether ``--stain setting`` maps this image's stains for this model at all."""
+    return stain_step(setting, image, model_channels) is not None
+
+
+def slide_stain(
+    image: LazyImage, setting: str, model_channels: int | None
+) -> StainMap | StainNormalizer | None:
+    """The stain map or normaliser ``--stain setting`` asks for on this image and model,
+    fitted on the bounded sample the normalisation takes (a low-resolution level), or ``None``.
 
     Raises
     ------
     TilesegError
-        For ``hematoxylin`` on an image without 3 channels.
+        For ``hematoxylin`` or ``normalize`` on an image without 3 channels.
     """
     from pipeline.errors import TilesegError
     from pipeline.preprocess.normalize import sample_pixels
 
-    if not wants_stain(setting, image, model_channels):
+    step = stain_step(setting, image, model_channels)
+    if step is None:
         return None
     if image.n_channels != 3:
-        problem = (
-            f"--stain hematoxylin needs an RGB image, this one has {image.n_channels} channel(s)"
-        )
+        problem = f"--stain {step} needs an RGB image, this one has {image.n_channels} channel(s)"
         raise TilesegError(image.path, problem)
     sample, _ = sample_pixels(image)
+    if step == "normalize":
+        return fit_normalizer(sample, dtype=image.dtype)
     return fit_stain(sample, dtype=image.dtype)
 
 
@@ -168,3 +289,31 @@ def _macenko(od: np.ndarray) -> np.ndarray | None:
         return None
     residual = np.abs(residual) / np.linalg.norm(residual)
     return np.stack([h, e, residual])
+
+
+def fit_normalizer(sample: np.ndarray, *, dtype: np.dtype) -> StainNormalizer:
+    """Macenko's normalisation of a slide to ``MACENKO_REFERENCE``, fitted on a ``(3, N)``
+    sample of its pixels: its stain vectors as :func:`fit_stain` finds them, and the
+    ``CONCENTRATION_PERCENTILE`` of each stain's concentration over its tissue pixels (the
+    reference's own maxima where there is too little tissue to measure them)."""
+    stain = fit_stain(sample, dtype=dtype)
+    white = np.asarray(stain.white)
+    od = np.stack([_od(sample[c], white[c]) for c in range(3)])  # (3, N)
+    tissue = od[:, (od > TISSUE_OD).all(axis=0)]
+    he = np.asarray(stain.vectors[:2], np.float64).T  # (3, 2): columns H, E
+    unmix = np.linalg.pinv(he)  # (2, 3): least-squares concentrations of H and E
+    ref_max = np.asarray(MACENKO_REFERENCE["max_concentrations"], np.float64)
+    if tissue.shape[1] >= MIN_TISSUE_PIXELS:
+        fitted = np.percentile(unmix @ tissue, CONCENTRATION_PERCENTILE, axis=1)
+        fitted = np.where(fitted > 1e-6, fitted, ref_max)
+    else:
+        fitted = ref_max
+    ref = np.asarray(MACENKO_REFERENCE["vectors"], np.float64).T  # (3, 2)
+    matrix = ref @ np.diag(ref_max / fitted) @ unmix
+    return StainNormalizer(
+        matrix=tuple(tuple(float(v) for v in row) for row in matrix),
+        white=stain.white,
+        vectors=stain.vectors[:2],
+        max_concentrations=(float(fitted[0]), float(fitted[1])),
+        method=stain.method,
+    )

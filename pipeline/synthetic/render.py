@@ -79,6 +79,13 @@ class SyntheticConfig:
     nucleoli: float = 0.0  # depth of dark nucleoli (0..1)
     texture_scale: float = 1.0  # size of chromatin texture, spots and nucleoli (x default)
     gradient: float = 0.0  # additive background ramp across ~1000 px (x background)
+    # H&E appearance: stain OD vectors (None: Ruifrok-Johnston's), stain amounts (x default),
+    # glass brightness, and JPEG quality (0: none; like the noise, JPEG's 8 px blocks depend
+    # on the block origin)
+    stain_vectors: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    stain_amounts: tuple[float, float] = (1.0, 1.0)
+    white: float = 238.0
+    jpeg: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", (float(self.radius[0]), float(self.radius[1])))
@@ -97,6 +104,14 @@ class SyntheticConfig:
         knobs = (self.brightness_spread, self.condensed, self.defocus, self.spots, self.gradient)
         if min(knobs) < 0 or not 0 <= self.nucleoli <= 1 or self.texture_scale <= 0:
             raise ValueError("appearance knobs must be >= 0, nucleoli <= 1, texture_scale > 0")
+        he_ok = min(self.stain_amounts) > 0 and 0 < self.white <= 255 and 0 <= self.jpeg <= 100
+        if not he_ok:
+            raise ValueError("need stain_amounts > 0, white in (0, 255], jpeg in 0..100")
+        if self.stain_vectors is not None:
+            vectors = tuple(tuple(float(v) for v in row) for row in self.stain_vectors)
+            if len(vectors) != 2 or any(len(v) != 3 or min(v) < 0 for v in vectors):
+                raise ValueError("stain_vectors: two non-negative RGB OD vectors")
+            object.__setattr__(self, "stain_vectors", vectors)
 
     @property
     def out_dtype(self) -> np.dtype:
@@ -464,13 +479,28 @@ def _render(
     eosin = tissue * (0.12 + 0.4 * stroma + 0.2 * fibre) * (1 - 0.9 * lumen)
     eosin += 0.4 * np.minimum(amount, 1)
     hema = 1.3 * nuclei + 0.04 * tissue
-    od = hema[..., None] * _HEMA + eosin[..., None] * _EOSIN
-    rgb = (238 * (1 + 0.25 * (illum[..., None] - 1))) * np.exp(-od)  # milder light variation
+    h_vec, e_vec = _stain_vectors(cfg)
+    od = (cfg.stain_amounts[0] * hema)[..., None] * h_vec
+    od += (cfg.stain_amounts[1] * eosin)[..., None] * e_vec
+    rgb = (cfg.white * (1 + 0.25 * (illum[..., None] - 1))) * np.exp(-od)  # milder light variation
     rgb = ndimage.gaussian_filter(rgb, (sigma, sigma, 0), mode="nearest", truncate=4.0)
     rgb = rgb[m : m + shape[0], m : m + shape[1]]
     if cfg.noise:
         rgb += (2.5 / s) * rng.standard_normal(rgb.shape, dtype=np.float32)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), labels
+    rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    if cfg.jpeg and rgb.size:  # a scanner's lossy tiles: blocking and colour subsampling
+        import imagecodecs
+
+        rgb = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(rgb, level=cfg.jpeg))
+    return rgb, labels
+
+
+def _stain_vectors(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Unit haematoxylin and eosin OD vectors of the slide."""
+    if cfg.stain_vectors is None:
+        return _HEMA, _EOSIN
+    h, e = (np.asarray(v, np.float32) for v in cfg.stain_vectors)
+    return h / np.linalg.norm(h), e / np.linalg.norm(e)
 
 
 def synthetic_pair(

@@ -23,6 +23,7 @@ from pipeline.errors import TilesegError
 from pipeline.geometry import apply_window, window_read
 from pipeline.io.readers import LazyImage, find_images, image_stem, open_image
 from pipeline.preprocess.normalize import Normalization, compute_normalization
+from pipeline.preprocess.stain import slide_stain
 from pipeline.synthetic.render import SyntheticConfig, render_block
 
 if TYPE_CHECKING:
@@ -88,8 +89,13 @@ class TrainPair:
         return (self.rows[1] - self.rows[0]) * math.prod(self.image.spatial_shape[1:])
 
 
-def _pair(name: str, image, mask, percentiles: tuple[float, float]) -> TrainPair:
-    norm = compute_normalization(image, mode="percentile", percentiles=percentiles)
+def _pair(
+    name: str, image, mask, percentiles: tuple[float, float], stain: str = "none"
+) -> TrainPair:
+    """A pair normalised as ``tileseg segment --stain stain`` normalises its image: the stain
+    step fitted on the whole image, as it is on a whole slide."""
+    fitted = None if stain == "none" else slide_stain(image, stain, None)
+    norm = compute_normalization(image, mode="percentile", percentiles=percentiles, stain=fitted)
     return TrainPair(name, image, mask, norm, (0, image.spatial_shape[0]))
 
 
@@ -101,6 +107,7 @@ def file_pairs(
     axes: str | None = None,
     level: int = 0,
     allow_missing_chunks: bool = False,
+    stain: str = "none",
 ) -> list[TrainPair]:
     """Pairs of images in ``images`` with the masks of the same :func:`image_stem` in ``masks``.
 
@@ -131,7 +138,7 @@ def file_pairs(
             raise TilesegError(
                 mask_path, f"a mask must be an integer label image, not {mask.dtype}"
             )
-        pairs.append(_pair(image_stem(path), image, mask, percentiles))
+        pairs.append(_pair(image_stem(path), image, mask, percentiles, stain))
     return pairs
 
 
@@ -196,7 +203,33 @@ def varied_config(
         )
     if textures:
         base = replace(base, **_texture_knobs(rng, base))
+    if kind == "he":
+        base = replace(base, **_he_knobs(rng))
     return base
+
+
+# unit stain OD vectors between which H&E slides are drawn: Ruifrok and Johnston's and the
+# reference of Macenko's normalisation (pipeline.preprocess.stain.MACENKO_REFERENCE)
+_H_RANGE = ((0.650, 0.704, 0.286), (0.5626, 0.7201, 0.4062))
+_E_RANGE = ((0.072, 0.990, 0.105), (0.2159, 0.8012, 0.5581))
+
+
+def _he_knobs(rng: np.random.Generator) -> dict[str, Any]:
+    """Stain vectors, stain amounts, glass brightness and JPEG compression of an H&E slide."""
+    u = rng.uniform
+
+    def vector(pair: tuple[tuple[float, ...], ...]) -> tuple[float, float, float]:
+        t = u(-0.3, 1.3)  # a little beyond either end
+        v = (1 - t) * np.array(pair[0]) + t * np.array(pair[1]) + rng.normal(0, 0.05, 3)
+        v = np.maximum(v, 0.01)
+        return tuple(float(c) for c in v / np.linalg.norm(v))
+
+    return {
+        "stain_vectors": (vector(_H_RANGE), vector(_E_RANGE)),
+        "stain_amounts": (float(np.exp(u(-0.6, 0.4))), float(np.exp(u(-0.7, 0.5)))),
+        "white": u(215.0, 250.0),
+        "jpeg": int(rng.integers(60, 96)) if rng.random() < 0.6 else 0,
+    }
 
 
 def _texture_knobs(rng: np.random.Generator, base: SyntheticConfig) -> dict[str, float]:
@@ -231,6 +264,7 @@ def synthetic_pairs(
     percentiles: tuple[float, float],
     textures: bool = False,
     zoom: tuple[float, float] = (1.0, 1.0),
+    stain: str = "none",
 ) -> list[TrainPair]:
     """``images`` generated pairs; image ``i`` uses slide seed ``seed + i`` (varied around the
     defaults when ``vary``, see :func:`varied_config`; every fourth image keeps the defaults,
@@ -245,7 +279,8 @@ def synthetic_pairs(
         )
         image, labels = _synthetic_image(config, size)
         name = f"synthetic-{kind}-{s}"
-        pairs.append(_pair(name, ArrayImage(image, name), ArrayImage(labels, name), percentiles))
+        image, labels = ArrayImage(image, name), ArrayImage(labels, name)
+        pairs.append(_pair(name, image, labels, percentiles, stain))
     return pairs
 
 
@@ -359,10 +394,14 @@ def heldout_dice(
     seed: int,
     percentiles: tuple[float, float],
     device: torch.device,
+    stain: str = "none",
 ) -> dict[str, Any]:
     """Foreground Dice on generated default-parameter images (slide seeds ``seed`` ...), each
-    predicted in one whole-image pass normalised as ``tileseg segment`` normalises it. Tiling is
-    exact, so ``tileseg segment`` on the same image gives the same labels (see the tests)."""
+    predicted in one whole-image pass normalised as ``tileseg segment`` normalises it (with the
+    ``stain`` step fitted on the image). Tiling is exact, so ``tileseg segment`` on the same
+    image gives the same labels (see the tests)."""
+    import torch
+
     from pipeline.models import LoadedModel
     from pipeline.models.inference import Predictor, predict_whole
     from pipeline.runtime.heap import keep_freed_memory
@@ -376,9 +415,7 @@ def heldout_dice(
     per_image, fg, predicted, inter, total = [], [], [], 0, 0
     for i in range(images):
         image, labels = _synthetic_image(SyntheticConfig(kind=kind, seed=seed + i), size)
-        norm = compute_normalization(
-            ArrayImage(image, ""), mode="percentile", percentiles=percentiles
-        )
+        norm = _pair("", ArrayImage(image, ""), None, percentiles, stain).normalization
         probs = predict_whole(predictor, norm.apply(image), geometry=loaded.geometry)
         pred, truth = probs.argmax(0) > 0, labels[0] > 0
         a, t = int((pred & truth).sum()), int(pred.sum()) + int(truth.sum())
@@ -393,6 +430,7 @@ def heldout_dice(
         "shape": [size, size],
         "origin": [0, 0],
         "inference": "whole image, percentile normalisation, argmax",
+        "stain": stain,
         "foreground_fraction": fg,
         "predicted_fraction": predicted,  # an image without nuclei scores 0 for any false positive
         "dice": per_image,

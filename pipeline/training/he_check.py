@@ -1,5 +1,6 @@
-"""Generated H&E brightfield, segmented by the default (fluorescence) nuclei model through its
-haematoxylin channel (:mod:`pipeline.preprocess.stain`) and scored against the generator's truth."""
+"""Generated H&E brightfield, segmented as ``tileseg segment`` segments it (with no ``--model``:
+the shipped H&E model on the Macenko-normalised RGB, :mod:`pipeline.preprocess.stain`; with the
+default fluorescence model: its haematoxylin channel) and scored against the generator's truth."""
 
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ def score_generated_he(
     options: SegmentOptions | None = None,
 ) -> dict[str, object]:
     """Write a ``size``² generated H&E image (an RGB TIFF) into ``directory``, segment it as
-    ``tileseg segment`` does with ``options`` (``--stain auto``: its haematoxylin) and
-    watershed instances, and score it against its truth.
+    ``tileseg segment`` does with ``options`` and watershed instances, and score it against
+    its truth.
 
     Returns
     -------
     dict
-        ``foreground_dice``, ``object_f1`` (at IoU 0.5), ``image`` and ``output`` paths.
+        ``foreground_dice``, ``object_f1`` (at IoU 0.5), ``image`` and ``output`` paths, the
+        ``model`` and how it was ``chosen``, and the ``stain`` step taken.
     """
     directory = Path(directory)
     rgb, truth = synthetic_pair((size, size), config=SyntheticConfig(kind="he", seed=seed))
@@ -41,12 +43,16 @@ def score_generated_he(
     tifffile.imwrite(image, rgb, photometric="rgb", tile=(256, 256), compression="zlib")
     out = directory / f"generated-he-{size}.zarr"
     options = replace(options or SegmentOptions(), instances="watershed", overwrite=True)
-    segment_image(image, out, options)
+    record = segment_image(image, out, options).record
     instances = zarr.open_array(out / labels_image_path("instances") / "0", mode="r")
     objects = instance_f1(np.asarray(instances), truth)
+    stain = record["normalization"].get("stain")
     return {
         "foreground_dice": foreground_dice(out, truth),
         "object_f1": objects["f1"],
         "image": str(image),
         "output": str(out),
+        "model": Path(record["model"]["source"]).name,
+        "chosen": record["model"]["chosen"],
+        "stain": "none" if stain is None else stain["step"],
     }

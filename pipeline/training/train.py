@@ -129,6 +129,8 @@ class TrainConfig:
     patience: int = 5
     min_delta: float = 0.0
     percentiles: tuple[float, float] = (1.0, 99.8)
+    # stain step fitted per image before the percentiles, as `tileseg segment --stain` does
+    stain: str = "none"
     augment: Augment = field(default_factory=Augment)
     device: str = "auto"
     # recorded in the model file: one name per class, and the pixel size (µm) of the training
@@ -155,6 +157,10 @@ class TrainConfig:
         _require(min(self.weight_decay, self.min_delta) >= 0, "weight_decay, min_delta: >= 0")
         _require(0 <= self.percentiles[0] < self.percentiles[1] <= 100, "percentiles: bad range")
         _require(
+            self.stain in ("none", "hematoxylin", "normalize"),
+            "stain: none, hematoxylin or normalize",
+        )
+        _require(
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             "device: auto, cpu, cuda[:N]",
         )
@@ -164,7 +170,7 @@ class TrainConfig:
         )
         _require(self.pixel_size_um is None or self.pixel_size_um > 0, "pixel_size_um: > 0")
         if self.heldout is not None:
-            need = 3 if self.heldout.kind == "he" else 1
+            need = 3 if self.heldout.kind == "he" and self.stain != "hematoxylin" else 1
             _require(unet.in_channels == need, f"heldout: {self.heldout.kind} needs {need} channel")
         s, h = self.synthetic, self.heldout
         if s is not None and h is not None:
@@ -325,6 +331,7 @@ def _load_data(config: TrainConfig) -> tuple[list[TrainPair], dict[str, Any]]:
         pairs = synthetic_pairs(
             images=s.images, size=s.size, seed=s.seed, vary=s.vary, kind=s.kind,
             percentiles=config.percentiles, textures=s.textures, zoom=s.zoom,
+            stain=config.stain,
         )  # fmt: skip
         return pairs, {"source": "synthetic", **asdict(s)}
     if config.images is None or config.masks is None:
@@ -334,6 +341,7 @@ def _load_data(config: TrainConfig) -> tuple[list[TrainPair], dict[str, Any]]:
     pairs = file_pairs(
         config.images, config.masks, percentiles=config.percentiles, axes=config.axes,
         level=config.level, allow_missing_chunks=config.allow_missing_chunks,
+        stain=config.stain,
     )  # fmt: skip
     return pairs, {"source": "files", "images": config.images, "masks": config.masks}
 
@@ -363,10 +371,11 @@ def train(
     unet = config.unet
     pairs, data = _load_data(config)
     for pair in pairs:
-        if pair.image.n_channels != unet.in_channels or len(pair.image.spatial_shape) != unet.ndim:
+        channels = pair.normalization.channels(pair.image.n_channels)
+        if channels != unet.in_channels or len(pair.image.spatial_shape) != unet.ndim:
             raise TilesegError(
                 pair.image.path,
-                f"{pair.image.n_channels} channel(s), {len(pair.image.spatial_shape)}D, but the "
+                f"{channels} channel(s), {len(pair.image.spatial_shape)}D, but the "
                 f"model takes {unet.in_channels} channel(s), {unet.ndim}D",
             )
     train_pairs, val_pairs = split_pairs(pairs, fraction=config.val_fraction, seed=config.seed)
@@ -440,7 +449,11 @@ def train(
         "device": str(device),
         "data": data,
         "recipe": config.to_dict(),
-        "normalization": {"mode": "percentile", "percentiles": list(config.percentiles)},
+        "normalization": {
+            "mode": "percentile",
+            "percentiles": list(config.percentiles),
+            "stain": config.stain,
+        },
         "epochs": len(history),
         "best_epoch": best["epoch"],
         "stopped_early": stopped,
@@ -454,7 +467,7 @@ def train(
         h = config.heldout
         record["heldout"] = heldout_dice(
             model, kind=h.kind, images=h.images, size=h.size, seed=h.seed,
-            percentiles=config.percentiles, device=device,
+            percentiles=config.percentiles, device=device, stain=config.stain,
         )  # fmt: skip
         if h.scales and h.kind == "fluorescence" and unet.ndim == 2:
             record["heldout_scales"] = heldout_scales(model, object_size, device=device)

@@ -18,6 +18,7 @@ def test_demo_reports_scores_and_writes_qc_pictures(tmp_path, capsys):
     assert real > 0.9
     he = float(printed.split("he dice:")[1].split()[0])
     assert he > 0.9
+    assert "he.safetensors, stain normalize" in printed  # picked for RGB brightfield
     check_large_nuclei(printed, tmp_path)
     assert "napari" in printed
     assert (tmp_path / "segmentation.zarr" / "labels" / "segmentation" / "0").is_dir()

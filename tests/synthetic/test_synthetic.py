@@ -239,3 +239,38 @@ def test_varied_training_slides_with_textures_and_zoom():
     assert rich.photons == plain.photons  # the original draws keep their values
     spots = [varied_config(s, textures=True).spots for s in range(1000, 1040)]
     assert 0 < sum(s > 0 for s in spots) < 40  # chromocentres in some images, not all
+
+
+def test_he_knobs_change_the_colours_not_the_truth():
+    """Stain vectors and amounts, glass brightness and JPEG compression: other pixels, the
+    same nuclei, and still a pure function of the configuration."""
+    base = dataclasses.replace(DENSE, kind="he")
+    plain = synthetic_pair((128, 128), config=base)
+    knobs = dataclasses.replace(
+        base,
+        stain_vectors=((0.56, 0.72, 0.41), (0.22, 0.80, 0.56)),
+        stain_amounts=(1.3, 0.6),
+        white=225.0,
+        jpeg=70,
+    )
+    changed = synthetic_pair((128, 128), config=knobs)
+    np.testing.assert_array_equal(changed[1], plain[1])
+    assert np.abs(changed[0].astype(int) - plain[0]).mean() > 5
+    np.testing.assert_array_equal(synthetic_pair((128, 128), config=knobs)[0], changed[0])
+    nuclei = plain[1] > 0  # more haematoxylin: darker nuclei
+    assert changed[0][nuclei].mean() < plain[0][nuclei].mean()
+    with pytest.raises(ValueError, match="jpeg"):
+        dataclasses.replace(base, jpeg=101)
+    with pytest.raises(ValueError, match="stain_vectors"):
+        dataclasses.replace(base, stain_vectors=((1.0, 0.0, 0.0),))
+
+
+def test_varied_he_slides_draw_stains_and_compression():
+    from pipeline.training.data import varied_config
+
+    configs = [varied_config(s, kind="he") for s in range(1000, 1020)]
+    assert len({c.stain_vectors for c in configs}) == 20
+    assert 0 < sum(c.jpeg > 0 for c in configs) < 20
+    fluorescence = varied_config(1001)
+    assert varied_config(1001, kind="he").photons == fluorescence.photons  # same earlier draws
+    assert fluorescence.stain_vectors is None and fluorescence.jpeg == 0

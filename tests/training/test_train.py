@@ -251,3 +251,19 @@ def test_a_3d_unet_trains_on_volumes_and_segments_them(tmp_path):
     segment_image(images / "a.zarr", tmp_path / "a-seg.zarr", opts)
     truth = zarr.open_array(masks / "a.zarr", mode="r")
     assert foreground_dice(tmp_path / "a-seg.zarr", truth) > 0.7  # 0.81 when written
+
+
+def test_a_recipe_with_heldout_he_images_records_their_dice_through_its_stain_step(tmp_path):
+    """Generated H&E, each image Macenko-normalised as `tileseg segment` normalises a slide,
+    and the held-out score at the end (which once failed on a missing import)."""
+    config = config_from_mapping({
+        **TINY, "model": {"in_channels": 3, "depth": 2, "width": 4}, "epochs": 1,
+        "steps_per_epoch": 2, "batch_size": 2, "val_crops": 2, "stain": "normalize",
+        "synthetic": {"kind": "he", "images": 4, "size": 128, "seed": 1000},
+        "heldout": {"kind": "he", "images": 1, "size": 128, "seed": 0},
+    })  # fmt: skip
+    record = train(config, tmp_path / "he.safetensors", progress=False).record
+    assert record["normalization"]["stain"] == "normalize"
+    assert record["heldout"]["stain"] == "normalize" and len(record["heldout"]["dice"]) == 1
+    with pytest.raises(TilesegError, match="stain: none, hematoxylin or normalize"):
+        config_from_mapping({**TINY, "stain": "blue"})
