@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import SegmentOptions
+from pipeline.engine.profile import PhaseTimer
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
@@ -38,6 +39,7 @@ from pipeline.io.readers import LazyImage, open_image
 from pipeline.io.resolution import at_pixel_size
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import (
+    Predictor,
     label_dtype,
     resolve_device,
 )
@@ -213,34 +215,50 @@ def _prepare(
     input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: SegmentOptions
 ) -> _Job:
     """Open the image and the model, and refuse what cannot work, before any output exists."""
-    started = time.perf_counter()
+    timer = PhaseTimer()
     try:
         resolve_device(options.device)
     except (ValueError, RuntimeError) as exc:
         raise TilesegError("--device", str(exc)) from None
-    image = open_image(
-        input_path,
-        level=options.level,
-        axes=options.axes,
-        allow_missing_chunks=options.allow_missing_chunks,
-    )
-    resampled = None
-    if options.mpp is not None:
-        image, resampled = at_pixel_size(image, options.mpp)
+    with timer.phase("open"):
+        image = open_image(
+            input_path,
+            level=options.level,
+            axes=options.axes,
+            allow_missing_chunks=options.allow_missing_chunks,
+        )
+        resampled = None
+        if options.mpp is not None:
+            image, resampled = at_pixel_size(image, options.mpp)
     model_spec = ModelSpec.from_options(options)
-    model = load_model(model_spec)
-    stain = slide_stain(image, options.stain, model.in_channels)
+    with timer.phase("model_load"):
+        model = load_model(model_spec)
+    with timer.phase("normalization"):  # the stain map is part of the normalisation
+        stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
     if stain is None:  # the estimate runs the model on the image's own channels
-        warn_object_size(image, model, device=options.device)
+        with timer.phase("warmup"):
+            predictor = _predictor_of_run(model_spec, options)
+        with timer.phase("object_size"):
+            warn_object_size(image, model, device=options.device, predictor=predictor)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
+    with timer.phase("fingerprint"):
+        found = fingerprint(input_path, options, model_sha256=model.sha256)
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
-        options, started, fingerprint(input_path, options, model_sha256=model.sha256),
-        stain=stain, resampled=resampled,
+        options, timer, found, stain=stain, resampled=resampled,
     )  # fmt: skip
+
+
+def _predictor_of_run(spec: ModelSpec, options: SegmentOptions) -> Predictor:
+    """The predictor a new local run's tasks use (cached per process): the object-size check
+    shares it instead of preparing a copy of the model of its own."""
+    numerics = resolve_numerics(options, resumed=None)
+    return cached_predictor(
+        spec, RunSettings(device=options.device, precision=options.precision, **numerics)
+    )
 
 
 def existing_output(
@@ -303,7 +321,7 @@ class _Job:
     model: LoadedModel
     grid: TileGrid
     options: SegmentOptions
-    started: float
+    timer: PhaseTimer  # wall time per phase, from the start of the run
     fingerprint: str
     stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
     resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
@@ -313,19 +331,61 @@ def _run(
     job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
-    image, grid, options, output = job.image, job.grid, job.options, job.output
-    if job.model.normalization is not None:  # a bioimage.io package's own preprocessing
-        normalization = job.model.normalization(image)
-    else:
-        normalization = compute_normalization(
-            image,
-            mode=options.normalize,
-            percentiles=options.percentiles,
-            scale=options.scale,
-            offset=options.offset,
-            stain=job.stain,
+    image, grid, options, output, timer = job.image, job.grid, job.options, job.output, job.timer
+    with timer.phase("normalization"):
+        normalization = _normalization(job)
+    with timer.phase("tissue"):
+        mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
+    with timer.phase("output"):
+        layout, record, run, per_task, levels, workers = _skeleton(
+            job, state, normalization, mask, run_id
         )
-    mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
+    if options.scheduler is None and workers == 1:  # its tasks run in this thread
+        with timer.phase("warmup"):
+            cached_predictor(
+                job.model_spec, run, window=grid.window,
+                in_channels=normalization.channels(image.n_channels),
+            )  # fmt: skip
+    tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
+    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
+    for name, seconds in computed["walls"].items():
+        timer.add(name, seconds)
+    with timer.phase("objects"):
+        record.update(_objects(output, image, options, workers=workers))
+    with timer.phase("record"):
+        _finish_record(record, job, computed, resumed_tasks)
+        with writing(output):
+            remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
+            mark_complete(output, record)
+    # The record holds every phase but its own writing; the result has that too.
+    timings = {**record["timings"], **timer.walls()}
+    return SegmentResult(
+        os.fspath(job.input_path), output, image.spatial_shape, len(grid),
+        timings["total_wall"], timings, record,
+        resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
+    )  # fmt: skip
+
+
+def _normalization(job: _Job) -> Normalization:
+    options = job.options
+    if job.model.normalization is not None:  # a bioimage.io package's own preprocessing
+        return job.model.normalization(job.image)
+    return compute_normalization(
+        job.image,
+        mode=options.normalize,
+        percentiles=options.percentiles,
+        scale=options.scale,
+        offset=options.offset,
+        stain=job.stain,
+    )
+
+
+def _skeleton(
+    job: _Job, state: str, normalization: Normalization, mask: TissueMask | None, run_id: str
+) -> tuple[OutputLayout, dict[str, Any], RunSettings, int, int, int]:
+    """Decide how the run runs and create (or take up) its output: the layout, the record as
+    written at creation, the run settings, tiles per task, levels in tasks, and workers."""
+    image, options, output = job.image, job.options, job.output
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)
     workers = options.workers or local_workers(options)
@@ -348,18 +408,7 @@ def _run(
                 subdirs=[os.path.relpath(done_dir(output), output)],
             )  # fmt: skip
     claim_output(output, run_id)
-    tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
-    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
-    record.update(_objects(output, image, options, workers=workers))
-    _finish_record(record, job, computed, resumed_tasks)
-    with writing(output):
-        remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
-        mark_complete(output, record)
-    return SegmentResult(
-        os.fspath(job.input_path), output, image.spatial_shape, len(grid),
-        record["timings"]["total_wall"], record["timings"], record,
-        resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
-    )  # fmt: skip
+    return layout, record, run, per_task, levels, workers
 
 
 def _layout(job: _Job, state: str) -> OutputLayout:
@@ -565,7 +614,6 @@ def _finish_record(
     """Add what the run measured to the record: timings, counts, throughput (over the pixels
     this run computed, not those a resumed run found done)."""
     results = computed["results"]
-    seconds = time.perf_counter() - job.started
     timings = {
         key: float(sum(r[key] for r in results))
         for key in ("read", "infer", "write", "stall", "task")
@@ -576,7 +624,8 @@ def _finish_record(
     threads = [int(r["cpu_forward_threads"]) for r in results if r["cpu_forward_threads"]]
     if threads:  # CPU forwards: the fewest threads a task's ran on
         timings["cpu_forward_threads"] = min(threads)
-    timings.update({f"{k}_wall": v for k, v in computed["walls"].items()}, total_wall=seconds)
+    timings.update(job.timer.walls())  # the phases so far, the record's own writing not yet
+    seconds = timings["total_wall"]
     record.update(
         {
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
