@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import SegmentOptions
+from pipeline.config import SERIAL_CORES, SegmentOptions
 from pipeline.engine.profile import PhaseTimer
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
@@ -82,6 +82,7 @@ from pipeline.output.provenance import (
 from pipeline.preprocess.normalize import Normalization, compute_normalization
 from pipeline.preprocess.stain import StainMap, slide_stain
 from pipeline.preprocess.tissue import TissueMask, tissue_mask
+from pipeline.runtime.cores import usable_cores
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.worker import (
     RunSettings,
@@ -640,10 +641,13 @@ def _finish_record(
 
 
 def overview_alongside(options: SegmentOptions) -> bool:
-    """Whether the overview is written while the inference tasks run: not in a local CPU run,
-    whose forwards use every core (threads beside them hold up each of their parallel regions,
-    as readers and writers beside them did: ``resolve_prefetch``)."""
-    return options.scheduler is not None or resolve_device(options.device).type != "cpu"
+    """Whether the overview is written while the inference tasks run: not in a local CPU run
+    on at most ``SERIAL_CORES`` cores, whose forwards use every core (a thread beside them
+    holds up each of their parallel regions, as readers and writers beside them do:
+    ``resolve_prefetch``, which overlaps those by the same rule)."""
+    if options.scheduler is not None or resolve_device(options.device).type != "cpu":
+        return True
+    return usable_cores() > SERIAL_CORES
 
 
 def _overview(

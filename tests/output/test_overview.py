@@ -191,11 +191,17 @@ def test_a_run_killed_while_writing_the_overview_resumes_to_the_same_output(
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
-def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run():
+def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run_on_few_cores(
+    monkeypatch,
+):
+    from pipeline.config import SERIAL_CORES
     from pipeline.engine.driver import overview_alongside
 
+    monkeypatch.setattr(pipeline.engine.driver, "usable_cores", lambda: SERIAL_CORES)
     assert not overview_alongside(SegmentOptions(device="cpu"))
     assert overview_alongside(SegmentOptions(device="cpu", scheduler="tcp://head:8786"))
+    monkeypatch.setattr(pipeline.engine.driver, "usable_cores", lambda: SERIAL_CORES + 1)
+    assert overview_alongside(SegmentOptions(device="cpu"))  # a core to spare for it
 
 
 def _small_overview_slide(tmp_path, monkeypatch, seed: int):
