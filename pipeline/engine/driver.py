@@ -43,7 +43,7 @@ from pipeline.models.inference import (
     label_dtype,
     resolve_device,
 )
-from pipeline.models.object_size import warn_object_size
+from pipeline.models.object_size import trained_object_size, warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import label_instances
 from pipeline.objects.measure import measure_objects
@@ -238,8 +238,10 @@ def _prepare(
         stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
     if stain is None:  # the estimate runs the model on the image's own channels
-        with timer.phase("warmup"):
-            predictor = _predictor_of_run(model_spec, options)
+        predictor = None
+        if trained_object_size(model) is not None:  # else there is nothing to check
+            with timer.phase("warmup"):
+                predictor = _predictor_of_run(model_spec, options)
         with timer.phase("object_size"):
             warn_object_size(image, model, device=options.device, predictor=predictor)
     if options.export:
