@@ -237,13 +237,9 @@ def _prepare(
     with timer.phase("normalization"):  # the stain map is part of the normalisation
         stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
+    normalization = None
     if stain is None:  # the estimate runs the model on the image's own channels
-        predictor = None
-        if trained_object_size(model) is not None:  # else there is nothing to check
-            with timer.phase("warmup"):
-                predictor = _predictor_of_run(model_spec, options)
-        with timer.phase("object_size"):
-            warn_object_size(image, model, device=options.device, predictor=predictor)
+        normalization = _check_object_size(image, model_spec, model, options, timer)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
@@ -251,8 +247,35 @@ def _prepare(
         found = fingerprint(input_path, options, model_sha256=model.sha256)
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
-        options, timer, found, stain=stain, resampled=resampled,
+        options, timer, found, stain=stain, resampled=resampled, normalization=normalization,
     )  # fmt: skip
+
+
+def _check_object_size(
+    image: LazyImage,
+    spec: ModelSpec,
+    model: LoadedModel,
+    options: SegmentOptions,
+    timer: PhaseTimer,
+) -> Normalization | None:
+    """Warn when the image's objects look far from the model's trained size. The check runs
+    on the run's own predictor and, where the run's normalisation is the check's (percentiles
+    1-99.8 of the image's own channels), computes that once for both: returned for the run."""
+    if trained_object_size(model) is None:  # nothing to check against
+        timer.add("object_size", 0.0)
+        return None
+    with timer.phase("warmup"):
+        predictor = _predictor_of_run(spec, options)
+    normalization = None
+    same = options.normalize == "percentile" and tuple(options.percentiles) == (1.0, 99.8)
+    if same and model.normalization is None:
+        with timer.phase("normalization"):
+            normalization = compute_normalization(image, mode="percentile")
+    with timer.phase("object_size"):
+        warn_object_size(
+            image, model, device=options.device, predictor=predictor, normalization=normalization
+        )
+    return normalization
 
 
 def _predictor_of_run(spec: ModelSpec, options: SegmentOptions) -> Predictor:
@@ -327,6 +350,7 @@ class _Job:
     timer: PhaseTimer  # wall time per phase, from the start of the run
     fingerprint: str
     stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
+    normalization: Normalization | None = None  # decided already (by the object-size check)
     resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
 
 
@@ -335,8 +359,10 @@ def _run(
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
     image, grid, options, output, timer = job.image, job.grid, job.options, job.output, job.timer
-    with timer.phase("normalization"):
-        normalization = _normalization(job)
+    normalization = job.normalization
+    if normalization is None:
+        with timer.phase("normalization"):
+            normalization = _normalization(job)
     with timer.phase("tissue"):
         mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
     with timer.phase("output"):

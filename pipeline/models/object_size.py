@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
     from pipeline.models import LoadedModel
     from pipeline.models.inference import Predictor
+    from pipeline.preprocess.normalize import Normalization
 
 __all__ = [
     "SizeEstimate",
@@ -177,6 +178,7 @@ def estimate_object_size(
     window: int = 256,
     device: str = "cpu",
     predictor: Predictor | None = None,
+    normalization: Normalization | None = None,
 ) -> SizeEstimate:
     """Estimate the typical object diameter of a 2D image, in its pixels, with the model.
 
@@ -196,6 +198,8 @@ def estimate_object_size(
     predictor
         The model as a run already prepared it (``device`` is then its own), instead of a
         predictor made for this estimate.
+    normalization
+        The image's percentile normalisation (1-99.8 %), when the caller has it already.
 
     Returns
     -------
@@ -211,7 +215,7 @@ def estimate_object_size(
         raise ValueError("the model records no trained object size: give trained_size")
     if len(image.spatial_shape) != 2:
         raise ValueError("object sizes are estimated on 2D images")
-    norm = compute_normalization(image, mode="percentile")
+    norm = normalization or compute_normalization(image, mode="percentile")
     predictor = predictor or _predictor(model, device)
     best = None
     for factor in _LADDER:
@@ -242,6 +246,7 @@ def size_warning(
     tolerance: float = 2.0,
     device: str = "cpu",
     predictor: Predictor | None = None,
+    normalization: Normalization | None = None,
 ) -> str | None:
     """One line for ``tileseg segment`` when the image's objects look far from the model's
     trained size (beyond a factor ``tolerance`` either way), else None.
@@ -250,20 +255,23 @@ def size_warning(
     found near the trained size); only otherwise is the size estimated. Models without a
     recorded trained size, 3D images, and images where no objects are found give None: the
     check is advice, never a reason to stop a run. ``predictor``: the model as the run
-    prepared it (shared, so the check costs one small forward, not a copy of the model).
+    prepared it (shared, so the check costs one small forward, not a copy of the model);
+    ``normalization``: the image's 1-99.8 % percentile normalisation, when the run has it.
     """
     from pipeline.preprocess.normalize import compute_normalization
 
     trained = trained_object_size(model)
     if trained is None or len(image.spatial_shape) != 2:
         return None
-    norm = compute_normalization(image, mode="percentile")
+    norm = normalization or compute_normalization(image, mode="percentile")
     predictor = predictor or _predictor(model, device)
     d = _measure(predictor, norm, image, 1.0, 256)
     if len(d) >= _MIN_OBJECTS and 1 / tolerance <= np.median(d) / trained <= tolerance:
         return None
     try:
-        found = estimate_object_size(image, model, device=device, predictor=predictor)
+        found = estimate_object_size(
+            image, model, device=device, predictor=predictor, normalization=norm
+        )
     except ValueError:
         return None
     if 1 / tolerance <= found.diameter / found.trained <= tolerance:
@@ -281,9 +289,12 @@ def warn_object_size(
     *,
     device: str = "cpu",
     predictor: Predictor | None = None,
+    normalization: Normalization | None = None,
 ) -> None:
     """Log :func:`size_warning`'s line, if any, as a warning (stderr when logging is not set
     up): the hook ``tileseg segment`` calls once per image, when no object size is given."""
-    line = size_warning(image, model, device=device, predictor=predictor)
+    line = size_warning(
+        image, model, device=device, predictor=predictor, normalization=normalization
+    )
     if line is not None:
         logging.getLogger("tileseg").warning("tileseg: warning: %s", line)

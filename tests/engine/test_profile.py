@@ -71,3 +71,26 @@ def test_phase_timer_sums_repeated_phases_and_leaves_the_rest_to_other():
     assert walls["other_wall"] == 0.0  # never negative, though the phases claim more
     table = profile_table({"segment_wall": 3.0, "other_wall": 1.0, "total_wall": 4.0})
     assert "segment" in table and "75.0%" in table and "open" not in table
+
+
+@pytest.mark.parametrize(
+    ("percentiles", "samples"), [((1.0, 99.8), 1), ((2.0, 99.0), 2)], ids=["shared", "own"]
+)
+def test_the_object_size_check_and_the_run_sample_the_image_once(
+    tmp_path, monkeypatch, percentiles, samples
+):
+    """The default model records its trained size, so its runs check object sizes: with the
+    default percentiles the check's normalisation is the run's, decided once for both."""
+    import pipeline.preprocess.normalize as normalize
+
+    image = (np.random.default_rng(1).random((256, 256)) * 4000).astype(np.uint16)
+    path = write_tiff(tmp_path / "s.tif", image, axes="YX", tile=(64, 64))
+    calls = []
+    real = normalize.sample_pixels
+    monkeypatch.setattr(normalize, "sample_pixels", lambda img: calls.append(1) or real(img))
+    options = SegmentOptions(tile=128, device="cpu", percentiles=percentiles)
+    segment_image(path, tmp_path / "out.zarr", options)
+    assert len(calls) == samples
+    record = read_record(tmp_path / "out.zarr")
+    lo, hi = percentiles
+    assert f"percentiles {lo}-{hi}" in record["normalization"]["source"]
