@@ -64,7 +64,7 @@ def main() -> None:
 
     blocks._Block.infer = forward
     worker.parallel_io = lambda device: True
-    seg.overview_alongside = lambda options: a.overview == "alongside"
+    seg.overview_alongside = lambda runtime: a.overview == "alongside"
     opts = SegmentOptions(
         model=str(null), device="cpu", tile=1024, batch_size=a.batch_size, overwrite=True,
         prefetch=2, workers=2,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from pipeline.errors import TilesegError
 
+__all__ = ["register"]
+
 DEFAULT_CRON = "0 2 * * *"  # nightly at 02:00
 
 

@@ -4,7 +4,7 @@ A cluster config (the ``cluster:`` section of a directory config, or a file of i
 ``configs/slurm-gpu.yaml``) says which one:
 
 - ``type: local`` (default): a ``LocalCluster`` on this machine (CPU workers start with their
-  share of the cores and glibc's main heap, see :func:`cpu_worker_environ`); with ``gpus: N``,
+  share of the cores and glibc's main heap, see :func:`_cpu_worker_environ`); with ``gpus: N``,
   one worker process per GPU, each seeing only its GPU (``CUDA_VISIBLE_DEVICES``), declaring
   ``GPU=1`` and running at least two task threads.
 - ``type: address``: an existing scheduler (``address: tcp://head:8786``).
@@ -17,7 +17,7 @@ A cluster config (the ``cluster:`` section of a directory config, or a file of i
 ``{GPU: 0.5}`` whenever the cluster's workers are declared as GPU workers here: a worker
 declaring ``GPU=1`` then runs two tasks at a time, sharing its one model, so that one task's
 first read and last write are hidden behind the other's inference (as local runs do, see
-``pipeline.engine.driver.local_workers``). ``{GPU: 1}`` gives one task at a time per GPU.
+``pipeline.runtime.resolved.resolve_runtime``). ``{GPU: 1}`` gives one task at a time per GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ from pipeline.errors import TilesegError
 from pipeline.models.inference import TASKS_PER_GPU
 from pipeline.runtime.cores import usable_cores
 from pipeline.runtime.worker_wait import wait_for_workers
+
+__all__ = [
+    "THREAD_VARIABLES",
+    "ClusterHandle",
+    "check_cluster_config",
+    "check_workers",
+    "choose_cluster",
+    "load_cluster_config",
+    "open_cluster",
+    "slurm_arguments",
+    "worker_lifetime",
+]
 
 TYPES = ("local", "address", "slurm", "none")
 GPU = {"GPU": 1}  # what a GPU worker declares
@@ -122,7 +134,7 @@ def open_cluster(spec: dict[str, Any]) -> Iterator[ClusterHandle]:
         yield ClusterHandle(spec["address"], resources, f"existing scheduler {spec['address']}")
         return
     cluster = _local_cluster(spec) if kind == "local" else _slurm_cluster(spec)
-    detail = (lambda: slurm_job_states(cluster)) if kind == "slurm" else None
+    detail = (lambda: _slurm_job_states(cluster)) if kind == "slurm" else None
     try:
         yield ClusterHandle(
             cluster.scheduler_address, _task_resources(spec), _describe(spec), detail
@@ -205,7 +217,7 @@ def _local_cluster(spec: dict[str, Any]) -> Any:
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
     n_workers = int(spec.get("n_workers", 1))
     # Read by each nanny when it is made, and kept for the workers it restarts.
-    with dask.config.set({PRE_SPAWN: cpu_worker_environ(workers=n_workers, threads=threads)}):
+    with dask.config.set({PRE_SPAWN: _cpu_worker_environ(workers=n_workers, threads=threads)}):
         return LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads,
@@ -216,7 +228,7 @@ def _local_cluster(spec: dict[str, Any]) -> Any:
         )
 
 
-def cpu_worker_environ(*, workers: int, threads: int) -> dict[str, Any]:
+def _cpu_worker_environ(*, workers: int, threads: int) -> dict[str, Any]:
     """The environment CPU worker processes start with. Dask's nanny gives them one OpenMP and
     BLAS thread each and a low malloc trim threshold, made for many small tasks; a tileseg task
     is a model forward. So each task thread gets its share of the cores, and every thread uses
@@ -275,7 +287,7 @@ def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
       cleanly before SLURM kills their job, and an adaptive cluster (``adapt:``) submits
       replacements.
     - for CPU workers glibc's main heap for every thread, as local CPU workers get
-      (:func:`cpu_worker_environ`): the job script exports it before the nanny starts, and
+      (:func:`_cpu_worker_environ`): the job script exports it before the nanny starts, and
       the worker it spawns inherits it. Their thread count is set by each inference task
       (``pipeline/runtime/cores.py``).
     """
@@ -293,7 +305,7 @@ def slurm_arguments(spec: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
-def slurm_job_states(cluster: Any) -> str:
+def _slurm_job_states(cluster: Any) -> str:
     """The state of the cluster's SLURM jobs (``squeue``), e.g. ``SLURM jobs 41 PENDING
     (Resources)``: why no worker came."""
     ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]

@@ -19,13 +19,30 @@ from typing import Any
 
 import dask
 
-from pipeline.config import SegmentOptions, options_from_mapping, read_yaml_mapping
+from pipeline.config import SegmentOptions, load_yaml_config, options_from_mapping
 from pipeline.errors import TilesegError
 from pipeline.io.readers import find_images, image_stem
 from pipeline.models import ModelSpec, load_model
 from pipeline.output.provenance import fingerprint, output_state
 from pipeline.runtime.heap import heap_hint
 from pipeline.runtime.worker_wait import CONFIG_KEY, DEFAULT_WAIT_S, NoWorkers
+
+__all__ = [
+    "DirectoryConfig",
+    "DirectoryPlan",
+    "RunSettings",
+    "SlideJob",
+    "SlideReport",
+    "counts_line",
+    "failed_report",
+    "is_transient",
+    "load_directory_config",
+    "plan_directory",
+    "process_slide",
+    "run_batch",
+    "run_with_retries",
+    "summary_lines",
+]
 
 log = logging.getLogger("tileseg.flows")
 
@@ -81,7 +98,7 @@ def load_directory_config(path: str | os.PathLike[str] | None) -> DirectoryConfi
     if path is None:
         return DirectoryConfig()
     source = os.fspath(path)
-    data = read_yaml_mapping(source)
+    data = load_yaml_config(source)
     if not any(key in data for key in SECTIONS):
         data = {"segment": data}
     unknown = sorted(set(data) - set(SECTIONS))

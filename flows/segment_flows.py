@@ -45,6 +45,8 @@ from flows.runlog import RunLog
 from pipeline.config import SegmentOptions
 from pipeline.runtime.worker_wait import CONFIG_KEY, NoWorkers
 
+__all__ = ["SLIDE_TAG", "SlidesFailed", "segment_directory", "segment_slide"]
+
 SLIDE_TAG = "tileseg-slide"  # `prefect concurrency-limit create tileseg-slide N` caps all runs
 
 

@@ -7,14 +7,40 @@ Precedence: built-in defaults < YAML config file < command-line flags. Every pro
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
 
 from pipeline.errors import TilesegError
+
+__all__ = [
+    "CHANNELS_LAST",
+    "EXPORTS",
+    "FOLD_NORM",
+    "INSTANCES",
+    "NORMALIZE",
+    "PRECISION",
+    "PROBABILITY_DTYPES",
+    "SECTIONS",
+    "SERIAL_CORES",
+    "STAIN",
+    "TABLES",
+    "TISSUE",
+    "Option",
+    "SegmentOptions",
+    "declared",
+    "load_config",
+    "load_yaml_config",
+    "option",
+    "options_from_mapping",
+    "options_table",
+    "read_yaml_mapping",
+    "resolve_options",
+]
 
 NORMALIZE = ("none", "percentile", "fixed")
 STAIN = ("auto", "hematoxylin", "none")
@@ -26,6 +52,7 @@ TISSUE = ("none", "otsu", "triangle", "fixed")
 INSTANCES = ("none", "connected", "watershed")
 TABLES = ("none", "parquet", "csv")
 EXPORTS = ("geojson", "geoparquet")
+LABELS_AT = ("model", "input")
 # On a CPU of at most this many cores, ``prefetch: auto`` runs the stages serially (worker.py).
 SERIAL_CORES = 4
 
@@ -45,9 +72,8 @@ class Option:
     choices: tuple[Any, ...] = ()
     minimum: float | None = None  # inclusive
     below: float | None = None  # exclusive upper bound
-    flag: str = (
-        "value"  # value | switch (--x/--no-x) | auto-int | many (repeatable) | pair | resource
-    )
+    # value | switch (--x/--no-x) | auto-int | auto-float | many (repeatable) | pair | resource
+    flag: str = "value"
     metavar: str | None = None
     canonical: Callable[[Any], Any] | None = None  # the value's canonical form, once checked
 
@@ -104,6 +130,16 @@ def _probability(value: float) -> float:
 def _mpp(value: float) -> float:
     if not 0 < value < 1e4:
         raise ValueError(f"must be a pixel size in µm > 0, got {value!r}")
+    return float(value)
+
+
+def _object_size(value: float | str) -> float | str:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"must be a diameter in px > 0 or auto, got {value!r}")
+        return value
+    if not 0 < value < 1e6:
+        raise ValueError(f"must be a diameter in px > 0 or auto, got {value!r}")
     return float(value)
 
 
@@ -203,6 +239,18 @@ class SegmentOptions:
         None, "segment at this pixel size in µm (the nearest finer level, resampled)", "input",
         (float, int, _NONE), canonical=_mpp, metavar="UM",
     )  # fmt: skip
+    object_size: float | str | None = option(
+        None, "typical object diameter in input px (at --mpp, if given), or auto: estimated per "
+        "image with the model; the image is resampled so that objects have the model's trained "
+        "size", "input", (float, int, str, _NONE), flag="auto-float", canonical=_object_size,
+        metavar="PX",
+    )  # fmt: skip
+    labels_at: str | None = option(
+        None, "grid the labels are written on when the input is resampled: model (the grid "
+        "segmented) or input (the image's own, nearest-neighbour); default: input with "
+        "--object-size, else model; no effect when the input is not resampled", "output",
+        (str, _NONE), choices=LABELS_AT,
+    )  # fmt: skip
     axes: str | None = option(
         None, "input axes when the file does not say (plain Zarr/TIFF), e.g. YX, CYX, ZYX",
         "input", (str, _NONE), canonical=_axes,
@@ -246,7 +294,8 @@ class SegmentOptions:
     # Of 3, 5, 7, 9 and 12 px, 7 scores within 0.003 of the best object F1 both on generated
     # held-out images and on the shipped real one (5 is much worse on the real one).
     min_distance: int = option(
-        7, "watershed: least distance between two objects' centres in px", "objects", (int,),
+        7, "watershed: least distance between two objects' centres in px of the grid segmented "
+        "(labels upsampled to the input's grid: scaled with them)", "objects", (int,),
         minimum=1, metavar="N",
     )  # fmt: skip
     table: str = option(
@@ -288,6 +337,13 @@ class SegmentOptions:
         chunk = self.chunk or min(512 if ndim == 2 else 64, tile)
         return tile, chunk
 
+    def section(self, name: str) -> Mapping[str, Any]:
+        """The options of one section (one of ``SECTIONS``), read-only, in declaration order."""
+        if name not in SECTIONS:
+            raise ValueError(f"no section {name!r} (sections: {', '.join(SECTIONS)})")
+        values = {k: getattr(self, k) for k, (_, opt) in declared().items() if opt.section == name}
+        return MappingProxyType(values)
+
 
 def declared(cls: type = SegmentOptions) -> dict[str, tuple[Field[Any], Option]]:
     """Every option of ``cls`` with its declaration, in declaration order."""
@@ -316,7 +372,7 @@ def _check(key: str, value: Any, source: str | None) -> Any:
         bounds = [f">= {opt.minimum:g}"] if opt.minimum is not None else []
         bounds += [f"< {opt.below:g}, got {value!r}"] if opt.below is not None else []
         raise bad(f"must be {' and '.join(bounds)}")
-    if opt.choices and opt.flag != "many" and value not in opt.choices:
+    if opt.choices and opt.flag != "many" and value is not None and value not in opt.choices:
         raise bad(f"must be one of {', '.join(opt.choices)}, got {value!r}")
     if opt.canonical is not None and value is not None:
         try:
@@ -345,7 +401,9 @@ def options_table() -> str:
 def options_from_mapping(
     data: dict[str, Any], *, base: SegmentOptions | None = None, source: str | None = None
 ) -> SegmentOptions:
-    """Apply a mapping of option values (from YAML or flags) on top of ``base``."""
+    """Apply a mapping of option values (from YAML or flags) on top of ``base``: flat keys, or
+    keys nested in their sections (``tiling: {tile: 512}``; see ``SECTIONS``)."""
+    data = _flatten(data, source)
     known = {f.name for f in fields(SegmentOptions)}
     for key in data:
         if key not in known:
@@ -382,6 +440,30 @@ def options_from_mapping(
     return options
 
 
+def _flatten(data: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """Flat option keys from a mapping that may nest them in their sections. A section's key
+    whose value is a mapping is that section (``model`` and ``tissue`` are options too, but
+    never mappings); a key given twice, or in another section than its own, is refused."""
+    options = declared()
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        # An empty section (every key commented out) reads as null.
+        empty = value is None and key not in options
+        nested = key in SECTIONS and (isinstance(value, Mapping) or empty)
+        items = (value or {}).items() if nested else [(key, value)]
+        for name, item in items:
+            name = str(name).replace("-", "_")
+            where = f"{key}.{name}" if nested else name
+            if nested and (name not in options or options[name][1].section != key):
+                own = ", ".join(k for k, (_, opt) in options.items() if opt.section == key)
+                problem = f"not an option of section {key} (its options: {own})"
+                raise TilesegError(source, f"{where}: {problem}")
+            if name in flat:
+                raise TilesegError(source, f"{where}: given twice")
+            flat[name] = item
+    return flat
+
+
 def read_yaml_mapping(path: str | os.PathLike[str], *, what: str = "config") -> dict[str, Any]:
     """A YAML file holding a mapping (an empty file is an empty one), with one-line errors."""
     path = Path(path)
@@ -402,14 +484,25 @@ def read_yaml_mapping(path: str | os.PathLike[str], *, what: str = "config") -> 
     return data
 
 
+def load_yaml_config(
+    path: str | os.PathLike[str], *, command: str | None = None, what: str = "config"
+) -> dict[str, Any]:
+    """The one reader of YAML config files (``tileseg segment``, ``train`` and directory runs):
+    the file's mapping, or the part under ``command:`` when the file has one (one file may hold
+    several commands' configs), with ``-`` in its top-level keys read as ``_``. What the keys
+    mean, and refusing unknown ones, is the caller's: :func:`options_from_mapping`,
+    :func:`pipeline.training.train.config_from_mapping`, ``flows.core.load_directory_config``.
+    """
+    data = read_yaml_mapping(path, what=what)
+    if command is not None and isinstance(data.get(command), dict):
+        data = data[command]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a mapping of options (validated by the caller)."""
-    data = read_yaml_mapping(path)
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    # One file may also hold other commands' sections (e.g. `train:`); `segment:` is ours.
-    if isinstance(data.get("segment"), dict):
-        data = {str(k).replace("-", "_"): v for k, v in data["segment"].items()}
-    return data
+    """Read a ``tileseg segment`` YAML config into a mapping of options (validated by the
+    caller, :func:`options_from_mapping`): flat keys or sections, or either under ``segment:``."""
+    return load_yaml_config(path, command="segment")
 
 
 def resolve_options(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["TilesegError"]
+
 
 class TilesegError(Exception):
     """A user-facing error about one file or option.

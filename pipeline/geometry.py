@@ -21,6 +21,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = [
+    "ModelGeometry",
+    "Tile",
+    "TileGrid",
+    "WindowRead",
+    "apply_window",
+    "group_tiles",
+    "padded_whole",
+    "plan_tiles",
+    "reflect_indices",
+    "window_read",
+]
+
 
 @dataclass(frozen=True)
 class ModelGeometry:

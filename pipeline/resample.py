@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Resampling", "mirror", "resample_axis"]
+__all__ = ["Resampling", "mirror", "nearest_source", "resample_axis"]
 
 
 def mirror(index: np.ndarray, size: int) -> np.ndarray:
@@ -109,3 +109,13 @@ def resample_axis(
         tap *= weights[:, t].reshape(along)
         out += tap
     return out
+
+
+def nearest_source(start: int, stop: int, factor: float, source_size: int) -> np.ndarray:
+    """For pixels ``start:stop`` of a fine grid, the pixel of a grid ``factor`` times coarser
+    (one of its pixels spans ``factor`` fine ones, edges aligned) whose area holds each one's
+    centre, clipped to ``[0, source_size)``: nearest-neighbour resampling back from the grid
+    :class:`Resampling` makes. Depends only on the pixel, never on the window asked for."""
+    i = np.arange(start, stop, dtype=np.float64)
+    j = np.floor((i + 0.5) / factor).astype(np.int64)
+    return np.clip(j, 0, source_size - 1)

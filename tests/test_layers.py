@@ -1,9 +1,11 @@
 """The library's layers: each subpackage imports only from the layers below it, pure modules
-import no I/O or torch, and private modules stay inside their subpackage."""
+import no I/O or torch, private modules stay inside their subpackage, every public module
+declares ``__all__`` and other subpackages import only the names in it."""
 
 from __future__ import annotations
 
 import ast
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,89 @@ def test_pure_modules_import_no_io_or_torch(name):
 def test_the_library_never_imports_prefect():
     for module, path in modules().items():
         assert not any(t.split(".")[0] == "prefect" for t in imports(path)), module
+
+
+ROOT = PIPELINE.parent
+PACKAGES = [PIPELINE, ROOT / "flows"]
+
+
+def public_modules() -> dict[str, Path]:
+    """The library's and the flows' modules whose file names do not start with ``_``."""
+    return {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts): p
+        for package in PACKAGES
+        for p in package.rglob("*.py")
+        if not p.name.startswith("_")
+    }
+
+
+def dunder_all(path: Path) -> list[str] | None:
+    """A module's literal ``__all__`` (``*name`` for a starred part), or None without one."""
+    for node in ast.parse(path.read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            names = [e.value for e in node.value.elts if isinstance(e, ast.Constant)]
+            return names + [f"*{ast.unparse(e.value)}" for e in node.value.elts
+                            if isinstance(e, ast.Starred)]  # fmt: skip
+    return None
+
+
+def module_file(module: str) -> Path | None:
+    """The file of an importable module of ours (a package's ``__init__.py``), or None."""
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def subpackage(module: str) -> str:
+    """``flows`` for the flows layer, else the library layer (see :func:`layer`)."""
+    return "flows" if module.split(".")[0] == "flows" else layer(module)
+
+
+def cross_imports(path: Path, own: str):
+    """``(target module, name)`` for each name this file takes from another subpackage's module:
+    ``from pipeline.x.y import name`` and ``from pipeline.x import y`` then ``y.name``."""
+    tree = ast.parse(path.read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+            continue
+        if node.module.split(".")[0] not in ("pipeline", "flows"):
+            continue
+        for a in node.names:
+            submodule = f"{node.module}.{a.name}"
+            if module_file(submodule) is not None:
+                aliases[a.asname or a.name] = submodule
+            elif subpackage(node.module) != own:
+                yield node.module, a.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            target = aliases.get(node.value.id)
+            if target is not None and subpackage(target) != own:
+                yield target, node.attr
+
+
+@pytest.mark.parametrize("module", sorted(public_modules()))
+def test_public_modules_declare_all(module):
+    assert dunder_all(public_modules()[module]) is not None, f"{module} has no __all__"
+
+
+# A cross-subpackage import of a name outside the target's __all__, allowed here and why.
+NOT_IN_ALL: dict[tuple[str, str], str] = {}
+
+
+@pytest.mark.parametrize("module", sorted(public_modules()))
+def test_cross_subpackage_imports_use_only_all(module):
+    own = subpackage(module)
+    outside = []
+    for target, name in cross_imports(public_modules()[module], own):
+        exported = dunder_all(module_file(target))
+        if exported is None or (target, name) in NOT_IN_ALL:
+            continue  # a private module, or an allowed exception (see NOT_IN_ALL)
+        if any(e.startswith("*") for e in exported):  # built from a mapping: ask the module
+            exported = import_module(target).__all__
+        if name not in exported:
+            outside.append(f"{name} from {target}")
+    assert not outside, f"{module} imports names outside __all__: {', '.join(outside)}"

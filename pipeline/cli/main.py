@@ -13,6 +13,8 @@ from pipeline import __version__
 from pipeline.config import SECTIONS, declared
 from pipeline.errors import TilesegError
 
+__all__ = ["build_parser", "main"]
+
 EXIT_USAGE = 2
 
 
@@ -51,6 +53,8 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs = {"help": opt.help, "dest": name, "action": _OnOff}
         elif opt.flag == "auto-int":
             kwargs["type"] = _int_or_auto
+        elif opt.flag == "auto-float":
+            kwargs["type"] = _float_or_auto
         elif opt.flag == "pair":
             kwargs.update(type=float, nargs=2)
         elif opt.flag == "resource":
@@ -81,6 +85,15 @@ def _int_or_auto(value: str) -> int | str:
         return value
     try:
         return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
+def _float_or_auto(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
@@ -157,6 +170,7 @@ def _segment(args: argparse.Namespace) -> int:
     from pipeline.config import resolve_options
     from pipeline.engine.driver import segment_image
     from pipeline.engine.profile import profile_table
+    from pipeline.engine.scale import scale_note
     from pipeline.io.readers import find_images, image_stem
     from pipeline.runtime.heap import heap_hint
 
@@ -205,9 +219,10 @@ def _segment(args: argparse.Namespace) -> int:
                   f"{result.output} (skipped)")  # fmt: skip
             continue
         resumed = f", resumed {result.resumed_tasks} done tasks" if result.resumed_tasks else ""
+        scaled = scale_note(result.record.get("resample"))
         print(
             f"{image}: {shape} px, {result.tiles} tiles, {result.seconds:.1f} s, "
-            f"{result.megapixels_per_second:.2f} MP/s{resumed} -> {result.output}"
+            f"{result.megapixels_per_second:.2f} MP/s{resumed}{scaled} -> {result.output}"
         )
         off_main_heap += int(result.timings.get("tasks_off_main_heap", 0))
         if args.profile:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import SERIAL_CORES, SegmentOptions
 from pipeline.engine.profile import PhaseTimer
+from pipeline.engine.resumable import pending, run_once, run_resumable
+from pipeline.engine.scale import Scale, choose_scale
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
@@ -36,20 +40,15 @@ from pipeline.geometry import (
     plan_tiles,
 )
 from pipeline.io.readers import LazyImage, open_image
-from pipeline.io.resolution import at_pixel_size
 from pipeline.models import LoadedModel, ModelSpec, load_model
-from pipeline.models.inference import (
-    Predictor,
-    label_dtype,
-    resolve_device,
-)
+from pipeline.models.inference import Predictor, label_dtype
 from pipeline.models.object_size import trained_object_size, warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import label_instances
 from pipeline.objects.measure import measure_objects
 from pipeline.output.chunk_writer import remove_leftovers
 from pipeline.output.label_classes import class_names
-from pipeline.output.lock import OutputLock, TakenOver, check_owner, claim_output, is_owner
+from pipeline.output.lock import OutputLock, TakenOver, claim_output, is_owner
 from pipeline.output.ngff import (
     OutputLayout,
     Overview,
@@ -60,12 +59,13 @@ from pipeline.output.ngff import (
     levels_in_tasks,
     mark_complete,
     mark_failed,
+    model_grid_path,
     overview_factor,
     read_layout,
     read_record,
+    upsample_region,
 )
 from pipeline.output.overview import (
-    OverviewSource,
     finish_overview,
     overview_regions,
     overview_source,
@@ -75,25 +75,31 @@ from pipeline.output.provenance import (
     done_dir,
     done_summary,
     fingerprint,
-    is_done,
-    mark_done,
     output_state,
 )
 from pipeline.preprocess.normalize import Normalization, compute_normalization
 from pipeline.preprocess.stain import StainMap, slide_stain
 from pipeline.preprocess.tissue import TissueMask, tissue_mask
-from pipeline.runtime.cores import usable_cores
 from pipeline.runtime.execution import run_tasks
+from pipeline.runtime.resolved import Runtime, resolve_runtime
 from pipeline.runtime.worker import (
     RunSettings,
     batches_per_task,
     cached_predictor,
-    local_workers,
     resolve_batch_size,
     resolve_numerics,
     resolve_prefetch,
     shared_cpu,
 )
+
+__all__ = [
+    "SegmentResult",
+    "check_compatible",
+    "existing_output",
+    "overview_alongside",
+    "plan",
+    "segment_image",
+]
 
 
 @dataclass
@@ -119,17 +125,6 @@ class SegmentResult:
     def nonfinite_pixels(self) -> int:
         """Input pixels that were NaN or infinite (set to 0 after normalisation)."""
         return int(self.record.get("nonfinite_pixels", 0))
-
-
-def _pyramid_block(
-    args: tuple[str, OutputLayout, int, tuple[slice, ...], str, str],
-) -> dict[str, float]:
-    output, layout, level, region, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        downsample_region(output, layout, level, region)
-        mark_done(output, name)
-    return {"tiles": 0}
 
 
 def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | None = None) -> None:
@@ -217,10 +212,7 @@ def _prepare(
 ) -> _Job:
     """Open the image and the model, and refuse what cannot work, before any output exists."""
     timer = PhaseTimer()
-    try:
-        resolve_device(options.device)
-    except (ValueError, RuntimeError) as exc:
-        raise TilesegError("--device", str(exc)) from None
+    runtime = resolve_runtime(options)
     with timer.phase("open"):
         image = open_image(
             input_path,
@@ -228,17 +220,17 @@ def _prepare(
             axes=options.axes,
             allow_missing_chunks=options.allow_missing_chunks,
         )
-        resampled = None
-        if options.mpp is not None:
-            image, resampled = at_pixel_size(image, options.mpp)
     model_spec = ModelSpec.from_options(options)
     with timer.phase("model_load"):
         model = load_model(model_spec)
+    with timer.phase("scale"):
+        scale = choose_scale(image, model, options, device=options.device)
+    image = scale.image
     with timer.phase("normalization"):  # the stain map is part of the normalisation
         stain = slide_stain(image, options.stain, model.in_channels)
     check_compatible(image, model, channels=None if stain is None else 1)
     normalization = None
-    if stain is None:  # the estimate runs the model on the image's own channels
+    if stain is None and options.object_size is None:  # the estimate needs the image's channels
         normalization = _check_object_size(image, model_spec, model, options, timer)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
@@ -247,7 +239,7 @@ def _prepare(
         found = fingerprint(input_path, options, model_sha256=model.sha256)
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
-        options, timer, found, stain=stain, resampled=resampled, normalization=normalization,
+        options, timer, found, runtime, stain=stain, scale=scale, normalization=normalization,
     )  # fmt: skip
 
 
@@ -349,9 +341,20 @@ class _Job:
     options: SegmentOptions
     timer: PhaseTimer  # wall time per phase, from the start of the run
     fingerprint: str
+    runtime: Runtime
     stain: StainMap | None = None  # RGB brightfield to haematoxylin, fitted per slide
+    scale: Scale | None = None  # the grids segmented and written on (engine/scale.py)
     normalization: Normalization | None = None  # decided already (by the object-size check)
-    resampled: dict[str, Any] | None = None  # how --mpp resamples the input (for the record)
+
+    @property
+    def labels_image(self) -> LazyImage:
+        """The image on whose grid the labels are written."""
+        return self.image if self.scale is None else self.scale.labels_image
+
+    @property
+    def upsampled(self) -> bool:
+        """Whether the tasks write the model's grid, upsampled to the input's after them."""
+        return self.scale is not None and self.scale.upsampled
 
 
 def _run(
@@ -364,32 +367,55 @@ def _run(
         with timer.phase("normalization"):
             normalization = _normalization(job)
     with timer.phase("tissue"):
-        mask = None if options.tissue == "none" else _tissue_mask(job.input_path, image, options)
-    with timer.phase("output"):
-        layout, record, run, per_task, levels, workers = _skeleton(
-            job, state, normalization, mask, run_id
-        )
-    if options.scheduler is None and workers == 1:  # its tasks run in this thread
-        with timer.phase("warmup"):
-            cached_predictor(
-                job.model_spec, run, window=grid.window,
-                in_channels=normalization.channels(image.n_channels),
+        mask = None if options.tissue == "none" else _tissue_mask(job, options)
+    output_started = time.perf_counter()  # the output skeleton: settings, arrays, claim
+    layout = _layout(job, state)
+    record = _record(job, normalization, layout, mask)
+    # A resumed run works as the run it continues did: its done tasks must match the rest.
+    resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
+    in_channels = normalization.channels(image.n_channels)
+    run, per_task, levels = _run_settings(job, layout, resumed=resumed, in_channels=in_channels)
+    record["run"] = {
+        "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
+        "channels_last": run.channels_last, "fold_norm": run.fold_norm,
+        "labels_from": run.labels_from,
+    }  # fmt: skip
+    forget_arrays(output)
+    forget_arrays(model_grid_path(output))
+    task_layout = _model_grid_layout(job, layout) if job.upsampled else layout
+    if state != "partial":
+        with writing(output):
+            create_output(
+                output, layout, overwrite=state == "replace", attrs=record,
+                subdirs=[os.path.relpath(done_dir(output), output)],
+                model_grid=task_layout if job.upsampled else None,
             )  # fmt: skip
-    tasks, resumed_tasks = _tasks(job, normalization, layout, run, per_task, levels, mask, run_id)
-    computed = _execute(job, tasks, layout, levels, workers, run_id, resumed_tasks, progress)
+    claim_output(output, run_id)
+    timer.add("output", time.perf_counter() - output_started)
+    if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
+        with timer.phase("warmup"):
+            cached_predictor(job.model_spec, run, window=grid.window, in_channels=in_channels)
+    tasks, resumed_tasks = _tasks(
+        job, normalization, task_layout, run, per_task, levels, mask, run_id
+    )
+    computed = _execute(job, tasks, layout, levels, run_id, resumed_tasks, progress)
     for name, seconds in computed["walls"].items():
         timer.add(name, seconds)
+    grid_scale = math.sqrt(math.prod(job.scale.input_factor)) if job.upsampled else 1.0
     with timer.phase("objects"):
-        record.update(_objects(output, image, options, workers=workers))
+        found = _objects(output, job.labels_image, options, runtime=job.runtime,
+                         downsample=_labels_downsample(job), grid_scale=grid_scale)  # fmt: skip
+        record.update(found)
     with timer.phase("record"):
         _finish_record(record, job, computed, resumed_tasks)
         with writing(output):
             remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
+            shutil.rmtree(model_grid_path(output), ignore_errors=True)  # upsampled: not needed
             mark_complete(output, record)
     # The record holds every phase but its own writing; the result has that too.
     timings = {**record["timings"], **timer.walls()}
     return SegmentResult(
-        os.fspath(job.input_path), output, image.spatial_shape, len(grid),
+        os.fspath(job.input_path), output, job.labels_image.spatial_shape, len(grid),
         timings["total_wall"], timings, record,
         resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
     )  # fmt: skip
@@ -409,39 +435,12 @@ def _normalization(job: _Job) -> Normalization:
     )
 
 
-def _skeleton(
-    job: _Job, state: str, normalization: Normalization, mask: TissueMask | None, run_id: str
-) -> tuple[OutputLayout, dict[str, Any], RunSettings, int, int, int]:
-    """Decide how the run runs and create (or take up) its output: the layout, the record as
-    written at creation, the run settings, tiles per task, levels in tasks, and workers."""
-    image, options, output = job.image, job.options, job.output
-    layout = _layout(job, state)
-    record = _record(job, normalization, layout, mask)
-    workers = options.workers or local_workers(options)
-    # A resumed run works as the run it continues did: its done tasks must match the rest.
-    resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
-    in_channels = normalization.channels(image.n_channels)
-    run, per_task, levels = _run_settings(
-        job, layout, workers, resumed=resumed, in_channels=in_channels
-    )
-    record["run"] = {
-        "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
-        "channels_last": run.channels_last, "fold_norm": run.fold_norm,
-        "labels_from": run.labels_from,
-    }  # fmt: skip
-    forget_arrays(output)
-    if state != "partial":
-        with writing(output):
-            create_output(
-                output, layout, overwrite=state == "replace", attrs=record,
-                subdirs=[os.path.relpath(done_dir(output), output)],
-            )  # fmt: skip
-    claim_output(output, run_id)
-    return layout, record, run, per_task, levels, workers
-
-
 def _layout(job: _Job, state: str) -> OutputLayout:
-    image, options = job.image, job.options
+    """The output's arrays, on the grid the labels are written on (``job.labels_image``)."""
+    image, options = job.labels_image, job.options
+    scale_base = None  # the model's grid of a resampled input without a pixel size
+    if job.scale is not None and job.scale.record is not None and image.pixel_size is None:
+        scale_base = job.scale.input_factor if image is job.image else None
     classes = int(job.model.classes or 0) or _probe_classes(job.model_spec, options, job.grid)
     _, chunk = options.tile_and_chunk(job.grid.geometry.ndim)
     layout = OutputLayout(
@@ -455,10 +454,32 @@ def _layout(job: _Job, state: str) -> OutputLayout:
         if options.save_probabilities
         else Overview(image.n_channels, image.dtype.str, overview_factor(image.spatial_shape)),
         class_names=class_names(classes, getattr(job.model_spec, "class_names", None)),
+        scale_base=scale_base,
     )
     if state == "partial" and read_layout(job.output).overview is None:
         layout = replace(layout, overview=None)  # begun before outputs had an overview
     return layout
+
+
+def _model_grid_layout(job: _Job, layout: OutputLayout) -> OutputLayout:
+    """The arrays the tasks write when the labels are upsampled after them: level 0 on the
+    model's grid, chunked as the output."""
+    _, chunk = job.options.tile_and_chunk(job.grid.geometry.ndim)
+    shape = job.image.spatial_shape
+    return replace(
+        layout, spatial_shape=shape, chunks=tuple(min(chunk, n) for n in shape),
+        pixel_size=None, overview=None, scale_base=None,
+    )  # fmt: skip
+
+
+def _labels_downsample(job: _Job) -> tuple[float, ...]:
+    """One pixel of the labels' grid in pixels of level 0 of the input file (where exported
+    polygons lie)."""
+    source = job.image if job.scale is None else job.scale.input
+    base = [n0 / n for n0, n in zip(source.level_shapes[0], source.spatial_shape, strict=True)]
+    if job.scale is None or job.labels_image is job.scale.input:
+        return tuple(base)
+    return tuple(b * f for b, f in zip(base, job.scale.input_factor, strict=True))
 
 
 def _record(
@@ -482,16 +503,22 @@ def _record(
             "chunks": list(layout.chunks),
         },
         "tissue": None if mask is None else mask.to_dict(),
-        **({} if job.resampled is None else {"resample": job.resampled}),
+        **_resample_record(job),
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fingerprint": job.fingerprint,
     }
 
 
+def _resample_record(job: _Job) -> dict[str, Any]:
+    """How the input was resampled and why (engine/scale.py), where it was."""
+    if job.scale is None or job.scale.record is None:
+        return {}
+    return {"resample": job.scale.record}
+
+
 def _run_settings(
     job: _Job,
     layout: OutputLayout,
-    workers: int,
     *,
     resumed: dict[str, Any] | None,
     in_channels: int,
@@ -510,7 +537,7 @@ def _run_settings(
         )  # fmt: skip
     run = RunSettings(
         device=options.device, precision=options.precision, **numerics,
-        compile=options.compile, prefetch=resolve_prefetch(options, workers),
+        compile=options.compile, prefetch=resolve_prefetch(options.prefetch, job.runtime),
         batch_size=batch_size,
     )  # fmt: skip
     if resumed and resumed.get("batches_per_task"):
@@ -519,6 +546,8 @@ def _run_settings(
         per_task = batches_per_task(options, job.grid, run.batch_size)
     if resumed is not None:  # the tasks it left done wrote the levels of the version that ran
         levels = int(resumed.get("levels_in_tasks", 0))
+    elif job.upsampled:  # the tasks write level 0 of the model's grid only
+        levels = 0
     else:
         levels = levels_in_tasks(layout, [tile.region for tile in job.grid.tiles()])
     return run, per_task, levels
@@ -540,7 +569,7 @@ def _tasks(
     # run did and rewrites byte-identical chunks.
     groups = group_tiles(grid, per_group=run.batch_size * per_task)
     names = [f"tiles-{i:07d}" for i in range(len(groups))]
-    done = [name for name in names if is_done(output, name)]
+    _, done = pending(output, names)
 
     def task(group: list[Tile], name: str) -> BlockTask:
         skip = (
@@ -552,6 +581,7 @@ def _tasks(
             image=job.image.spec, model=job.model_spec, normalization=normalization, grid=grid,
             tiles=tuple(t.index for t in group), output=output, layout=layout, run=run,
             name=name, levels=levels, run_id=run_id, skip=skip,
+            arrays=model_grid_path(output) if job.upsampled else "",
         )  # fmt: skip
 
     tasks = [task(g, n) for g, n in zip(groups, names, strict=True) if n not in done]
@@ -563,14 +593,13 @@ def _execute(
     tasks: list[BlockTask],
     layout: OutputLayout,
     levels: int,
-    workers: int,
     run_id: str,
     resumed: list[str],
     progress: Callable[[int, int], None] | None,
 ) -> dict[str, Any]:
     """Run the inference tasks, the pyramid levels above theirs and the overview; return
     the tasks' results and the steps' wall times."""
-    options, output, image = job.options, job.output, job.image
+    runtime, output, image = job.runtime, job.output, job.image
     total = int(np.prod(image.spatial_shape))
     n_groups = len(tasks) + len(resumed)
     done = int(total * len(resumed) / max(n_groups, 1))
@@ -584,28 +613,30 @@ def _execute(
     def write_overview() -> float:
         t = time.perf_counter()
         if layout.overview is not None:
-            _overview(output, image, layout, options, workers=workers, run_id=run_id)
+            _overview(output, job.labels_image, layout, runtime, run_id=run_id)
         return time.perf_counter() - t
 
     # The overview reads only the input: where the forwards are not the host's (a GPU, a
     # cluster), it is written while they run instead of after them. Leaving the block waits
     # for it, so that nothing of it is still being written once a failure is raised.
     with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
-        overview = alongside.submit(write_overview) if overview_alongside(options) else None
+        overview = alongside.submit(write_overview) if overview_alongside(runtime) else None
         t = time.perf_counter()
-        with shared_cpu(options, workers):
-            if options.scheduler is None and workers == 1:
+        with shared_cpu(runtime):
+            if runtime.serial:
                 # One task at a time here: as one stream of batches, the next task's first
                 # read and the last one's writes overlap inference instead of waiting for it.
                 results = [run_blocks(tasks, on_done=on_done)] if tasks else []
             else:
                 results = run_tasks(
-                    run_block, tasks, scheduler=options.scheduler, workers=workers,
-                    on_done=on_done, resources=options.resources,
+                    run_block, tasks, **runtime.tasks(), on_done=on_done,
+                    resources=job.options.resources,
                 )  # fmt: skip
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
-        _pyramid(output, layout, levels, options, workers=workers, run_id=run_id)
+        if job.upsampled:
+            levels = _upsample(job, layout, runtime, run_id=run_id)
+        _pyramid(output, layout, levels, runtime, run_id=run_id)
         pyramid_wall = time.perf_counter() - t
         overview_wall = write_overview() if overview is None else overview.result()
     nonfinite = sum(int(r.get("nonfinite", 0)) for r in results)
@@ -622,19 +653,44 @@ def _pyramid(
     output: str,
     layout: OutputLayout,
     levels: int,
-    options: SegmentOptions,
+    runtime: Runtime,
     *,
-    workers: int,
     run_id: str,
 ) -> None:
     """The pyramid levels above those the tasks wrote, each from the level below."""
     for level in range(1 + levels, len(layout.levels)):
-        jobs = [
-            (output, layout, level, region, f"pyramid-{level}-{i:07d}", run_id)
+        parts = [
+            (f"pyramid-{level}-{i:07d}", (output, layout, level, region))
             for i, region in enumerate(level_regions(layout, level))
         ]
-        jobs = [job for job in jobs if not is_done(output, job[-2])]
-        run_tasks(_pyramid_block, jobs, scheduler=options.scheduler, workers=workers)
+        run_resumable(downsample_region, parts, output=output, run_id=run_id, runtime=runtime)
+
+
+def _upsample(job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str) -> int:
+    """The labels on the input's grid from those on the model's (nearest neighbour), in
+    tasks that each own a block of chunks and the pyramid levels above it they can; returns
+    how many levels above 0 they wrote."""
+    assert job.scale is not None
+    regions = level_regions(layout, 0)
+    levels = levels_in_tasks(layout, regions)
+    source, factors = job.image.spatial_shape, job.scale.input_factor
+    parts = [
+        (f"upsample-{i:07d}", (job.output, layout, region, source, factors, levels))
+        for i, region in enumerate(regions)
+    ]
+    run_resumable(_upsample_part, parts, output=job.output, run_id=run_id, runtime=runtime)
+    return levels
+
+
+def _upsample_part(
+    output: str,
+    layout: OutputLayout,
+    region: tuple[slice, ...],
+    source: tuple[int, ...],
+    factors: tuple[float, ...],
+    levels: int,
+) -> None:
+    upsample_region(output, layout, region, source_shape=source, factors=factors, levels=levels)
 
 
 def _finish_record(
@@ -660,7 +716,8 @@ def _finish_record(
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "timings": timings,
             "tiles": len(job.grid),
-            "spatial_shape": list(job.image.spatial_shape),
+            "spatial_shape": list(job.labels_image.spatial_shape),
+            "model_grid_shape": list(job.image.spatial_shape),
             "computed_pixels": computed["pixels"],
             "megapixels_per_second": computed["pixels"] / 1e6 / max(seconds, 1e-9),
             "nonfinite_pixels": computed["nonfinite"],
@@ -668,91 +725,70 @@ def _finish_record(
     )
 
 
-def overview_alongside(options: SegmentOptions) -> bool:
+def overview_alongside(runtime: Runtime) -> bool:
     """Whether the overview is written while the inference tasks run: not in a local CPU run
     on at most ``SERIAL_CORES`` cores, whose forwards use every core (a thread beside them
     holds up each of their parallel regions, as readers and writers beside them do:
     ``resolve_prefetch``, which overlaps those by the same rule)."""
-    if options.scheduler is not None or resolve_device(options.device).type != "cpu":
-        return True
-    return usable_cores() > SERIAL_CORES
+    return not runtime.local_cpu or runtime.cores > SERIAL_CORES
 
 
 def _overview(
     output: str,
     image: LazyImage,
     layout: OutputLayout,
-    options: SegmentOptions,
+    runtime: Runtime,
     *,
-    workers: int,
     run_id: str,
 ) -> None:
     """Write the overview (``pipeline/output/overview.py``) in tasks that each own chunks of it."""
     assert layout.overview is not None
     source = overview_source(image, factor=layout.overview.factor)
-    jobs = [
-        (output, source, region, f"overview-{i:07d}", run_id)
+    parts = [
+        (f"overview-{i:07d}", (output, source, region))
         for i, region in enumerate(overview_regions(layout))
     ]
-    jobs = [job for job in jobs if not is_done(output, job[-2])]
-    run_tasks(_overview_block, jobs, scheduler=options.scheduler, workers=workers)
+    run_resumable(write_overview_block, parts, output=output, run_id=run_id, runtime=runtime)
     with writing(output):
         finish_overview(output, rgb="S" in image.axes)
 
 
-def _overview_block(
-    args: tuple[str, OverviewSource, tuple[slice, ...], str, str],
-) -> dict[str, int]:
-    output, source, region, name, run_id = args
-    check_owner(output, run_id)
-    with writing(output):
-        write_overview_block(output, source, region)
-        mark_done(output, name)
-    return {"tiles": 0}
-
-
 def _objects(
-    output: str, image: LazyImage, options: SegmentOptions, *, workers: int
+    output: str,
+    image: LazyImage,
+    options: SegmentOptions,
+    *,
+    runtime: Runtime,
+    downsample: tuple[float, ...] | None = None,
+    grid_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
-    Each is redone whole unless its marker says it finished (both are idempotent)."""
+    Each is redone whole unless its marker says it finished (both are idempotent).
+    ``grid_scale``: one model-grid pixel in label pixels (labels upsampled to the input's
+    grid): the watershed's distances are the model's, so they grow with it."""
     # A run resumed after these steps finished takes their summaries from the markers.
-    found: dict[str, Any] = {
-        name: done_summary(output, name)
-        for name, wanted in (("instances", options.instances), ("table", options.table))
-        if wanted != "none" and is_done(output, name)
-    }
-    run = {"scheduler": options.scheduler, "workers": workers}
-    if options.instances != "none" and not is_done(output, "instances"):
-        with writing(output):
-            threshold = options.instance_threshold
-            summary = label_instances(
-                output, watershed=options.instances == "watershed",
-                min_distance=options.min_distance,
-                source="labels" if threshold is None else "probabilities",
-                threshold=0.5 if threshold is None else threshold, **run,
-            )  # fmt: skip
-            found["instances"] = summary.to_dict()
-            mark_done(output, "instances", found["instances"])
-    if options.table != "none" and not is_done(output, "table"):
-        with writing(output):
-            table = measure_objects(
-                output, image, table_path=Path(output) / f"objects.{options.table}",
-                format=options.table, pixel_size=image.pixel_size, **run,
-            )  # fmt: skip
-            found["table"] = table.to_dict()
-            mark_done(output, "table", found["table"])
-    if options.export and is_done(output, "export"):
-        found["export"] = done_summary(output, "export")
-    elif options.export:
-        with writing(output):
-            table_file = Path(output) / f"objects.{options.table}"
-            exported = export_segmentation(
-                output, image, formats=options.export,
-                table=table_file if options.table != "none" else None, **run,
-            )  # fmt: skip
-            found["export"] = exported.to_dict()
-            mark_done(output, "export", found["export"])
+    found: dict[str, Any] = {}
+    run = runtime.tasks()
+    if options.instances != "none":
+        threshold = options.instance_threshold
+        found["instances"] = run_once(output, "instances", lambda: label_instances(
+            output, watershed=options.instances == "watershed",
+            min_distance=max(1, round(options.min_distance * grid_scale)),
+            halo=max(64, math.ceil(64 * grid_scale)),
+            source="labels" if threshold is None else "probabilities",
+            threshold=0.5 if threshold is None else threshold, **run,
+        ).to_dict())  # fmt: skip
+    if options.table != "none":
+        found["table"] = run_once(output, "table", lambda: measure_objects(
+            output, image, table_path=Path(output) / f"objects.{options.table}",
+            format=options.table, pixel_size=image.pixel_size, **run,
+        ).to_dict())  # fmt: skip
+    if options.export:
+        table_file = Path(output) / f"objects.{options.table}"
+        found["export"] = run_once(output, "export", lambda: export_segmentation(
+            output, image, formats=options.export, downsample=downsample,
+            table=table_file if options.table != "none" else None, **run,
+        ).to_dict())  # fmt: skip
     return found
 
 
@@ -765,14 +801,16 @@ def _probe_classes(spec: ModelSpec, options: SegmentOptions, grid: TileGrid) -> 
     return int(predictor.logits(np.zeros((1, cin, *grid.window), np.float32)).shape[1])
 
 
-def _tissue_mask(
-    input_path: str | os.PathLike, image: LazyImage, options: SegmentOptions
-) -> TissueMask:
-    """The tissue mask the options ask for; a level the file lacks is the file's problem."""
+def _tissue_mask(job: _Job, options: SegmentOptions) -> TissueMask:
+    """The tissue mask the options ask for; a level the file lacks is the file's problem.
+    It is made from the pyramid of the image as opened (a resampled view has one level), and
+    laid over the grid segmented, which spans the same extent."""
+    source = job.image if job.scale is None else job.scale.input
     try:
-        return tissue_mask(
-            image, method=options.tissue, threshold=options.tissue_threshold,
+        mask = tissue_mask(
+            source, method=options.tissue, threshold=options.tissue_threshold,
             level=options.tissue_level,
         )  # fmt: skip
     except ValueError as exc:
-        raise TilesegError(input_path, f"tissue mask: {exc}") from None
+        raise TilesegError(job.input_path, f"tissue mask: {exc}") from None
+    return replace(mask, image_shape=tuple(job.image.spatial_shape))

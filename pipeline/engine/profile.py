@@ -1,8 +1,8 @@
 """Where a run's seconds go: wall time per phase, for the record's ``timings`` and ``--profile``.
 
-A run passes through fixed phases (open the image, load the model, check object sizes, hash
-the input, decide the normalisation, create the output, warm the model up, run the tasks,
-pyramid, overview, object steps, record). Each is timed as ``<phase>_wall`` in the record's
+A run passes through fixed phases (open the image, load the model, choose the scale, check
+object sizes, hash the input, decide the normalisation, create the output, warm the model up,
+run the tasks, pyramid, overview, object steps, record). Each is timed as ``<phase>_wall`` in the record's
 ``timings``; what no phase covers is ``other_wall``, so the phases add up to ``total_wall``.
 """
 
@@ -16,8 +16,9 @@ __all__ = ["PHASES", "PhaseTimer", "profile_table"]
 
 # In the order a run passes through them, with what each covers (the --profile table).
 PHASES = {
-    "open": "open the image (and resample it for --mpp)",
+    "open": "open the image",
     "model_load": "load the model file (cached per process)",
+    "scale": "the scale segmented at (--mpp, --object-size)",
     "object_size": "object-size check (one small forward)",
     "fingerprint": "input identity and fingerprint",
     "normalization": "normalisation sample and percentiles",

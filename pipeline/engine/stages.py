@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+__all__ = ["StageTimes", "run_stages"]
+
 T = TypeVar("T")
 A = TypeVar("A")
 B = TypeVar("B")

@@ -36,6 +36,8 @@ from pipeline.runtime.cores import use_worker_cores
 from pipeline.runtime.heap import off_main_heap
 from pipeline.runtime.worker import RunSettings, cached_predictor, io_pool
 
+__all__ = ["BlockTask", "read_window", "run_block", "run_blocks", "writing"]
+
 
 @dataclass(frozen=True)
 class BlockTask:
@@ -53,6 +55,9 @@ class BlockTask:
     skip: tuple[tuple[int, ...], ...] = ()  # tiles without tissue: written as background
     levels: int = 0  # pyramid levels above 0 the task writes too (see ngff.levels_in_tasks)
     run_id: str = ""  # the run the output must still belong to when the task writes
+    # Where the task's arrays are: the output's own, or its labels on the model's grid when
+    # they are upsampled to the input's after the tasks (ngff.MODEL_GRID).
+    arrays: str = ""
 
 
 @contextmanager
@@ -70,7 +75,7 @@ def read_window(image: LazyImage, start, stop) -> np.ndarray:
     return apply_window(image.read(plan.source), plan, first_spatial_axis=1)
 
 
-def tile_in_window(tile: Tile) -> tuple[slice, ...]:
+def _tile_in_window(tile: Tile) -> tuple[slice, ...]:
     """Where a tile's own output region lies inside its input window."""
     return tuple(
         slice(a - w, b - w)
@@ -206,7 +211,7 @@ class _Block:
         def fill(k: int) -> None:
             tile = batch[k]
             window = read_window(image, tile.window_start, tile.window_stop)
-            nonfinite[k] = count_nonfinite(window[(slice(None), *tile_in_window(tile))])
+            nonfinite[k] = count_nonfinite(window[(slice(None), *_tile_in_window(tile))])
             task.normalization.apply(window, out=view[k])
 
         self._each(fill, len(batch))
@@ -252,4 +257,4 @@ def _write_levels(
             labels, probs = next_level(labels, probs, layout=task.layout)
             region = half_region(region)
         with writing(task.output):
-            write_region(task.output, region, labels, probs, level=level)
+            write_region(task.arrays or task.output, region, labels, probs, level=level)

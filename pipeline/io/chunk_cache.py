@@ -24,6 +24,16 @@ from typing import Any
 import numpy as np
 from zarr.storage import WrapperStore
 
+__all__ = [
+    "CHUNKS",
+    "MAX_BYTES",
+    "MIN_BYTES",
+    "CachedStore",
+    "DecodedChunks",
+    "read_chunks",
+    "reserve",
+]
+
 MIN_BYTES = 32 << 20  # enough for the windows of a batch on any sensible tile size
 MAX_BYTES = 1 << 30  # a band wider than this is cached in part: reuse along the row remains
 MAX_CHUNKS_PER_READ = 64  # Zarr reads touching more chunks than this bypass the cache

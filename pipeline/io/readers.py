@@ -43,6 +43,7 @@ __all__ = [
     "TIFF_SUFFIXES",
     "ImageSpec",
     "LazyImage",
+    "cached_image",
     "choose_reader",
     "find_images",
     "image_stem",

@@ -1,13 +1,14 @@
-"""Images read at a chosen pixel size (``--mpp``): a pyramid level resampled window by window.
+"""Images read at a chosen pixel size (``--mpp``) or scale (``--object-size``): a pyramid level
+resampled window by window.
 
-:func:`at_pixel_size` picks the coarsest pyramid level whose pixels are at least as fine as the
-target (the nearest finer level) and presents it resampled to the target by the rule of
-:mod:`pipeline.resample`: a :class:`ResampledImage` is a lazy image like any other (one
-level,
-the target pixel size), whose window reads the level's pixels under the window plus the
-kernel's support and resamples them. Every pixel of it depends only on its own position, so the
-engine's tiles over it equal one whole-image pass over the whole image resampled at once.
-Integer images are rounded back to their type (the model sees what a resampled file would hold).
+:func:`at_scale` (and :func:`at_pixel_size`, its ``--mpp`` form) picks the coarsest pyramid
+level whose pixels are at least as fine as the target (the nearest finer level) and presents it
+resampled to the target by the rule of :mod:`pipeline.resample`: a :class:`ResampledImage` is a
+lazy image like any other (one level, the target pixel size), whose window reads the level's
+pixels under the window plus the kernel's support and resamples them. Every pixel of it depends
+only on its own position, so the engine's tiles over it equal one whole-image pass over the
+whole image resampled at once. Integer images are rounded back to their type (the model sees
+what a resampled file would hold).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline.errors import TilesegError
 from pipeline.io.readers import ImageSpec, LazyImage
 from pipeline.resample import Resampling, resample_axis
 
-__all__ = ["ResampledImage", "at_pixel_size", "pick_level"]
+__all__ = ["ResampledImage", "at_pixel_size", "at_scale", "pick_level"]
 
 # A level this close to the target is used as it is: scanners round their MPP, and resampling
 # by 1.001 would only blur.
@@ -82,34 +83,74 @@ def pick_level(level_sizes: list[float], target: float) -> int:
 
 
 def at_pixel_size(image: LazyImage, mpp: float) -> tuple[LazyImage, dict[str, Any]]:
-    """``image`` at ``mpp`` µm per pixel, and a record of what was done.
+    """``image`` at ``mpp`` µm per pixel, and a record of what was done (:func:`at_scale`)."""
+    return at_scale(image, mpp=mpp)
+
+
+def at_scale(
+    image: LazyImage, *, mpp: float | None = None, factor: float = 1.0
+) -> tuple[LazyImage, dict[str, Any]]:
+    """``image`` resampled so that one pixel is ``factor`` pixels of the image at ``mpp`` µm
+    per pixel (of the image itself without ``mpp``), and a record of what was done.
+
+    The pixels are read from the coarsest pyramid level at least as fine as the target
+    (:func:`pick_level`; by pixel size where the image states one, else by level shape) and
+    resampled by the one rule of :mod:`pipeline.resample`. ``--mpp`` and ``--object-size``
+    both come here, so a factor given with a pixel size multiplies it. The record's
+    ``input_factor`` is the result's pixel in pixels of ``image`` (per axis).
 
     Raises
     ------
     TilesegError
-        When the image does not say its pixel size, or is not 2D.
+        When ``mpp`` is given and the image does not say its pixel size, or the image is not 2D.
     """
-    if image.pixel_size is None:
+    what = "--mpp" if mpp is not None else "--object-size"
+    if mpp is not None and image.pixel_size is None:
         raise TilesegError(image.path, f"--mpp {mpp}: the image does not say its pixel size")
     if image.spatial_axes != "YX":
-        raise TilesegError(image.path, "--mpp: only 2D images are resampled")
+        raise TilesegError(image.path, f"{what}: only 2D images are resampled")
     levels = [image if k == image.level else image.at_level(k) for k in range(image.n_levels)]
-    sizes = [max(lv.pixel_size or image.pixel_size) for lv in levels]
-    source = levels[pick_level(sizes, mpp)]
+    if image.pixel_size is not None:
+        base = image.pixel_size if mpp is None else (mpp, mpp)
+        target = tuple(b * factor for b in base)
+        sizes = [max(lv.pixel_size or image.pixel_size) for lv in levels]
+        source = levels[pick_level(sizes, max(target))]
+        source_size = source.pixel_size or image.pixel_size
+        factors = tuple(t / p for t, p in zip(target, source_size, strict=True))
+        input_factor = tuple(t / p for t, p in zip(target, image.pixel_size, strict=True))
+    else:
+        ratios = [max(_ratios(image, lv)) for lv in levels]
+        source = levels[pick_level(ratios, factor)]
+        factors = tuple(factor / r for r in _ratios(image, source))
+        target, input_factor = None, (factor, factor)
     for other in levels:
         if other is not source and other is not image:
             other.close()
-    factors = tuple(mpp / p for p in source.pixel_size or image.pixel_size)
     record: dict[str, Any] = {
         "mpp": mpp,
         "level": source.level,
         "level_pixel_size": list(source.pixel_size or ()),
         "factor": list(factors),
+        "input_factor": list(input_factor),
         "kernel": "triangle, support max(1, factor) input px, mirrored borders",
     }
     if all(abs(f - 1) <= _SAME for f in factors):
         record["factor"] = [1.0, 1.0]
         return source, record
+    resampled = _resampled(source, factors, target)
+    record["shape"] = list(resampled.spatial_shape)
+    return resampled, record
+
+
+def _ratios(image: LazyImage, level: LazyImage) -> tuple[float, ...]:
+    """How many pixels of ``image`` one pixel of ``level`` spans, per spatial axis."""
+    return tuple(n / m for n, m in zip(image.spatial_shape, level.spatial_shape, strict=True))
+
+
+def _resampled(
+    source: LazyImage, factors: tuple[float, ...], pixel_size: tuple[float, ...] | None
+) -> LazyImage:
+    """``source`` read through the rule: a :class:`ResampledImage` of its one level."""
     rules = [Resampling(f, n) for f, n in zip(factors, source.spatial_shape, strict=True)]
     shape = tuple(r.out_size for r in rules)
     spec = source.spec
@@ -117,8 +158,7 @@ def at_pixel_size(image: LazyImage, mpp: float) -> tuple[LazyImage, dict[str, An
     for ax, n in zip("YX", shape, strict=True):
         native[spec.axes.index(ax)] = n
     resampled: ImageSpec = dataclasses.replace(
-        spec, shape=tuple(native), level_shapes=(shape,), pixel_size=(mpp, mpp),
+        spec, shape=tuple(native), level_shapes=(shape,), pixel_size=pixel_size,
         resample=factors, source_shape=source.spatial_shape,
     )  # fmt: skip
-    record["shape"] = list(shape)
-    return LazyImage.from_spec(resampled), record
+    return LazyImage.from_spec(resampled)

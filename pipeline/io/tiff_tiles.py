@@ -24,6 +24,8 @@ import numpy as np
 
 from pipeline.io.chunk_cache import read_chunks
 
+__all__ = ["TiffTiles"]
+
 
 class TiffTiles:
     """An array-like over the tiles of one TIFF page: ``shape``, ``dtype``, ``chunks`` (the

@@ -33,6 +33,20 @@ if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
     from pipeline.preprocess.normalize import Normalization
 
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "default_model",
+    "file_sha256",
+    "load_torchscript",
+    "load_unet",
+    "open_paths",
+    "probe_threads",
+    "read_metadata",
+    "save_unet",
+    "torch_forward",
+]
+
 FORMAT_VERSION = "1"
 DEFAULT_MODEL = Path(__file__).with_name("default.safetensors")
 DEFAULT_CLASS_NAMES = ("background", "nucleus")

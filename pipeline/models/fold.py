@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+__all__ = ["fold_batch_norm"]
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -26,6 +26,24 @@ from pipeline.geometry import ModelGeometry, padded_whole
 from pipeline.models import LoadedModel
 from pipeline.models.fold import fold_batch_norm
 
+__all__ = [
+    "CPU_BATCH_SIZE",
+    "LEGACY_AUTO_LAYOUT",
+    "LEGACY_LABELS_FROM",
+    "TASKS_PER_GPU",
+    "Prediction",
+    "Predictor",
+    "auto_batch_size",
+    "batch_size_from_memory",
+    "label_dtype",
+    "predict_whole",
+    "resolve_channels_last",
+    "resolve_device",
+    "resolve_fold_norm",
+    "resolve_precision",
+    "worker_device",
+]
+
 CPU_BATCH_SIZE = 4  # CPU throughput is flat in batch size; memory is not
 
 
@@ -358,7 +376,7 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
 
 
-TASKS_PER_GPU = 2  # a local run keeps two tasks in flight per GPU (see local_workers)
+TASKS_PER_GPU = 2  # a local run keeps two tasks in flight per GPU (see pipeline.runtime.resolved)
 
 
 def batch_size_from_memory(

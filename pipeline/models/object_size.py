@@ -279,7 +279,7 @@ def size_warning(
     return (
         f"{image.path}: objects look about {found.diameter:.0f} px across, the model was trained "
         f"at {found.trained:.0f} px; segmenting at that scale may find parts of objects or "
-        f"miss them (resize the image by {found.trained / found.diameter:.2g})"
+        f"miss them (give --object-size {found.diameter:.0f}, or --object-size auto)"
     )
 
 

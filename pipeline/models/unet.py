@@ -22,6 +22,16 @@ from torch import nn
 
 from pipeline.geometry import ModelGeometry
 
+__all__ = [
+    "NORMS",
+    "PADDINGS",
+    "UNet",
+    "UNetConfig",
+    "seeded_unet",
+    "unet_geometry",
+    "valid_output_size",
+]
+
 PADDINGS = ("valid", "same")
 NORMS = ("batch", "none")
 

@@ -164,13 +164,16 @@ def export_segmentation(
     table: str | os.PathLike[str] | None,
     scheduler: str | None = None,
     workers: int = 1,
+    downsample: tuple[float, ...] | None = None,
 ) -> ExportSummary:
     """:func:`export_objects` for a segmentation of ``image`` (the level that was segmented):
     polygons on level 0 of its file, with the rows of ``table`` (the measurement table, Parquet
     or CSV) or, without one, of a table of shape measurements made for the export and removed
-    after (the input is not read again for intensities)."""
-    shapes = zip(image.level_shapes[0], image.spatial_shape, strict=True)
-    downsample = tuple(n0 / n for n0, n in shapes)
+    after (the input is not read again for intensities). ``downsample``: one label pixel in
+    level-0 pixels, where ``image``'s levels do not say it (a resampled image)."""
+    if downsample is None:
+        shapes = zip(image.level_shapes[0], image.spatial_shape, strict=True)
+        downsample = tuple(n0 / n for n0, n in shapes)
     pixel_size = image.pixel_size
     run = {"scheduler": scheduler, "workers": workers}
     if table is not None and Path(table).suffix == ".parquet":

@@ -72,7 +72,7 @@ from pipeline.objects._merge import (
 from pipeline.output.ngff import (
     LABELS_PATH,
     OutputLayout,
-    _create,
+    create_array,
     create_labels_image,
     downsample_labels_region,
     forget_arrays,
@@ -321,12 +321,12 @@ def label_instances(
         min_distance=int(min_distance), halo=int(halo),
     )  # fmt: skip
     group = zarr.open_group(scratch, mode="w", zarr_format=2)
-    _create(group, "labels", plan.shape, block, "uint64")
+    create_array(group, "labels", plan.shape, block, "uint64")
     for d in range(plan.ndim):
         shape = list(plan.shape)
         chunks = list(block)
         shape[d], chunks[d] = 4 * grid[d], 1
-        _create(group, f"faces-{d}", shape, chunks, "uint64")
+        create_array(group, f"faces-{d}", shape, chunks, "uint64")
     forget_arrays(plan.scratch)
     blocks = list(np.ndindex(*grid))
     run = {"scheduler": scheduler, "workers": workers}

@@ -35,6 +35,8 @@ import zarr
 from zarr.core.metadata import ArrayV2Metadata
 from zarr.storage import LocalStore
 
+__all__ = ["ChunkWriter", "read", "remove_leftovers", "write"]
+
 PARTIAL = ".partial"  # a chunk file being written: renamed into place when whole
 _LEFTOVER = re.compile(r".+\.[0-9a-f]{32}" + re.escape(PARTIAL))  # KEY.UUID.partial
 
@@ -67,7 +69,7 @@ class ChunkWriter:
         dtype = np.dtype(md.dtype.to_native_dtype())
         fill = md.fill_value
         if dtype.kind not in "biuf" or fill is None or np.asarray(fill).tobytes().strip(b"\0"):
-            return None  # a fill value of 0 (its bytes all zero) is what `is_fill` checks
+            return None  # a fill value of 0 (its bytes all zero) is what `_is_fill` checks
         root = Path(array.store.root) / array.path
         return cls(root, md.shape, md.chunks, dtype, md.dimension_separator, md.compressor)
 
@@ -129,7 +131,7 @@ class ChunkWriter:
             block = full
         block = np.ascontiguousarray(block, dtype=self.dtype)
         path = self._path(key)
-        if is_fill(block):
+        if _is_fill(block):
             path.unlink(missing_ok=True)
             return
         encoded = self.compressor.encode(block) if self.compressor else block.tobytes()
@@ -157,7 +159,7 @@ def remove_leftovers(root: str | os.PathLike[str]) -> int:
     return removed
 
 
-def is_fill(block: np.ndarray) -> bool:
+def _is_fill(block: np.ndarray) -> bool:
     """Whether a C-contiguous block is all 0, bit for bit (zarr compares floats so: -0.0 is
     stored, a chunk of 0.0 is not)."""
     return not block.view(np.uint8).any()

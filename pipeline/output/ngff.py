@@ -42,10 +42,44 @@ from pipeline.errors import TilesegError
 from pipeline.output import chunk_writer
 from pipeline.output.label_classes import class_color, class_names, hex_color
 
+__all__ = [
+    "LABELS_PATH",
+    "LABEL_NAME",
+    "MODEL_GRID",
+    "NGFF_VERSION",
+    "OVERVIEW_NAME",
+    "OutputLayout",
+    "Overview",
+    "create_array",
+    "create_labels_image",
+    "create_output",
+    "downsample_labels_region",
+    "downsample_region",
+    "forget_arrays",
+    "half_region",
+    "labels_image_path",
+    "level_regions",
+    "levels_in_tasks",
+    "mark_complete",
+    "mark_failed",
+    "model_grid_path",
+    "next_level",
+    "open_array",
+    "overview_factor",
+    "read_layout",
+    "read_record",
+    "set_overview_display",
+    "upsample_region",
+    "write_region",
+]
+
 NGFF_VERSION = "0.4"
 LABEL_NAME = "segmentation"
 LABELS_PATH = f"labels/{LABEL_NAME}"
 OVERVIEW_NAME = "overview"
+# Labels (and probabilities) on the model's grid, when they are written on the input's: a
+# hidden Zarr group the inference tasks write and the upsampling reads; removed once complete.
+MODEL_GRID = ".tileseg/model-grid"
 _RGB = ["FF0000", "00FF00", "0000FF"]
 _CHANNEL_COLORS = ["00FFFF", "FF00FF", "FFFF00", "00FF00", "FF0000", "0000FF"]
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
@@ -88,6 +122,9 @@ class OutputLayout:
     pixel_size: tuple[float, ...] | None = None
     overview: Overview | None = None
     class_names: tuple[str, ...] = ()  # empty: the defaults of ``label_classes.class_names``
+    # Level 0's scale when the pixel size is not known but is not the input's pixel either
+    # (labels on the grid of a resampled input): in input pixels, without a unit.
+    scale_base: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.overview is not None and self.probability_dtype:
@@ -109,8 +146,13 @@ class OutputLayout:
     def level_chunks(self, level: int) -> tuple[int, ...]:
         return tuple(min(c, n) for c, n in zip(self.chunks, self.levels[level], strict=True))
 
+    @property
+    def base_scale(self) -> tuple[float, ...]:
+        """Level 0's scale: the pixel size (µm), else :attr:`scale_base`, else 1 per axis."""
+        return self.pixel_size or self.scale_base or (1.0,) * self.ndim
+
     def scale(self, level: int) -> list[float]:
-        base = self.pixel_size or (1.0,) * self.ndim
+        base = self.base_scale
         factor = [1] * (self.ndim - 2) + [2**level, 2**level]
         return [float(b) * f for b, f in zip(base, factor, strict=True)]
 
@@ -118,7 +160,7 @@ class OutputLayout:
         """Offset of a 2x2-mean level: its pixel ``i`` is the mean of level-0 pixels
         ``i * 2**level ... (i + 1) * 2**level - 1``, centred ``(2**level - 1) / 2`` past
         pixel ``i * 2**level`` (in physical units)."""
-        base = self.pixel_size or (1.0,) * self.ndim
+        base = self.base_scale
         shift = [0.0] * (self.ndim - 2) + [(2**level - 1) / 2] * 2
         return [float(b) * s for b, s in zip(base, shift, strict=True)]
 
@@ -209,9 +251,11 @@ def create_output(
     overwrite: bool,
     attrs: dict[str, Any],
     subdirs: Sequence[str] = (),
+    model_grid: OutputLayout | None = None,
 ) -> None:
-    """Create every array and all NGFF metadata (and the empty ``subdirs``); the data is
-    written later, chunk by chunk.
+    """Create every array and all NGFF metadata (and the empty ``subdirs``, and with
+    ``model_grid`` the level 0 arrays of the labels on the model's grid, :data:`MODEL_GRID`);
+    the data is written later, chunk by chunk.
 
     The output is built under a hidden name beside ``path`` and renamed into place whole, so a
     run killed meanwhile leaves either no output (the same command starts afresh) or a complete
@@ -226,6 +270,8 @@ def create_output(
     _create_skeleton(building, layout, attrs)
     for sub in subdirs:
         (building / sub).mkdir(parents=True)
+    if model_grid is not None:
+        _create_model_grid(building / MODEL_GRID, model_grid)
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     building.rename(path)
@@ -237,10 +283,12 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
     labels.attrs["labels"] = [LABEL_NAME]
     seg = labels.create_group(LABEL_NAME)
     for level, shape in enumerate(layout.levels):
-        _create(seg, str(level), shape, layout.level_chunks(level), layout.label_dtype)
+        create_array(seg, str(level), shape, layout.level_chunks(level), layout.label_dtype)
         if layout.probability_dtype:
             chunks = (layout.classes, *layout.level_chunks(level))
-            _create(root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype)
+            create_array(
+                root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype
+            )
     names = layout.names
     seg.attrs.update(
         {
@@ -263,9 +311,68 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
     elif layout.overview is not None:
         dtype = layout.overview.dtype
         for level, shape in enumerate(layout.overview_levels):
-            _create(root, str(level), shape, layout.overview_level_chunks(level), dtype)
+            create_array(root, str(level), shape, layout.overview_level_chunks(level), dtype)
         root.attrs["multiscales"] = _overview_multiscales(layout)
     root.attrs["tileseg"] = {**attrs, "status": "running"}
+
+
+def _create_model_grid(path: Path, layout: OutputLayout) -> None:
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    seg = root.create_group("labels").create_group(LABEL_NAME)
+    create_array(seg, "0", layout.spatial_shape, layout.level_chunks(0), layout.label_dtype)
+    if layout.probability_dtype:
+        chunks = (layout.classes, *layout.level_chunks(0))
+        shape = (layout.classes, *layout.spatial_shape)
+        create_array(root, "0", shape, chunks, layout.probability_dtype)
+
+
+def model_grid_path(path: str | os.PathLike[str]) -> str:
+    """Where an output keeps its labels on the model's grid while they are upsampled."""
+    return os.path.join(os.fspath(path), MODEL_GRID)
+
+
+def upsample_region(
+    path: str | os.PathLike[str],
+    layout: OutputLayout,
+    region: Sequence[slice],
+    *,
+    source_shape: Sequence[int],
+    factors: Sequence[float],
+    levels: int = 0,
+) -> None:
+    """Write one chunk-aligned region of level 0 of the labels (and probabilities) on the
+    input's grid, each pixel the model-grid pixel under its centre (nearest neighbour, so
+    labels stay the argmax of the probabilities and are never blended), and the ``levels``
+    pyramid levels above it the region owns (:func:`levels_in_tasks`).
+
+    ``source_shape`` is the model grid's spatial shape; one of its pixels spans ``factors``
+    input pixels per axis.
+    """
+    from pipeline.resample import nearest_source
+
+    index = [
+        nearest_source(s.start, s.stop, f, n)
+        for s, f, n in zip(region, factors, source_shape, strict=True)
+    ]
+    src = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
+    pick = np.ix_(*(ix - s.start for ix, s in zip(index, src, strict=True)))
+    grid = model_grid_path(path)
+    labels = chunk_writer.read(open_array(grid, _label_array_name(0)), src)[pick]
+    probabilities = None
+    if layout.probability_dtype:
+        stored = chunk_writer.read(open_array(grid, "0"), (slice(None), *src))
+        probabilities = stored[(slice(None), *pick)]
+    region = tuple(region)
+    for level in range(levels + 1):
+        if level:
+            labels, probabilities = next_level(labels, probabilities, layout=layout)
+            region = half_region(region)
+        write_region(path, region, np.ascontiguousarray(labels), _contiguous(probabilities),
+                     level=level)  # fmt: skip
+
+
+def _contiguous(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.ascontiguousarray(a)
 
 
 def _probability_channels(names: Sequence[str]) -> dict[str, Any]:
@@ -321,7 +428,8 @@ def _source(layout: OutputLayout) -> dict[str, Any]:
     return {"source": {"image": "../../"}} if root_image else {}
 
 
-def _create(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
+def create_array(group: zarr.Group, name: str, shape, chunks, dtype: str) -> None:
+    """Create one output array: zero fill, the output's compressor, ``/``-separated chunk keys."""
     group.create_array(
         name,
         shape=tuple(shape),
@@ -353,7 +461,7 @@ def forget_arrays(path: str | os.PathLike[str]) -> None:
             del _arrays[key]
 
 
-def label_array_name(level: int) -> str:
+def _label_array_name(level: int) -> str:
     return f"{LABELS_PATH}/{level}"
 
 
@@ -366,7 +474,7 @@ def write_region(
     level: int = 0,
 ) -> None:
     """Write one chunk-aligned region of labels (and probabilities) at a pyramid level."""
-    chunk_writer.write(open_array(path, label_array_name(level)), tuple(region), labels)
+    chunk_writer.write(open_array(path, _label_array_name(level)), tuple(region), labels)
     if probabilities is not None:
         chunk_writer.write(open_array(path, str(level)), (slice(None), *region), probabilities)
 
@@ -392,7 +500,7 @@ def downsample_region(
     src = [slice(s.start, s.stop) for s in region[:-2]] + [
         slice(2 * s.start, 2 * s.stop) for s in region[-2:]
     ]
-    labels = chunk_writer.read(open_array(path, label_array_name(level - 1)), tuple(src))
+    labels = chunk_writer.read(open_array(path, _label_array_name(level - 1)), tuple(src))
     probabilities = None
     if layout.probability_dtype:
         probabilities = chunk_writer.read(open_array(path, str(level - 1)), (slice(None), *src))
@@ -493,11 +601,15 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
     properties = seg.attrs.get("image-label", {}).get("properties", [])
     names = tuple(str(p.get("class", "")) for p in properties)
     datasets = seg.attrs.get("multiscales", [{}])[0].get("datasets", [])
-    pixel_size = None
+    pixel_size = scale_base = None
     axes = seg.attrs.get("multiscales", [{}])[0].get("axes", [])
-    if datasets and any(a.get("unit") for a in axes):
-        scale = datasets[0]["coordinateTransformations"][0]["scale"]
-        pixel_size = tuple(float(s) for s in scale)
+    scale = None
+    if datasets:
+        scale = tuple(float(s) for s in datasets[0]["coordinateTransformations"][0]["scale"])
+    if scale is not None and any(a.get("unit") for a in axes):
+        pixel_size = scale
+    elif scale is not None and any(s != 1 for s in scale):
+        scale_base = scale
     return OutputLayout(
         spatial_shape=tuple(level0.shape),
         chunks=tuple(level0.chunks),
@@ -507,6 +619,7 @@ def read_layout(path: str | os.PathLike[str]) -> OutputLayout:
         pixel_size=pixel_size,
         overview=overview,
         class_names=names if len(names) == max(classes, 2) else (),
+        scale_base=scale_base,
     )
 
 
@@ -536,7 +649,7 @@ def create_labels_image(
     forget_arrays(path)
     group = labels.create_group(name)
     for level, shape in enumerate(layout.levels):
-        _create(group, str(level), shape, layout.level_chunks(level), dtype)
+        create_array(group, str(level), shape, layout.level_chunks(level), dtype)
     group.attrs.update(
         {
             "multiscales": _multiscales(layout, name=name, channel=False),

@@ -24,6 +24,15 @@ from pipeline.output import chunk_writer
 from pipeline.output.ngff import OutputLayout, level_regions, open_array, set_overview_display
 from pipeline.preprocess.normalize import percentiles_of
 
+__all__ = [
+    "OverviewSource",
+    "finish_overview",
+    "overview_regions",
+    "overview_source",
+    "read_overview",
+    "write_overview_block",
+]
+
 READ_PIXELS = 1 << 22  # per read of the source level: bounded memory, whatever the factor
 
 

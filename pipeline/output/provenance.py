@@ -20,6 +20,18 @@ from typing import Any
 from pipeline.config import SegmentOptions
 from pipeline.output.ngff import read_record
 
+__all__ = [
+    "EXECUTION_ONLY",
+    "done_dir",
+    "done_summary",
+    "fingerprint",
+    "input_identity",
+    "is_done",
+    "mark_done",
+    "output_state",
+    "result_options",
+]
+
 EXECUTION_ONLY = (
     "scheduler", "resources", "workers", "prefetch", "overwrite", "batch_size",
     "batches_per_task", "device", "compile", "channels_last", "fold_norm",

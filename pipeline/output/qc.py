@@ -17,6 +17,8 @@ import zarr
 from pipeline.io.readers import LazyImage
 from pipeline.output.ngff import LABELS_PATH, read_layout
 
+__all__ = ["foreground_dice", "instance_f1", "overlay_png", "overview_thumbnail", "thumbnail"]
+
 _FILL = np.array(
     [[0, 0, 0], [255, 60, 60], [60, 220, 60], [70, 130, 255], [255, 200, 0], [200, 70, 255]],
     np.float32,

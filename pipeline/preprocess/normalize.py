@@ -22,6 +22,18 @@ if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
     from pipeline.preprocess.stain import StainMap
 
+__all__ = [
+    "MODES",
+    "SAMPLE_PIXELS",
+    "SAMPLE_WINDOW",
+    "Normalization",
+    "compute_normalization",
+    "count_nonfinite",
+    "finite_percentiles",
+    "percentiles_of",
+    "sample_pixels",
+]
+
 MODES = ("none", "percentile", "fixed")
 # Percentiles are estimated from at most this many pixels per channel: a low-resolution pyramid
 # level when the image has one, else a grid of windows spread over the image.

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
+__all__ = ["thread_share", "usable_cores", "use_worker_cores"]
+
 DASK_DEFAULT = "1"  # OMP_NUM_THREADS as Dask's nanny sets it (distributed.nanny.pre-spawn-environ)
 
 _shares: dict[tuple[tuple[str, int], ...], int] = {}  # per set of workers on this host
@@ -35,10 +37,10 @@ _lock = threading.Lock()
 
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity)."""
-    return len(affinity()) or os.cpu_count() or 1
+    return len(_affinity()) or os.cpu_count() or 1
 
 
-def affinity() -> frozenset[int]:
+def _affinity() -> frozenset[int]:
     """The CPUs this process may run on; all of them where the platform cannot say."""
     try:
         return frozenset(os.sched_getaffinity(0))
@@ -61,7 +63,7 @@ def thread_share(cores: frozenset[int], siblings: Iterable[tuple[frozenset[int],
     return max(1, len(cores) // max(1, sharing))
 
 
-def asked_threads() -> int | None:
+def _asked_threads() -> int | None:
     """The thread count the environment asks for, where it is not Dask's default (or unset).
     Either variable counts: torch takes ``MKL_NUM_THREADS`` over ``OMP_NUM_THREADS``, and
     Dask's nanny sets both to one, so a worker started with only ``OMP_NUM_THREADS=8`` would
@@ -76,7 +78,7 @@ def asked_threads() -> int | None:
     return None
 
 
-def worker_cpu_threads() -> int | None:
+def _worker_cpu_threads() -> int | None:
     """Threads for a CPU forward in the calling task of a Dask worker: the count the worker
     was started with where that is not Dask's default, else its share of the cores (see the
     module's docstring). None outside a Dask worker."""
@@ -89,7 +91,7 @@ def worker_cpu_threads() -> int | None:
         worker = get_worker()
     except (ImportError, ValueError):  # ValueError: not in a worker's task
         return None
-    asked = asked_threads()
+    asked = _asked_threads()
     if asked is not None:
         return asked
     host = get_address_host(worker.address)
@@ -102,17 +104,17 @@ def worker_cpu_threads() -> int | None:
         if key not in _shares:
             others = [a for a in threads if a != worker.address]
             # A worker that left meanwhile is dropped ("ignore"), not waited for.
-            seen = client.run(affinity, workers=others, on_error="ignore") if others else {}
-            seen[worker.address] = affinity()
+            seen = client.run(_affinity, workers=others, on_error="ignore") if others else {}
+            seen[worker.address] = _affinity()
             siblings = [(seen[a], n) for a, n in threads.items() if a in seen]
             _shares[key] = thread_share(seen[worker.address], siblings)
         return _shares[key]
 
 
 def use_worker_cores() -> None:
-    """Give the calling thread's CPU forwards the thread count of :func:`worker_cpu_threads`
+    """Give the calling thread's CPU forwards the thread count of :func:`_worker_cpu_threads`
     (a no-op outside a Dask worker)."""
-    threads = worker_cpu_threads()
+    threads = _worker_cpu_threads()
     # Per thread: torch's OpenMP thread count is the calling thread's, so every task sets it.
     if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

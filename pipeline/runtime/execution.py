@@ -17,6 +17,8 @@ from dask.callbacks import Callback
 from pipeline.errors import TilesegError
 from pipeline.runtime.worker_wait import wait_for_workers
 
+__all__ = ["run_tasks"]
+
 T = TypeVar("T")
 R = TypeVar("R")
 WATCH_S = 5.0  # while no task finishes, how often the workers are checked

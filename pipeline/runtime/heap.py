@@ -32,6 +32,8 @@ import os
 import sys
 import threading
 
+__all__ = ["heap_hint", "keep_freed_memory", "off_main_heap"]
+
 ENV = "TILESEG_KEEP_FREED_MEMORY"
 # mallopt(3) parameters: glibc's malloc.h.
 M_TRIM_THRESHOLD = -1

@@ -27,7 +27,6 @@ from pipeline.models import ModelSpec, load_model
 from pipeline.models.inference import (
     LEGACY_AUTO_LAYOUT,
     LEGACY_LABELS_FROM,
-    TASKS_PER_GPU,
     Predictor,
     auto_batch_size,
     resolve_device,
@@ -36,6 +35,20 @@ from pipeline.models.inference import (
 from pipeline.runtime.cores import usable_cores
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.heap import keep_freed_memory
+from pipeline.runtime.resolved import Runtime
+
+__all__ = [
+    "MIN_TASKS",
+    "RunSettings",
+    "batches_per_task",
+    "cached_predictor",
+    "io_pool",
+    "parallel_io",
+    "resolve_batch_size",
+    "resolve_numerics",
+    "resolve_prefetch",
+    "shared_cpu",
+]
 
 MIN_TASKS = 16  # per image, when it has that many batches: progress steps and parallelism
 
@@ -122,21 +135,21 @@ def parallel_io(device: torch.device) -> bool:
 
 
 @contextmanager
-def shared_cpu(options: SegmentOptions, workers: int) -> Iterator[None]:
+def shared_cpu(runtime: Runtime) -> Iterator[None]:
     """Local CPU runs with several task threads split the cores between them: each forward
     would otherwise start one thread per core and they would fight over the cores."""
-    if options.scheduler or workers < 2 or resolve_device(options.device).type != "cpu":
+    if runtime.cpu_threads is None:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, usable_cores() // workers))
+    torch.set_num_threads(runtime.cpu_threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def resolve_prefetch(options: SegmentOptions, workers: int) -> int:
+def resolve_prefetch(prefetch: int | str, runtime: Runtime) -> int:
     """Batches read ahead of and written behind inference: as given, or for ``auto`` 0 (the
     stages in turn) in a local CPU run of one task at a time on at most ``SERIAL_CORES``
     cores, else 2. There the forward's threads take every core, and a reader or writer thread
@@ -144,22 +157,10 @@ def resolve_prefetch(options: SegmentOptions, workers: int) -> int:
     in turn the stages need less peak memory; bench/README.md). With more cores the forward is
     faster and one thread's reading is not, so overlapping it pays; on a cluster or a GPU it
     always does."""
-    if options.prefetch != "auto":
-        return int(options.prefetch)
-    local_cpu = options.scheduler is None and resolve_device(options.device).type == "cpu"
-    few_cores = usable_cores() <= SERIAL_CORES
-    return 0 if local_cpu and workers == 1 and few_cores else 2
-
-
-def local_workers(options: SegmentOptions) -> int:
-    """Tasks in parallel when ``workers`` is not given. On the CPU one (a forward already uses
-    every core). On CUDA two per GPU, spread over the GPUs by
-    :func:`~pipeline.models.inference.worker_device`: while one task of a GPU reads its first batch
-    or writes its last, the other keeps the GPU busy; both share the GPU's one model."""
-    if options.scheduler is not None or resolve_device(options.device).type != "cuda":
-        return 1
-    gpus = torch.cuda.device_count() if options.device in ("auto", "cuda") else 1  # or cuda:N
-    return TASKS_PER_GPU * gpus
+    if prefetch != "auto":
+        return int(prefetch)
+    few_cores = runtime.cores <= SERIAL_CORES
+    return 0 if runtime.local_cpu and runtime.workers == 1 and few_cores else 2
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ import dask
 
 from pipeline.errors import TilesegError
 
-__all__ = ["DEFAULT_WAIT_S", "NoWorkers", "able_workers", "wait_for_workers", "worker_wait_s"]
+__all__ = [
+    "CONFIG_KEY",
+    "DEFAULT_WAIT_S",
+    "NoWorkers",
+    "able_workers",
+    "wait_for_workers",
+    "worker_wait_s",
+]
 
 DEFAULT_WAIT_S = 300.0
 CONFIG_KEY = "tileseg.worker-wait-seconds"

@@ -30,6 +30,20 @@ if TYPE_CHECKING:
 
     from pipeline.models import UNet
 
+__all__ = [
+    "ArrayImage",
+    "CropGeometry",
+    "TrainPair",
+    "augment",
+    "draw_crops",
+    "file_pairs",
+    "heldout_dice",
+    "read_crop",
+    "split_pairs",
+    "synthetic_pairs",
+    "varied_config",
+]
+
 
 class ArrayImage:
     """An in-memory ``(C, *spatial)`` array with the part of the LazyImage interface that
@@ -200,7 +214,7 @@ def _texture_knobs(rng: np.random.Generator, base: SyntheticConfig) -> dict[str,
     }
 
 
-def synthetic_image(config: SyntheticConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic_image(config: SyntheticConfig, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(C, Y, X) image and (1, Y, X) instance labels of a ``size`` square at the origin."""
     image, labels = render_block(config, origin=(0, 0), shape=(size, size))
     image = np.moveaxis(image, -1, 0) if image.ndim == 3 else image[None]
@@ -229,7 +243,7 @@ def synthetic_pairs(
             if vary and i % 4
             else SyntheticConfig(kind=kind, seed=s)
         )
-        image, labels = synthetic_image(config, size)
+        image, labels = _synthetic_image(config, size)
         name = f"synthetic-{kind}-{s}"
         pairs.append(_pair(name, ArrayImage(image, name), ArrayImage(labels, name), percentiles))
     return pairs
@@ -290,7 +304,9 @@ def read_crop(
     return x, y
 
 
-def random_origin(pair: TrainPair, crop: CropGeometry, rng: np.random.Generator) -> tuple[int, ...]:
+def _random_origin(
+    pair: TrainPair, crop: CropGeometry, rng: np.random.Generator
+) -> tuple[int, ...]:
     """A uniformly drawn output origin whose output lies inside the pair's rows when it fits."""
     bounds = [pair.rows, *((0, n) for n in pair.image.spatial_shape[1:])]
     return tuple(int(rng.integers(a, max(a, b - crop.out) + 1)) for a, b in bounds)
@@ -302,7 +318,7 @@ def draw_crops(
     """``n`` (pair index, origin) draws, pairs weighted by their labelled area."""
     weights = np.array([p.area for p in pairs], np.float64)
     chosen = rng.choice(len(pairs), size=n, p=weights / weights.sum())
-    return [(int(i), random_origin(pairs[i], crop, rng)) for i in chosen]
+    return [(int(i), _random_origin(pairs[i], crop, rng)) for i in chosen]
 
 
 def augment(
@@ -359,7 +375,7 @@ def heldout_dice(
     predictor = Predictor.create(loaded, device=str(device), precision="fp32", channels_last="on")
     per_image, fg, predicted, inter, total = [], [], [], 0, 0
     for i in range(images):
-        image, labels = synthetic_image(SyntheticConfig(kind=kind, seed=seed + i), size)
+        image, labels = _synthetic_image(SyntheticConfig(kind=kind, seed=seed + i), size)
         norm = compute_normalization(
             ArrayImage(image, ""), mode="percentile", percentiles=percentiles
         )

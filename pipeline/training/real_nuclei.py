@@ -20,6 +20,8 @@ from pipeline.engine.driver import segment_image
 from pipeline.output.ngff import labels_image_path
 from pipeline.output.qc import foreground_dice, instance_f1
 
+__all__ = ["IMAGE", "MASK", "score_real_nuclei"]
+
 DATA = Path(__file__).parents[1] / "data"
 IMAGE = DATA / "dsb2018-nuclei.tif"
 MASK = DATA / "dsb2018-nuclei-mask.tif"

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from pipeline import __version__
+from pipeline.config import load_yaml_config
 from pipeline.errors import TilesegError
 from pipeline.models import ModelMetadata, UNet, UNetConfig, save_unet
 from pipeline.models.object_size import training_object_size
@@ -41,6 +41,19 @@ from pipeline.training.data import (
     split_pairs,
     synthetic_pairs,
 )
+
+__all__ = [
+    "Augment",
+    "HeldOut",
+    "SyntheticData",
+    "TrainConfig",
+    "TrainResult",
+    "config_from_mapping",
+    "crop_geometry",
+    "load_train_config",
+    "train",
+    "with_overrides",
+]
 
 DEFAULT_ARCH = {"depth": 3, "width": 16, "padding": "valid", "norm": "batch"}
 
@@ -244,20 +257,7 @@ def config_from_mapping(
 
 def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read a YAML recipe: a mapping of options, or one under a ``train:`` section."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise TilesegError(path, f"cannot read config ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise TilesegError(path, f"invalid YAML{where}") from None
-    data = data or {}
-    if isinstance(data, dict) and isinstance(data.get("train"), dict):
-        data = data["train"]
-    if not isinstance(data, dict):
-        raise TilesegError(path, "config must be a mapping of option: value")
-    return config_from_mapping(data, source=os.fspath(path))
+    return config_from_mapping(load_yaml_config(path, command="train"), source=os.fspath(path))
 
 
 # ------------------------------------------------------------------------------ training
@@ -280,7 +280,7 @@ def crop_geometry(config: UNetConfig, crop: int) -> CropGeometry:
     return CropGeometry(size, g.output_size(size, 0))
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy plus soft Dice loss of the non-background classes (Dice is the metric)."""
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(1)
@@ -303,7 +303,7 @@ def _batches(pairs, draws, crop, classes, bs, rng=None, aug=None):
         yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
 
-def evaluate(model: UNet, batches, device: torch.device) -> tuple[float, float]:
+def _evaluate(model: UNet, batches, device: torch.device) -> tuple[float, float]:
     """Mean loss and pooled foreground Dice (argmax > 0 against target > 0) over ``batches``."""
     model.eval()
     loss = n = inter = total = 0
@@ -311,7 +311,7 @@ def evaluate(model: UNet, batches, device: torch.device) -> tuple[float, float]:
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            loss += float(segmentation_loss(logits, y)) * len(x)
+            loss += float(_segmentation_loss(logits, y)) * len(x)
             n += len(x)
             pred, truth = logits.argmax(1) > 0, y > 0
             inter += int((pred & truth).sum())
@@ -405,7 +405,7 @@ def train(
             for x, y in _batches(
                 train_pairs, draws, crop, unet.classes, config.batch_size, rng, config.augment
             ):
-                loss = segmentation_loss(model(x.to(device)), y.to(device))
+                loss = _segmentation_loss(model(x.to(device)), y.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -413,7 +413,7 @@ def train(
                 losses.append(loss.item())
                 bar.update()
                 bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", refresh=False)
-            val_loss, val_dice = evaluate(model, val_batches, device)
+            val_loss, val_dice = _evaluate(model, val_batches, device)
             row = {
                 "epoch": epoch,
                 "train_loss": round(float(np.mean(losses)), 5),

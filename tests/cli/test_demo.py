@@ -18,9 +18,27 @@ def test_demo_reports_scores_and_writes_qc_pictures(tmp_path, capsys):
     assert real > 0.9
     he = float(printed.split("he dice:")[1].split()[0])
     assert he > 0.9
+    check_large_nuclei(printed, tmp_path)
     assert "napari" in printed
     assert (tmp_path / "segmentation.zarr" / "labels" / "segmentation" / "0").is_dir()
     for name, side in (("qc-overlay.png", 512), ("qc-real-nuclei.png", 512), ("qc-he.png", 1024)):
         picture = imread(tmp_path / name)
         assert picture.shape == (side, side, 3)
         assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 100  # an image, not a flat fill
+
+
+def check_large_nuclei(printed: str, directory) -> None:
+    """The large-nuclei case: ``--object-size auto`` finds their size and segments them, the
+    model's own scale does not (it outlines their chromatin), and its QC picture."""
+    size = printed.split("large nuclei size:")[1].split("\n")[0]
+    estimated, true = float(size.split()[0]), float(size.split("truth")[1].split()[0])
+    assert abs(estimated / true - 1) <= 0.25 and true > 60
+    assert float(size.split("segmented at")[1].split()[0]) > 3  # input px per model px
+    line = printed.split("large nuclei dice:")[1].split("\n")[0]
+    dice, plain_dice = float(line.split()[0]), float(line.split("Dice")[1].split(",")[0])
+    f1, plain_f1 = (float(part.split()[0].strip(";)")) for part in line.split("object F1")[1:])
+    assert dice > 0.9 and f1 > 0.85
+    assert plain_dice < dice - 0.1 and plain_f1 < 0.5
+    picture = imread(directory / "qc-large-nuclei.png")
+    assert picture.shape == (1024, 1024, 3)
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 100

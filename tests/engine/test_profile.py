@@ -35,7 +35,7 @@ def test_the_record_times_every_phase_and_they_add_up_to_the_total(
     tmp_path, slide, model, monkeypatch
 ):
     # The overview after the tasks, as on a CPU of few cores: the phases follow each other.
-    monkeypatch.setattr("pipeline.engine.driver.usable_cores", lambda: SERIAL_CORES)
+    monkeypatch.setattr("pipeline.runtime.resolved.usable_cores", lambda: SERIAL_CORES)
     options = SegmentOptions(model=model, tile=128, chunk=64, device="cpu")
     result = segment_image(slide, tmp_path / "out.zarr", options)
     timings = read_record(tmp_path / "out.zarr")["timings"]

@@ -768,11 +768,12 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, slide, mo
     ],
 )
 def test_prefetch_auto_is_serial_on_a_cpu_of_few_cores(given, cores, extra, expected, monkeypatch):
+    from pipeline.runtime.resolved import resolve_runtime
     from pipeline.runtime.worker import resolve_prefetch
 
-    monkeypatch.setattr("pipeline.runtime.worker.usable_cores", lambda: cores)
+    monkeypatch.setattr("pipeline.runtime.resolved.usable_cores", lambda: cores)
     options = SegmentOptions(prefetch=given, device="cpu", **extra)
-    assert resolve_prefetch(options, extra.get("workers", 1)) == expected
+    assert resolve_prefetch(options.prefetch, resolve_runtime(options)) == expected
 
 
 def test_prefetch_takes_a_number_or_auto(tmp_path, slide, model):

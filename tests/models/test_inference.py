@@ -21,7 +21,7 @@ from pipeline.models.inference import (
     resolve_precision,
     worker_device,
 )
-from pipeline.runtime.worker import local_workers
+from pipeline.runtime.resolved import resolve_runtime
 
 
 def labels_from_probabilities(p: np.ndarray) -> np.ndarray:
@@ -157,8 +157,8 @@ def test_cpu_batch_size_and_devices(tmp_path):
     if not torch.cuda.is_available():
         assert worker_device("auto") == "auto"
         # workers not given: one local task at a time on the CPU (a forward uses every core)
-        assert local_workers(SegmentOptions()) == 1
-    assert local_workers(SegmentOptions(device="cpu")) == 1
+        assert resolve_runtime(SegmentOptions()).workers == 1
+    assert resolve_runtime(SegmentOptions(device="cpu")).workers == 1
 
 
 @pytest.mark.parametrize("classes", [1, 2, 3])

@@ -191,17 +191,16 @@ def test_a_run_killed_while_writing_the_overview_resumes_to_the_same_output(
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
-def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run_on_few_cores(
-    monkeypatch,
-):
+def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run_on_few_cores():
     from pipeline.config import SERIAL_CORES
     from pipeline.engine.driver import overview_alongside
+    from pipeline.runtime.resolved import resolve_runtime
 
-    monkeypatch.setattr(pipeline.engine.driver, "usable_cores", lambda: SERIAL_CORES)
-    assert not overview_alongside(SegmentOptions(device="cpu"))
-    assert overview_alongside(SegmentOptions(device="cpu", scheduler="tcp://head:8786"))
-    monkeypatch.setattr(pipeline.engine.driver, "usable_cores", lambda: SERIAL_CORES + 1)
-    assert overview_alongside(SegmentOptions(device="cpu"))  # a core to spare for it
+    local = resolve_runtime(SegmentOptions(device="cpu"))
+    assert not overview_alongside(replace(local, cores=SERIAL_CORES))
+    remote = SegmentOptions(device="cpu", scheduler="tcp://head:8786")
+    assert overview_alongside(resolve_runtime(remote))
+    assert overview_alongside(replace(local, cores=SERIAL_CORES + 1))  # a core to spare for it
 
 
 def _small_overview_slide(tmp_path, monkeypatch, seed: int):
@@ -234,7 +233,7 @@ def test_an_overview_alongside_the_tasks_is_written_while_they_run(tmp_path, mod
 
     monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", block)
     monkeypatch.setattr(pipeline.engine.driver, "run_blocks", blocks)
-    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda options: True)
+    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
     out = tmp_path / "alongside.zarr"
     segment_image(slide, out, options)
     assert read_record(out)["status"] == "complete"
@@ -253,7 +252,7 @@ def test_an_overview_alongside_dask_threads_of_the_tasks_gives_the_same_output(
     slide = _small_overview_slide(tmp_path, monkeypatch, seed=11)
     options = SegmentOptions(model=model, tile=32, chunk=8, workers=2)
     segment_image(slide, tmp_path / "in-turn.zarr", options)
-    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda options: True)
+    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
     segment_image(slide, tmp_path / "alongside.zarr", options)
     assert chunk_files(tmp_path / "alongside.zarr") == chunk_files(tmp_path / "in-turn.zarr")
 
@@ -290,7 +289,7 @@ def test_a_failure_beside_the_overview_leaves_nothing_being_written(
 
     monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", block)
     monkeypatch.setattr(pipeline.engine.driver, "run_blocks", blocks)
-    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda options: True)
+    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
     out = tmp_path / "out.zarr"
     options = SegmentOptions(model=model, tile=32, chunk=8)
     with pytest.raises(Killed):

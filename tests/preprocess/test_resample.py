@@ -15,7 +15,7 @@ from pipeline.io.readers import open_image
 from pipeline.io.resolution import at_pixel_size, pick_level
 from pipeline.models import UNetConfig
 from pipeline.output.ngff import LABELS_PATH, read_record
-from pipeline.resample import Resampling, mirror, resample_axis
+from pipeline.resample import Resampling, mirror, nearest_source, resample_axis
 
 factors = st.sampled_from([0.5, 0.75, 1.0, 1.3, 2.0, 2.5, 4.0]) | st.floats(0.3, 6.0)
 
@@ -135,3 +135,18 @@ def test_mpp_without_a_pixel_size_is_one_line(tmp_path, capsys):
     assert main(["segment", str(path), str(tmp_path / "o.zarr"), "--mpp", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("tileseg: error: ") and "does not say its pixel size" in err[-1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(factor=factors, size=st.integers(1, 300), data=st.data())
+def test_nearest_source_is_per_pixel_and_tiles_the_fine_grid(factor, size, data):
+    """Labels brought back to the input's grid: each input pixel takes the model-grid pixel
+    whose area holds its centre, whichever window it is computed in."""
+    coarse = Resampling(factor, size).out_size
+    whole = nearest_source(0, size, factor, coarse)
+    start = data.draw(st.integers(0, size - 1))
+    stop = data.draw(st.integers(start + 1, size))
+    np.testing.assert_array_equal(nearest_source(start, stop, factor, coarse), whole[start:stop])
+    assert whole.min() >= 0 and whole.max() < coarse and (np.diff(whole) >= 0).all()
+    if factor == 2.0:  # whole pixels: each coarse pixel spans two fine ones
+        np.testing.assert_array_equal(whole, np.minimum(np.arange(size) // 2, coarse - 1))
