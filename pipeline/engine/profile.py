@@ -2,8 +2,9 @@
 
 A run passes through fixed phases (open the image, load the model, choose the scale, check
 object sizes, hash the input, decide the normalisation, create the output, warm the model up,
-run the tasks, pyramid, overview, object steps, record). Each is timed as ``<phase>_wall`` in the record's
-``timings``; what no phase covers is ``other_wall``, so the phases add up to ``total_wall``.
+run the tasks, pyramid, overview, object steps, record). Each is timed as ``<phase>_wall`` in
+the record's ``timings``; what no phase covers is ``other_wall``, so the phases add up to
+``total_wall``.
 """
 
 from __future__ import annotations
