@@ -111,6 +111,11 @@ def main() -> None:
         t = statistics.median(values)
         print(f"  {name:24s} {t:7.1f} s  {megapixels / t:5.2f} MP/s  {bare / t:5.2f}x bare "
               f"(runs: {', '.join(f'{v:.1f}' for v in values)})")  # fmt: skip
+    # Within a round the steps shared the machine's load: their ratios say more than seconds.
+    for name in steps:
+        ratios = [t / b for t, b in zip(times[name], times["bare forward"], strict=True)]
+        print(f"  {name:24s} / bare forward per round: median {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main() -> None:
         runs.append({
             "seconds": wall, "gpu": gpu_time,
             "before_first": forwards[0][0] - t, "after_last": t + wall - forwards[-1][1],
-            **{k: r.timings[k] for k in ("pyramid_wall", "overview_wall")},
+            "phases": {k: v for k, v in r.timings.items() if k.endswith("_wall")},
         })  # fmt: skip
     median = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
     mp = a.size * a.size / 1e6
@@ -93,10 +93,16 @@ def main() -> None:
         f"{len(runs)} ({each}); its GPU time "
         f"{median['gpu']:.2f} s (ratio {median['gpu'] / median['seconds']:.3f}), before the "
         f"first forward {median['before_first']:.3f} s, after the last "
-        f"{median['after_last']:.3f} s, pyramid {median['pyramid_wall']:.3f} s, overview "
-        f"{median['overview_wall']:.3f} s; the spread: "
+        f"{median['after_last']:.3f} s; the spread: "
         f"{statistics.pstdev(r['seconds'] for r in runs):.3f} s"
     )
+    over = [r["seconds"] - r["gpu"] for r in runs]
+    print(f"over the GPU time: median {statistics.median(over):.3f} s "
+          f"({min(over):.3f}-{max(over):.3f})")  # fmt: skip
+    phases = median["phases"]
+    print("its phases (s): " + ", ".join(
+        f"{k[:-5]} {v:.3f}" for k, v in phases.items() if v >= 0.001 and k != "total_wall"
+    ))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ class SlidesFailed(RuntimeError):
     """Raised at the end of a directory run, after every other slide finished."""
 
 
+class RunTimedOut(TimeoutError):
+    """``run.flow_timeout_seconds`` passed: the run fails and starts no further slide."""
+
+
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry lost workers and the like; a corrupt slide or a bad config fails at once."""
     try:
@@ -145,6 +149,7 @@ def segment_directory(
     ``qc_base_url``: where ``output_dir`` is served over HTTP, to show QC pictures inline.
     ``exclude``: globs of slide names never taken (adds to the config's ``run.exclude``).
     """
+    started = time.monotonic()
     logger = get_run_logger()
     plan = plan_directory(
         input_dir, output_dir, config=config, patterns=patterns, scheduler=scheduler,
@@ -160,7 +165,11 @@ def segment_directory(
             logger.info("Dask: %s", cluster.description)
             check_workers(cluster, wait=wait)  # no able worker: the run fails now, with one line
             options = replace(plan.options, scheduler=cluster.address)
-            reports = _run_slides(plan.jobs, options, plan.run, cluster.task_resources, runlog)
+            limit = plan.run.flow_timeout_seconds
+            deadline = None if limit is None else started + limit
+            reports = _run_slides(
+                plan.jobs, options, plan.run, cluster.task_resources, runlog, deadline=deadline
+            )
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         runlog.finish("interrupted" if interrupted else "failed", error=str(exc) or None)
@@ -182,9 +191,14 @@ def _run_slides(
     settings: RunSettings,
     resources: dict[str, float] | None,
     runlog: RunLog,
+    *,
+    deadline: float | None = None,
 ) -> list[SlideReport]:
     """Submit the slides, at most ``run.max_concurrent_slides`` in flight, and collect every
-    outcome, each into the run's summary file as it comes."""
+    outcome, each into the run's summary file as it comes. At ``deadline`` (monotonic: the
+    config's ``run.flow_timeout_seconds`` from the run's start, which a ``prefect.yaml``
+    deployment cannot give the flow itself) :class:`RunTimedOut` is raised; slides still
+    running finish (bounded by ``run.slide_timeout_seconds``), none starts after it."""
     slide_task = segment_slide.with_options(
         retries=settings.retries,
         retry_delay_seconds=settings.retry_delay_seconds,
@@ -193,18 +207,31 @@ def _run_slides(
     reports: dict[SlideJob, SlideReport] = {}
     running: dict[PrefectFuture[SlideReport], SlideJob] = {}
 
-    def collect(future: PrefectFuture[SlideReport]) -> None:
+    def timed_out() -> RunTimedOut:
+        return RunTimedOut(
+            f"run.flow_timeout_seconds ({settings.flow_timeout_seconds:g} s) passed with "
+            f"{len(jobs) - len(reports)} of {len(jobs)} slide(s) unfinished"
+        )
+
+    def collect_one() -> None:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            future = next(as_completed(list(running), timeout=left))
+        except TimeoutError:
+            raise timed_out() from None
         job = running.pop(future)
         reports[job] = report = _outcome(job, future)
         runlog.update(job.name, report.status, seconds=report.seconds, error=report.error)
 
     for job in jobs:
         while len(running) >= settings.max_concurrent_slides:
-            collect(next(as_completed(list(running))))
+            collect_one()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise timed_out()  # no slide starts after the deadline
         runlog.update(job.name, "running")
         running[slide_task.submit(job, options, settings, resources)] = job
-    for future in as_completed(list(running)):
-        collect(future)
+    while running:
+        collect_one()
     return [reports[job] for job in jobs]
 
 

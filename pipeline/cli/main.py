@@ -38,6 +38,9 @@ def _segment_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML file with any of these options (flags override it)")
     _option_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--profile", action="store_true", help="print each image's seconds per phase at the end"
+    )
 
 
 def _option_flags(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +169,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from pipeline.config import resolve_options
     from pipeline.engine.driver import segment_image
+    from pipeline.engine.profile import profile_table
     from pipeline.engine.scale import scale_note
     from pipeline.io.readers import find_images, image_stem
     from pipeline.runtime.heap import heap_hint
@@ -221,6 +225,8 @@ def _segment(args: argparse.Namespace) -> int:
             f"{result.megapixels_per_second:.2f} MP/s{resumed}{scaled} -> {result.output}"
         )
         off_main_heap += int(result.timings.get("tasks_off_main_heap", 0))
+        if args.profile:
+            print(profile_table(result.timings))
     if off_main_heap:
         print(heap_hint(off_main_heap), file=sys.stderr)
     if failures:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import SegmentOptions
+from pipeline.config import SERIAL_CORES, SegmentOptions
+from pipeline.engine.profile import PhaseTimer
 from pipeline.engine.resumable import pending, run_once, run_resumable
 from pipeline.engine.scale import Scale, choose_scale
 from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
@@ -40,8 +41,8 @@ from pipeline.geometry import (
 )
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
-from pipeline.models.inference import label_dtype
-from pipeline.models.object_size import warn_object_size
+from pipeline.models.inference import Predictor, label_dtype
+from pipeline.models.object_size import trained_object_size, warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import label_instances
 from pipeline.objects.measure import measure_objects
@@ -217,48 +218,90 @@ def _prepare(
     input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: SegmentOptions
 ) -> _Job:
     """Open the image and the model, and refuse what cannot work, before any output exists."""
-    started = time.perf_counter()
+    timer = PhaseTimer()
     runtime = resolve_runtime(options)
-    image, model_spec, model, step = _open_run(input_path, options)
-    scale = choose_scale(image, model, options, device=options.device)
+    image, model_spec, model, step = _open_run(input_path, options, timer=timer)
+    with timer.phase("scale"):
+        scale = choose_scale(image, model, options, device=options.device)
     image = scale.image
-    stain = slide_stain(image, step or "none", model.in_channels)
+    with timer.phase("normalization"):  # the stain map is part of the normalisation
+        stain = slide_stain(image, step or "none", model.in_channels)
     check_compatible(image, model, channels=None if stain is None else stain.channels)
+    normalization = None
     if stain is None and options.object_size is None:  # the estimate needs the image's channels
-        warn_object_size(image, model, device=options.device)
+        normalization = _check_object_size(image, model_spec, model, options, timer)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
-    identity = fingerprint(
-        input_path, options, model_sha256=model.sha256, stain=stain_identity(step)
-    )
+    with timer.phase("fingerprint"):
+        found = fingerprint(
+            input_path, options, model_sha256=model.sha256, stain=stain_identity(step)
+        )
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
-        options, started, identity, runtime, stain=stain, scale=scale,
+        options, timer, found, runtime, stain=stain, scale=scale, normalization=normalization,
     )  # fmt: skip
 
 
 def _open_run(
-    input_path: str | os.PathLike[str], options: SegmentOptions
+    input_path: str | os.PathLike[str], options: SegmentOptions, *, timer: PhaseTimer
 ) -> tuple[LazyImage, ModelSpec, LoadedModel, str | None]:
     """The image as opened, the model picked for it, and the stain step (``hematoxylin``,
     ``normalize`` or None) ``--stain`` takes on them."""
-    image = open_image(
-        input_path,
-        level=options.level,
-        axes=options.axes,
-        allow_missing_chunks=options.allow_missing_chunks,
-    )
+    with timer.phase("open"):
+        image = open_image(
+            input_path,
+            level=options.level,
+            axes=options.axes,
+            allow_missing_chunks=options.allow_missing_chunks,
+        )
     model_spec = ModelSpec.for_image(options, image)
-    model = load_model(model_spec)
+    with timer.phase("model_load"):
+        model = load_model(model_spec)
     return image, model_spec, model, stain_step(options.stain, image, model.in_channels)
 
 
 def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:
     """The fingerprint a run of ``options`` on this input records (for skip checks): the model
     picked for the image and the stain step are decided as a run decides them."""
-    _, _, model, step = _open_run(input_path, options)
+    _, _, model, step = _open_run(input_path, options, timer=PhaseTimer())
     return fingerprint(input_path, options, model_sha256=model.sha256, stain=stain_identity(step))
+
+
+def _check_object_size(
+    image: LazyImage,
+    spec: ModelSpec,
+    model: LoadedModel,
+    options: SegmentOptions,
+    timer: PhaseTimer,
+) -> Normalization | None:
+    """Warn when the image's objects look far from the model's trained size. The check runs
+    on the run's own predictor and, where the run's normalisation is the check's (percentiles
+    1-99.8 of the image's own channels), computes that once for both: returned for the run."""
+    if trained_object_size(model) is None:  # nothing to check against
+        timer.add("object_size", 0.0)
+        return None
+    with timer.phase("warmup"):
+        predictor = _predictor_of_run(spec, options)
+    normalization = None
+    same = options.normalize == "percentile" and tuple(options.percentiles) == (1.0, 99.8)
+    if same and model.normalization is None:
+        with timer.phase("normalization"):
+            normalization = compute_normalization(image, mode="percentile")
+    with timer.phase("object_size"):
+        warn_object_size(
+            image, model, device=options.device, predictor=predictor, normalization=normalization
+        )
+    return normalization
+
+
+def _predictor_of_run(spec: ModelSpec, options: SegmentOptions) -> Predictor:
+    """The predictor a new local run's tasks use (cached per process): the object-size check
+    shares it instead of preparing a copy of the model of its own."""
+    numerics = resolve_numerics(options, resumed=None)
+    return cached_predictor(
+        spec, RunSettings(device=options.device, precision=options.precision, **numerics)
+    )
 
 
 def existing_output(
@@ -321,12 +364,13 @@ class _Job:
     model: LoadedModel
     grid: TileGrid
     options: SegmentOptions
-    started: float
+    timer: PhaseTimer  # wall time per phase, from the start of the run
     fingerprint: str
     runtime: Runtime
     # RGB brightfield to haematoxylin or to reference stains, fitted per slide
     stain: StainMap | StainNormalizer | None = None
     scale: Scale | None = None  # the grids segmented and written on (engine/scale.py)
+    normalization: Normalization | None = None  # decided already (by the object-size check)
 
     @property
     def labels_image(self) -> LazyImage:
@@ -343,19 +387,14 @@ def _run(
     job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
-    image, grid, options, output = job.image, job.grid, job.options, job.output
-    if job.model.normalization is not None:  # a bioimage.io package's own preprocessing
-        normalization = job.model.normalization(image)
-    else:
-        normalization = compute_normalization(
-            image,
-            mode=options.normalize,
-            percentiles=options.percentiles,
-            scale=options.scale,
-            offset=options.offset,
-            stain=job.stain,
-        )
-    mask = None if options.tissue == "none" else _tissue_mask(job, options)
+    image, grid, options, output, timer = job.image, job.grid, job.options, job.output, job.timer
+    normalization = job.normalization
+    if normalization is None:
+        with timer.phase("normalization"):
+            normalization = _normalization(job)
+    with timer.phase("tissue"):
+        mask = None if options.tissue == "none" else _tissue_mask(job, options)
+    output_started = time.perf_counter()  # the output skeleton: settings, arrays, claim
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
@@ -378,23 +417,48 @@ def _run(
                 model_grid=task_layout if job.upsampled else None,
             )  # fmt: skip
     claim_output(output, run_id)
+    timer.add("output", time.perf_counter() - output_started)
+    if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
+        with timer.phase("warmup"):
+            cached_predictor(job.model_spec, run, window=grid.window, in_channels=in_channels)
     tasks, resumed_tasks = _tasks(
         job, normalization, task_layout, run, per_task, levels, mask, run_id
     )
     computed = _execute(job, tasks, layout, levels, run_id, resumed_tasks, progress)
+    for name, seconds in computed["walls"].items():
+        timer.add(name, seconds)
     grid_scale = math.sqrt(math.prod(job.scale.input_factor)) if job.upsampled else 1.0
-    record.update(_objects(output, job.labels_image, options, runtime=job.runtime,
-                           downsample=_labels_downsample(job), grid_scale=grid_scale))  # fmt: skip
-    _finish_record(record, job, computed, resumed_tasks)
-    with writing(output):
-        remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
-        shutil.rmtree(model_grid_path(output), ignore_errors=True)  # upsampled: not needed
-        mark_complete(output, record)
+    with timer.phase("objects"):
+        found = _objects(output, job.labels_image, options, runtime=job.runtime,
+                         downsample=_labels_downsample(job), grid_scale=grid_scale)  # fmt: skip
+        record.update(found)
+    with timer.phase("record"):
+        _finish_record(record, job, computed, resumed_tasks)
+        with writing(output):
+            remove_leftovers(output)  # of writers killed mid-chunk, whose tasks were redone
+            shutil.rmtree(model_grid_path(output), ignore_errors=True)  # upsampled: not needed
+            mark_complete(output, record)
+    # The record holds every phase but its own writing; the result has that too.
+    timings = {**record["timings"], **timer.walls()}
     return SegmentResult(
         os.fspath(job.input_path), output, job.labels_image.spatial_shape, len(grid),
-        record["timings"]["total_wall"], record["timings"], record,
+        timings["total_wall"], timings, record,
         resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
     )  # fmt: skip
+
+
+def _normalization(job: _Job) -> Normalization:
+    options = job.options
+    if job.model.normalization is not None:  # a bioimage.io package's own preprocessing
+        return job.model.normalization(job.image)
+    return compute_normalization(
+        job.image,
+        mode=options.normalize,
+        percentiles=options.percentiles,
+        scale=options.scale,
+        offset=options.offset,
+        stain=job.stain,
+    )
 
 
 def _layout(job: _Job, state: str) -> OutputLayout:
@@ -671,7 +735,6 @@ def _finish_record(
     """Add what the run measured to the record: timings, counts, throughput (over the pixels
     this run computed, not those a resumed run found done)."""
     results = computed["results"]
-    seconds = time.perf_counter() - job.started
     timings = {
         key: float(sum(r[key] for r in results))
         for key in ("read", "infer", "write", "stall", "task")
@@ -682,7 +745,8 @@ def _finish_record(
     threads = [int(r["cpu_forward_threads"]) for r in results if r["cpu_forward_threads"]]
     if threads:  # CPU forwards: the fewest threads a task's ran on
         timings["cpu_forward_threads"] = min(threads)
-    timings.update({f"{k}_wall": v for k, v in computed["walls"].items()}, total_wall=seconds)
+    timings.update(job.timer.walls())  # the phases so far, the record's own writing not yet
+    seconds = timings["total_wall"]
     record.update(
         {
             "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -698,10 +762,11 @@ def _finish_record(
 
 
 def overview_alongside(runtime: Runtime) -> bool:
-    """Whether the overview is written while the inference tasks run: not in a local CPU run,
-    whose forwards use every core (threads beside them hold up each of their parallel regions,
-    as readers and writers beside them did: ``resolve_prefetch``)."""
-    return not runtime.local_cpu
+    """Whether the overview is written while the inference tasks run: not in a local CPU run
+    on at most ``SERIAL_CORES`` cores, whose forwards use every core (a thread beside them
+    holds up each of their parallel regions, as readers and writers beside them do:
+    ``resolve_prefetch``, which overlaps those by the same rule)."""
+    return not runtime.local_cpu or runtime.cores > SERIAL_CORES
 
 
 def _overview(

@@ -26,6 +26,8 @@ from scipy import ndimage
 if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
     from pipeline.models import LoadedModel
+    from pipeline.models.inference import Predictor
+    from pipeline.preprocess.normalize import Normalization
 
 __all__ = [
     "SizeEstimate",
@@ -137,16 +139,31 @@ def _read_window(image: LazyImage, side: int) -> np.ndarray:
     return image.read(tuple(region))
 
 
+def _coarser(image: LazyImage, factor: float) -> tuple[LazyImage, float]:
+    """The coarsest pyramid level of ``image`` that a shrink by ``factor`` does not
+    undersample, and the factor left to apply to it: a 1/16 shrink of a 256 px window then
+    reads a few hundred pixels of a low level, not 4096² of the full resolution."""
+    best, left = image, factor
+    for level in range(getattr(image, "level", 0) + 1, getattr(image, "n_levels", 1)):
+        lazy = image.at_level(level)
+        down = image.spatial_shape[-1] / lazy.spatial_shape[-1]
+        if factor * down > 1 + 1e-6:
+            break
+        best, left = lazy, factor * down
+    return best, left
+
+
 def _measure(predictor, norm, image: LazyImage, factor: float, window: int) -> np.ndarray:
     """Diameters (px of ``image``) of the objects the model finds in a window resized by
     ``factor`` so that it is about ``window`` px per side."""
-    from skimage.transform import rescale
-
     from pipeline.models.inference import predict_whole
 
-    x = norm.apply(_read_window(image, math.ceil(window / factor)))
-    if factor != 1:  # antialiased when shrinking, as any downsampling of the image should be
-        x = rescale(x, (1, factor, factor), order=1, anti_aliasing=factor < 1, mode="reflect")
+    source, left = _coarser(image, factor) if factor < 1 else (image, factor)
+    x = norm.apply(_read_window(source, math.ceil(window / left)))
+    if left != 1:  # antialiased when shrinking, as any downsampling of the image should be
+        from skimage.transform import rescale  # imported only where needed: ~0.2 s
+
+        x = rescale(x, (1, left, left), order=1, anti_aliasing=left < 1, mode="reflect")
     if min(x.shape[1:]) < 16:
         return np.zeros(0)
     probs = predict_whole(predictor, x.astype(np.float32), geometry=predictor.model.geometry)
@@ -160,6 +177,8 @@ def estimate_object_size(
     trained_size: float | None = None,
     window: int = 256,
     device: str = "cpu",
+    predictor: Predictor | None = None,
+    normalization: Normalization | None = None,
 ) -> SizeEstimate:
     """Estimate the typical object diameter of a 2D image, in its pixels, with the model.
 
@@ -176,6 +195,11 @@ def estimate_object_size(
         Side of the analysed window after resizing (px): the cost of one factor's forward.
     device
         Where the model runs.
+    predictor
+        The model as a run already prepared it (``device`` is then its own), instead of a
+        predictor made for this estimate.
+    normalization
+        The image's percentile normalisation (1-99.8 %), when the caller has it already.
 
     Returns
     -------
@@ -184,7 +208,6 @@ def estimate_object_size(
         measured again at the factor it implies. Raises ``ValueError`` when no factor finds
         objects or the model records no trained size.
     """
-    from pipeline.models.inference import Predictor
     from pipeline.preprocess.normalize import compute_normalization
 
     trained = trained_size or trained_object_size(model)
@@ -192,8 +215,8 @@ def estimate_object_size(
         raise ValueError("the model records no trained object size: give trained_size")
     if len(image.spatial_shape) != 2:
         raise ValueError("object sizes are estimated on 2D images")
-    norm = compute_normalization(image, mode="percentile")
-    predictor = Predictor.create(model, device=device, precision="fp32", channels_last="on")
+    norm = normalization or compute_normalization(image, mode="percentile")
+    predictor = predictor or _predictor(model, device)
     best = None
     for factor in _LADDER:
         d = _measure(predictor, norm, image, factor, window)
@@ -210,8 +233,20 @@ def estimate_object_size(
     return SizeEstimate(float(np.median(d)), factor, len(d), trained)
 
 
+def _predictor(model: LoadedModel, device: str) -> Predictor:
+    from pipeline.models.inference import Predictor
+
+    return Predictor.create(model, device=device, precision="fp32", channels_last="on")
+
+
 def size_warning(
-    image: LazyImage, model: LoadedModel, *, tolerance: float = 2.0, device: str = "cpu"
+    image: LazyImage,
+    model: LoadedModel,
+    *,
+    tolerance: float = 2.0,
+    device: str = "cpu",
+    predictor: Predictor | None = None,
+    normalization: Normalization | None = None,
 ) -> str | None:
     """One line for ``tileseg segment`` when the image's objects look far from the model's
     trained size (beyond a factor ``tolerance`` either way), else None.
@@ -219,21 +254,24 @@ def size_warning(
     One forward of a central window at the image's own scale settles the usual case (objects
     found near the trained size); only otherwise is the size estimated. Models without a
     recorded trained size, 3D images, and images where no objects are found give None: the
-    check is advice, never a reason to stop a run.
+    check is advice, never a reason to stop a run. ``predictor``: the model as the run
+    prepared it (shared, so the check costs one small forward, not a copy of the model);
+    ``normalization``: the image's 1-99.8 % percentile normalisation, when the run has it.
     """
-    from pipeline.models.inference import Predictor
     from pipeline.preprocess.normalize import compute_normalization
 
     trained = trained_object_size(model)
     if trained is None or len(image.spatial_shape) != 2:
         return None
-    norm = compute_normalization(image, mode="percentile")
-    predictor = Predictor.create(model, device=device, precision="fp32", channels_last="on")
+    norm = normalization or compute_normalization(image, mode="percentile")
+    predictor = predictor or _predictor(model, device)
     d = _measure(predictor, norm, image, 1.0, 256)
     if len(d) >= _MIN_OBJECTS and 1 / tolerance <= np.median(d) / trained <= tolerance:
         return None
     try:
-        found = estimate_object_size(image, model, device=device)
+        found = estimate_object_size(
+            image, model, device=device, predictor=predictor, normalization=norm
+        )
     except ValueError:
         return None
     if 1 / tolerance <= found.diameter / found.trained <= tolerance:
@@ -245,9 +283,18 @@ def size_warning(
     )
 
 
-def warn_object_size(image: LazyImage, model: LoadedModel, *, device: str = "cpu") -> None:
+def warn_object_size(
+    image: LazyImage,
+    model: LoadedModel,
+    *,
+    device: str = "cpu",
+    predictor: Predictor | None = None,
+    normalization: Normalization | None = None,
+) -> None:
     """Log :func:`size_warning`'s line, if any, as a warning (stderr when logging is not set
     up): the hook ``tileseg segment`` calls once per image, when no object size is given."""
-    line = size_warning(image, model, device=device)
+    line = size_warning(
+        image, model, device=device, predictor=predictor, normalization=normalization
+    )
     if line is not None:
         logging.getLogger("tileseg").warning("tileseg: warning: %s", line)

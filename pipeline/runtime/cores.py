@@ -21,6 +21,7 @@ limited to some cores, ``os.cpu_count()`` counts the node's.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterable
 
@@ -81,6 +82,8 @@ def _worker_cpu_threads() -> int | None:
     """Threads for a CPU forward in the calling task of a Dask worker: the count the worker
     was started with where that is not Dask's default, else its share of the cores (see the
     module's docstring). None outside a Dask worker."""
+    if "distributed" not in sys.modules:  # no worker runs this: not worth its ~0.3 s import
+        return None
     try:
         from distributed import get_client, get_worker
         from distributed.comm import get_address_host

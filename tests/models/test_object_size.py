@@ -88,6 +88,25 @@ def test_size_warning_only_for_objects_far_from_the_trained_size(model, tmp_path
     assert "trained at" in line
 
 
+def test_shrunk_windows_are_read_from_a_coarser_pyramid_level(model, tmp_path):
+    from pipeline.models.object_size import _coarser
+
+    image, _ = synthetic_pair((1024, 1024), config=sized_config(64, seed=2))
+    write_tiff(tmp_path / "p.tif", image, axes="YX", tile=(128, 128), pyramid_levels=3)
+    pyramid = open_image(tmp_path / "p.tif")
+    assert pyramid.n_levels == 4
+    level, left = _coarser(pyramid, 0.25)
+    assert level.spatial_shape == (256, 256) and left == 1.0  # level 2 at its own scale
+    level, left = _coarser(pyramid, 0.3)
+    assert level.spatial_shape == (512, 512) and left == pytest.approx(0.6)  # not undersampled
+    assert _coarser(pyramid, 1 / 16)[0].spatial_shape == (128, 128)  # no coarser level
+    flat = ArrayImage(image[None], "img")
+    assert _coarser(flat, 0.25) == (flat, 0.25)
+    # the estimate from the pyramid's levels agrees with the one from full resolution
+    d_pyramid = estimate_object_size(pyramid, model).diameter
+    assert d_pyramid == pytest.approx(estimate_object_size(flat, model).diameter, rel=0.1)
+
+
 def test_model_quality_at_a_given_scale(model):
     """At the right factor the model segments large nuclei; at factor 1 it does not."""
     right = evaluate_bin(model, 64, seeds=(5,), factor=16 / 64)

@@ -191,13 +191,16 @@ def test_a_run_killed_while_writing_the_overview_resumes_to_the_same_output(
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
-def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run():
+def test_the_overview_is_written_after_the_tasks_only_in_a_local_cpu_run_on_few_cores():
+    from pipeline.config import SERIAL_CORES
     from pipeline.engine.driver import overview_alongside
     from pipeline.runtime.resolved import resolve_runtime
 
-    assert not overview_alongside(resolve_runtime(SegmentOptions(device="cpu")))
+    local = resolve_runtime(SegmentOptions(device="cpu"))
+    assert not overview_alongside(replace(local, cores=SERIAL_CORES))
     remote = SegmentOptions(device="cpu", scheduler="tcp://head:8786")
     assert overview_alongside(resolve_runtime(remote))
+    assert overview_alongside(replace(local, cores=SERIAL_CORES + 1))  # a core to spare for it
 
 
 def _small_overview_slide(tmp_path, monkeypatch, seed: int):

@@ -729,6 +729,28 @@ def test_serve_takes_the_flow_timeout_from_the_config(tmp_path, monkeypatch):
     assert seen["timeout"] == 3600
 
 
+def test_the_flow_timeout_from_the_config_bounds_any_run_of_the_flow(
+    harness, model, tmp_path, monkeypatch
+):
+    """A ``prefect.yaml`` deployment passes only parameters: the flow itself takes
+    ``run.flow_timeout_seconds`` from its config, fails at it, and starts no slide after it."""
+    from flows.segment_flows import RunTimedOut, segment_directory
+
+    folder = tiny_slides(tmp_path / "slides", {"s1.tif": (96, 96), "s2.tif": (96, 96)})
+    run = {"max_concurrent_slides": 1, "flow_timeout_seconds": 1, "qc": False}
+    config = write_config(tmp_path / "c.yaml", model, run=run)
+    seen = InFlight(monkeypatch, hold_s=2.0)  # the first slide outlasts the run's time
+    state = segment_directory(str(folder), str(tmp_path / "out"), config=str(config),
+                              return_state=True)  # fmt: skip
+    assert state.is_failed()
+    with pytest.raises(RunTimedOut, match=r"flow_timeout_seconds \(1 s\) passed with 2 of 2"):
+        state.result()
+    assert seen.slides == ["s1.tif"]  # s2 never started
+    [summary] = summaries(tmp_path / "out")
+    assert summary["status"] == "failed" and "flow_timeout_seconds" in summary["error"]
+    assert [r["status"] for r in summary["slides"]][1] == "pending"
+
+
 def summaries(output: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((output / "runs").glob("*.json"))]
 
