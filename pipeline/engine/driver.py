@@ -387,19 +387,63 @@ def _run(
     job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
-    image, grid, options, output, timer = job.image, job.grid, job.options, job.output, job.timer
+    timer = job.timer
+    normalization, mask = _inputs(job)
+    made = _make_output(job, state, run_id, normalization=normalization, mask=mask)
+    if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
+        with timer.phase("warmup"):
+            cached_predictor(
+                job.model_spec, made.run, window=job.grid.window, in_channels=made.in_channels
+            )
+    tasks, resumed_tasks = _tasks(
+        job, normalization, made.task_layout, made.run, made.per_task, made.levels, mask, run_id
+    )
+    computed = _execute(job, tasks, made.layout, made.levels, run_id, resumed_tasks, progress)
+    for name, seconds in computed["walls"].items():
+        timer.add(name, seconds)
+    return _complete(job, made.record, computed, resumed_tasks)
+
+
+@dataclass(frozen=True)
+class _MadeOutput:
+    """The output a run writes to, and the settings its tasks run with."""
+
+    layout: OutputLayout
+    task_layout: OutputLayout  # the model's grid of an upsampled run, else ``layout``
+    record: dict[str, Any]  # completed after the tasks, then written
+    run: RunSettings
+    per_task: int
+    levels: int
+    in_channels: int
+
+
+def _inputs(job: _Job) -> tuple[Normalization, TissueMask | None]:
+    """The input's normalization (the job's own, else computed) and its tissue mask."""
     normalization = job.normalization
     if normalization is None:
-        with timer.phase("normalization"):
+        with job.timer.phase("normalization"):
             normalization = _normalization(job)
-    with timer.phase("tissue"):
-        mask = None if options.tissue == "none" else _tissue_mask(job, options)
-    output_started = time.perf_counter()  # the output skeleton: settings, arrays, claim
+    with job.timer.phase("tissue"):
+        mask = None if job.options.tissue == "none" else _tissue_mask(job, job.options)
+    return normalization, mask
+
+
+def _make_output(
+    job: _Job,
+    state: str,
+    run_id: str,
+    *,
+    normalization: Normalization,
+    mask: TissueMask | None,
+) -> _MadeOutput:
+    """Create the output skeleton (settings, arrays) or reopen a partial one, and claim it."""
+    output = job.output
+    output_started = time.perf_counter()
     layout = _layout(job, state)
     record = _record(job, normalization, layout, mask)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
-    in_channels = normalization.channels(image.n_channels)
+    in_channels = normalization.channels(job.image.n_channels)
     run, per_task, levels = _run_settings(job, layout, resumed=resumed, in_channels=in_channels)
     record["run"] = {
         "batch_size": run.batch_size, "batches_per_task": per_task, "levels_in_tasks": levels,
@@ -417,19 +461,18 @@ def _run(
                 model_grid=task_layout if job.upsampled else None,
             )  # fmt: skip
     claim_output(output, run_id)
-    timer.add("output", time.perf_counter() - output_started)
-    if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
-        with timer.phase("warmup"):
-            cached_predictor(job.model_spec, run, window=grid.window, in_channels=in_channels)
-    tasks, resumed_tasks = _tasks(
-        job, normalization, task_layout, run, per_task, levels, mask, run_id
-    )
-    computed = _execute(job, tasks, layout, levels, run_id, resumed_tasks, progress)
-    for name, seconds in computed["walls"].items():
-        timer.add(name, seconds)
+    job.timer.add("output", time.perf_counter() - output_started)
+    return _MadeOutput(layout, task_layout, record, run, per_task, levels, in_channels)
+
+
+def _complete(
+    job: _Job, record: dict[str, Any], computed: dict[str, Any], resumed_tasks: list[str]
+) -> SegmentResult:
+    """Find the objects, write the finished record and mark the output complete."""
+    output, timer = job.output, job.timer
     grid_scale = math.sqrt(math.prod(job.scale.input_factor)) if job.upsampled else 1.0
     with timer.phase("objects"):
-        found = _objects(output, job.labels_image, options, runtime=job.runtime,
+        found = _objects(output, job.labels_image, job.options, runtime=job.runtime,
                          downsample=_labels_downsample(job), grid_scale=grid_scale)  # fmt: skip
         record.update(found)
     with timer.phase("record"):
@@ -441,7 +484,7 @@ def _run(
     # The record holds every phase but its own writing; the result has that too.
     timings = {**record["timings"], **timer.walls()}
     return SegmentResult(
-        os.fspath(job.input_path), output, job.labels_image.spatial_shape, len(grid),
+        os.fspath(job.input_path), output, job.labels_image.spatial_shape, len(job.grid),
         timings["total_wall"], timings, record,
         resumed_tasks=len(resumed_tasks), computed_pixels=computed["pixels"],
     )  # fmt: skip
