@@ -309,6 +309,31 @@ def measure_objects(
     """
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
+    _check_format(format)
+    layout = read_layout(output)
+    info = _instances_info(output, name)
+    pixel_size = _pixel_size(layout, image, pixel_size)
+    plan = _plan(output, layout, info, name=name, image=image, pixel_size=pixel_size)
+    table = Path(table_path)
+    run = {"scheduler": scheduler, "workers": workers}
+    try:
+        regions = level_regions(layout, 0, chunks_per_region=block_chunks)
+        items = [(plan, i, r) for i, r in enumerate(regions)]
+        run_tasks(_partial, items, **run, name="measure-partial")
+        items = [(plan, b, format) for b in range(plan.buckets)]
+        reduced = run_tasks(_reduce, items, **run, name="measure-reduce")
+        table.parent.mkdir(parents=True, exist_ok=True)
+        _concatenate([r["part"] for r in reduced if r["part"]], table, format)
+    finally:
+        shutil.rmtree(plan.scratch, ignore_errors=True)
+    summary = _summary(plan, layout, reduced, table=table, format=format, started=started)
+    group = zarr.open_group(Path(output) / labels_image_path(name), mode="r+", zarr_format=2)
+    group.attrs["tileseg-measurements"] = summary.to_dict()
+    return summary
+
+
+def _check_format(format: str) -> None:
+    """Refuse a table format that is unknown, or whose writer is not installed."""
     if format not in ("parquet", "csv"):
         raise TilesegError("--table-format", f"must be 'parquet' or 'csv', not {format!r}")
     if format == "parquet":
@@ -316,12 +341,22 @@ def measure_objects(
             import pyarrow  # noqa: F401
         except ImportError:
             raise TilesegError("--table-format", "parquet needs pyarrow (or use csv)") from None
-    layout = read_layout(output)
+
+
+def _instances_info(output: str, name: str) -> dict[str, Any]:
+    """The ``tileseg-instances`` attributes of ``labels/<name>``, which must exist."""
     try:
         group = zarr.open_group(Path(output) / labels_image_path(name), mode="r", zarr_format=2)
-        info = dict(group.attrs.get("tileseg-instances", {}))
+        return dict(group.attrs.get("tileseg-instances", {}))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise TilesegError(output, f"has no instance labels 'labels/{name}'") from None
+
+
+def _pixel_size(
+    layout: OutputLayout, image: LazyImage | None, pixel_size: tuple[float, ...] | None
+) -> tuple[float, ...] | None:
+    """The pixel size the table uses: the given one, else the output's, else the image's;
+    the image, if any, must be the level that was segmented."""
     if image is not None and tuple(image.spatial_shape) != tuple(layout.spatial_shape):
         raise TilesegError(
             image.path,
@@ -331,12 +366,25 @@ def measure_objects(
     pixel_size = pixel_size or layout.pixel_size or (image.pixel_size if image else None)
     if pixel_size is not None and len(pixel_size) != layout.ndim:
         raise TilesegError("--pixel-size", f"needs {layout.ndim} values, got {len(pixel_size)}")
+    return pixel_size
+
+
+def _plan(
+    output: str,
+    layout: OutputLayout,
+    info: dict[str, Any],
+    *,
+    name: str,
+    image: LazyImage | None,
+    pixel_size: tuple[float, ...] | None,
+) -> _Plan:
+    """What the measuring tasks share, with a fresh scratch folder (stale ones removed)."""
     objects = int(info.get("objects", 0) or 0)
     consecutive = bool(info.get("consecutive", False))
     for stale in Path(output).glob(f".tileseg-measure-{name}-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     scratch = Path(output) / f".tileseg-measure-{name}-{uuid.uuid4().hex[:12]}"
-    plan = _Plan(
+    return _Plan(
         output=output,
         name=name,
         scratch=os.fspath(scratch),
@@ -348,18 +396,18 @@ def measure_objects(
         pixel_size=tuple(float(p) for p in pixel_size) if pixel_size else None,
         note=json.dumps(table_note(layout, name=name, pixel_size=pixel_size, image=image)),
     )
-    run = {"scheduler": scheduler, "workers": workers}
-    table = Path(table_path)
-    try:
-        regions = level_regions(layout, 0, chunks_per_region=block_chunks)
-        items = [(plan, i, r) for i, r in enumerate(regions)]
-        run_tasks(_partial, items, **run, name="measure-partial")
-        items = [(plan, b, format) for b in range(plan.buckets)]
-        reduced = run_tasks(_reduce, items, **run, name="measure-reduce")
-        table.parent.mkdir(parents=True, exist_ok=True)
-        _concatenate([r["part"] for r in reduced if r["part"]], table, format)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _summary(
+    plan: _Plan,
+    layout: OutputLayout,
+    reduced: list[dict[str, Any]],
+    *,
+    table: Path,
+    format: str,
+    started: float,
+) -> MeasureSummary:
+    """The per-slide summary from the reduced buckets."""
     per_class: dict[int, int] = {}
     for r in reduced:
         for c, k in r["per_class"].items():
@@ -367,9 +415,9 @@ def measure_objects(
     area = sum(r["area"] for r in reduced)
     columns = next((tuple(r["columns"]) for r in reduced if r["part"]), ("id",))
     physical = area * float(np.prod(plan.pixel_size)) if plan.pixel_size else None
-    summary = MeasureSummary(
-        output=output,
-        name=name,
+    return MeasureSummary(
+        output=plan.output,
+        name=plan.name,
         table=os.fspath(table.absolute()),
         format=format,
         objects=sum(r["objects"] for r in reduced),
@@ -381,6 +429,3 @@ def measure_objects(
         seconds=time.perf_counter() - started,
         columns=columns,
     )
-    group = zarr.open_group(Path(output) / labels_image_path(name), mode="r+", zarr_format=2)
-    group.attrs["tileseg-measurements"] = summary.to_dict()
-    return summary
