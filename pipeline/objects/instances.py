@@ -53,6 +53,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -291,6 +292,60 @@ def label_instances(
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
     layout = read_layout(output)
+    options = _Options(
+        source=source, foreground_classes=foreground_classes, threshold=threshold,
+        connectivity=connectivity, watershed=watershed, min_distance=min_distance, halo=halo,
+        block_chunks=block_chunks, name=name,
+    )  # fmt: skip
+    plan = _plan(output, layout, options)
+    _create_scratch(plan)
+    try:
+        objects, dtype, edges = _label(
+            plan, layout, consecutive=consecutive, run={"scheduler": scheduler, "workers": workers}
+        )
+    finally:
+        forget_arrays(plan.scratch)
+        _load.cache_clear()
+        shutil.rmtree(plan.scratch, ignore_errors=True)
+    return _finish(
+        plan, objects=objects, dtype=dtype, edges=edges, consecutive=consecutive, started=started
+    )
+
+
+def _finish(
+    plan: _Plan, *, objects: int, dtype: str, edges: int, consecutive: bool, started: float
+) -> InstanceSummary:
+    """Record how the labels were made on the labels image; the summary."""
+    summary = InstanceSummary(
+        output=plan.output, name=plan.name, objects=objects, dtype=dtype,
+        blocks=int(np.prod(plan.grid)), rounds=plan.rounds, edges=edges,
+        seconds=time.perf_counter() - started, watershed=plan.watershed, consecutive=consecutive,
+    )  # fmt: skip
+    path = Path(plan.output) / labels_image_path(plan.name)
+    group = zarr.open_group(path, mode="r+", zarr_format=2)
+    group.attrs["tileseg-instances"] = {**_attrs(plan, consecutive=consecutive), "objects": objects}
+    return summary
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options of :func:`label_instances` that shape its plan, as it was given them."""
+
+    source: str
+    foreground_classes: tuple[int, ...] | None
+    threshold: float
+    connectivity: int
+    watershed: bool
+    min_distance: int
+    halo: int
+    block_chunks: int
+    name: str
+
+
+def _plan(output: str, layout: OutputLayout, options: _Options) -> _Plan:
+    """Check the options against the output and plan the blocks, with a fresh scratch name
+    (stale scratch folders removed)."""
+    source, connectivity, name = options.source, options.connectivity, options.name
     if source not in ("labels", "probabilities"):
         raise TilesegError(
             "--instances-source", f"must be 'labels' or 'probabilities', not {source!r}"
@@ -300,12 +355,12 @@ def label_instances(
     if not 1 <= connectivity <= layout.ndim:
         raise TilesegError("--connectivity", f"must be 1..{layout.ndim}, not {connectivity}")
     block = tuple(
-        min(c * block_chunks, n) for c, n in zip(layout.chunks, layout.spatial_shape, strict=True)
+        min(c * options.block_chunks, n)
+        for c, n in zip(layout.chunks, layout.spatial_shape, strict=True)
     )
     grid = tuple(-(-n // b) for n, b in zip(layout.spatial_shape, block, strict=True))
     shift = max(1, int(np.prod(block)).bit_length())
-    n_blocks = int(np.prod(grid))
-    if shift + max(1, n_blocks.bit_length()) > 63:
+    if shift + max(1, int(np.prod(grid)).bit_length()) > 63:
         raise TilesegError(output, "too many blocks for 64-bit ids (use larger chunks)")
     if name == LABELS_PATH.split("/")[-1] or not name or "/" in name or name.startswith("."):
         raise TilesegError("--name", f"invalid labels image name {name!r}")
@@ -313,69 +368,71 @@ def label_instances(
         shutil.rmtree(stale, ignore_errors=True)
     # A fresh scratch name per run: workers cache merge maps by path.
     scratch = Path(output) / f".tileseg-instances-{name}-{uuid.uuid4().hex[:12]}"
-    plan = _Plan(
+    foreground = options.foreground_classes
+    return _Plan(
         output=output, name=name, scratch=os.fspath(scratch), shape=layout.spatial_shape,
         block=block, grid=grid, shift=shift, source=source, classes=layout.classes,
-        foreground_classes=tuple(map(int, foreground_classes)) if foreground_classes else None,
-        threshold=float(threshold), connectivity=int(connectivity), watershed=bool(watershed),
-        min_distance=int(min_distance), halo=int(halo),
+        foreground_classes=tuple(map(int, foreground)) if foreground else None,
+        threshold=float(options.threshold), connectivity=int(connectivity),
+        watershed=bool(options.watershed), min_distance=int(options.min_distance),
+        halo=int(options.halo),
     )  # fmt: skip
-    group = zarr.open_group(scratch, mode="w", zarr_format=2)
-    create_array(group, "labels", plan.shape, block, "uint64")
+
+
+def _create_scratch(plan: _Plan) -> None:
+    """The scratch arrays: block-local labels and the labels on each block face."""
+    group = zarr.open_group(plan.scratch, mode="w", zarr_format=2)
+    create_array(group, "labels", plan.shape, plan.block, "uint64")
     for d in range(plan.ndim):
         shape = list(plan.shape)
-        chunks = list(block)
-        shape[d], chunks[d] = 4 * grid[d], 1
+        chunks = list(plan.block)
+        shape[d], chunks[d] = 4 * plan.grid[d], 1
         create_array(group, f"faces-{d}", shape, chunks, "uint64")
     forget_arrays(plan.scratch)
-    blocks = list(np.ndindex(*grid))
-    run = {"scheduler": scheduler, "workers": workers}
-    try:
-        labelled = run_tasks(
-            _label_block, [(plan, c) for c in blocks], **run, name="instances-label"
+
+
+def _label(
+    plan: _Plan, layout: OutputLayout, *, consecutive: bool, run: dict[str, Any]
+) -> tuple[int, str, int]:
+    """Label the blocks, merge them across faces and write the labels image with its
+    pyramid; the number of objects, the labels' dtype and the merged edges."""
+    blocks = list(np.ndindex(*plan.grid))
+    labelled = run_tasks(_label_block, [(plan, c) for c in blocks], **run, name="instances-label")
+    edges = 0
+    for level in range(1, plan.rounds + 1):
+        items = [(plan, level, c) for c in np.ndindex(*plan.tier_grid(level))]
+        edges += sum(
+            r["edges"] for r in run_tasks(_merge, items, **run, name=f"instances-merge-{level}")
         )
-        edges = 0
-        for level in range(1, plan.rounds + 1):
-            items = [(plan, level, c) for c in np.ndindex(*plan.tier_grid(level))]
-            edges += sum(
-                r["edges"] for r in run_tasks(_merge, items, **run, name=f"instances-merge-{level}")
-            )
-        counts = [r["labels"] for r in labelled]
-        items = [(plan, c, n) for c, n in zip(blocks, counts, strict=True)]
-        roots = [r["roots"] for r in run_tasks(_count, items, **run, name="instances-count")]
-        roots = np.array(roots, np.int64)
-        objects = int(roots.sum())
-        if consecutive:
-            offsets = np.concatenate([[0], np.cumsum(roots)[:-1]]).astype(np.uint64)
-            _save_npy(plan.path("offsets.npy"), offsets)
-            largest = objects
-        else:
-            largest = ((n_blocks - 1) << shift) | max([*counts, 0])
-        dtype = "uint32" if largest < 2**32 else "uint64"
-        attrs = {
-            "source": source, "foreground_classes": list(plan.foreground_classes or []),
-            "threshold": plan.threshold, "connectivity": plan.connectivity,
-            "watershed": plan.watershed, "min_distance": plan.min_distance, "halo": plan.halo,
-            "consecutive": consecutive,
-        }  # fmt: skip
-        create_labels_image(output, name, layout, dtype)
-        items = [(plan, c, consecutive, dtype) for c in blocks]
-        run_tasks(_write_block, items, **run, name="instances-write")
-        image_layout = OutputLayout(
-            layout.spatial_shape, layout.chunks, 0, dtype, None, layout.pixel_size
-        )
-        for level in range(1, len(image_layout.levels)):
-            jobs = [(output, name, level, r) for r in level_regions(image_layout, level)]
-            run_tasks(_pyramid, jobs, **run, name="instances-pyramid")
-    finally:
-        forget_arrays(plan.scratch)
-        _load.cache_clear()
-        shutil.rmtree(scratch, ignore_errors=True)
-    summary = InstanceSummary(
-        output=output, name=name, objects=objects, dtype=dtype, blocks=n_blocks,
-        rounds=plan.rounds, edges=edges, seconds=time.perf_counter() - started,
-        watershed=plan.watershed, consecutive=consecutive,
-    )  # fmt: skip
-    group = zarr.open_group(Path(output) / labels_image_path(name), mode="r+", zarr_format=2)
-    group.attrs["tileseg-instances"] = {**attrs, "objects": objects}
-    return summary
+    counts = [r["labels"] for r in labelled]
+    items = [(plan, c, n) for c, n in zip(blocks, counts, strict=True)]
+    roots = [r["roots"] for r in run_tasks(_count, items, **run, name="instances-count")]
+    roots = np.array(roots, np.int64)
+    objects = int(roots.sum())
+    if consecutive:
+        offsets = np.concatenate([[0], np.cumsum(roots)[:-1]]).astype(np.uint64)
+        _save_npy(plan.path("offsets.npy"), offsets)
+        largest = objects
+    else:
+        largest = ((len(blocks) - 1) << plan.shift) | max([*counts, 0])
+    dtype = "uint32" if largest < 2**32 else "uint64"
+    create_labels_image(plan.output, plan.name, layout, dtype)
+    items = [(plan, c, consecutive, dtype) for c in blocks]
+    run_tasks(_write_block, items, **run, name="instances-write")
+    image_layout = OutputLayout(
+        layout.spatial_shape, layout.chunks, 0, dtype, None, layout.pixel_size
+    )
+    for level in range(1, len(image_layout.levels)):
+        jobs = [(plan.output, plan.name, level, r) for r in level_regions(image_layout, level)]
+        run_tasks(_pyramid, jobs, **run, name="instances-pyramid")
+    return objects, dtype, edges
+
+
+def _attrs(plan: _Plan, *, consecutive: bool) -> dict[str, Any]:
+    """How the labels were made, as the labels image records it."""
+    return {
+        "source": plan.source, "foreground_classes": list(plan.foreground_classes or []),
+        "threshold": plan.threshold, "connectivity": plan.connectivity,
+        "watershed": plan.watershed, "min_distance": plan.min_distance, "halo": plan.halo,
+        "consecutive": consecutive,
+    }  # fmt: skip
