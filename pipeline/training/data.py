@@ -36,6 +36,7 @@ __all__ = [
     "CropGeometry",
     "TrainPair",
     "augment",
+    "contact_lines",
     "draw_crops",
     "file_pairs",
     "heldout_dice",
@@ -311,21 +312,51 @@ class CropGeometry:
         return (self.size - self.out) // 2
 
 
+def contact_lines(labels: np.ndarray) -> np.ndarray:
+    """Where instances touch: the pixels of an instance with a face neighbour of a larger id.
+
+    A one-pixel line on one side of every contact between two objects (none between an object
+    and the background, none inside a binary mask). Pixels on the array's edge are judged by
+    their neighbours inside it only.
+    """
+    lines = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        a, b = labels[tuple(lo)], labels[tuple(hi)]
+        lines[tuple(lo)] |= (b > a) & (a > 0)
+        lines[tuple(hi)] |= (a > b) & (b > 0)
+    return lines
+
+
 def read_crop(
-    pair: TrainPair, origin: tuple[int, ...], crop: CropGeometry, *, classes: int
+    pair: TrainPair,
+    origin: tuple[int, ...],
+    crop: CropGeometry,
+    *,
+    classes: int,
+    gaps: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Normalised input window (C, *size) and class targets (*out) for the output at ``origin``.
 
-    With valid padding the target is the centre of the window matching the model's output."""
+    With valid padding the target is the centre of the window matching the model's output.
+    With ``gaps`` (two classes), :func:`contact_lines` between touching instances are
+    background, so the model learns to leave a line between touching objects that the
+    watershed of ``--instances watershed`` can split at."""
     ndim = len(origin)
     start = [o - crop.margin for o in origin]
     plan = window_read(start, [s + crop.size for s in start], pair.image.spatial_shape)
     x = pair.normalization.apply(
         apply_window(pair.image.read(plan.source), plan, first_spatial_axis=1)
     )
-    stop = [o + crop.out for o in origin]
-    plan = window_read(origin, stop, pair.mask.spatial_shape)
+    rim = 1 if gaps and classes == 2 else 0  # a contact is judged with the neighbours outside
+    stop = [o + crop.out + rim for o in origin]
+    plan = window_read([o - rim for o in origin], stop, pair.mask.spatial_shape)
     mask = apply_window(pair.mask.read(plan.source), plan, first_spatial_axis=1)[0]
+    if rim:
+        inner = (slice(rim, -rim),) * ndim
+        mask = np.where(contact_lines(mask)[inner], 0, mask[inner])
     if classes == 2:
         y = (mask > 0).astype(np.int64)  # instance ids and binary masks alike: foreground
     else:

@@ -131,6 +131,9 @@ class TrainConfig:
     percentiles: tuple[float, float] = (1.0, 99.8)
     # stain step fitted per image before the percentiles, as `tileseg segment --stain` does
     stain: str = "none"
+    # two classes: touching instances' contact lines are background in the target
+    # (pipeline.training.data.contact_lines), so touching objects come out separable
+    gaps: bool = False
     augment: Augment = field(default_factory=Augment)
     device: str = "auto"
     # recorded in the model file: one name per class, and the pixel size (µm) of the training
@@ -169,6 +172,7 @@ class TrainConfig:
             f"class_names: one name per class ({unet.classes}) needed",
         )
         _require(self.pixel_size_um is None or self.pixel_size_um > 0, "pixel_size_um: > 0")
+        _require(not self.gaps or unet.classes == 2, "gaps: needs a two-class model")
         if self.heldout is not None:
             need = 3 if self.heldout.kind == "he" and self.stain != "hematoxylin" else 1
             _require(unet.in_channels == need, f"heldout: {self.heldout.kind} needs {need} channel")
@@ -297,11 +301,11 @@ def _segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return ce + 1 - ((2 * inter + 1) / (total + 1)).mean()
 
 
-def _batches(pairs, draws, crop, classes, bs, rng=None, aug=None):
+def _batches(pairs, draws, crop, classes, bs, rng=None, aug=None, *, gaps=False):
     for i in range(0, len(draws), bs):
         xs, ys = [], []
         for k, origin in draws[i : i + bs]:
-            x, y = read_crop(pairs[k], origin, crop, classes=classes)
+            x, y = read_crop(pairs[k], origin, crop, classes=classes, gaps=gaps)
             if rng is not None:
                 x, y = augment(x, y, rng, **asdict(aug))
             xs.append(x)
@@ -393,7 +397,9 @@ def train(
     val_draws = draw_crops(
         val_pairs, config.val_crops, crop, np.random.default_rng([config.seed, 2])
     )
-    val_batches = list(_batches(val_pairs, val_draws, crop, unet.classes, config.batch_size))
+    val_batches = list(
+        _batches(val_pairs, val_draws, crop, unet.classes, config.batch_size, gaps=config.gaps)
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -412,8 +418,9 @@ def train(
             draws = draw_crops(train_pairs, config.steps_per_epoch * config.batch_size, crop, rng)
             losses = []
             for x, y in _batches(
-                train_pairs, draws, crop, unet.classes, config.batch_size, rng, config.augment
-            ):
+                train_pairs, draws, crop, unet.classes, config.batch_size, rng, config.augment,
+                gaps=config.gaps,
+            ):  # fmt: skip
                 loss = _segmentation_loss(model(x.to(device)), y.to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -18,7 +18,7 @@ from pipeline.models import ModelSpec, load_model
 from pipeline.models.files import DEFAULT_MODEL
 from pipeline.output.qc import foreground_dice, instance_f1
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
-from pipeline.training.data import augment, file_pairs, read_crop
+from pipeline.training.data import augment, contact_lines, file_pairs, read_crop
 from pipeline.training.real_nuclei import score_real_nuclei
 from pipeline.training.train import TrainConfig, config_from_mapping, crop_geometry, train
 
@@ -109,6 +109,43 @@ def test_valid_training_crops_target_the_output_centre(dataset):
         np.testing.assert_array_equal(xa[0] > 0, ya > 0)
 
 
+def test_contact_lines_are_one_pixel_on_the_smaller_ids_side():
+    labels = np.array(
+        [
+            [0, 1, 1, 2, 2],
+            [0, 1, 1, 2, 2],
+            [3, 3, 0, 0, 0],
+        ]
+    )
+    expected = np.array(
+        [
+            [0, 0, 1, 0, 0],
+            [0, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(contact_lines(labels), expected)
+    np.testing.assert_array_equal(contact_lines(labels[::-1, ::-1]), expected[::-1, ::-1])
+    assert not contact_lines(labels > 0).any()  # a binary mask has no contacts
+
+
+def test_gapped_targets_cut_touching_instances_apart(dataset):
+    """With ``gaps``, the target is the foreground less the contact lines, judged with the
+    neighbours just outside the crop, so a crop's target is a crop of the whole mask's."""
+    pair = file_pairs(*dataset)[0]
+    labels = pair.mask.read((slice(0, 160), slice(0, 160)))[0]
+    whole = (labels > 0) & ~contact_lines(labels)
+    assert contact_lines(labels).any()  # the generated slide has touching nuclei
+    crop = crop_geometry(tiny(dataset).unet, 48)
+    for origin in [(10, 20), (100, 60), (0, 0)]:
+        _, y = read_crop(pair, origin, crop, classes=2, gaps=True)
+        box = tuple(slice(o, o + crop.out) for o in origin)
+        np.testing.assert_array_equal(y, whole[box])
+        _, plain = read_crop(pair, origin, crop, classes=2)
+        np.testing.assert_array_equal(plain, labels[box] > 0)
+
+
 def test_missing_or_mismatched_masks_name_the_file(dataset, tmp_path):
     images, masks = dataset
     other = tmp_path / "masks"
@@ -156,6 +193,7 @@ def test_cli_train(dataset, tmp_path, capsys):
         ("model: {depth: 2, heads: 3}\n", "model: unknown U-Net config keys"),
         ("epochs: two\n", "epochs: expected int"),
         ("heldout: {seed: 1000}\nsynthetic: {seed: 1000}\n", "seeds overlap"),
+        ("gaps: true\nmodel: {classes: 3}\n", "gaps: needs a two-class model"),
     ]:
         config.write_text(text)
         code = main([*args, "--config", str(config), "--overwrite", "--no-progress"])
