@@ -742,7 +742,10 @@ def _pyramid(
             (f"pyramid-{level}-{i:07d}", (output, layout, level, region))
             for i, region in enumerate(level_regions(layout, level))
         ]
-        run_resumable(downsample_region, parts, output=output, run_id=run_id, runtime=runtime)
+        run_resumable(
+            downsample_region, parts, output=output, run_id=run_id, runtime=runtime,
+            name="pyramid",
+        )  # fmt: skip
 
 
 def _upsample(job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str) -> int:
@@ -757,7 +760,9 @@ def _upsample(job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str)
         (f"upsample-{i:07d}", (job.output, layout, region, source, factors, levels))
         for i, region in enumerate(regions)
     ]
-    run_resumable(_upsample_part, parts, output=job.output, run_id=run_id, runtime=runtime)
+    run_resumable(
+        _upsample_part, parts, output=job.output, run_id=run_id, runtime=runtime, name="upsample"
+    )
     return levels
 
 
@@ -827,7 +832,10 @@ def _overview(
         (f"overview-{i:07d}", (output, source, region))
         for i, region in enumerate(overview_regions(layout))
     ]
-    run_resumable(write_overview_block, parts, output=output, run_id=run_id, runtime=runtime)
+    run_resumable(
+        write_overview_block, parts, output=output, run_id=run_id, runtime=runtime,
+        name="overview",
+    )  # fmt: skip
     with writing(output):
         finish_overview(output, rgb="S" in image.axes)
 

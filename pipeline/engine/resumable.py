@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dask.utils import funcname
+
 from pipeline.engine.tasks import writing
 from pipeline.output.lock import check_owner
 from pipeline.output.provenance import done_summary, is_done, mark_done
@@ -58,6 +60,7 @@ def run_resumable(
     output: str,
     run_id: str,
     runtime: Runtime,
+    name: str | None = None,
 ) -> None:
     """Run ``work(*args)`` for each ``(name, args)`` of ``parts`` not yet marked done in
     ``output``, as tasks where ``runtime`` says, each marking its part done once written.
@@ -76,13 +79,16 @@ def run_resumable(
         writing (an empty id checks nothing).
     runtime
         Where the tasks run.
+    name
+        The tasks' key prefix (default: the name of ``work``), so that a cluster's views and
+        plugins tell the steps apart.
     """
     todo = [
         _Part(work, tuple(args), output, name, run_id)
         for name, args in parts
         if not is_done(output, name)
     ]
-    run_tasks(_run_part, todo, **runtime.tasks())
+    run_tasks(_run_part, todo, name=name or funcname(work), **runtime.tasks())
 
 
 def run_once(output: str, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:

@@ -7,12 +7,14 @@ straight to the output store, never through the scheduler.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any, TypeVar
 
 import dask
 from dask.callbacks import Callback
+from dask.utils import funcname
 
 from pipeline.errors import TilesegError
 from pipeline.runtime.worker_wait import wait_for_workers
@@ -45,7 +47,7 @@ def run_tasks(
     scheduler: str | None = None,
     workers: int = 1,
     on_done: Callable[[R], None] | None = None,
-    name: str = "tileseg",
+    name: str | None = None,
     resources: dict[str, float] | None = None,
 ) -> list[R]:
     """Run ``fn`` on every item and return the results in order.
@@ -61,6 +63,9 @@ def run_tasks(
         default 300) ends the run with :class:`~pipeline.runtime.worker_wait.NoWorkers`, not a hang.
     on_done
         Called in the calling process with each result as it finishes (progress reporting).
+    name
+        The tasks' key prefix, as the scheduler and its dashboard show them (default: the name
+        of ``fn``).
     resources
         Worker resources each task needs on a distributed cluster (e.g. ``{"GPU": 1}``, so a GPU
         worker runs one model at a time); ignored by the embedded scheduler.
@@ -71,23 +76,25 @@ def run_tasks(
         # What Dask's synchronous scheduler does, without the set-up of its first call:
         # in order, in the calling thread. There a CPU forward's activations come from glibc's
         # main heap, which keeps freed memory (pipeline/runtime/heap.py); any other thread's arena
-        # maps
-        # and page-faults them in anew for every batch.
+        # maps and page-faults them in anew for every batch.
         results = []
         for item in items:
             results.append(result := fn(item))
             if on_done:
                 on_done(result)
         return results
+    prefix = name or funcname(fn)
     if scheduler is None:
         tasks = [
-            dask.delayed(fn, pure=False)(item, dask_key_name=(name, i))
+            dask.delayed(fn, pure=False)(item, dask_key_name=(prefix, i))
             for i, item in enumerate(items)
         ]
         progress = _Progress({t.key for t in tasks}, on_done) if on_done else nullcontext()
         with progress:
             return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
-    return _run_distributed(fn, items, scheduler=scheduler, on_done=on_done, resources=resources)
+    return _run_distributed(
+        fn, items, scheduler=scheduler, on_done=on_done, resources=resources, name=prefix
+    )
 
 
 def _run_distributed(
@@ -97,6 +104,7 @@ def _run_distributed(
     scheduler: str,
     on_done: Callable[[R], None] | None,
     resources: dict[str, float] | None = None,
+    name: str,
 ) -> list[R]:
     from distributed import Client, KilledWorker
 
@@ -107,7 +115,9 @@ def _run_distributed(
     with client:
         # A scheduler without an able worker would hold the tasks forever: bounded waits.
         wait_for_workers(client, resources, address=scheduler)
-        futures = client.map(fn, list(items), pure=False, resources=resources)
+        token = uuid.uuid4().hex  # keys unique to this call, named for the scheduler's views
+        keys = [f"{name}-{token}-{i}" for i in range(len(items))]
+        futures = client.map(fn, list(items), key=keys, resources=resources)
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[Any] = [None] * len(futures)
         try:
