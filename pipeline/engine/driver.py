@@ -18,8 +18,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from pipeline.output.lock import OutputLock, TakenOver, claim_output, is_owner
 from pipeline.output.ngff import (
     OutputLayout,
     Overview,
-    create_output,
+    build_output,
     downsample_region,
     forget_arrays,
     level_regions,
@@ -61,6 +61,7 @@ from pipeline.output.ngff import (
     mark_failed,
     model_grid_path,
     overview_factor,
+    place_output,
     read_layout,
     read_record,
     upsample_region,
@@ -388,8 +389,11 @@ def _run(
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
     timer = job.timer
-    normalization, mask = _inputs(job)
-    made = _make_output(job, state, run_id, normalization=normalization, mask=mask)
+    with _skeleton_beside(job, state) as skeleton:
+        normalization, mask = _inputs(job)
+        made = _make_output(
+            job, state, run_id, normalization=normalization, mask=mask, skeleton=skeleton
+        )
     if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
         with timer.phase("warmup"):
             cached_predictor(
@@ -428,6 +432,47 @@ def _inputs(job: _Job) -> tuple[Normalization, TissueMask | None]:
     return normalization, mask
 
 
+@dataclass(frozen=True)
+class _Skeleton:
+    """The output's arrays, built under a hidden name and not yet in place."""
+
+    layout: OutputLayout
+    task_layout: OutputLayout  # the model's grid of an upsampled run, else ``layout``
+    building: Path
+
+
+@contextlib.contextmanager
+def _skeleton_beside(job: _Job, state: str) -> Iterator[Future[_Skeleton] | None]:
+    """Build a new output's arrays in a thread while the normalisation is decided: they need
+    only the layout. The record, which needs the normalisation, is written after, and only
+    then is the output renamed into place (``build_output``, ``place_output``), so a failure
+    or a kill meanwhile leaves no output, as before. A resumed output is not built (None)."""
+    if state == "partial":
+        yield None
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="tileseg-skeleton") as pool:
+        future = pool.submit(_build_skeleton, job, state)
+        try:
+            yield future
+        except Exception:
+            # Not placed: the hidden build goes too (a kill leaves it for the next run).
+            with contextlib.suppress(Exception):
+                shutil.rmtree(future.result().building, ignore_errors=True)
+            raise
+
+
+def _build_skeleton(job: _Job, state: str) -> _Skeleton:
+    layout = _layout(job, state)
+    task_layout = _model_grid_layout(job, layout) if job.upsampled else layout
+    with writing(job.output):
+        building = build_output(
+            job.output, layout, overwrite=state == "replace",
+            subdirs=[os.path.relpath(done_dir(job.output), job.output)],
+            model_grid=task_layout if job.upsampled else None,
+        )  # fmt: skip
+    return _Skeleton(layout, task_layout, building)
+
+
 def _make_output(
     job: _Job,
     state: str,
@@ -435,11 +480,19 @@ def _make_output(
     *,
     normalization: Normalization,
     mask: TissueMask | None,
+    skeleton: Future[_Skeleton] | None,
 ) -> _MadeOutput:
-    """Create the output skeleton (settings, arrays) or reopen a partial one, and claim it."""
+    """Put the output in place, its record written (``skeleton``: its arrays, built beside the
+    normalisation), or reopen a partial one, and claim it. Timed as what is left of the
+    output's creation after the normalisation."""
     output = job.output
     output_started = time.perf_counter()
-    layout = _layout(job, state)
+    if skeleton is None:
+        layout = _layout(job, state)
+        task_layout = _model_grid_layout(job, layout) if job.upsampled else layout
+    else:
+        built = skeleton.result()
+        layout, task_layout = built.layout, built.task_layout
     record = _record(job, normalization, layout, mask)
     # A resumed run works as the run it continues did: its done tasks must match the rest.
     resumed = (read_record(output) or {}).get("run", {}) if state == "partial" else None
@@ -452,14 +505,9 @@ def _make_output(
     }  # fmt: skip
     forget_arrays(output)
     forget_arrays(model_grid_path(output))
-    task_layout = _model_grid_layout(job, layout) if job.upsampled else layout
-    if state != "partial":
+    if skeleton is not None:
         with writing(output):
-            create_output(
-                output, layout, overwrite=state == "replace", attrs=record,
-                subdirs=[os.path.relpath(done_dir(output), output)],
-                model_grid=task_layout if job.upsampled else None,
-            )  # fmt: skip
+            place_output(built.building, output, attrs=record)
     claim_output(output, run_id)
     job.timer.add("output", time.perf_counter() - output_started)
     return _MadeOutput(layout, task_layout, record, run, per_task, levels, in_channels)

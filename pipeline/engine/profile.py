@@ -24,7 +24,7 @@ PHASES = {
     "fingerprint": "input identity and fingerprint",
     "normalization": "normalisation sample and percentiles",
     "tissue": "tissue mask",
-    "output": "output skeleton: layout, run settings, arrays created",
+    "output": "output skeleton: what is left after the normalisation, built beside it",
     "warmup": "model prepared for the run (cached per process)",
     "segment": "inference tasks: read, forward, write",
     "pyramid": "pyramid levels above the tasks' own",

@@ -50,6 +50,7 @@ __all__ = [
     "OVERVIEW_NAME",
     "OutputLayout",
     "Overview",
+    "build_output",
     "create_array",
     "create_labels_image",
     "create_output",
@@ -66,6 +67,7 @@ __all__ = [
     "next_level",
     "open_array",
     "overview_factor",
+    "place_output",
     "read_layout",
     "read_record",
     "set_overview_display",
@@ -261,20 +263,48 @@ def create_output(
     run killed meanwhile leaves either no output (the same command starts afresh) or a complete
     skeleton with its record (the same command resumes), never a group it would refuse.
     """
+    building = build_output(
+        path, layout, overwrite=overwrite, subdirs=subdirs, model_grid=model_grid
+    )
+    place_output(building, path, attrs=attrs)
+
+
+def build_output(
+    path: str | os.PathLike[str],
+    layout: OutputLayout,
+    *,
+    overwrite: bool,
+    subdirs: Sequence[str] = (),
+    model_grid: OutputLayout | None = None,
+) -> Path:
+    """The first half of :func:`create_output`: every array and the NGFF metadata, under a
+    hidden name beside ``path`` (returned), without the record. It needs only the layout, so
+    it can be built while what the record holds is still being decided."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise TilesegError(path, "output already exists (use --overwrite to replace it)")
     for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     building = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:12]}")
-    _create_skeleton(building, layout, attrs)
+    _create_skeleton(building, layout, {})
     for sub in subdirs:
         (building / sub).mkdir(parents=True)
     if model_grid is not None:
         _create_model_grid(building / MODEL_GRID, model_grid)
+    return building
+
+
+def place_output(
+    building: str | os.PathLike[str], path: str | os.PathLike[str], *, attrs: dict[str, Any]
+) -> None:
+    """The second half of :func:`create_output`: the record written into the hidden
+    ``building`` and the whole renamed to ``path`` (replacing what is there)."""
+    path = Path(path)
+    root = zarr.open_group(building, mode="r+", zarr_format=2)
+    root.attrs["tileseg"] = {**attrs, "status": "running"}
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    building.rename(path)
+    Path(building).rename(path)
 
 
 def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) -> None:

@@ -294,6 +294,32 @@ def test_killed_while_creating_the_output_the_same_command_starts_afresh(
     assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
 
 
+def test_a_failed_normalisation_leaves_no_output_beside_the_built_skeleton(
+    tmp_path, slide, model, monkeypatch
+):
+    # The arrays are built while the normalisation is decided: when it fails, neither the
+    # output nor the hidden build is left, and the same command then makes the whole output.
+    import pipeline.engine.driver
+
+    options = SegmentOptions(model=model, tile=64, chunk=64, batch_size=2)
+    segment_image(slide, tmp_path / "reference.zarr", options)
+    out = tmp_path / "out.zarr"
+
+    def unreadable(*args, **kwargs):
+        raise TilesegError(slide, "cannot read the normalisation sample")
+
+    monkeypatch.setattr(pipeline.engine.driver, "compute_normalization", unreadable)
+    with pytest.raises(TilesegError, match="normalisation sample"):
+        segment_image(slide, out, options)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.zarr.creating-*"))
+    monkeypatch.undo()
+
+    segment_image(slide, out, options)
+    assert read_record(out)["status"] == "complete"
+    assert chunk_files(out) == chunk_files(tmp_path / "reference.zarr")
+
+
 def test_resumed_after_the_object_steps_the_record_keeps_their_summaries(
     tmp_path, slide, model, monkeypatch
 ):
