@@ -749,16 +749,7 @@ def _execute(
     with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
         overview = alongside.submit(write_overview) if overview_alongside(runtime) else None
         t = time.perf_counter()
-        with shared_cpu(runtime):
-            if runtime.serial:
-                # One task at a time here: as one stream of batches, the next task's first
-                # read and the last one's writes overlap inference instead of waiting for it.
-                results = [run_blocks(tasks, on_done=on_done)] if tasks else []
-            else:
-                results = run_tasks(
-                    run_block, tasks, **runtime.tasks(), on_done=on_done,
-                    resources=job.options.resources,
-                )  # fmt: skip
+        results = _infer(job, tasks, on_done=on_done)
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
         if job.upsampled:
@@ -774,6 +765,21 @@ def _execute(
         "nonfinite": nonfinite,
         "walls": {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall},
     }
+
+
+def _infer(
+    job: _Job, tasks: list[BlockTask], *, on_done: Callable[[dict[str, float]], None]
+) -> list[dict[str, Any]]:
+    """Run the inference tasks where the job's runtime says; their results."""
+    runtime = job.runtime
+    with shared_cpu(runtime):
+        if runtime.serial:
+            # One task at a time here: as one stream of batches, the next task's first
+            # read and the last one's writes overlap inference instead of waiting for it.
+            return [run_blocks(tasks, on_done=on_done)] if tasks else []
+        return run_tasks(
+            run_block, tasks, **runtime.tasks(), on_done=on_done, resources=job.options.resources
+        )
 
 
 def _pyramid(

@@ -16,6 +16,7 @@ import sys
 import time
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -358,30 +359,17 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train a U-Net with ``config`` and write it to ``out`` (``.safetensors``)."""
-    from tqdm import tqdm
-
     from pipeline.models.inference import resolve_device
 
     started = time.perf_counter()
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise TilesegError(out, "the model file name must end with .safetensors")
-    if out.exists() and not overwrite:
-        raise TilesegError(out, "already exists (use --overwrite to replace it)")
+    out = _checked_out(Path(out), overwrite=overwrite)
     try:
         device = resolve_device(config.device)
     except (ValueError, RuntimeError) as exc:
         raise TilesegError("--device", str(exc)) from None
     unet = config.unet
     pairs, data = _load_data(config)
-    for pair in pairs:
-        channels = pair.normalization.channels(pair.image.n_channels)
-        if channels != unet.in_channels or len(pair.image.spatial_shape) != unet.ndim:
-            raise TilesegError(
-                pair.image.path,
-                f"{channels} channel(s), {len(pair.image.spatial_shape)}D, but the "
-                f"model takes {unet.in_channels} channel(s), {unet.ndim}D",
-            )
+    _check_pairs(pairs, unet)
     train_pairs, val_pairs = split_pairs(pairs, fraction=config.val_fraction, seed=config.seed)
     object_size = training_object_size([p.mask for p in train_pairs])
     object_size["pixel_size"] = _pixel_size(train_pairs)
@@ -392,6 +380,70 @@ def train(
     if device.type == "cpu":
         keep_freed_memory()  # backward passes free and re-fault their activations too
     model = UNet(unet).to(device)
+    fit = _fit(model, train_pairs, val_pairs, config, device=device, progress=progress)
+    model.load_state_dict(fit.best_state)
+    model.eval()
+    record = _training_record(config, fit, data=data, object_size=object_size, device=device)
+    if config.heldout is not None:
+        h = config.heldout
+        record["heldout"] = heldout_dice(
+            model, kind=h.kind, images=h.images, size=h.size, seed=h.seed,
+            percentiles=config.percentiles, device=device, stain=config.stain,
+        )  # fmt: skip
+        if h.scales and h.kind == "fluorescence" and unet.ndim == 2:
+            record["heldout_scales"] = heldout_scales(model, object_size, device=device)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    model.cpu()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    save_unet(model, partial, training=record, metadata=_model_metadata(config, pairs))
+    os.replace(partial, out)  # a reader (or the model cache) never sees a half-written file
+    return TrainResult(out, record)
+
+
+def _checked_out(out: Path, *, overwrite: bool) -> Path:
+    if out.suffix != ".safetensors":
+        raise TilesegError(out, "the model file name must end with .safetensors")
+    if out.exists() and not overwrite:
+        raise TilesegError(out, "already exists (use --overwrite to replace it)")
+    return out
+
+
+def _check_pairs(pairs: list[Any], unet: UNetConfig) -> None:
+    for pair in pairs:
+        channels = pair.normalization.channels(pair.image.n_channels)
+        if channels != unet.in_channels or len(pair.image.spatial_shape) != unet.ndim:
+            raise TilesegError(
+                pair.image.path,
+                f"{channels} channel(s), {len(pair.image.spatial_shape)}D, but the "
+                f"model takes {unet.in_channels} channel(s), {unet.ndim}D",
+            )
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """What the epochs gave: each epoch's row, the best one and its weights."""
+
+    history: list[dict[str, float]]
+    best: dict[str, Any]
+    best_state: dict[str, Any]
+    stopped: bool
+
+
+def _fit(
+    model: UNet,
+    train_pairs: list[Any],
+    val_pairs: list[Any],
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    progress: bool,
+) -> _Fit:
+    """Train ``model`` epoch by epoch, keeping the weights of the best validation loss and
+    stopping after ``patience`` epochs without improvement."""
+    from tqdm import tqdm
+
+    unet = config.unet
     crop = crop_geometry(unet, config.crop)
     rng = np.random.default_rng([config.seed, 1])
     val_draws = draw_crops(
@@ -405,7 +457,6 @@ def train(
     )
     total_steps = config.epochs * config.steps_per_epoch
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps, config.lr * 0.05)
-
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {}
     best_state, stale, stopped = None, 0, False
@@ -416,19 +467,13 @@ def train(
         for epoch in range(1, config.epochs + 1):
             model.train()
             draws = draw_crops(train_pairs, config.steps_per_epoch * config.batch_size, crop, rng)
-            losses = []
-            for x, y in _batches(
+            batches = _batches(
                 train_pairs, draws, crop, unet.classes, config.batch_size, rng, config.augment,
                 gaps=config.gaps,
-            ):  # fmt: skip
-                loss = _segmentation_loss(model(x.to(device)), y.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", refresh=False)
+            )  # fmt: skip
+            losses = _epoch(
+                model, batches, optimizer, schedule, device=device, bar=bar, epoch=epoch
+            )
             val_loss, val_dice = _evaluate(model, val_batches, device)
             row = {
                 "epoch": epoch,
@@ -448,9 +493,44 @@ def train(
                     break
     finally:
         bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    record: dict[str, Any] = {
+    return _Fit(history, best, best_state, stopped)
+
+
+def _epoch(
+    model: UNet,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    device: torch.device,
+    bar: Any,
+    epoch: int,
+) -> list[float]:
+    """One epoch's optimiser steps; returns their losses."""
+    losses = []
+    for x, y in batches:
+        loss = _segmentation_loss(model(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses):.4f}", refresh=False)
+    return losses
+
+
+def _training_record(
+    config: TrainConfig,
+    fit: _Fit,
+    *,
+    data: dict[str, Any],
+    object_size: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The model file's training record: versions, data, recipe and the epochs' results."""
+    best = fit.best
+    return {
         "tileseg": __version__,
         "torch": torch.__version__,
         "device": str(device),
@@ -461,30 +541,15 @@ def train(
             "percentiles": list(config.percentiles),
             "stain": config.stain,
         },
-        "epochs": len(history),
+        "epochs": len(fit.history),
         "best_epoch": best["epoch"],
-        "stopped_early": stopped,
+        "stopped_early": fit.stopped,
         "train_loss": best["train_loss"],
         "val_loss": best["val_loss"],
         "val_dice": best["val_dice"],
-        "history": history,
+        "history": fit.history,
         "object_size": object_size,
     }
-    if config.heldout is not None:
-        h = config.heldout
-        record["heldout"] = heldout_dice(
-            model, kind=h.kind, images=h.images, size=h.size, seed=h.seed,
-            percentiles=config.percentiles, device=device, stain=config.stain,
-        )  # fmt: skip
-        if h.scales and h.kind == "fluorescence" and unet.ndim == 2:
-            record["heldout_scales"] = heldout_scales(model, object_size, device=device)
-    record["seconds"] = round(time.perf_counter() - started, 1)
-    model.cpu()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    save_unet(model, partial, training=record, metadata=_model_metadata(config, pairs))
-    os.replace(partial, out)  # a reader (or the model cache) never sees a half-written file
-    return TrainResult(out, record)
 
 
 def _model_metadata(config: TrainConfig, pairs: list[TrainPair]) -> ModelMetadata:
