@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ from pipeline.output.qc import foreground_dice, instance_f1
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 from pipeline.training.data import augment, contact_lines, file_pairs, read_crop
 from pipeline.training.real_nuclei import score_real_nuclei
-from pipeline.training.train import TrainConfig, config_from_mapping, crop_geometry, train
+from pipeline.training.train import (
+    TrainConfig,
+    config_from_mapping,
+    crop_geometry,
+    load_train_config,
+    train,
+)
 
 # A tiny valid U-Net and a short schedule: seconds on two CPU cores.
 TINY = {
@@ -229,6 +236,17 @@ def test_shipped_default_reproduces_its_recorded_heldout_dice(tmp_path):
     dice = foreground_dice(tmp_path / "out.zarr", labels)
     assert dice == pytest.approx(heldout["dice"][i], abs=1e-3)
     assert dice >= 0.9
+
+
+def test_shipped_default_is_trained_by_its_committed_recipe():
+    """The recipe in the model's record, read as a recipe (keys added since take their
+    defaults), is configs/train-default.yaml."""
+    with safe_open(str(DEFAULT_MODEL), framework="pt") as f:
+        record = json.loads(f.metadata()["tileseg.training"])
+    committed = load_train_config(
+        Path(__file__).resolve().parents[2] / "configs/train-default.yaml"
+    )
+    assert config_from_mapping(record["recipe"]) == committed
 
 
 def test_shipped_default_generalises_to_real_fluorescence_nuclei(tmp_path):
