@@ -15,9 +15,16 @@ import numpy as np
 import zarr
 
 from pipeline.io.readers import LazyImage
-from pipeline.output.ngff import LABELS_PATH, read_layout
+from pipeline.output.ngff import LABELS_PATH, labels_image_path, read_layout
 
-__all__ = ["foreground_dice", "instance_f1", "overlay_png", "overview_thumbnail", "thumbnail"]
+__all__ = [
+    "foreground_dice",
+    "instance_f1",
+    "output_scores",
+    "overlay_png",
+    "overview_thumbnail",
+    "thumbnail",
+]
 
 _FILL = np.array(
     [[0, 0, 0], [255, 60, 60], [60, 220, 60], [70, 130, 255], [255, 200, 0], [200, 70, 255]],
@@ -158,3 +165,16 @@ def instance_f1(pred: np.ndarray, truth: np.ndarray, *, iou: float = 0.5) -> dic
     n_pred, n_true = len(p_ids), len(t_ids)
     f1 = 1.0 if n_pred + n_true == 0 else 2 * matched / (n_pred + n_true)
     return {"f1": f1, "matched": matched, "predicted": n_pred, "true": n_true}
+
+
+def output_scores(output: str | os.PathLike[str], truth: np.ndarray) -> dict[str, float]:
+    """Foreground Dice of an output's labels and object F1 (IoU 0.5) of its instances (run with
+    ``--instances``) against the instance labels ``truth``."""
+    instances = zarr.open_array(Path(output) / labels_image_path("instances") / "0", mode="r")
+    objects = instance_f1(np.asarray(instances), truth)
+    return {
+        "foreground_dice": foreground_dice(output, truth),
+        "object_f1": objects["f1"],
+        "objects": objects["predicted"],
+        "true_objects": objects["true"],
+    }

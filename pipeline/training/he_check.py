@@ -7,14 +7,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import tifffile
-import zarr
 
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
-from pipeline.output.ngff import labels_image_path
-from pipeline.output.qc import foreground_dice, instance_f1
+from pipeline.output.qc import output_scores
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 
 __all__ = ["score_generated_he"]
@@ -44,12 +41,9 @@ def score_generated_he(
     out = directory / f"generated-he-{size}.zarr"
     options = replace(options or SegmentOptions(), instances="watershed", overwrite=True)
     record = segment_image(image, out, options).record
-    instances = zarr.open_array(out / labels_image_path("instances") / "0", mode="r")
-    objects = instance_f1(np.asarray(instances), truth)
     stain = record["normalization"].get("stain")
     return {
-        "foreground_dice": foreground_dice(out, truth),
-        "object_f1": objects["f1"],
+        **output_scores(out, truth),
         "image": str(image),
         "output": str(out),
         "model": Path(record["model"]["source"]).name,

@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 import tifffile
-import zarr
 
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.models import ModelSpec, load_model
 from pipeline.models.object_size import object_diameters, trained_object_size
-from pipeline.output.ngff import labels_image_path
-from pipeline.output.qc import foreground_dice, instance_f1
+from pipeline.output.qc import output_scores
 from pipeline.synthetic.render import synthetic_pair
 from pipeline.training.scale_eval import sized_config
 
@@ -72,24 +70,12 @@ def score_large_nuclei(
         "estimated_diameter_px": done["object_size_px"],
         "trained_diameter_px": done["trained_object_size_px"],
         "input_px_per_model_px": max(done["input_factor"]),
-        **_scores(out, truth),
+        **output_scores(out, truth),
         "image": str(path),
         "output": str(out),
     }
     if compare:
         unscaled = directory / f"generated-large-nuclei-{size}-unscaled.zarr"
         segment_image(path, unscaled, replace(options, object_size=None))
-        scores["unscaled"] = _scores(unscaled, truth)
+        scores["unscaled"] = output_scores(unscaled, truth)
     return scores
-
-
-def _scores(output: Path, truth: np.ndarray) -> dict[str, Any]:
-    """Foreground Dice and object F1 of an output's watershed instances against ``truth``."""
-    instances = zarr.open_array(output / labels_image_path("instances") / "0", mode="r")
-    objects = instance_f1(np.asarray(instances), truth)
-    return {
-        "foreground_dice": foreground_dice(output, truth),
-        "object_f1": objects["f1"],
-        "objects": objects["predicted"],
-        "true_objects": objects["true"],
-    }

@@ -11,14 +11,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import tifffile
-import zarr
 
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
-from pipeline.output.ngff import labels_image_path
-from pipeline.output.qc import foreground_dice, instance_f1
+from pipeline.output.qc import output_scores
 
 __all__ = ["IMAGE", "MASK", "score_real_nuclei"]
 
@@ -39,12 +36,4 @@ def score_real_nuclei(
     options = replace(options or SegmentOptions(), instances="watershed", overwrite=True)
     segment_image(IMAGE, out, options)
     truth = tifffile.imread(MASK)
-    instances = zarr.open_array(out / labels_image_path("instances") / "0", mode="r")
-    objects = instance_f1(np.asarray(instances), truth)
-    return {
-        "foreground_dice": foreground_dice(out, truth),
-        "object_f1": objects["f1"],
-        "objects": objects["predicted"],
-        "true_objects": objects["true"],
-        "output": str(out),
-    }
+    return {**output_scores(out, truth), "output": str(out)}
