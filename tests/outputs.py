@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from pipeline.output.ngff import (
     forget_arrays,
     open_array,
 )
+from pipeline.output.provenance import done_dir
 
 
 def make_output(
@@ -77,3 +80,16 @@ def assert_pyramid_from_level_below(out: Path) -> int:
             )
         k += 1
     return k - 1
+
+
+def wait_for_done_tasks(
+    out: Path, count: int, *, running: Callable[[], bool], timeout: float = 120
+) -> None:
+    """Wait until ``count`` inference tasks of the run writing ``out`` are marked done (to kill
+    it mid-run), the run still ``running()`` all the while."""
+    markers = done_dir(out)
+    deadline = time.monotonic() + timeout
+    while not (markers.exists() and len(list(markers.glob("tiles-*"))) >= count):
+        assert running(), "the run finished before it could be killed"
+        assert time.monotonic() < deadline, f"{count} tasks not done within {timeout} s"
+        time.sleep(0.01)

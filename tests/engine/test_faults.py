@@ -9,14 +9,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import tifffile
 from imagefiles import write_tiff, write_zarr
-from outputs import chunk_files
+from outputs import chunk_files, wait_for_done_tasks
 
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
@@ -59,11 +58,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_output(tmp_path, slide, mod
     out = tmp_path / "out.zarr"
     proc = cli(str(slide), str(out), *args)
     markers = done_dir(out)
-    deadline = time.monotonic() + 120
-    while not (markers.exists() and len(list(markers.glob("tiles-*"))) >= 5):
-        assert proc.poll() is None, "run finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for_done_tasks(out, 5, running=lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert read_record(out)["status"] == "running"
@@ -136,10 +131,7 @@ def kill_a_worker_mid_run(slide, out, options, *, workers: int, after: int) -> l
 
         thread = threading.Thread(target=run)
         thread.start()
-        deadline = time.monotonic() + 120
-        while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= after):
-            assert thread.is_alive() and time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for_done_tasks(out, after, running=thread.is_alive)
         pids = client.run(os.getpid)
         os.kill(next(iter(pids.values())), signal.SIGKILL)
         thread.join(timeout=240)

@@ -14,12 +14,11 @@ import time
 import numpy as np
 import pytest
 from imagefiles import write_tiff
-from outputs import chunk_files
+from outputs import chunk_files, wait_for_done_tasks
 
 from pipeline.models import UNetConfig, save_unet, seeded_unet
 from pipeline.output.lock import OWNER_FILE, lock_path
 from pipeline.output.ngff import read_record
-from pipeline.output.provenance import done_dir
 
 pytestmark = pytest.mark.slow
 ARGS = ["--tile", "32", "--chunk", "32", "--batch-size", "2", "--no-progress"]
@@ -94,10 +93,8 @@ def test_killed_run_taken_over_then_the_successor_killed_resumes_clean(tmp_path,
     model, slides, references = setup
     out = tmp_path / "out.zarr"
     first = segment(slides[0], out, model)
-    deadline = time.monotonic() + 120
-    while not (done_dir(out).exists() and len(list(done_dir(out).glob("tiles-*"))) >= 3):
-        assert first.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    deadline = time.monotonic() + 120  # for this wait and the next
+    wait_for_done_tasks(out, 3, running=lambda: first.poll() is None)
     first.send_signal(signal.SIGKILL)
     first.communicate()
     owner = (out / OWNER_FILE).read_text()

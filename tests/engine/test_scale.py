@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from exactness import check, randomise_batchnorm, reference, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
-from outputs import chunk_files
+from outputs import chunk_files, wait_for_done_tasks
 from profiles import examples
 
 from pipeline.cli.main import main
@@ -33,7 +32,7 @@ from pipeline.io.readers import open_image
 from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
 from pipeline.models.object_size import object_diameters
 from pipeline.output.ngff import LABELS_PATH, MODEL_GRID, read_record
-from pipeline.output.provenance import done_dir, fingerprint
+from pipeline.output.provenance import fingerprint
 from pipeline.output.qc import instance_f1
 from pipeline.resample import Resampling, nearest_source, resample_axis
 from pipeline.synthetic.render import synthetic_pair
@@ -329,12 +328,8 @@ def test_killed_mid_run_at_an_object_size_resumes_to_the_same_chunks(tmp_path):
     cli(reference).communicate()
     assert read_record(reference)["status"] == "complete"
     out = tmp_path / "out.zarr"
-    proc, markers = cli(out), done_dir(tmp_path / "out.zarr")
-    deadline = time.monotonic() + 120
-    while not (markers.exists() and len(list(markers.glob("tiles-*"))) >= 5):
-        assert proc.poll() is None, "run finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = cli(out)
+    wait_for_done_tasks(out, 5, running=lambda: proc.poll() is None)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert read_record(out)["status"] == "running" and (out / MODEL_GRID).exists()
