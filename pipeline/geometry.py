@@ -28,6 +28,7 @@ __all__ = [
     "WindowRead",
     "apply_window",
     "group_tiles",
+    "mirror",
     "padded_whole",
     "plan_tiles",
     "reflect_indices",
@@ -201,16 +202,20 @@ def group_tiles(grid: TileGrid, *, per_group: int) -> list[list[Tile]]:
     return [tiles[i : i + per_group] for i in range(0, len(tiles), max(1, per_group))]
 
 
+def mirror(index: np.ndarray, size: int) -> np.ndarray:
+    """Indices reflected into ``[0, size)`` as numpy's ``reflect`` pads (edge not repeated),
+    any number of times over. An axis of length 1 is constant."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    folded = np.mod(index, period)
+    return np.where(folded < size, folded, period - folded)
+
+
 def reflect_indices(start: int, stop: int, extent: int) -> np.ndarray:
     """Source indices of positions ``start..stop-1`` of an axis of length ``extent`` mirrored
-    without repeating the edge pixel (numpy ``reflect``), repeated as often as needed so
-    windows larger than the image are defined too. An axis of length 1 is constant."""
-    idx = np.arange(start, stop, dtype=np.int64)
-    if extent == 1:
-        return np.zeros_like(idx)
-    period = 2 * (extent - 1)
-    idx = np.mod(idx, period)
-    return np.where(idx < extent, idx, period - idx)
+    (:func:`mirror`), so windows larger than the image are defined too."""
+    return mirror(np.arange(start, stop, dtype=np.int64), extent)
 
 
 @dataclass(frozen=True)

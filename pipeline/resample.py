@@ -22,17 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Resampling", "mirror", "nearest_source", "resample_axis"]
+from pipeline.geometry import mirror
 
-
-def mirror(index: np.ndarray, size: int) -> np.ndarray:
-    """Indices reflected into ``[0, size)`` as numpy's ``reflect`` pads (edge not repeated),
-    any number of times over."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    folded = np.mod(index, period)
-    return np.where(folded < size, folded, period - folded)
+__all__ = ["Resampling", "nearest_source", "resample_axis"]
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from imagefiles import write_tiff
 
 from pipeline.cli.main import main
+from pipeline.geometry import mirror
 from pipeline.io.readers import open_image
 from pipeline.io.resolution import at_pixel_size, pick_level
 from pipeline.models import UNetConfig
 from pipeline.output.ngff import LABELS_PATH, read_record
-from pipeline.resample import Resampling, mirror, nearest_source, resample_axis
+from pipeline.resample import Resampling, nearest_source, resample_axis
 
 factors = st.sampled_from([0.5, 0.75, 1.0, 1.3, 2.0, 2.5, 4.0]) | st.floats(0.3, 6.0)
 
