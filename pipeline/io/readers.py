@@ -81,7 +81,7 @@ class ImageSpec:
     """
 
     path: str
-    format: str  # "tiff" | "zarr" | "ome-zarr" | "openslide"
+    format: str  # "tiff" | "zarr" | "ome-zarr" | "openslide" | "pillow"
     level: int
     series: int
     axes: str  # native axes after squeezing, e.g. "YX", "YXS", "CYX", "ZYX", "CZYX", "ZCYX"
