@@ -192,11 +192,15 @@ class _Block:
         if on_done is not None:
             on_done({"tasks": [task.name], "tiles": self.inferred, "pixels": self.pixels})
 
-    def _each(self, fn: Callable[[int], None], n: int) -> None:
+    def _each(self, fn: Callable[[int], None], batch: tuple[Tile, ...]) -> None:
+        """``fn(k)`` for each tile of ``batch``; on the I/O threads where they are used, after
+        the calls of batches before this one in the grid (those of tasks running alongside)."""
+        n = len(batch)
         if worker.parallel_io(self.predictor.device):
             # Every one finishes before the first failure is raised: nothing of this task is
             # still being written once it has failed.
-            futures = [io_pool().submit(fn, k) for k in range(n)]
+            first = batch[0].index
+            futures = [io_pool().submit(fn, k, priority=first) for k in range(n)]
             wait(futures)
             for future in futures:
                 future.result()
@@ -216,7 +220,7 @@ class _Block:
             nonfinite[k] = count_nonfinite(window[(slice(None), *_tile_in_window(tile))])
             task.normalization.apply(window, out=view[k])
 
-        self._each(fill, len(batch))
+        self._each(fill, batch)
         self.nonfinite += sum(nonfinite)
         return x
 
@@ -245,7 +249,7 @@ class _Block:
             probs = None if p is None else p[k][(slice(None), *crop)]
             _write_levels(self.task, batch[k].region, labels, probs)
 
-        self._each(put, len(batch))
+        self._each(put, batch)
 
 
 def _write_levels(
