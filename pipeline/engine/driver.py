@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +34,7 @@ from pipeline.engine.profile import PhaseTimer
 from pipeline.engine.pyramid import PyramidFeed, pyramid_parts, run_pyramid
 from pipeline.engine.resumable import pending, run_once, run_resumable
 from pipeline.engine.scale import Scale, choose_scale
-from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
+from pipeline.engine.tasks import BlockTask, read_window, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
     Tile,
@@ -40,6 +42,7 @@ from pipeline.geometry import (
     group_tiles,
     plan_tiles,
 )
+from pipeline.io import chunk_cache
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import Predictor, label_dtype
@@ -388,12 +391,26 @@ def _run(
     job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
+    with _first_reads_beside(job) as first_reads:
+        with _skeleton_beside(job, state) as skeleton:
+            normalization, mask = _inputs(job)
+            first_reads.set()  # what it has decoded by now is what the tasks need first
+            made = _make_output(
+                job, state, run_id, normalization=normalization, mask=mask, skeleton=skeleton
+            )
+        return _run_tasks(job, made, normalization, mask, run_id, progress=progress)
+
+
+def _run_tasks(
+    job: _Job,
+    made: _MadeOutput,
+    normalization: Normalization,
+    mask: TissueMask | None,
+    run_id: str,
+    *,
+    progress: Callable[[int, int], None] | None,
+) -> SegmentResult:
     timer = job.timer
-    with _skeleton_beside(job, state) as skeleton:
-        normalization, mask = _inputs(job)
-        made = _make_output(
-            job, state, run_id, normalization=normalization, mask=mask, skeleton=skeleton
-        )
     if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
         with timer.phase("warmup"):
             cached_predictor(
@@ -461,6 +478,41 @@ def _skeleton_beside(job: _Job, state: str) -> Iterator[Future[_Skeleton] | None
             with contextlib.suppress(Exception):
                 shutil.rmtree(future.result().building, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def _first_reads_beside(job: _Job) -> Iterator[threading.Event]:
+    """Decode the file tiles of the first row of windows into the decoded-tile cache
+    (``pipeline/io/chunk_cache.py``) in a thread while the normalisation is decided: the
+    first batch's reads, which the first forward waits on, then find them decoded. Only
+    where the tasks run in this process, on a tiled input. Setting the event yielded stops
+    it at its next window; leaving the block waits for it (nothing of it reads on once the
+    run has ended, also after a failure: its own failures are the tasks' to report)."""
+    image, grid = job.image, job.grid
+    stop = threading.Event()
+    if not job.runtime.local or image.chunk_shape is None:
+        yield stop
+        return
+    chunk_cache.reserve(
+        window=grid.window, spatial_shape=image.spatial_shape,
+        bytes_per_pixel=image.n_channels * image.dtype.itemsize,
+        tile_rows=image.chunk_shape[-2],
+    )  # fmt: skip
+    first = next(grid.tiles())
+    row = itertools.takewhile(lambda t: t.index[:-1] == first.index[:-1], grid.tiles())
+
+    def decode() -> None:
+        for tile in row:
+            if stop.is_set():
+                return
+            read_window(image, tile.window_start, tile.window_stop)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tileseg-first-reads") as pool:
+        pool.submit(decode)
+        try:
+            yield stop
+        finally:
+            stop.set()
 
 
 def _build_skeleton(job: _Job, state: str) -> _Skeleton:
