@@ -795,7 +795,7 @@ def _execute(
                 progress(done, total)
             beside.finished(result.get("tasks", ()))
 
-        if len(tasks) < 2:  # no later task whose first reads it could hold up
+        if len(tasks) <= job.runtime.workers:  # none starts later, to write it beside
             beside.start_overview()
         t = time.perf_counter()
         results = _infer(job, tasks, on_done=on_done)
@@ -821,10 +821,11 @@ class _Beside:
     forwards are not the host's (:func:`overview_alongside`), else after them.
 
     Beside them the overview starts once the first task has finished (the first batches'
-    reads, on which the first forwards wait, have the cores to themselves; at once when there
-    is no second task), and in a local run each pyramid part runs in a thread of its own as
-    soon as the tasks it reads have finished (``pipeline/engine/pyramid.py``), so that only
-    the parts above the last tasks are left after them. Leaving the block waits for both, so
+    reads, on which the first forwards wait, have the cores to themselves; at once when every
+    task starts at once: none runs after the first ones to write it beside), and in a local
+    run each pyramid part runs in a thread of its own as soon as the tasks it reads have
+    finished (``pipeline/engine/pyramid.py``), so that only the parts above the last tasks
+    are left after them. Leaving the block waits for both, so
     that nothing is still being written once a failure is raised.
     """
 

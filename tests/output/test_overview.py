@@ -265,6 +265,34 @@ def test_an_overview_alongside_the_tasks_is_written_while_they_run(tmp_path, mod
     assert windows[0] == windows[1]
 
 
+def test_with_every_task_started_at_once_the_overview_starts_with_them(
+    tmp_path, model, monkeypatch
+):
+    """Two tasks on two task threads: no task starts after the first ones, so the overview
+    does not wait for one to finish (each task waits for an overview block here)."""
+    slide = _small_overview_slide(tmp_path, monkeypatch, seed=12)
+    written, real_block = threading.Event(), pipeline.engine.driver.write_overview_block
+    real_mark_done = pipeline.engine.tasks.mark_done
+
+    def block(*args):
+        real_block(*args)
+        written.set()
+
+    def mark_done(output, name, summary=None):
+        if name.startswith("tiles-"):
+            assert written.wait(timeout=20), "the overview waited for a task to finish"
+        real_mark_done(output, name, summary)
+
+    monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", block)
+    monkeypatch.setattr(pipeline.engine.tasks, "mark_done", mark_done)
+    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
+    out = tmp_path / "out.zarr"
+    segment_image(slide, out, SegmentOptions(model=model, tile=32, chunk=8, batch_size=21,
+                                             workers=2))  # fmt: skip
+    assert _task_count(out) == 2
+    assert read_record(out)["status"] == "complete"
+
+
 def test_an_overview_alongside_dask_threads_of_the_tasks_gives_the_same_output(
     tmp_path, model, monkeypatch
 ):
