@@ -13,6 +13,8 @@ tiles stay exact; the segmentation counts such pixels and warns about them.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -190,7 +192,27 @@ def count_nonfinite(x: np.ndarray) -> int:
 
 
 def sample_pixels(image: LazyImage) -> tuple[np.ndarray, str]:
-    """A bounded set of pixels representative of the whole image, as (C, N)."""
+    """A bounded set of pixels representative of the whole image, as (C, N), read-only.
+
+    The sample of the image last sampled is kept (one, as long as that image object lives):
+    a run's brightfield check, stain fit, normalisation and object-size check take the same
+    one, read once. An image opened again is sampled again."""
+    global _last_sample
+    with _sample_lock:
+        if _last_sample is not None and _last_sample[0]() is image:
+            return _last_sample[1], _last_sample[2]
+    sample, source = _read_sample(image)
+    sample.setflags(write=False)
+    with _sample_lock:
+        _last_sample = (weakref.ref(image), sample, source)
+    return sample, source
+
+
+_last_sample: tuple[weakref.ref[LazyImage], np.ndarray, str] | None = None
+_sample_lock = threading.Lock()
+
+
+def _read_sample(image: LazyImage) -> tuple[np.ndarray, str]:
     for level in range(image.n_levels):
         lazy = image.at_level(level) if level != image.level else image
         if math.prod(lazy.spatial_shape) <= SAMPLE_PIXELS:
