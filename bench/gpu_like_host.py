@@ -15,6 +15,7 @@ Usage: ``python bench/gpu_like_host.py [--size 8192] [--gpu-seconds 0.25] [--ove
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--json", help="also write every run's figures to this file")
     a = p.parse_args()
     out = Path(a.out)
     src = out / f"bench-{a.size}.ome.tif"
@@ -99,6 +101,8 @@ def main() -> None:
     over = [r["seconds"] - r["gpu"] for r in runs]
     print(f"over the GPU time: median {statistics.median(over):.3f} s "
           f"({min(over):.3f}-{max(over):.3f})")  # fmt: skip
+    if a.json:
+        Path(a.json).write_text(json.dumps(runs))
     phases = median["phases"]
     print("its phases (s): " + ", ".join(
         f"{k[:-5]} {v:.3f}" for k, v in phases.items() if v >= 0.001 and k != "total_wall"

@@ -4,21 +4,23 @@ The driver opens the image and the model only to learn shapes, checks everything
 checked before any work starts, decides the normalisation, creates the output arrays, and then
 runs the tasks of :mod:`pipeline.engine.tasks`. Each task reads its input windows (halo included,
 mirrored at the image border), infers in batches and writes its own chunk-aligned regions
-once. Pyramid levels follow, each computed from the level below, and the object steps; the
-overview (``pipeline/output/overview.py``) is written after the tasks in a local CPU run and
-alongside
-them otherwise. The provenance record is written last.
+once. Pyramid levels follow, each computed from the level below (``pipeline/engine/pyramid.py``),
+and the object steps; the overview (``pipeline/output/overview.py``) and, in a local run, the
+pyramid are written after the tasks in a local CPU run and alongside them otherwise. The
+provenance record is written last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import math
 import os
 import shutil
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,9 +31,10 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import SERIAL_CORES, SegmentOptions
 from pipeline.engine.profile import PhaseTimer
+from pipeline.engine.pyramid import PyramidFeed, pyramid_parts, run_pyramid
 from pipeline.engine.resumable import pending, run_once, run_resumable
 from pipeline.engine.scale import Scale, choose_scale
-from pipeline.engine.tasks import BlockTask, run_block, run_blocks, writing
+from pipeline.engine.tasks import BlockTask, read_window, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
     Tile,
@@ -39,6 +42,7 @@ from pipeline.geometry import (
     group_tiles,
     plan_tiles,
 )
+from pipeline.io import chunk_cache
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import Predictor, label_dtype
@@ -53,7 +57,6 @@ from pipeline.output.ngff import (
     OutputLayout,
     Overview,
     build_output,
-    downsample_region,
     forget_arrays,
     level_regions,
     levels_in_tasks,
@@ -389,21 +392,37 @@ def _run(
     job: _Job, state: str, run_id: str, *, progress: Callable[[int, int], None] | None
 ) -> SegmentResult:
     """Create or resume the output, run the tasks and the steps after them, write the record."""
+    with _first_reads_beside(job) as first_reads:
+        with _skeleton_beside(job, state) as skeleton:
+            normalization, mask = _inputs(job)
+            first_reads.set()  # what it has decoded by now is what the tasks need first
+            made = _make_output(
+                job, state, run_id, normalization=normalization, mask=mask, skeleton=skeleton
+            )
+        return _run_tasks(job, made, normalization, mask, run_id, progress=progress)
+
+
+def _run_tasks(
+    job: _Job,
+    made: _MadeOutput,
+    normalization: Normalization,
+    mask: TissueMask | None,
+    run_id: str,
+    *,
+    progress: Callable[[int, int], None] | None,
+) -> SegmentResult:
     timer = job.timer
-    with _skeleton_beside(job, state) as skeleton:
-        normalization, mask = _inputs(job)
-        made = _make_output(
-            job, state, run_id, normalization=normalization, mask=mask, skeleton=skeleton
-        )
     if job.runtime.serial:  # its tasks run in this thread: the model prepared here, timed apart
         with timer.phase("warmup"):
             cached_predictor(
                 job.model_spec, made.run, window=job.grid.window, in_channels=made.in_channels
             )
-    tasks, resumed_tasks = _tasks(
+    tasks, resumed_tasks, writers = _tasks(
         job, normalization, made.task_layout, made.run, made.per_task, made.levels, mask, run_id
     )
-    computed = _execute(job, tasks, made.layout, made.levels, run_id, resumed_tasks, progress)
+    computed = _execute(
+        job, tasks, made.layout, made.levels, run_id, resumed_tasks, progress, writers=writers
+    )
     for name, seconds in computed["walls"].items():
         timer.add(name, seconds)
     return _complete(job, made.record, computed, resumed_tasks)
@@ -460,6 +479,41 @@ def _skeleton_beside(job: _Job, state: str) -> Iterator[Future[_Skeleton] | None
             with contextlib.suppress(Exception):
                 shutil.rmtree(future.result().building, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def _first_reads_beside(job: _Job) -> Iterator[threading.Event]:
+    """Decode the file tiles of the first row of windows into the decoded-tile cache
+    (``pipeline/io/chunk_cache.py``) in a thread while the normalisation is decided: the
+    first batch's reads, which the first forward waits on, then find them decoded. Only
+    where the tasks run in this process, on a tiled input. Setting the event yielded stops
+    it at its next window; leaving the block waits for it (nothing of it reads on once the
+    run has ended, also after a failure: its own failures are the tasks' to report)."""
+    image, grid = job.image, job.grid
+    stop = threading.Event()
+    if not job.runtime.local or image.chunk_shape is None:
+        yield stop
+        return
+    chunk_cache.reserve(
+        window=grid.window, spatial_shape=image.spatial_shape,
+        bytes_per_pixel=image.n_channels * image.dtype.itemsize,
+        tile_rows=image.chunk_shape[-2],
+    )  # fmt: skip
+    first = next(grid.tiles())
+    row = itertools.takewhile(lambda t: t.index[:-1] == first.index[:-1], grid.tiles())
+
+    def decode() -> None:
+        for tile in row:
+            if stop.is_set():
+                return
+            read_window(image, tile.window_start, tile.window_stop)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tileseg-first-reads") as pool:
+        pool.submit(decode)
+        try:
+            yield stop
+        finally:
+            stop.set()
 
 
 def _build_skeleton(job: _Job, state: str) -> _Skeleton:
@@ -690,8 +744,9 @@ def _tasks(
     levels: int,
     mask: TissueMask | None,
     run_id: str,
-) -> tuple[list[BlockTask], list[str]]:
-    """The tasks still to do, and the names of those a resumed run found done."""
+) -> tuple[list[BlockTask], list[str], dict[str, list[tuple[slice, ...]]]]:
+    """The tasks still to do, the names of those a resumed run found done, and every task's
+    level-0 regions by name (what the pyramid's first level above theirs reads)."""
     grid, output, margin = job.grid, job.output, job.options.tissue_margin
     # Groups are fixed by the full grid, so a resumed run batches tiles exactly as the first
     # run did and rewrites byte-identical chunks.
@@ -713,7 +768,8 @@ def _tasks(
         )  # fmt: skip
 
     tasks = [task(g, n) for g, n in zip(groups, names, strict=True) if n not in done]
-    return tasks, done
+    writers = {n: [t.region for t in g] for g, n in zip(groups, names, strict=True)}
+    return tasks, done, writers
 
 
 def _execute(
@@ -724,48 +780,115 @@ def _execute(
     run_id: str,
     resumed: list[str],
     progress: Callable[[int, int], None] | None,
+    *,
+    writers: dict[str, list[tuple[slice, ...]]],
 ) -> dict[str, Any]:
     """Run the inference tasks, the pyramid levels above theirs and the overview; return
     the tasks' results and the steps' wall times."""
-    runtime, output, image = job.runtime, job.output, job.image
-    total = int(np.prod(image.spatial_shape))
-    n_groups = len(tasks) + len(resumed)
-    done = int(total * len(resumed) / max(n_groups, 1))
+    total = int(np.prod(job.image.spatial_shape))
+    done = int(total * len(resumed) / max(len(tasks) + len(resumed), 1))
+    with _Beside(job, layout, levels, run_id, writers=writers, resumed=resumed) as beside:
 
-    def on_done(result: dict[str, float]) -> None:
-        nonlocal done
-        done += int(result.get("pixels", 0))
-        if progress:
-            progress(done, total)
+        def on_done(result: dict[str, Any]) -> None:
+            nonlocal done
+            done += int(result.get("pixels", 0))
+            if progress:
+                progress(done, total)
+            beside.finished(result.get("tasks", ()))
 
-    def write_overview() -> float:
-        t = time.perf_counter()
-        if layout.overview is not None:
-            _overview(output, job.labels_image, layout, runtime, run_id=run_id)
-        return time.perf_counter() - t
-
-    # The overview reads only the input: where the forwards are not the host's (a GPU, a
-    # cluster), it is written while they run instead of after them. Leaving the block waits
-    # for it, so that nothing of it is still being written once a failure is raised.
-    with ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview") as alongside:
-        overview = alongside.submit(write_overview) if overview_alongside(runtime) else None
+        if len(tasks) <= job.runtime.workers:  # none starts later, to write it beside
+            beside.start_overview()
         t = time.perf_counter()
         results = _infer(job, tasks, on_done=on_done)
         infer_wall = time.perf_counter() - t
         t = time.perf_counter()
         if job.upsampled:
-            levels = _upsample(job, layout, runtime, run_id=run_id)
-        _pyramid(output, layout, levels, runtime, run_id=run_id)
+            levels, writers = _upsample(job, layout, job.runtime, run_id=run_id)
+        beside.pyramid(levels, writers)
         pyramid_wall = time.perf_counter() - t
-        overview_wall = write_overview() if overview is None else overview.result()
+        overview_wall = beside.overview()
     nonfinite = sum(int(r.get("nonfinite", 0)) for r in results)
-    nonfinite += sum(int((done_summary(output, n) or {}).get("nonfinite", 0)) for n in resumed)
+    nonfinite += sum(int((done_summary(job.output, n) or {}).get("nonfinite", 0)) for n in resumed)
     return {
         "results": results,
         "pixels": int(sum(r.get("pixels", 0) for r in results)),
         "nonfinite": nonfinite,
         "walls": {"segment": infer_wall, "pyramid": pyramid_wall, "overview": overview_wall},
     }
+
+
+class _Beside:
+    """The overview and the pyramid of a run, written beside its inference tasks where the
+    forwards are not the host's (:func:`overview_alongside`), else after them.
+
+    Beside them the overview starts once the first task has finished (the first batches'
+    reads, on which the first forwards wait, have the cores to themselves; at once when every
+    task starts at once: none runs after the first ones to write it beside), and in a local
+    run each pyramid part runs in a thread of its own as soon as the tasks it reads have
+    finished (``pipeline/engine/pyramid.py``), so that only the parts above the last tasks
+    are left after them. Leaving the block waits for both, so
+    that nothing is still being written once a failure is raised.
+    """
+
+    def __init__(
+        self, job: _Job, layout: OutputLayout, levels: int, run_id: str, *,
+        writers: dict[str, list[tuple[slice, ...]]], resumed: list[str],
+    ) -> None:  # fmt: skip
+        self._job, self._layout, self._run_id = job, layout, run_id
+        self._alongside = overview_alongside(job.runtime)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tileseg-overview")
+        self._overview: Future[float] | None = None
+        self._feed: PyramidFeed | None = None
+        if self._alongside and job.runtime.local and not job.upsampled:
+            parts = pyramid_parts(layout, levels, writers)
+            self._feed = PyramidFeed(
+                parts, output=job.output, layout=layout, run_id=run_id, done=resumed
+            )
+
+    def __enter__(self) -> _Beside:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._feed is not None:
+            self._feed.stop()
+        self._pool.shutdown(wait=True)
+
+    def finished(self, tasks: Iterable[str]) -> None:
+        """Inference tasks have finished (their chunks are written)."""
+        if self._feed is not None:
+            for name in tasks:
+                self._feed.written(name)
+        self.start_overview()
+
+    def start_overview(self) -> None:
+        if self._alongside and self._overview is None:
+            self._overview = self._pool.submit(self._write_overview)
+
+    def pyramid(self, levels: int, writers: dict[str, list[tuple[slice, ...]]]) -> None:
+        """Once every task has finished: the pyramid's parts left, and wait for them."""
+        if self._feed is not None:
+            self._feed.finish()
+            return
+        job = self._job
+        run_pyramid(
+            pyramid_parts(self._layout, levels, writers), output=job.output,
+            layout=self._layout, run_id=self._run_id, runtime=job.runtime,
+        )  # fmt: skip
+
+    def overview(self) -> float:
+        """Its wall seconds, once written."""
+        if not self._alongside:
+            return self._write_overview()
+        self.start_overview()
+        assert self._overview is not None
+        return self._overview.result()
+
+    def _write_overview(self) -> float:
+        t = time.perf_counter()
+        job, layout = self._job, self._layout
+        if layout.overview is not None:
+            _overview(job.output, job.labels_image, layout, job.runtime, run_id=self._run_id)
+        return time.perf_counter() - t
 
 
 def _infer(
@@ -783,30 +906,12 @@ def _infer(
         )
 
 
-def _pyramid(
-    output: str,
-    layout: OutputLayout,
-    levels: int,
-    runtime: Runtime,
-    *,
-    run_id: str,
-) -> None:
-    """The pyramid levels above those the tasks wrote, each from the level below."""
-    for level in range(1 + levels, len(layout.levels)):
-        parts = [
-            (f"pyramid-{level}-{i:07d}", (output, layout, level, region))
-            for i, region in enumerate(level_regions(layout, level))
-        ]
-        run_resumable(
-            downsample_region, parts, output=output, run_id=run_id, runtime=runtime,
-            name="pyramid",
-        )  # fmt: skip
-
-
-def _upsample(job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str) -> int:
+def _upsample(
+    job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str
+) -> tuple[int, dict[str, list[tuple[slice, ...]]]]:
     """The labels on the input's grid from those on the model's (nearest neighbour), in
     tasks that each own a block of chunks and the pyramid levels above it they can; returns
-    how many levels above 0 they wrote."""
+    how many levels above 0 they wrote, and each one's level-0 region by name."""
     assert job.scale is not None
     regions = level_regions(layout, 0)
     levels = levels_in_tasks(layout, regions)
@@ -818,7 +923,7 @@ def _upsample(job: _Job, layout: OutputLayout, runtime: Runtime, *, run_id: str)
     run_resumable(
         _upsample_part, parts, output=job.output, run_id=run_id, runtime=runtime, name="upsample"
     )
-    return levels
+    return levels, {name: [args[2]] for name, args in parts}
 
 
 def _upsample_part(

@@ -27,7 +27,7 @@ PHASES = {
     "output": "output skeleton: what is left after the normalisation, built beside it",
     "warmup": "model prepared for the run (cached per process)",
     "segment": "inference tasks: read, forward, write",
-    "pyramid": "pyramid levels above the tasks' own",
+    "pyramid": "pyramid levels above the tasks' own (beside them: what is left after them)",
     "overview": "overview (beside the tasks on a GPU or cluster)",
     "objects": "instances, object table, export",
     "record": "provenance record written",

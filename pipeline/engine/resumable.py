@@ -23,7 +23,7 @@ from pipeline.output.provenance import done_summary, is_done, mark_done
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.resolved import Runtime
 
-__all__ = ["pending", "run_once", "run_resumable"]
+__all__ = ["pending", "run_once", "run_part", "run_resumable"]
 
 
 def pending(output: str, names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -51,6 +51,14 @@ def _run_part(part: _Part) -> dict[str, int]:
         part.work(*part.args)
         mark_done(part.output, part.name)
     return {"tiles": 0}
+
+
+def run_part(
+    work: Callable[..., Any], args: tuple[Any, ...], *, output: str, name: str, run_id: str
+) -> None:
+    """Run one part of a step in this thread, ``work(*args)``, and mark it done once written
+    (as :func:`run_resumable` runs each of its parts)."""
+    _run_part(_Part(work, tuple(args), output, name, run_id))
 
 
 def run_resumable(

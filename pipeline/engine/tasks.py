@@ -98,10 +98,11 @@ def run_blocks(
     """Run ``tasks`` in the calling thread as one stream of batches (inference in this thread:
     a CPU forward's memory comes from the main heap there, see :mod:`pipeline.runtime.heap`).
 
-    Each task's done marker is written, and ``on_done`` called with its ``tiles`` and
-    ``pixels``, in this thread once its last write has finished. After a failure no task is
-    marked, not even one whose writes were still in flight and then finished: a resumed run
-    redoes it. Returns the stream's timings and counts, summed over the tasks.
+    Each task's done marker is written, and ``on_done`` called with its ``tiles``,
+    ``pixels`` and name (in ``tasks``), in this thread once its last write has finished.
+    After a failure no task is marked, not even one whose writes were still in flight and
+    then finished: a resumed run redoes it. Returns the stream's timings and counts, summed
+    over the tasks, and the tasks' names (``tasks``).
     """
     t0 = time.perf_counter()
     blocks = [_Block(task) for task in tasks]
@@ -130,6 +131,7 @@ def run_blocks(
     )  # fmt: skip
     return {
         **times.to_dict(),
+        "tasks": [task.name for task in tasks],  # the markers of those it finished
         "tiles": sum(block.inferred for block in blocks),
         "pixels": sum(block.pixels for block in blocks),
         "nonfinite": sum(block.nonfinite for block in blocks),
@@ -188,13 +190,17 @@ class _Block:
             summary = {"nonfinite": self.nonfinite} if self.nonfinite else None
             mark_done(task.output, task.name, summary)
         if on_done is not None:
-            on_done({"tiles": self.inferred, "pixels": self.pixels})
+            on_done({"tasks": [task.name], "tiles": self.inferred, "pixels": self.pixels})
 
-    def _each(self, fn: Callable[[int], None], n: int) -> None:
+    def _each(self, fn: Callable[[int], None], batch: tuple[Tile, ...]) -> None:
+        """``fn(k)`` for each tile of ``batch``; on the I/O threads where they are used, after
+        the calls of batches before this one in the grid (those of tasks running alongside)."""
+        n = len(batch)
         if worker.parallel_io(self.predictor.device):
             # Every one finishes before the first failure is raised: nothing of this task is
             # still being written once it has failed.
-            futures = [io_pool().submit(fn, k) for k in range(n)]
+            first = batch[0].index
+            futures = [io_pool().submit(fn, k, priority=first) for k in range(n)]
             wait(futures)
             for future in futures:
                 future.result()
@@ -214,7 +220,7 @@ class _Block:
             nonfinite[k] = count_nonfinite(window[(slice(None), *_tile_in_window(tile))])
             task.normalization.apply(window, out=view[k])
 
-        self._each(fill, len(batch))
+        self._each(fill, batch)
         self.nonfinite += sum(nonfinite)
         return x
 
@@ -243,7 +249,7 @@ class _Block:
             probs = None if p is None else p[k][(slice(None), *crop)]
             _write_levels(self.task, batch[k].region, labels, probs)
 
-        self._each(put, len(batch))
+        self._each(put, batch)
 
 
 def _write_levels(

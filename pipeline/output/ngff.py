@@ -24,6 +24,7 @@ Writers only ever write whole chunks of arrays that already exist (created up fr
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -300,27 +301,27 @@ def place_output(
     """The second half of :func:`create_output`: the record written into the hidden
     ``building`` and the whole renamed to ``path`` (replacing what is there)."""
     path = Path(path)
-    root = zarr.open_group(building, mode="r+", zarr_format=2)
-    root.attrs["tileseg"] = {**attrs, "status": "running"}
+    root = Path(building) / ".zattrs"
+    _write_json(root, {**json.loads(root.read_text()), "tileseg": {**attrs, "status": "running"}})
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     Path(building).rename(path)
 
 
 def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) -> None:
-    root = zarr.open_group(path, mode="w", zarr_format=2)
-    labels = root.create_group("labels")
-    labels.attrs["labels"] = [LABEL_NAME]
-    seg = labels.create_group(LABEL_NAME)
+    root: dict[str, Any] = {}
+    _new_group(path / "labels", {"labels": [LABEL_NAME]})
+    seg = path / LABELS_PATH
     for level, shape in enumerate(layout.levels):
-        create_array(seg, str(level), shape, layout.level_chunks(level), layout.label_dtype)
+        _new_array(seg / str(level), shape, layout.level_chunks(level), layout.label_dtype)
         if layout.probability_dtype:
             chunks = (layout.classes, *layout.level_chunks(level))
-            create_array(
-                root, str(level), (layout.classes, *shape), chunks, layout.probability_dtype
+            _new_array(
+                path / str(level), (layout.classes, *shape), chunks, layout.probability_dtype
             )
     names = layout.names
-    seg.attrs.update(
+    _new_group(
+        seg,
         {
             "multiscales": _multiscales(layout, name=LABEL_NAME, channel=False),
             "image-label": {
@@ -329,31 +330,66 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
                 "properties": [{"label-value": k, "class": n} for k, n in enumerate(names)],
                 **_source(layout),
             },
-        }
+        },
     )
     if layout.probability_dtype:
         levels = range(len(layout.levels))
-        root.attrs["multiscales"] = _multiscales(
+        root["multiscales"] = _multiscales(
             layout, name="probabilities", channel=True,
             translations=[layout.mean_translation(k) for k in levels],
         )  # fmt: skip
-        root.attrs["omero"] = _probability_channels(names[: layout.classes])
+        root["omero"] = _probability_channels(names[: layout.classes])
     elif layout.overview is not None:
         dtype = layout.overview.dtype
         for level, shape in enumerate(layout.overview_levels):
-            create_array(root, str(level), shape, layout.overview_level_chunks(level), dtype)
-        root.attrs["multiscales"] = _overview_multiscales(layout)
-    root.attrs["tileseg"] = {**attrs, "status": "running"}
+            _new_array(path / str(level), shape, layout.overview_level_chunks(level), dtype)
+        root["multiscales"] = _overview_multiscales(layout)
+    root["tileseg"] = {**attrs, "status": "running"}
+    _new_group(path, root)
 
 
 def _create_model_grid(path: Path, layout: OutputLayout) -> None:
-    root = zarr.open_group(path, mode="w", zarr_format=2)
-    seg = root.create_group("labels").create_group(LABEL_NAME)
-    create_array(seg, "0", layout.spatial_shape, layout.level_chunks(0), layout.label_dtype)
+    _new_group(path)
+    _new_group(path / "labels")
+    seg = path / LABELS_PATH
+    _new_group(seg)
+    _new_array(seg / "0", layout.spatial_shape, layout.level_chunks(0), layout.label_dtype)
     if layout.probability_dtype:
         chunks = (layout.classes, *layout.level_chunks(0))
         shape = (layout.classes, *layout.spatial_shape)
-        create_array(root, "0", shape, chunks, layout.probability_dtype)
+        _new_array(path / "0", shape, chunks, layout.probability_dtype)
+
+
+# A new output's metadata is written as the files zarr writes for it (Zarr v2, zarr's JSON
+# indent): through zarr's asynchronous store each of its ~20 files costs a round trip of
+# milliseconds, and the output's arrays are made before every run's first write.
+def _write_json(path: Path, data: Any) -> None:
+    path.write_bytes(json.dumps(data, indent=2, allow_nan=True).encode())
+
+
+def _new_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    _write_json(path / ".zgroup", {"zarr_format": 2})
+    _write_json(path / ".zattrs", attrs or {})
+
+
+def _new_array(path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: str) -> None:
+    """An array as :func:`create_array` makes it (zero fill, the output's compressor,
+    ``/``-separated chunk keys)."""
+    path.mkdir(parents=True)
+    meta = {
+        "shape": [int(n) for n in shape],
+        "chunks": [int(c) for c in chunks],
+        "dtype": np.dtype(dtype).str,
+        "fill_value": np.zeros((), dtype).item(),
+        "order": "C",
+        "filters": None,
+        "dimension_separator": "/",
+        "compressor": _COMPRESSOR.get_config(),
+        "zarr_format": 2,
+    }
+    _write_json(path / ".zarray", meta)
+    _write_json(path / ".zattrs", {})
 
 
 def model_grid_path(path: str | os.PathLike[str]) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from pipeline.models.inference import (
 from pipeline.runtime.cores import usable_cores
 from pipeline.runtime.execution import run_tasks
 from pipeline.runtime.heap import keep_freed_memory
+from pipeline.runtime.priority import PriorityPool
 from pipeline.runtime.resolved import Runtime
 
 __all__ = [
@@ -113,17 +113,16 @@ def _compile_now(predictor: Predictor, shape: tuple[int, ...]) -> None:
         raise TilesegError("--compile", problem) from None
 
 
-_io_pool: ThreadPoolExecutor | None = None
+_io_pool: PriorityPool | None = None
 
 
-def io_pool() -> ThreadPoolExecutor:
+def io_pool() -> PriorityPool:
     """Threads that read the windows of one batch, and write its tiles, in parallel (see
-    :func:`parallel_io`). Decoders and compressors release the GIL."""
+    :func:`parallel_io`), the oldest batch's first. Decoders and compressors release the GIL."""
     global _io_pool
     with _cache_lock:
         if _io_pool is None:
-            n = min(16, usable_cores())
-            _io_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tileseg-io")
+            _io_pool = PriorityPool(min(16, usable_cores()), name="tileseg-io")
         return _io_pool
 
 

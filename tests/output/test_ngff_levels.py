@@ -160,3 +160,19 @@ def test_class_names_default_and_declared():
     assert class_names(4) == ("background", "class 1", "class 2", "class 3")
     assert class_names(3, ["bg", "tumour", "stroma"]) == ("bg", "tumour", "stroma")
     assert class_names(3, ["only two", "names"]) == ("background", "class 1", "class 2")
+
+
+@pytest.mark.parametrize("dtype", ["|u1", "<u2", "<f4", "<f2", "|b1", "<i4"])
+def test_an_output_array_is_made_as_the_files_zarr_makes_for_it(tmp_path, dtype):
+    """A new output's metadata is written directly (``ngff._new_array``, ``_new_group``), not
+    through zarr: byte for byte what zarr writes."""
+    from pipeline.output.ngff import _new_array, _new_group, create_array
+
+    group = zarr.open_group(tmp_path / "zarr", mode="w", zarr_format=2)
+    create_array(group, "a", (3, 100, 70), (3, 32, 32), dtype)
+    _new_group(tmp_path / "own")
+    _new_array(tmp_path / "own" / "a", (3, 100, 70), (3, 32, 32), dtype)
+    for name in (".zgroup", ".zattrs", "a/.zarray", "a/.zattrs"):
+        assert (tmp_path / "own" / name).read_bytes() == (tmp_path / "zarr" / name).read_bytes()
+    zarr.open_group(tmp_path / "own", mode="r+", zarr_format=2).attrs["k"] = [1.5]
+    assert zarr.open_array(tmp_path / "own" / "a", mode="r")[2, 99, 69] == 0

@@ -22,6 +22,7 @@ from ome_zarr_models.v04 import Image
 from outputs import chunk_files
 
 import pipeline.engine.driver
+import pipeline.engine.tasks
 import pipeline.output.overview
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
@@ -211,37 +212,85 @@ def _small_overview_slide(tmp_path, monkeypatch, seed: int):
     return write_tiff(tmp_path / "a.tif", image, axes="YX", tile=(32, 32))
 
 
+def _last_task_waits(monkeypatch, wait) -> list[str]:
+    """The last inference task to finish calls ``wait()`` before its done marker is written;
+    the names of those that waited (one, once the run has got there)."""
+    real, waited = pipeline.engine.tasks.mark_done, []
+
+    def mark_done(output, name, summary=None):
+        names = [p.name for p in done_dir(output).iterdir() if p.name.startswith("tiles-")]
+        if name.startswith("tiles-") and len(names) == _task_count(output) - 1:
+            waited.append(name)
+            wait()
+        real(output, name, summary)
+
+    monkeypatch.setattr(pipeline.engine.tasks, "mark_done", mark_done)
+    return waited
+
+
+def _task_count(output) -> int:
+    record, shape = read_record(output), read_layout(output).spatial_shape
+    tile = record["geometry"]["tile"]
+    tiles = math.prod(math.ceil(n / t) for n, t in zip(shape, tile, strict=True))
+    return math.ceil(tiles / (record["run"]["batch_size"] * record["run"]["batches_per_task"]))
+
+
 def test_an_overview_alongside_the_tasks_is_written_while_they_run(tmp_path, model, monkeypatch):
-    """The first inference task waits for an overview block: written after the tasks, it
+    """The last inference task waits for an overview block: written after the tasks, it
     would never come. The output is the one written in turn."""
     slide = _small_overview_slide(tmp_path, monkeypatch, seed=9)
     options = SegmentOptions(model=model, tile=32, chunk=8)
     segment_image(slide, tmp_path / "in-turn.zarr", options)
     written = threading.Event()
-    real_block, real_blocks = (
-        pipeline.engine.driver.write_overview_block,
-        pipeline.engine.driver.run_blocks,
-    )
+    real_block = pipeline.engine.driver.write_overview_block
 
     def block(*args):
         real_block(*args)
         written.set()
 
-    def blocks(*args, **kwargs):
+    def wait():
         assert written.wait(timeout=20), "no overview block was written while the tasks ran"
-        return real_blocks(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", block)
-    monkeypatch.setattr(pipeline.engine.driver, "run_blocks", blocks)
+    waited = _last_task_waits(monkeypatch, wait)
     monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
     out = tmp_path / "alongside.zarr"
     segment_image(slide, out, options)
+    assert len(waited) == 1
     assert read_record(out)["status"] == "complete"
     assert chunk_files(out) == chunk_files(tmp_path / "in-turn.zarr")
     windows = [
         zarr.open_group(p, mode="r").attrs["omero"] for p in (out, tmp_path / "in-turn.zarr")
     ]
     assert windows[0] == windows[1]
+
+
+def test_with_every_task_started_at_once_the_overview_starts_with_them(
+    tmp_path, model, monkeypatch
+):
+    """Two tasks on two task threads: no task starts after the first ones, so the overview
+    does not wait for one to finish (each task waits for an overview block here)."""
+    slide = _small_overview_slide(tmp_path, monkeypatch, seed=12)
+    written, real_block = threading.Event(), pipeline.engine.driver.write_overview_block
+    real_mark_done = pipeline.engine.tasks.mark_done
+
+    def block(*args):
+        real_block(*args)
+        written.set()
+
+    def mark_done(output, name, summary=None):
+        if name.startswith("tiles-"):
+            assert written.wait(timeout=20), "the overview waited for a task to finish"
+        real_mark_done(output, name, summary)
+
+    monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", block)
+    monkeypatch.setattr(pipeline.engine.tasks, "mark_done", mark_done)
+    monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
+    out = tmp_path / "out.zarr"
+    segment_image(slide, out, SegmentOptions(model=model, tile=32, chunk=8, batch_size=21,
+                                             workers=2))  # fmt: skip
+    assert _task_count(out) == 2
+    assert read_record(out)["status"] == "complete"
 
 
 def test_an_overview_alongside_dask_threads_of_the_tasks_gives_the_same_output(
@@ -264,9 +313,9 @@ def test_a_failure_beside_the_overview_leaves_nothing_being_written(
     """Whichever fails, the other has finished when the error is raised, and the output is not
     complete: a resumed run redoes what is left."""
     slide = _small_overview_slide(tmp_path, monkeypatch, seed=10)
-    real_block, real_blocks = (
+    real_block, real_mark_done = (
         pipeline.engine.driver.write_overview_block,
-        pipeline.engine.driver.run_blocks,
+        pipeline.engine.tasks.mark_done,
     )
     running, started = [], threading.Event()
 
@@ -281,14 +330,13 @@ def test_a_failure_beside_the_overview_leaves_nothing_being_written(
         finally:
             running.pop()
 
-    def blocks(*args, **kwargs):
+    def wait():
         if failing == "tasks":
             assert started.wait(timeout=20)
             raise Killed
-        return real_blocks(*args, **kwargs)
 
     monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", block)
-    monkeypatch.setattr(pipeline.engine.driver, "run_blocks", blocks)
+    _last_task_waits(monkeypatch, wait)
     monkeypatch.setattr(pipeline.engine.driver, "overview_alongside", lambda runtime: True)
     out = tmp_path / "out.zarr"
     options = SegmentOptions(model=model, tile=32, chunk=8)
@@ -297,7 +345,7 @@ def test_a_failure_beside_the_overview_leaves_nothing_being_written(
     assert not running
     assert read_record(out)["status"] == "running"
     monkeypatch.setattr(pipeline.engine.driver, "write_overview_block", real_block)
-    monkeypatch.setattr(pipeline.engine.driver, "run_blocks", real_blocks)
+    monkeypatch.setattr(pipeline.engine.tasks, "mark_done", real_mark_done)
     segment_image(slide, out, options)
     assert read_record(out)["status"] == "complete"
 

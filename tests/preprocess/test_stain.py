@@ -273,3 +273,28 @@ def test_the_stain_step_is_part_of_the_fingerprint(tmp_path, he_slide):
         for stain in ("auto", "normalize", "none")
     }
     assert prints["auto"] != prints["none"]
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])  # haematoxylin; stain normalisation
+def test_a_run_reads_the_slides_sample_once(tmp_path, he_slide, monkeypatch, in_channels):
+    """The brightfield check, the stain fit and the percentiles take one sample, read once;
+    the same slide opened again is sampled again."""
+    from pipeline.preprocess import normalize
+
+    real, reads = normalize._read_sample, []
+
+    def read_sample(image):
+        reads.append(image.path)
+        return real(image)
+
+    monkeypatch.setattr(normalize, "_read_sample", read_sample)
+    model = make_model(tmp_path, UNetConfig(in_channels=in_channels, depth=1, width=2))
+    result = segment_image(he_slide[0], tmp_path / "out.zarr", SegmentOptions(model=model))
+    assert result.record["normalization"]["stain"]["step"] == (
+        "normalize" if in_channels == 3 else "hematoxylin"
+    )
+    assert len(reads) == 1
+    first, _ = normalize.sample_pixels(open_image(he_slide[0]))
+    again, _ = normalize.sample_pixels(open_image(he_slide[0]))
+    assert len(reads) == 3 and not first.flags.writeable
+    np.testing.assert_array_equal(first, again)
