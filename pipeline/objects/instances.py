@@ -51,7 +51,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ from pipeline.output.ngff import (
 )
 from pipeline.runtime.execution import run_tasks
 
-__all__ = ["InstanceSummary", "label_instances", "watershed_split"]
+__all__ = ["InstanceSummary", "SplitGrid", "label_instances", "watershed_split"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,34 @@ class InstanceSummary:
     seconds: float
     watershed: bool
     consecutive: bool
+    split_on_factors: list[float] | None = None  # the grid split on, in output px per pixel
 
     def to_dict(self) -> dict[str, object]:
         """For the output's record: without the output's own path (stale once it is moved)."""
         return {k: v for k, v in self.__dict__.items() if k != "output"}
+
+
+@dataclass(frozen=True)
+class SplitGrid:
+    """The grid an output's labels were resampled from, for the watershed to split on.
+
+    An output segmented at another scale and written on the input's grid (``--labels-at
+    input``) holds the model grid's labels brought over by nearest neighbour: blocky outlines
+    at other distances. Its objects are split where they were segmented, at the size the model
+    knows (``--min-distance`` in that grid's pixels), and the split comes over the same way.
+
+    Attributes
+    ----------
+    path
+        An array group holding the labels (and probabilities, if the output has them) on that
+        grid, as an output holds its own.
+    factors
+        One of its pixels in output pixels, per spatial axis (as
+        :func:`pipeline.resample.nearest_source` takes it).
+    """
+
+    path: str
+    factors: tuple[float, ...]
 
 
 # ----------------------------------------------------------------------------- labelling
@@ -151,13 +175,15 @@ def watershed_split(
     return out.astype(np.int64, copy=False)
 
 
-def _foreground(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
+def _foreground(plan: _Plan, window: tuple[slice, ...], *, path: str | None = None) -> np.ndarray:
+    """The foreground of ``window`` of the output (of the array group ``path`` on its grid)."""
+    path = path or plan.output
     if plan.source == "labels":
-        classes = open_array(plan.output, f"{LABELS_PATH}/0")[window]
+        classes = open_array(path, f"{LABELS_PATH}/0")[window]
         if plan.foreground_classes is None:
             return classes > 0
         return np.isin(classes, plan.foreground_classes)
-    p = open_array(plan.output, "0")[(slice(None), *window)].astype(np.float32)
+    p = open_array(path, "0")[(slice(None), *window)].astype(np.float32)
     if plan.classes == 1:  # one sigmoid class: its probability is the foreground's
         q = p[0]
     elif plan.foreground_classes is None:
@@ -175,12 +201,10 @@ def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
         slice(max(0, r.start - halo), min(n, r.stop + halo))
         for r, n in zip(region, plan.shape, strict=True)
     )
-    mask = _foreground(plan, window)
     if plan.watershed:
-        extended = watershed_split(
-            mask, min_distance=plan.min_distance, connectivity=plan.connectivity
-        )
+        extended = _split(plan, window)
     else:
+        mask = _foreground(plan, window)
         extended, _ = ndimage.label(mask, _structure(plan.ndim, plan.connectivity))
     crop = tuple(
         slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
@@ -212,6 +236,26 @@ def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
             sides[f"k{d}{side}"] = sides[f"r{d}{side}"] = keys
     _save_npz(plan.path("sides", 0, f"{index}.npz"), sides)
     return {"block": index, "labels": len(present)}
+
+
+def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
+    """:func:`watershed_split` of ``window``'s foreground: on the output's grid, or on the grid
+    its labels came from (``plan.split_on``), brought to the window by nearest neighbour."""
+    grid = plan.split_on
+    if grid is None:
+        mask = _foreground(plan, window)
+        return watershed_split(mask, min_distance=plan.min_distance, connectivity=plan.connectivity)
+    from pipeline.resample import nearest_source
+
+    shape = open_array(grid.path, f"{LABELS_PATH}/0").shape
+    index = [
+        nearest_source(w.start, w.stop, f, n)
+        for w, f, n in zip(window, grid.factors, shape, strict=True)
+    ]
+    source = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
+    mask = _foreground(plan, source, path=grid.path)
+    split = watershed_split(mask, min_distance=plan.min_distance, connectivity=plan.connectivity)
+    return split[np.ix_(*(ix - s.start for ix, s in zip(index, source, strict=True)))]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -264,6 +308,7 @@ def label_instances(
     block_chunks: int = 2,
     consecutive: bool = True,
     name: str = "instances",
+    split_on: SplitGrid | None = None,
     scheduler: str | None = None,
     workers: int = 1,
 ) -> InstanceSummary:
@@ -286,16 +331,23 @@ def label_instances(
         Output chunks per block side in the labelling and writing tasks.
     consecutive
         Number the objects 1..N (else the sparse ids ``block << shift | local`` are kept).
+    split_on
+        The grid the output's labels were resampled from by nearest neighbour: the watershed
+        splits there (``min_distance`` in its pixels; ``halo`` stays in output pixels) and the
+        split is brought over the same way. Exact, as on the output's grid, for objects at most
+        ``halo`` output px across less one pixel of that grid.
 
     Returns the summary; the labels image records the same in ``.zattrs["tileseg-instances"]``.
     """
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
+    if split_on is not None:  # read by tasks, wherever they run
+        split_on = replace(split_on, path=os.fspath(Path(split_on.path).absolute()))
     layout = read_layout(output)
     options = _Options(
         source=source, foreground_classes=foreground_classes, threshold=threshold,
         connectivity=connectivity, watershed=watershed, min_distance=min_distance, halo=halo,
-        block_chunks=block_chunks, name=name,
+        block_chunks=block_chunks, name=name, split_on=split_on,
     )  # fmt: skip
     plan = _plan(output, layout, options)
     _create_scratch(plan)
@@ -320,10 +372,14 @@ def _finish(
         output=plan.output, name=plan.name, objects=objects, dtype=dtype,
         blocks=int(np.prod(plan.grid)), rounds=plan.rounds, edges=edges,
         seconds=time.perf_counter() - started, watershed=plan.watershed, consecutive=consecutive,
+        split_on_factors=list(plan.split_on.factors) if plan.split_on else None,
     )  # fmt: skip
     path = Path(plan.output) / labels_image_path(plan.name)
     group = zarr.open_group(path, mode="r+", zarr_format=2)
-    group.attrs["tileseg-instances"] = {**_attrs(plan, consecutive=consecutive), "objects": objects}
+    group.attrs["tileseg-instances"] = {
+        **_attrs(plan, consecutive=consecutive), "objects": objects,
+        "split_on_factors": summary.split_on_factors,
+    }  # fmt: skip
     return summary
 
 
@@ -340,6 +396,7 @@ class _Options:
     halo: int
     block_chunks: int
     name: str
+    split_on: SplitGrid | None = None
 
 
 def _plan(output: str, layout: OutputLayout, options: _Options) -> _Plan:
@@ -375,7 +432,7 @@ def _plan(output: str, layout: OutputLayout, options: _Options) -> _Plan:
         foreground_classes=tuple(map(int, foreground)) if foreground else None,
         threshold=float(options.threshold), connectivity=int(connectivity),
         watershed=bool(options.watershed), min_distance=int(options.min_distance),
-        halo=int(options.halo),
+        halo=int(options.halo), split_on=options.split_on if options.watershed else None,
     )  # fmt: skip
 
 
