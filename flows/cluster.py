@@ -133,14 +133,33 @@ def open_cluster(spec: dict[str, Any]) -> Iterator[ClusterHandle]:
         resources = spec.get("task_resources")
         yield ClusterHandle(spec["address"], resources, f"existing scheduler {spec['address']}")
         return
-    cluster = _local_cluster(spec) if kind == "local" else _slurm_cluster(spec)
+    with _environ_kept():
+        cluster = _local_cluster(spec) if kind == "local" else _slurm_cluster(spec)
     detail = (lambda: _slurm_job_states(cluster)) if kind == "slurm" else None
     try:
         yield ClusterHandle(
             cluster.scheduler_address, _task_resources(spec), _describe(spec), detail
         )
     finally:
-        cluster.close()
+        with _environ_kept():  # a nanny that restarted its worker wrote them again
+            cluster.close()
+
+
+@contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Put back this process's environment as it was. Dask's nanny writes its workers'
+    variables (:data:`PRE_SPAWN`) into the parent's ``os.environ`` before each spawn, and a
+    later nanny prefers them to its own config: the next run of a long-lived process would
+    start its workers with this run's thread share and heap setting."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        for name, value in saved.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 def check_workers(handle: ClusterHandle, *, wait: float) -> int:

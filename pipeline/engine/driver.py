@@ -229,8 +229,8 @@ def _prepare(
         stain = slide_stain(image, step or "none", model.in_channels)
     check_compatible(image, model, channels=None if stain is None else stain.channels)
     normalization = None
-    if stain is None and options.object_size is None:  # the estimate needs the image's channels
-        normalization = _check_object_size(image, model_spec, model, options, timer)
+    if options.object_size is None:
+        normalization = _check_object_size(image, model_spec, model, options, timer, stain=stain)
     if options.export:
         check_export(input_path, ndim=len(image.spatial_shape))
     grid = plan(image, model, options)
@@ -275,25 +275,26 @@ def _check_object_size(
     model: LoadedModel,
     options: SegmentOptions,
     timer: PhaseTimer,
+    *,
+    stain: StainMap | StainNormalizer | None,
 ) -> Normalization | None:
     """Warn when the image's objects look far from the model's trained size. The check runs
     on the run's own predictor and, where the run's normalisation is the check's (percentiles
-    1-99.8 of the image's own channels), computes that once for both: returned for the run."""
+    1-99.8 of the image's channels as ``stain`` maps them), computes that once for both:
+    returned for the run."""
     if trained_object_size(model) is None:  # nothing to check against
         timer.add("object_size", 0.0)
         return None
     with timer.phase("warmup"):
         predictor = _predictor_of_run(spec, options)
-    normalization = None
-    same = options.normalize == "percentile" and tuple(options.percentiles) == (1.0, 99.8)
-    if same and model.normalization is None:
-        with timer.phase("normalization"):
-            normalization = compute_normalization(image, mode="percentile")
+    with timer.phase("normalization"):
+        normalization = compute_normalization(image, mode="percentile", stain=stain)
     with timer.phase("object_size"):
         warn_object_size(
             image, model, device=options.device, predictor=predictor, normalization=normalization
         )
-    return normalization
+    same = options.normalize == "percentile" and tuple(options.percentiles) == (1.0, 99.8)
+    return normalization if same and model.normalization is None else None
 
 
 def _predictor_of_run(spec: ModelSpec, options: SegmentOptions) -> Predictor:

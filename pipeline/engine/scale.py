@@ -30,7 +30,8 @@ from pipeline.io.readers import LazyImage
 from pipeline.io.resolution import at_scale
 from pipeline.models import LoadedModel
 from pipeline.models.object_size import estimate_object_size, trained_object_size
-from pipeline.preprocess.stain import wants_stain
+from pipeline.preprocess.normalize import compute_normalization
+from pipeline.preprocess.stain import slide_stain
 
 __all__ = ["Scale", "choose_scale", "scale_note"]
 
@@ -130,17 +131,18 @@ def _estimate(
     estimated on the coarsest level where objects still look at least the trained size."""
     if image.spatial_axes != "YX":
         raise TilesegError(image.path, "--object-size auto: sizes are estimated on 2D images")
-    if wants_stain(options.stain, image, model.in_channels):
-        raise TilesegError(
-            image.path,
-            "--object-size auto: not estimated on stain-separated (H&E) input; give the "
-            "typical object diameter in px",
-        )
+    # H&E: the model sees the slide's stains mapped as the run maps them, fitted once here
+    stain = slide_stain(image, options.stain, model.in_channels)
     kept = None  # the finest level's estimate so far: (estimate, level, its downsample)
     for level in _estimate_levels(image):
         ratio = math.sqrt(math.prod(_ratios(image, level)))
+        norm = (
+            None if stain is None else compute_normalization(level, mode="percentile", stain=stain)
+        )
         try:
-            found = estimate_object_size(level, model, trained_size=trained, device=options.device)
+            found = estimate_object_size(
+                level, model, trained_size=trained, device=options.device, normalization=norm
+            )
             kept = (found, level.level, ratio)
         except ValueError:
             found = None

@@ -113,7 +113,7 @@ def reason(exc: BaseException) -> str:
 class Probe:
     """What a back-end found for one level of one image (before axes are interpreted)."""
 
-    format: str  # "tiff" | "zarr" | "ome-zarr"
+    format: str  # "tiff" | "zarr" | "ome-zarr" | "openslide" | "pillow"
     shape: tuple[int, ...]  # shape of the stored array at the requested level
     dtype: np.dtype
     axes: str | None  # one letter per stored dimension; None when the format has no axes

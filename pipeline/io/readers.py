@@ -2,10 +2,11 @@
 
 :func:`open_image` is the single entry point. It recognises tiled/strip TIFF and BigTIFF,
 pyramidal (OME-)TIFF, Aperio SVS, plain Zarr v2/v3 arrays and OME-Zarr images (NGFF 0.4 on
-Zarr v2, NGFF 0.5 on Zarr v3), and returns a :class:`LazyImage`. Nothing is decoded until
-:meth:`LazyImage.read` is called, and a read decodes only the tiles, strips or chunks that
-intersect the requested window (TIFF through tifffile's Zarr store, or a memory map for
-uncompressed contiguous data).
+Zarr v2, NGFF 0.5 on Zarr v3), vendor slides through OpenSlide (:mod:`pipeline.io.slides`) and
+plain PNG/JPEG images (:mod:`pipeline.io.flat`, decoded whole), and returns a
+:class:`LazyImage`. Nothing is decoded until :meth:`LazyImage.read` is called, and a read
+decodes only the tiles, strips or chunks that intersect the requested window (TIFF through
+tifffile's Zarr store, or a memory map for uncompressed contiguous data).
 
 Every image is presented in one canonical layout, ``(C, [Z,] Y, X)``: RGB samples become
 channels, singleton axes (T=1, ...) are dropped, and other native orders are transposed on read.
@@ -29,6 +30,7 @@ import numpy as np
 
 from pipeline.errors import TilesegError
 from pipeline.io.chunk_cache import read_chunks
+from pipeline.io.flat import FLAT_SUFFIXES, open_flat
 from pipeline.io.formats import ArrayHandle, Probe, open_tiff, open_zarr, reason, reopen_zarr_array
 from pipeline.io.slides import (
     OPENSLIDE_SUFFIXES,
@@ -51,10 +53,13 @@ __all__ = [
 ]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8")
-IMAGE_SUFFIXES = (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES, ".zarr")
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES, *FLAT_SUFFIXES, ".zarr")
 # The files of a DICOM-WSI series are one slide: found as the folder that holds them.
-_FOUND_SUFFIXES = tuple(s for s in (*TIFF_SUFFIXES, *OPENSLIDE_SUFFIXES) if s != ".dcm")
-_READERS = {"tiff": "tifffile", "zarr": "zarr", "ome-zarr": "zarr", "openslide": "openslide"}
+_FOUND_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s not in (".dcm", ".zarr"))
+_READERS = {
+    "tiff": "tifffile", "zarr": "zarr", "ome-zarr": "zarr", "openslide": "openslide",
+    "pillow": "pillow",
+}  # fmt: skip
 # Longest first, so "x.ome.tif" loses ".ome.tif" rather than just ".tif".
 _STEM_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf", ".ome.tf8", ".ome.zarr", *IMAGE_SUFFIXES)
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -76,7 +81,7 @@ class ImageSpec:
     """
 
     path: str
-    format: str  # "tiff" | "zarr" | "ome-zarr" | "openslide"
+    format: str  # "tiff" | "zarr" | "ome-zarr" | "openslide" | "pillow"
     level: int
     series: int
     axes: str  # native axes after squeezing, e.g. "YX", "YXS", "CYX", "ZYX", "CZYX", "ZCYX"
@@ -330,6 +335,9 @@ def _reopen(spec: ImageSpec) -> ArrayHandle:
     elif spec.format == "openslide":
         probe, handle = open_slide(spec.path, spec.level)
         shape = probe.shape
+    elif spec.format == "pillow":
+        probe, handle = open_flat(spec.path, spec.level)
+        shape = probe.shape
     else:
         handle = reopen_zarr_array(spec.path, spec.dataset, allow_missing=spec.allow_missing_chunks)
         shape = tuple(handle.array.shape)
@@ -358,7 +366,8 @@ def open_image(
     path
         A TIFF-family file (``.tif``, ``.tiff``, ``.ome.tif``, ``.btf``, ``.tf8``, ``.svs``; any
         file with a TIFF header is accepted), a slide OpenSlide reads (:mod:`pipeline.io.slides`;
-        a DICOM-WSI folder or one of its files) or a Zarr array / OME-Zarr directory.
+        a DICOM-WSI folder or one of its files), a Zarr array / OME-Zarr directory, or a
+        plain PNG, JPEG, BMP, GIF or WebP image (:mod:`pipeline.io.flat`).
     level
         Pyramid level, 0 = full resolution.
     axes
@@ -374,8 +383,8 @@ def open_image(
         Read chunks missing from a Zarr store as the fill value instead of failing (for arrays
         written with zarr-python 3's default of omitting all-fill chunks).
     reader
-        ``"tifffile"``, ``"openslide"`` or ``"zarr"``; default: :func:`choose_reader`, with
-        OpenSlide as the fallback for a TIFF that tifffile cannot parse.
+        ``"tifffile"``, ``"openslide"``, ``"zarr"`` or ``"pillow"``; default:
+        :func:`choose_reader`, with OpenSlide as the fallback for a TIFF that tifffile cannot parse.
 
     Raises
     ------
@@ -389,6 +398,8 @@ def open_image(
     chosen = reader or choose_reader(shown)
     if chosen == "openslide":
         probe, handle = open_slide(shown, level)
+    elif chosen == "pillow":
+        probe, handle = open_flat(shown, level)
     elif chosen == "zarr":
         probe, handle = open_zarr(shown, level, series, allow_missing=allow_missing_chunks)
     elif chosen == "tifffile":
@@ -408,7 +419,8 @@ def choose_reader(path: str | os.PathLike[str]) -> str:
     """The back-end for ``path``: ``"zarr"`` for Zarr/OME-Zarr directories, ``"openslide"``
     for vendor slide formats (by extension, a DICOM-WSI folder, or a TIFF whose vendor
     OpenSlide recognises, such as Philips), ``"tifffile"`` for the TIFF family (OME-TIFF,
-    Aperio SVS, generic and multichannel TIFF).
+    Aperio SVS, generic and multichannel TIFF), ``"pillow"`` for plain PNG/JPEG/BMP/GIF/WebP
+    images.
 
     Raises
     ------
@@ -428,6 +440,8 @@ def choose_reader(path: str | os.PathLike[str]) -> str:
     name = p.name.lower()
     if name.endswith(OPENSLIDE_SUFFIXES):
         return "openslide"
+    if name.endswith(FLAT_SUFFIXES):
+        return "pillow"
     tiff = name.endswith(TIFF_SUFFIXES) or _has_tiff_header(shown)
     vendor = detect_vendor(shown)
     if vendor is not None and vendor not in TIFFFILE_VENDORS:
@@ -439,7 +453,8 @@ def choose_reader(path: str | os.PathLike[str]) -> str:
     raise TilesegError(
         shown,
         f"unknown image format {''.join(p.suffixes[-2:]) or '(no extension)'!r}: expected "
-        "TIFF/OME-TIFF/BigTIFF/SVS, a slide format OpenSlide reads, or a Zarr/OME-Zarr directory",
+        "TIFF/OME-TIFF/BigTIFF/SVS, a slide format OpenSlide reads, a Zarr/OME-Zarr directory "
+        "or a PNG/JPEG/BMP image",
     )
 
 
@@ -573,9 +588,9 @@ def _check_supported(path: str, native: str, store_axes: str, store_shape: tuple
 
 
 def find_images(directory: str | os.PathLike[str]) -> list[Path]:
-    """Sorted images directly inside ``directory``: TIFF-family files, slide files OpenSlide
-    reads (a MIRAX ``.mrxs``, not its data folder), ``*.zarr`` directories and DICOM-WSI
-    folders (a folder of ``.dcm`` files is one slide).
+    """Sorted images directly inside ``directory``: TIFF-family files, plain PNG/JPEG images,
+    slide files OpenSlide reads (a MIRAX ``.mrxs``, not its data folder), ``*.zarr``
+    directories and DICOM-WSI folders (a folder of ``.dcm`` files is one slide).
 
     Hidden entries (names starting with ``.``) are skipped; subdirectories are not searched.
     """

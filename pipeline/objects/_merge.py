@@ -39,6 +39,20 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Criteria:
+    """What makes an object: the foreground rule, the connectivity and the watershed split
+    (the options of :func:`pipeline.objects.instances.label_instances` that shape every task)."""
+
+    source: str
+    foreground_classes: tuple[int, ...] | None
+    threshold: float
+    connectivity: int
+    watershed: bool
+    min_distance: int
+    halo: int
+
+
+@dataclass(frozen=True)
 class _Plan:
     """Everything a task needs; small and picklable."""
 
@@ -49,14 +63,8 @@ class _Plan:
     block: tuple[int, ...]
     grid: tuple[int, ...]  # blocks per axis
     shift: int  # local ids use the low ``shift`` bits
-    source: str
     classes: int
-    foreground_classes: tuple[int, ...] | None
-    threshold: float
-    connectivity: int
-    watershed: bool
-    min_distance: int
-    halo: int
+    criteria: Criteria
     split_on: SplitGrid | None = None  # the grid the watershed splits on, if not the output's
 
     @property
@@ -112,13 +120,13 @@ def _pairs(plan: _Plan, planes: np.ndarray, d: int) -> np.ndarray:
     """Id pairs (k, 2) across one boundary from its four planes (hi_in, hi_out of the lower
     block row, lo_out, lo_in of the upper one, stacked on axis 0)."""
     hi_in, hi_out, lo_out, lo_in = planes
-    if plan.watershed:  # the same pixel, labelled by both blocks
+    if plan.criteria.watershed:  # the same pixel, labelled by both blocks
         a = np.concatenate([hi_out.ravel(), hi_in.ravel()])
         b = np.concatenate([lo_in.ravel(), lo_out.ravel()])
     else:  # neighbouring pixels across the boundary, as allowed by the connectivity
         parts_a, parts_b = [], []
         for delta in itertools.product((-1, 0, 1), repeat=plan.ndim - 1):
-            if 1 + sum(map(abs, delta)) > plan.connectivity:
+            if 1 + sum(map(abs, delta)) > plan.criteria.connectivity:
                 continue
             sa = tuple(
                 slice(1, None) if t > 0 else slice(None, -1) if t < 0 else slice(None)

@@ -51,7 +51,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ from scipy import ndimage
 
 from pipeline.errors import TilesegError
 from pipeline.objects._merge import (
+    Criteria,
     _ancestor_maps,
     _apply,
     _count,
@@ -108,6 +109,9 @@ class InstanceSummary:
         return {k: v for k, v in self.__dict__.items() if k != "output"}
 
 
+# ----------------------------------------------------------------------------- labelling
+
+
 @dataclass(frozen=True)
 class SplitGrid:
     """The grid an output's labels were resampled from, for the watershed to split on.
@@ -129,9 +133,6 @@ class SplitGrid:
 
     path: str
     factors: tuple[float, ...]
-
-
-# ----------------------------------------------------------------------------- labelling
 
 
 def _structure(ndim: int, connectivity: int) -> np.ndarray:
@@ -177,35 +178,35 @@ def watershed_split(
 
 def _foreground(plan: _Plan, window: tuple[slice, ...], *, path: str | None = None) -> np.ndarray:
     """The foreground of ``window`` of the output (of the array group ``path`` on its grid)."""
-    path = path or plan.output
-    if plan.source == "labels":
+    rule, path = plan.criteria, path or plan.output
+    if rule.source == "labels":
         classes = open_array(path, f"{LABELS_PATH}/0")[window]
-        if plan.foreground_classes is None:
+        if rule.foreground_classes is None:
             return classes > 0
-        return np.isin(classes, plan.foreground_classes)
+        return np.isin(classes, rule.foreground_classes)
     p = open_array(path, "0")[(slice(None), *window)].astype(np.float32)
     if plan.classes == 1:  # one sigmoid class: its probability is the foreground's
         q = p[0]
-    elif plan.foreground_classes is None:
+    elif rule.foreground_classes is None:
         q = 1 - p[0]
     else:
-        q = p[list(plan.foreground_classes)].sum(axis=0)
-    return q > plan.threshold
+        q = p[list(rule.foreground_classes)].sum(axis=0)
+    return q > rule.threshold
 
 
 def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
     plan, coords = item
-    region = plan.region(0, coords)
-    halo = plan.halo if plan.watershed else 0
+    rule, region = plan.criteria, plan.region(0, coords)
+    halo = rule.halo if rule.watershed else 0
     window = tuple(
         slice(max(0, r.start - halo), min(n, r.stop + halo))
         for r, n in zip(region, plan.shape, strict=True)
     )
-    if plan.watershed:
+    if rule.watershed:
         extended = _split(plan, window)
     else:
         mask = _foreground(plan, window)
-        extended, _ = ndimage.label(mask, _structure(plan.ndim, plan.connectivity))
+        extended, _ = ndimage.label(mask, _structure(plan.ndim, rule.connectivity))
     crop = tuple(
         slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
     )
@@ -241,10 +242,10 @@ def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
 def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
     """:func:`watershed_split` of ``window``'s foreground: on the output's grid, or on the grid
     its labels came from (``plan.split_on``), brought to the window by nearest neighbour."""
-    grid = plan.split_on
+    rule, grid = plan.criteria, plan.split_on
     if grid is None:
         mask = _foreground(plan, window)
-        return watershed_split(mask, min_distance=plan.min_distance, connectivity=plan.connectivity)
+        return watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
     from pipeline.resample import nearest_source
 
     shape = open_array(grid.path, f"{LABELS_PATH}/0").shape
@@ -254,7 +255,7 @@ def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
     ]
     source = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
     mask = _foreground(plan, source, path=grid.path)
-    split = watershed_split(mask, min_distance=plan.min_distance, connectivity=plan.connectivity)
+    split = watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
     return split[np.ix_(*(ix - s.start for ix, s in zip(index, source, strict=True)))]
 
 
@@ -341,15 +342,18 @@ def label_instances(
     """
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
-    if split_on is not None:  # read by tasks, wherever they run
+    if split_on is not None and watershed:  # read by tasks, wherever they run
         split_on = replace(split_on, path=os.fspath(Path(split_on.path).absolute()))
     layout = read_layout(output)
-    options = _Options(
-        source=source, foreground_classes=foreground_classes, threshold=threshold,
-        connectivity=connectivity, watershed=watershed, min_distance=min_distance, halo=halo,
-        block_chunks=block_chunks, name=name, split_on=split_on,
+    criteria = Criteria(
+        source=source,
+        foreground_classes=tuple(map(int, foreground_classes)) if foreground_classes else None,
+        threshold=float(threshold), connectivity=int(connectivity), watershed=bool(watershed),
+        min_distance=int(min_distance), halo=int(halo),
     )  # fmt: skip
-    plan = _plan(output, layout, options)
+    plan = _plan(output, layout, criteria, block_chunks=block_chunks, name=name)
+    if watershed:
+        plan = replace(plan, split_on=split_on)
     _create_scratch(plan)
     try:
         objects, dtype, edges = _label(
@@ -371,7 +375,8 @@ def _finish(
     summary = InstanceSummary(
         output=plan.output, name=plan.name, objects=objects, dtype=dtype,
         blocks=int(np.prod(plan.grid)), rounds=plan.rounds, edges=edges,
-        seconds=time.perf_counter() - started, watershed=plan.watershed, consecutive=consecutive,
+        seconds=time.perf_counter() - started, watershed=plan.criteria.watershed,
+        consecutive=consecutive,
         split_on_factors=list(plan.split_on.factors) if plan.split_on else None,
     )  # fmt: skip
     path = Path(plan.output) / labels_image_path(plan.name)
@@ -383,26 +388,12 @@ def _finish(
     return summary
 
 
-@dataclass(frozen=True)
-class _Options:
-    """The options of :func:`label_instances` that shape its plan, as it was given them."""
-
-    source: str
-    foreground_classes: tuple[int, ...] | None
-    threshold: float
-    connectivity: int
-    watershed: bool
-    min_distance: int
-    halo: int
-    block_chunks: int
-    name: str
-    split_on: SplitGrid | None = None
-
-
-def _plan(output: str, layout: OutputLayout, options: _Options) -> _Plan:
-    """Check the options against the output and plan the blocks, with a fresh scratch name
+def _plan(
+    output: str, layout: OutputLayout, criteria: Criteria, *, block_chunks: int, name: str
+) -> _Plan:
+    """Check the criteria against the output and plan the blocks, with a fresh scratch name
     (stale scratch folders removed)."""
-    source, connectivity, name = options.source, options.connectivity, options.name
+    source, connectivity = criteria.source, criteria.connectivity
     if source not in ("labels", "probabilities"):
         raise TilesegError(
             "--instances-source", f"must be 'labels' or 'probabilities', not {source!r}"
@@ -412,8 +403,7 @@ def _plan(output: str, layout: OutputLayout, options: _Options) -> _Plan:
     if not 1 <= connectivity <= layout.ndim:
         raise TilesegError("--connectivity", f"must be 1..{layout.ndim}, not {connectivity}")
     block = tuple(
-        min(c * options.block_chunks, n)
-        for c, n in zip(layout.chunks, layout.spatial_shape, strict=True)
+        min(c * block_chunks, n) for c, n in zip(layout.chunks, layout.spatial_shape, strict=True)
     )
     grid = tuple(-(-n // b) for n, b in zip(layout.spatial_shape, block, strict=True))
     shift = max(1, int(np.prod(block)).bit_length())
@@ -425,14 +415,9 @@ def _plan(output: str, layout: OutputLayout, options: _Options) -> _Plan:
         shutil.rmtree(stale, ignore_errors=True)
     # A fresh scratch name per run: workers cache merge maps by path.
     scratch = Path(output) / f".tileseg-instances-{name}-{uuid.uuid4().hex[:12]}"
-    foreground = options.foreground_classes
     return _Plan(
         output=output, name=name, scratch=os.fspath(scratch), shape=layout.spatial_shape,
-        block=block, grid=grid, shift=shift, source=source, classes=layout.classes,
-        foreground_classes=tuple(map(int, foreground)) if foreground else None,
-        threshold=float(options.threshold), connectivity=int(connectivity),
-        watershed=bool(options.watershed), min_distance=int(options.min_distance),
-        halo=int(options.halo), split_on=options.split_on if options.watershed else None,
+        block=block, grid=grid, shift=shift, classes=layout.classes, criteria=criteria,
     )  # fmt: skip
 
 
@@ -487,9 +472,8 @@ def _label(
 
 def _attrs(plan: _Plan, *, consecutive: bool) -> dict[str, Any]:
     """How the labels were made, as the labels image records it."""
+    made = asdict(plan.criteria)
     return {
-        "source": plan.source, "foreground_classes": list(plan.foreground_classes or []),
-        "threshold": plan.threshold, "connectivity": plan.connectivity,
-        "watershed": plan.watershed, "min_distance": plan.min_distance, "halo": plan.halo,
+        **made, "foreground_classes": list(made["foreground_classes"] or []),
         "consecutive": consecutive,
     }  # fmt: skip

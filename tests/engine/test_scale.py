@@ -200,6 +200,27 @@ def test_object_size_auto_meets_the_quality_targets_in_every_diameter_bin(tmp_pa
     assert 2 * matched / (found + true) >= 0.85, (matched, found, true)
 
 
+def test_object_size_on_he_sees_the_stains_as_the_run_maps_them(tmp_path, caplog):
+    """RGB brightfield: the shipped H&E model on Macenko-normalised RGB, for the size warning
+    and the estimate too."""
+    from dataclasses import replace
+
+    rgb, truth = synthetic_pair((768, 768), config=replace(sized_config(48, seed=3), kind="he",
+                                                            tissue=False))  # fmt: skip
+    path = write_tiff(tmp_path / "he.tif", rgb, axes="YXS", tile=(128, 128))
+    segment_image(path, tmp_path / "plain.zarr", SegmentOptions(tile=256))
+    warned = [r.getMessage() for r in caplog.records if "objects look about" in r.getMessage()]
+    assert len(warned) == 1 and "--object-size" in warned[0]
+    out = tmp_path / "out.zarr"
+    record = segment_image(path, out, SegmentOptions(object_size="auto", tile=256)).record
+    done = record["resample"]
+    assert record["normalization"]["stain"]["step"] == "normalize"
+    assert done["chosen_by"] == "auto"
+    assert done["object_size_px"] == pytest.approx(np.median(object_diameters(truth)), rel=0.25)
+    a, b = zarr.open_group(out, mode="r")[f"{LABELS_PATH}/0"][...] > 0, truth > 0
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.9
+
+
 def test_object_size_auto_at_mpp_is_in_pixels_at_that_size(tmp_path, large_nuclei):
     path, truth = large_nuclei
     options = SegmentOptions(object_size="auto", mpp=1.0, tile=256)

@@ -495,11 +495,11 @@ def test_error_zarr_group_without_multiscales(tmp_path):
 
 
 def test_error_unknown_format(tmp_path):
-    path = tmp_path / "img.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    path = tmp_path / "img.lif"  # Leica's LIF: read by neither back-end
+    path.write_bytes(b"\x70\x00\x00\x00" + bytes(100))
     with pytest.raises(TilesegError) as excinfo:
         open_image(path)
-    assert_one_line_error(excinfo, path, "unknown image format '.png'")
+    assert_one_line_error(excinfo, path, "unknown image format '.lif'", "PNG/JPEG")
 
 
 def test_tiff_header_without_tiff_extension_is_accepted(tmp_path):

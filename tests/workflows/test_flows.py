@@ -618,6 +618,28 @@ def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
     assert all(list(seen.values()) == [share, share] for seen in threads.values())
 
 
+@pytest.mark.skipif(usable_cores() < 2, reason="one core: every worker count gets one thread")
+def test_a_second_local_cluster_in_one_process_gets_its_own_worker_environment():
+    """Dask's nanny writes its workers' variables into this process's environment before it
+    spawns them, and a later nanny prefers those to its config: the second run of a
+    long-lived process (``tileseg serve``) would start its workers with the first's share."""
+    from distributed import Client
+
+    from flows.cluster import THREAD_VARIABLES, open_cluster
+
+    names = ("MALLOC_ARENA_MAX", *THREAD_VARIABLES)
+    before = {name: os.environ.get(name) for name in names}
+    with open_cluster({"type": "local", "n_workers": 2}):
+        during = {name: os.environ.get(name) for name in names}
+    after = {name: os.environ.get(name) for name in names}
+    with open_cluster({"type": "local", "n_workers": 1}) as handle:
+        with Client(handle.address, set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+            threads = client.run(os.getenv, "OMP_NUM_THREADS")
+    assert during == before and after == before
+    assert list(threads.values()) == [str(usable_cores())]
+
+
 # ------------------------------------------------------------------- never hang, never redo
 
 
