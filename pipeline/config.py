@@ -297,7 +297,7 @@ class SegmentOptions:
     # held-out images and on the shipped real one (5 is much worse on the real one).
     min_distance: int = option(
         7, "watershed: least distance between two objects' centres in px of the grid segmented "
-        "(labels upsampled to the input's grid: scaled with them)", "objects", (int,),
+        "(labels upsampled to the input's grid are split on that grid)", "objects", (int,),
         minimum=1, metavar="N",
     )  # fmt: skip
     table: str = option(

@@ -48,7 +48,7 @@ from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import Predictor, label_dtype
 from pipeline.models.object_size import trained_object_size, warn_object_size
 from pipeline.objects.export import check_export, export_segmentation
-from pipeline.objects.instances import label_instances
+from pipeline.objects.instances import SplitGrid, label_instances
 from pipeline.objects.measure import measure_objects
 from pipeline.output.chunk_writer import remove_leftovers
 from pipeline.output.label_classes import class_names
@@ -573,10 +573,12 @@ def _complete(
 ) -> SegmentResult:
     """Find the objects, write the finished record and mark the output complete."""
     output, timer = job.output, job.timer
-    grid_scale = math.sqrt(math.prod(job.scale.input_factor)) if job.upsampled else 1.0
+    split_on = None
+    if job.upsampled:  # split where segmented, while the model's grid is still there
+        split_on = SplitGrid(model_grid_path(output), tuple(job.scale.input_factor))
     with timer.phase("objects"):
         found = _objects(output, job.labels_image, job.options, runtime=job.runtime,
-                         downsample=_labels_downsample(job), grid_scale=grid_scale)  # fmt: skip
+                         downsample=_labels_downsample(job), split_on=split_on)  # fmt: skip
         record.update(found)
     with timer.phase("record"):
         _finish_record(record, job, computed, resumed_tasks)
@@ -1007,20 +1009,22 @@ def _objects(
     *,
     runtime: Runtime,
     downsample: tuple[float, ...] | None = None,
-    grid_scale: float = 1.0,
+    split_on: SplitGrid | None = None,
 ) -> dict[str, Any]:
     """Instance labels and the object table, as steps after the class labels are complete.
     Each is redone whole unless its marker says it finished (both are idempotent).
-    ``grid_scale``: one model-grid pixel in label pixels (labels upsampled to the input's
-    grid): the watershed's distances are the model's, so they grow with it."""
+    ``split_on``: the model's grid of labels upsampled to the input's; the watershed splits
+    there, at the size the model segments (``--min-distance`` in its pixels), its halo grown
+    to the same extent in label pixels."""
     # A run resumed after these steps finished takes their summaries from the markers.
     found: dict[str, Any] = {}
     run = runtime.tasks()
     if options.instances != "none":
         threshold = options.instance_threshold
+        grid_scale = math.sqrt(math.prod(split_on.factors)) if split_on else 1.0
         found["instances"] = run_once(output, "instances", lambda: label_instances(
             output, watershed=options.instances == "watershed",
-            min_distance=max(1, round(options.min_distance * grid_scale)),
+            min_distance=options.min_distance, split_on=split_on,
             halo=max(64, math.ceil(64 * grid_scale)),
             source="labels" if threshold is None else "probabilities",
             threshold=0.5 if threshold is None else threshold, **run,

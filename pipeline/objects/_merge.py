@@ -26,12 +26,16 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.output.ngff import open_array
+
+if TYPE_CHECKING:
+    from pipeline.objects.instances import SplitGrid
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class _Plan:
     shift: int  # local ids use the low ``shift`` bits
     classes: int
     criteria: Criteria
+    split_on: SplitGrid | None = None  # the grid the watershed splits on, if not the output's
 
     @property
     def ndim(self) -> int:

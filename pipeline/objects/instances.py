@@ -51,7 +51,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ from pipeline.output.ngff import (
 )
 from pipeline.runtime.execution import run_tasks
 
-__all__ = ["InstanceSummary", "label_instances", "watershed_split"]
+__all__ = ["InstanceSummary", "SplitGrid", "label_instances", "watershed_split"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class InstanceSummary:
     seconds: float
     watershed: bool
     consecutive: bool
+    split_on_factors: list[float] | None = None  # the grid split on, in output px per pixel
 
     def to_dict(self) -> dict[str, object]:
         """For the output's record: without the output's own path (stale once it is moved)."""
@@ -109,6 +110,29 @@ class InstanceSummary:
 
 
 # ----------------------------------------------------------------------------- labelling
+
+
+@dataclass(frozen=True)
+class SplitGrid:
+    """The grid an output's labels were resampled from, for the watershed to split on.
+
+    An output segmented at another scale and written on the input's grid (``--labels-at
+    input``) holds the model grid's labels brought over by nearest neighbour: blocky outlines
+    at other distances. Its objects are split where they were segmented, at the size the model
+    knows (``--min-distance`` in that grid's pixels), and the split comes over the same way.
+
+    Attributes
+    ----------
+    path
+        An array group holding the labels (and probabilities, if the output has them) on that
+        grid, as an output holds its own.
+    factors
+        One of its pixels in output pixels, per spatial axis (as
+        :func:`pipeline.resample.nearest_source` takes it).
+    """
+
+    path: str
+    factors: tuple[float, ...]
 
 
 def _structure(ndim: int, connectivity: int) -> np.ndarray:
@@ -152,14 +176,15 @@ def watershed_split(
     return out.astype(np.int64, copy=False)
 
 
-def _foreground(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
-    rule = plan.criteria
+def _foreground(plan: _Plan, window: tuple[slice, ...], *, path: str | None = None) -> np.ndarray:
+    """The foreground of ``window`` of the output (of the array group ``path`` on its grid)."""
+    rule, path = plan.criteria, path or plan.output
     if rule.source == "labels":
-        classes = open_array(plan.output, f"{LABELS_PATH}/0")[window]
+        classes = open_array(path, f"{LABELS_PATH}/0")[window]
         if rule.foreground_classes is None:
             return classes > 0
         return np.isin(classes, rule.foreground_classes)
-    p = open_array(plan.output, "0")[(slice(None), *window)].astype(np.float32)
+    p = open_array(path, "0")[(slice(None), *window)].astype(np.float32)
     if plan.classes == 1:  # one sigmoid class: its probability is the foreground's
         q = p[0]
     elif rule.foreground_classes is None:
@@ -177,12 +202,10 @@ def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
         slice(max(0, r.start - halo), min(n, r.stop + halo))
         for r, n in zip(region, plan.shape, strict=True)
     )
-    mask = _foreground(plan, window)
     if rule.watershed:
-        extended = watershed_split(
-            mask, min_distance=rule.min_distance, connectivity=rule.connectivity
-        )
+        extended = _split(plan, window)
     else:
+        mask = _foreground(plan, window)
         extended, _ = ndimage.label(mask, _structure(plan.ndim, rule.connectivity))
     crop = tuple(
         slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
@@ -214,6 +237,26 @@ def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
             sides[f"k{d}{side}"] = sides[f"r{d}{side}"] = keys
     _save_npz(plan.path("sides", 0, f"{index}.npz"), sides)
     return {"block": index, "labels": len(present)}
+
+
+def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
+    """:func:`watershed_split` of ``window``'s foreground: on the output's grid, or on the grid
+    its labels came from (``plan.split_on``), brought to the window by nearest neighbour."""
+    rule, grid = plan.criteria, plan.split_on
+    if grid is None:
+        mask = _foreground(plan, window)
+        return watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
+    from pipeline.resample import nearest_source
+
+    shape = open_array(grid.path, f"{LABELS_PATH}/0").shape
+    index = [
+        nearest_source(w.start, w.stop, f, n)
+        for w, f, n in zip(window, grid.factors, shape, strict=True)
+    ]
+    source = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
+    mask = _foreground(plan, source, path=grid.path)
+    split = watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
+    return split[np.ix_(*(ix - s.start for ix, s in zip(index, source, strict=True)))]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -266,6 +309,7 @@ def label_instances(
     block_chunks: int = 2,
     consecutive: bool = True,
     name: str = "instances",
+    split_on: SplitGrid | None = None,
     scheduler: str | None = None,
     workers: int = 1,
 ) -> InstanceSummary:
@@ -288,11 +332,18 @@ def label_instances(
         Output chunks per block side in the labelling and writing tasks.
     consecutive
         Number the objects 1..N (else the sparse ids ``block << shift | local`` are kept).
+    split_on
+        The grid the output's labels were resampled from by nearest neighbour: the watershed
+        splits there (``min_distance`` in its pixels; ``halo`` stays in output pixels) and the
+        split is brought over the same way. Exact, as on the output's grid, for objects at most
+        ``halo`` output px across less one pixel of that grid.
 
     Returns the summary; the labels image records the same in ``.zattrs["tileseg-instances"]``.
     """
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
+    if split_on is not None and watershed:  # read by tasks, wherever they run
+        split_on = replace(split_on, path=os.fspath(Path(split_on.path).absolute()))
     layout = read_layout(output)
     criteria = Criteria(
         source=source,
@@ -301,6 +352,8 @@ def label_instances(
         min_distance=int(min_distance), halo=int(halo),
     )  # fmt: skip
     plan = _plan(output, layout, criteria, block_chunks=block_chunks, name=name)
+    if watershed:
+        plan = replace(plan, split_on=split_on)
     _create_scratch(plan)
     try:
         objects, dtype, edges = _label(
@@ -324,10 +377,14 @@ def _finish(
         blocks=int(np.prod(plan.grid)), rounds=plan.rounds, edges=edges,
         seconds=time.perf_counter() - started, watershed=plan.criteria.watershed,
         consecutive=consecutive,
+        split_on_factors=list(plan.split_on.factors) if plan.split_on else None,
     )  # fmt: skip
     path = Path(plan.output) / labels_image_path(plan.name)
     group = zarr.open_group(path, mode="r+", zarr_format=2)
-    group.attrs["tileseg-instances"] = {**_attrs(plan, consecutive=consecutive), "objects": objects}
+    group.attrs["tileseg-instances"] = {
+        **_attrs(plan, consecutive=consecutive), "objects": objects,
+        "split_on_factors": summary.split_on_factors,
+    }  # fmt: skip
     return summary
 
 

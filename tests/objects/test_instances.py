@@ -15,7 +15,8 @@ from profiles import examples
 from scipy import ndimage
 
 from pipeline.errors import TilesegError
-from pipeline.objects.instances import label_instances, watershed_split
+from pipeline.objects.instances import SplitGrid, label_instances, watershed_split
+from pipeline.resample import nearest_source
 from pipeline.synthetic.slides import SyntheticConfig, synthetic_pair
 
 
@@ -174,6 +175,38 @@ def test_watershed_equals_whole_image_for_objects_within_the_halo(chunk, seed):
     assert np.array_equal(small_halo > 0, mask)
     pairs = np.unique(np.stack([small_halo.ravel(), cc.ravel()]), axis=1)
     assert len(np.unique(pairs[0])) == pairs.shape[1]  # each object inside one component
+
+
+@settings(max_examples=examples(5), deadline=None, derandomize=True)
+@given(
+    factor=st.sampled_from([0.55, 1.5, 2.0]) | st.floats(0.5, 3.0),
+    chunk=st.integers(12, 70),
+    seed=st.integers(0, 1000),
+)
+def test_watershed_on_the_grid_labels_came_from_equals_its_split_brought_over(factor, chunk, seed):
+    """Labels resampled from another grid by nearest neighbour, split on that grid: the
+    whole-image watershed there, brought to the output's pixels the same way, across blocks."""
+    config = SyntheticConfig(seed=seed, tissue=False, noise=False, density=8, doublets=0.5)
+    _, truth = synthetic_pair((70, 75), config=config)
+    coarse = truth > 0
+    cc, _ = ndimage.label(coarse)
+    extent = max(max(s.stop - s.start for s in sl) for sl in ndimage.find_objects(cc))
+    shape = tuple(max(1, round(n * factor)) for n in coarse.shape)
+    index = [nearest_source(0, m, factor, n) for m, n in zip(shape, coarse.shape, strict=True)]
+    pick = np.ix_(*index)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, grid = Path(tmp) / "out.zarr", Path(tmp) / "grid.zarr"
+        make_output(grid, coarse.astype(np.uint8), (32, 32))
+        make_output(out, coarse[pick].astype(np.uint8), (chunk, chunk))
+        summary = label_instances(
+            out, watershed=True, min_distance=4, halo=int(np.ceil((extent + 2) * factor)),
+            block_chunks=1, split_on=SplitGrid(str(grid), (factor, factor)),
+        )  # fmt: skip
+        got = read(out)
+        attrs = zarr.open_group(out / "labels" / "instances", mode="r").attrs
+    assert one_to_one(got, watershed_split(coarse, min_distance=4)[pick])
+    assert summary.objects == len(np.unique(got)) - 1
+    assert attrs["tileseg-instances"]["split_on_factors"] == [factor, factor]
 
 
 def test_empty_foreground_and_single_block(tmp_path):
