@@ -49,7 +49,8 @@ def channel_listing(image: LazyImage, channels: tuple[int, ...] | None = None) -
 
 def select_channels(image: LazyImage, requested: str | None) -> LazyImage:
     """``image`` reading the channels ``--channels requested`` names (``image`` itself when
-    None): indices or names of the file's channels, matched without regard to case.
+    None): indices or names of the file's channels, matched without regard to case; a name
+    may also be words of one channel's name (``DAPI`` for ``DAPI (405)``).
 
     Raises
     ------
@@ -73,6 +74,9 @@ def _channel_index(image: LazyImage, item: str, requested: str) -> int:
         if key not in names and "red" in names:  # the samples of RGB pixels: R, G, B too
             key = _SAMPLE_ALIASES.get(key, key)
         found = [c for c, name in enumerate(names) if name == key]
+        if not found:  # a word of the name: DAPI for "DAPI (405)"
+            word = re.compile(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])")
+            found = [c for c, name in enumerate(names) if word.search(name)]
         problem = f"no channel named {item!r}" if not found else f"{item!r} names several"
     if len(found) != 1:
         raise TilesegError(
