@@ -127,6 +127,8 @@ def test_more_channels_than_a_model_takes_are_listed(tmp_path, capsys):
     ), err
     assert main(["segment", str(path), str(tmp_path / "o.zarr"), *flags, "--channels", "2,0"]) == 0
     assert read_record(tmp_path / "o.zarr")["channels"]["indices"] == [2, 0]
+    # the overview (a small image's is the image) holds the channels chosen
+    np.testing.assert_array_equal(zarr.open_group(tmp_path / "o.zarr")["0"][...], data[[2, 0]])
 
 
 def test_no_nuclear_stain_is_one_line_asking_for_channels(tmp_path, capsys):

@@ -10,7 +10,10 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import numpy as np
 import pytest
 import tifffile
-from imagefiles import write_ome_zarr, write_tiff
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from imagefiles import write_ome_zarr, write_tiff, write_zarr
+from profiles import examples
 
 from pipeline.errors import TilesegError
 from pipeline.io.channels import auto_channel, nuclear_channels, select_channels
@@ -61,6 +64,42 @@ def test_a_selection_reads_those_channels_in_the_order_given(named):
             window = (slice(0, 2), slice(3, 37), slice(5, 41))
             np.testing.assert_array_equal(picked.read(window), data[list(chosen)][:, :, 3:37, 5:41])
             picked.close()
+
+
+LAYOUTS = {
+    # how the channel planes are stored: tiles, strips, one memory-mapped block, Zarr chunks
+    # holding one plane or several, samples of RGB pixels
+    "tiled": lambda p, a: write_tiff(p / "a.tif", a, axes="CYX", tile=(16, 16)),
+    "strips": lambda p, a: write_tiff(p / "a.tif", a, axes="CYX", tile=None, rowsperstrip=7,
+                                      compression="zlib"),
+    "memmap": lambda p, a: write_tiff(p / "a.tif", a, axes="CYX", tile=None),
+    "zarr": lambda p, a: write_zarr(p / "a.zarr", a, chunks=(1, 16, 16)),
+    "zarr-planes": lambda p, a: write_zarr(p / "a.zarr", a, chunks=(2, 16, 16)),
+    "rgb": lambda p, a: write_tiff(p / "a.tif", a[:3].transpose(1, 2, 0).astype(np.uint8),
+                                   axes="YXS"),
+}  # fmt: skip
+
+
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    layout=st.sampled_from(sorted(LAYOUTS)),
+    picks=st.lists(st.integers(0, 3), min_size=1, max_size=5),
+    corner=st.tuples(st.integers(0, 40), st.integers(0, 40)),
+    size=st.tuples(st.integers(0, 30), st.integers(0, 30)),
+)
+def test_any_selection_reads_those_planes_of_any_window(
+    tmp_path_factory, layout, picks, corner, size
+):
+    data = stack((4, 50, 45), seed=len(picks))
+    path = LAYOUTS[layout](tmp_path_factory.mktemp(layout), data)
+    with open_image(path, axes="CYX" if layout.startswith("zarr") else None) as image:
+        stored = image.read((slice(None), slice(None)))
+        picks = [p % image.n_channels for p in picks]
+        picked = image.with_channels(tuple(picks))
+        (y, x), (h, w) = corner, size
+        window = (slice(y, min(y + h, 50)), slice(x, min(x + w, 45)))
+        np.testing.assert_array_equal(picked.read(window), stored[picks][:, window[0], window[1]])
+        picked.close()
 
 
 def test_by_name_or_index_case_insensitively(named):
