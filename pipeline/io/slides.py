@@ -40,7 +40,9 @@ __all__ = [
 ]
 
 # Formats read through OpenSlide by default (tifffile reads Aperio SVS and generic TIFF).
-OPENSLIDE_SUFFIXES = (".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".czi", ".dcm")
+OPENSLIDE_SUFFIXES = (
+    ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide", ".czi", ".dcm"
+)
 # OpenSlide vendors whose TIFF-based files tifffile reads as well as OpenSlide does.
 TIFFFILE_VENDORS = frozenset({"aperio", "generic-tiff"})
 _DEFAULT_TILE = 512  # cache tile side when the level does not say its tile size

@@ -193,11 +193,9 @@ def stain_step(setting: str, image: LazyImage, model_channels: int | None) -> st
     (:mod:`pipeline.io.channels`): colour deconvolution has no meaning for it."""
     if setting in ("hematoxylin", "normalize"):
         return setting
-    if setting == "none" or model_channels not in (1, 3):
+    if setting == "none" or model_channels not in (1, 3) or not is_brightfield(image):
         return None
-    return (
-        ("hematoxylin" if model_channels == 1 else "normalize") if is_brightfield(image) else None
-    )
+    return "hematoxylin" if model_channels == 1 else "normalize"
 
 
 def stain_identity(step: str | None) -> dict[str, Any] | None:
