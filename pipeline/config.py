@@ -38,6 +38,7 @@ __all__ = [
     "option",
     "options_from_mapping",
     "options_table",
+    "parse_channels",
     "read_yaml_mapping",
     "resolve_options",
 ]
@@ -88,6 +89,22 @@ def _axes(value: str) -> str:
     if len(set(axes)) != len(axes) or not set(axes) <= set("TCZYXS"):
         raise ValueError(f"axes must be letters from TCZYXS without repeats, got {value!r}")
     return axes
+
+
+def parse_channels(value: Any) -> str:
+    """``--channels``'s canonical form: channel indices or names separated by commas (in YAML
+    also a list, or one index).
+
+    Raises
+    ------
+    ValueError
+        For an empty list or an empty item.
+    """
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    parts = [str(item).strip() for item in items]
+    if not parts or not all(parts):
+        raise ValueError(f"must be channel indices or names separated by commas, got {value!r}")
+    return ",".join(parts)
 
 
 def _device(value: str) -> str:
@@ -230,11 +247,18 @@ class SegmentOptions:
         None, "fixed normalisation: x * scale + offset", "input", (float, int, _NONE),
         canonical=_float,
     )  # fmt: skip
+    channels: str | None = option(
+        None, "the image's channels the model is given, in its order: indices or names from "
+        "the file (OME-XML, NGFF omero labels; red, green, blue for RGB), e.g. DAPI or 2 or "
+        "DAPI,CD45 (default: all; for a one-channel model, the one channel named as a nuclear "
+        "stain, e.g. DAPI or Hoechst)", "input", (str, int, list, _NONE),
+        canonical=parse_channels, metavar="LIST",
+    )  # fmt: skip
     stain: str = option(
         "auto", "RGB brightfield (H&E), fitted once per slide: to its haematoxylin channel, or "
-        "Macenko-normalised to reference stains (auto: hematoxylin for 8-bit RGB into a "
-        "one-channel model, normalize for RGB brightfield into an RGB model)", "input", (str,),
-        choices=STAIN,
+        "Macenko-normalised to reference stains (auto: hematoxylin for 8-bit RGB brightfield "
+        "into a one-channel model, normalize for RGB brightfield into an RGB model)", "input",
+        (str,), choices=STAIN,
     )  # fmt: skip
     level: int = option(0, "input pyramid level to segment", "input", (int,), minimum=0)
     mpp: float | None = option(

@@ -55,6 +55,7 @@ def write_tiff(
     pixel_size: Sequence[float] | None = None,
     bigtiff: bool = False,
     rowsperstrip: int | None = None,
+    channel_names: Sequence[str] | None = None,
 ) -> Path:
     """Write ``array`` (with the given ``axes``, e.g. ``"YX"``, ``"YXS"``, ``"CZYX"``) as a TIFF.
 
@@ -73,6 +74,8 @@ def write_tiff(
         in centimetres.
     pixel_size
         Micrometres per pixel for the spatial axes, ``(y, x)`` or ``(z, y, x)``.
+    channel_names
+        One name per channel (the C axis), written as OME-XML ``Channel/@Name``.
     """
     path = Path(path)
     _check_axes(array, axes)
@@ -99,6 +102,8 @@ def write_tiff(
             for ax, size in zip(spatial, pixel_size, strict=True):
                 metadata[f"PhysicalSize{ax}"] = float(size)
                 metadata[f"PhysicalSize{ax}Unit"] = "µm"
+        if channel_names is not None:
+            metadata["Channel"] = {"Name": list(channel_names)}
     else:
         metadata = {}  # tifffile's JSON "shaped" description: keeps the shape, names no axes
         if pixel_size is not None:
@@ -250,12 +255,14 @@ def write_ome_zarr(
     pixel_size: Sequence[float] | None = None,
     version: str = "0.4",
     unit: str = "micrometer",
+    channel_names: Sequence[str] | None = None,
 ) -> Path:
     """Write an OME-Zarr image (one multiscales entry with ``levels`` datasets ``0``, ``1``, ...).
 
     ``version="0.4"`` writes NGFF 0.4 on Zarr v2 (``.zattrs``); ``version="0.5"`` writes NGFF 0.5
     on Zarr v3 (attributes under ``"ome"`` in ``zarr.json``). ``axes`` uses letters from
-    ``TCZYX``; ``pixel_size`` is ``(y, x)`` or ``(z, y, x)`` in ``unit`` for level 0.
+    ``TCZYX``; ``pixel_size`` is ``(y, x)`` or ``(z, y, x)`` in ``unit`` for level 0;
+    ``channel_names`` become the ``omero`` metadata's channel labels.
     """
     path = Path(path)
     _check_axes(array, axes)
@@ -293,9 +300,12 @@ def write_ome_zarr(
         )
 
     multiscale: dict = {"axes": axes_meta, "datasets": datasets, "name": path.stem}
+    extra = {}
+    if channel_names is not None:
+        extra["omero"] = {"channels": [{"label": n, "active": True} for n in channel_names]}
     if version == "0.4":
         multiscale["version"] = "0.4"
-        root.attrs.update({"multiscales": [multiscale]})
+        root.attrs.update({"multiscales": [multiscale], **extra})
     else:
-        root.attrs.update({"ome": {"version": "0.5", "multiscales": [multiscale]}})
+        root.attrs.update({"ome": {"version": "0.5", "multiscales": [multiscale], **extra}})
     return path

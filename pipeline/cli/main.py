@@ -63,6 +63,8 @@ def _option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(choices=opt.choices, action="append")
         elif opt.choices:
             kwargs.update(choices=opt.choices, metavar=None)
+        elif str in opt.types:
+            pass  # text on the command line too (a YAML file may give a number or a list)
         elif float in opt.types:
             kwargs["type"] = float
         elif int in opt.types:

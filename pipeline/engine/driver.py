@@ -43,6 +43,7 @@ from pipeline.geometry import (
     plan_tiles,
 )
 from pipeline.io import chunk_cache
+from pipeline.io.channels import auto_channel, channel_listing, channel_record, select_channels
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import Predictor, label_dtype
@@ -165,12 +166,21 @@ def check_compatible(image: LazyImage, model: LoadedModel, *, channels: int | No
         )
     given = image.n_channels if channels is None else channels
     if model.in_channels is not None and given != model.in_channels:
-        what = f"image has {image.n_channels} channel(s)"
-        if channels is not None:
-            what = f"{what}, {given} after stain separation,"
-        raise TilesegError(
-            image.path, f"{what} but the model ({model.source}) expects {model.in_channels}"
-        )
+        raise TilesegError(image.path, _channels_problem(image, model, given))
+
+
+def _channels_problem(image: LazyImage, model: LoadedModel, given: int) -> str:
+    """Why the model cannot take the image's channels (``given`` per pixel), in one line."""
+    what = f"image has {image.n_channels} channel(s)"
+    chosen = image.spec.channels
+    if chosen is not None:
+        what = f"{image.n_channels} channel(s) chosen ({channel_listing(image, chosen)})"
+    if given != image.n_channels:
+        what = f"{what}, {given} after stain separation,"
+    hint = ""
+    if chosen is None and image.file_channels > (model.in_channels or 0):
+        hint = f" (channels: {channel_listing(image)}; choose with --channels NAME|INDEX,...)"
+    return f"{what} but the model ({model.source}) expects {model.in_channels}{hint}"
 
 
 def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileGrid:
@@ -239,8 +249,9 @@ def _prepare(
     grid = plan(image, model, options)
     with timer.phase("fingerprint"):
         found = fingerprint(
-            input_path, options, model_sha256=model.sha256, stain=stain_identity(step)
-        )
+            input_path, options, model_sha256=model.sha256, stain=stain_identity(step),
+            channels=image.spec.channels,
+        )  # fmt: skip
     return _Job(
         input_path, os.fspath(Path(output_path).absolute()), image, model_spec, model, grid,
         options, timer, found, runtime, stain=stain, scale=scale, normalization=normalization,
@@ -250,8 +261,9 @@ def _prepare(
 def _open_run(
     input_path: str | os.PathLike[str], options: SegmentOptions, *, timer: PhaseTimer
 ) -> tuple[LazyImage, ModelSpec, LoadedModel, str | None]:
-    """The image as opened, the model picked for it, and the stain step (``hematoxylin``,
-    ``normalize`` or None) ``--stain`` takes on them."""
+    """The image as opened, reading the channels the model is given (``--channels``, or the
+    nuclear stain: :mod:`pipeline.io.channels`), the model picked for it, and the stain step
+    (``hematoxylin``, ``normalize`` or None) ``--stain`` takes on them."""
     with timer.phase("open"):
         image = open_image(
             input_path,
@@ -259,17 +271,27 @@ def _open_run(
             axes=options.axes,
             allow_missing_chunks=options.allow_missing_chunks,
         )
+        image = select_channels(image, options.channels)
     model_spec = ModelSpec.for_image(options, image)
     with timer.phase("model_load"):
         model = load_model(model_spec)
-    return image, model_spec, model, stain_step(options.stain, image, model.in_channels)
+    step = stain_step(options.stain, image, model.in_channels)
+    if step is None:
+        image = auto_channel(
+            image, requested=options.channels, model_channels=model.in_channels,
+            model=model.source,
+        )  # fmt: skip
+    return image, model_spec, model, step
 
 
 def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:
     """The fingerprint a run of ``options`` on this input records (for skip checks): the model
     picked for the image and the stain step are decided as a run decides them."""
-    _, _, model, step = _open_run(input_path, options, timer=PhaseTimer())
-    return fingerprint(input_path, options, model_sha256=model.sha256, stain=stain_identity(step))
+    image, _, model, step = _open_run(input_path, options, timer=PhaseTimer())
+    return fingerprint(
+        input_path, options, model_sha256=model.sha256, stain=stain_identity(step),
+        channels=image.spec.channels,
+    )  # fmt: skip
 
 
 def _check_object_size(
@@ -668,6 +690,7 @@ def _record(
         "level": job.options.level,
         "model": {"source": model.source, "sha256": model.sha256, "chosen": _model_choice(job)}
         | model.info,
+        "channels": channel_record(job.image, job.options.channels),
         "config": job.options.to_dict(),
         "normalization": normalization.to_dict(),
         "geometry": {

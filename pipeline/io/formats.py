@@ -121,6 +121,7 @@ class Probe:
     pixel_size: dict[str, float] = field(default_factory=dict)  # µm per axis letter ...
     pixel_size_level: int = 0  # ... at this level (scaled by shape ratios for other levels)
     dataset: str = ""  # path of the level's array inside a Zarr group
+    channel_names: tuple[str, ...] = ()  # the file's name of each channel, where it says
 
 
 class ArrayHandle:
@@ -199,6 +200,7 @@ def _probe_tiff(path: str, tif: tifffile.TiffFile, level: int, series: int) -> P
         axes=this.axes,
         level_shapes=[tuple(lv.shape) for lv in levels],
         pixel_size=_tiff_pixel_size(tif, tseries, series),
+        channel_names=_tiff_channel_names(tif, tseries, series),
     )
 
 
@@ -262,15 +264,44 @@ def _tiff_pixel_size(tif: tifffile.TiffFile, tseries: Any, series: int) -> dict[
     return sizes
 
 
-def _ome_xml_pixel_size(xml: str, series: int) -> dict[str, float]:
+def _ome_pixels(xml: str, series: int) -> ET.Element | None:
+    """The ``Pixels`` element of image ``series`` of an OME-XML document."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        return {}
+        return None
     images = [el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"]
     if series >= len(images):
-        return {}
-    pixels = next((el for el in images[series] if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+        return None
+    return next((el for el in images[series] if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+
+
+def _tiff_channel_names(tif: tifffile.TiffFile, tseries: Any, series: int) -> tuple[str, ...]:
+    """Channel names from OME-XML ``Channel/@Name`` or ImageJ's labels; () where none."""
+    if tif.is_ome and tif.ome_metadata:
+        pixels = _ome_pixels(tif.ome_metadata, series)
+        if pixels is None:
+            return ()
+        channels = [el for el in pixels if el.tag.rsplit("}", 1)[-1] == "Channel"]
+        if any(el.get("SamplesPerPixel", "1").strip() != "1" for el in channels):
+            return ()  # an RGB channel: its samples are the image's channels, named apart
+        return _named(el.get("Name") for el in channels)
+    imagej = tif.imagej_metadata if tif.is_imagej else None
+    count = int((imagej or {}).get("channels") or 0)
+    labels = (imagej or {}).get("Labels")
+    if count > 1 and "C" in tseries.axes and isinstance(labels, list) and len(labels) >= count:
+        return _named(labels[:count])  # ImageJ's planes run channel-fastest
+    return ()
+
+
+def _named(names: Any) -> tuple[str, ...]:
+    """Names as given, '' for a missing one; () when none is named at all."""
+    out = tuple("" if n is None else str(n).strip() for n in names)
+    return out if any(out) else ()
+
+
+def _ome_xml_pixel_size(xml: str, series: int) -> dict[str, float]:
+    pixels = _ome_pixels(xml, series)
     if pixels is None:
         return {}
     sizes = {}
@@ -420,13 +451,24 @@ def open_zarr(
         )
     check_index(path, "series", series, len(multiscales))
     try:
-        return _open_multiscale(
+        probe, handle = _open_multiscale(
             path, multiscales[series], prefix, level, allow_missing=allow_missing
         )
+        probe.channel_names = _omero_labels(ome)
+        return probe, handle
     except TilesegError:
         raise
     except Exception as exc:  # malformed metadata: wrong types, missing keys
         raise TilesegError(path, f"invalid OME-Zarr metadata ({reason(exc)})") from exc
+
+
+def _omero_labels(ome: dict[str, Any]) -> tuple[str, ...]:
+    """NGFF ``omero.channels[].label`` (transitional metadata, in 0.4 and 0.5 alike)."""
+    omero = ome.get("omero")
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    if not isinstance(channels, list):
+        return ()
+    return _named(c.get("label") if isinstance(c, dict) else None for c in channels)
 
 
 def _open_multiscale(

@@ -22,6 +22,7 @@ import dataclasses
 import os
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,18 @@ class ImageSpec:
     # spatial axis, and the stored level's spatial shape; ``shape`` is then the resampled one.
     resample: tuple[float, ...] | None = None
     source_shape: tuple[int, ...] = ()
+    # The file's name of each channel ('' where it names none), and the channels read, in the
+    # order given (None: all of them); :meth:`LazyImage.with_channels`.
+    channel_names: tuple[str, ...] = ()
+    channels: tuple[int, ...] | None = None
 
 
 class LazyImage:
     """One level of an image, read window by window in canonical ``(C, [Z,] Y, X)`` order.
 
     Create with :func:`open_image` (validates the file) or :meth:`from_spec` (opens nothing).
+    An image may read only some of the file's channels (``spec.channels``,
+    :meth:`with_channels`): every property and read then shows those channels only.
     """
 
     def __init__(self, spec: ImageSpec, _handle: ArrayHandle | None = None) -> None:
@@ -154,11 +161,20 @@ class LazyImage:
 
     @property
     def axes(self) -> str:
+        """Native axes after squeezing; RGB samples (``S``) read as other than red, green,
+        blue are channels (``C``)."""
+        if self._channel_axis == "S" and self.spec.channels is not None:
+            return self.spec.axes.replace("S", "C")
         return self.spec.axes
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.spec.shape
+        """Native shape, same order as :attr:`axes` (the channels read, where selected)."""
+        if self._channel_axis is None or self.spec.channels is None:
+            return self.spec.shape
+        shape = list(self.spec.shape)
+        shape[self.spec.axes.index(self._channel_axis)] = len(self.spec.channels)
+        return tuple(shape)
 
     @property
     def dtype(self) -> np.dtype:
@@ -190,9 +206,45 @@ class LazyImage:
 
     @property
     def n_channels(self) -> int:
+        """Channels of each read: those selected, else all of the file's."""
+        if self.spec.channels is not None:
+            return len(self.spec.channels)
+        return self.file_channels
+
+    @property
+    def file_channels(self) -> int:
+        """Channels of the file (of the image without a channel selection)."""
         if self._channel_axis is None:
             return 1
         return self.spec.shape[self.spec.axes.index(self._channel_axis)]
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """The name of each channel read ('' where the file names none): the file's own
+        (OME-XML, NGFF ``omero`` labels, ImageJ labels), red, green and blue for the samples
+        of RGB pixels."""
+        names = _file_channel_names(self.spec, self._channel_axis, self.file_channels)
+        if self.spec.channels is None:
+            return names
+        return tuple(names[c] for c in self.spec.channels)
+
+    @property
+    def file_channel_names(self) -> tuple[str, ...]:
+        """The name of each of the file's channels (:attr:`channel_names` of all of them)."""
+        return _file_channel_names(self.spec, self._channel_axis, self.file_channels)
+
+    def with_channels(self, channels: tuple[int, ...] | None) -> LazyImage:
+        """The same image reading the file's channels ``channels`` (indices, in the order
+        given; None: all of them); opened on its first read.
+
+        Raises
+        ------
+        ValueError
+            For an index outside the file's channels (a caller bug: users' choices are
+            checked by :func:`pipeline.io.channels.select_channels`).
+        """
+        spec = dataclasses.replace(self.spec, channels=_selection(self.spec, channels))
+        return LazyImage.from_spec(spec)
 
     def __repr__(self) -> str:
         return (
@@ -228,24 +280,9 @@ class LazyImage:
     def _read_stored(self, region: tuple[slice, ...]) -> np.ndarray:
         """:meth:`read` of a checked region of the stored level."""
         by_axis = dict(zip(self.spatial_axes, region, strict=True))
-        index = []
-        for ax, size in zip(self.spec.store_axes, self.spec.store_shape, strict=True):
-            if ax in by_axis:
-                index.append(by_axis[ax])
-            elif ax == self._channel_axis:
-                index.append(slice(None))
-            else:  # a squeezed singleton axis
-                assert size == 1
-                index.append(0)
         handle = self._handle()
         try:
-            if self.spec.format == "zarr":
-                data = read_chunks(handle.array, tuple(index), namespace=self._version)
-            else:  # TIFF: decoded tiles are kept by its store (see formats.py); memmaps need none
-                data = handle.array[tuple(index)]
-            # A memory-mapped window is a view of the file: copy it, so callers get a new array
-            # that stays valid after close().
-            data = np.array(data) if isinstance(data, np.memmap) else np.asarray(data)
+            parts = [self._read_index(handle, by_axis, c) for c in self._channel_reads()]
         except MemoryError:
             raise
         except Exception as exc:  # codec errors, short reads of truncated files, ...
@@ -254,10 +291,53 @@ class LazyImage:
                 for ax, s in zip(self.spatial_axes, region, strict=True)
             )
             raise TilesegError(self.path, f"cannot read region {where}: {reason(exc)}") from exc
+        if len(parts) == 1:
+            data = parts[0]
+        else:
+            data = np.concatenate(parts, axis=self.spec.axes.index(self._channel_axis or "C"))
         data = data.transpose(self._perm)
         if self._channel_axis is None:
             data = data[np.newaxis]
+        if self.spec.channels is not None and self._channel_axis != "C":
+            data = data[list(self.spec.channels)]  # samples of RGB pixels: picked once read
         return np.ascontiguousarray(data, dtype=self.dtype)
+
+    def _channel_reads(self) -> list[slice]:
+        """The channel planes each read takes: all of them, or the selected ones in runs of
+        consecutive planes, so that only those are decoded. The samples of RGB pixels share
+        their tiles: read together, the selected ones picked after."""
+        selected = self.spec.channels
+        if selected is None or self._channel_axis != "C":
+            return [slice(None)]
+        runs: list[slice] = []
+        for c in selected:
+            if runs and runs[-1].stop == c:
+                runs[-1] = slice(runs[-1].start, c + 1)
+            else:
+                runs.append(slice(c, c + 1))
+        return runs
+
+    def _read_index(
+        self, handle: ArrayHandle, by_axis: dict[str, slice], channels: slice
+    ) -> np.ndarray:
+        """The stored array's window (squeezed axes dropped) for the channel planes
+        ``channels``."""
+        index = []
+        for ax, size in zip(self.spec.store_axes, self.spec.store_shape, strict=True):
+            if ax in by_axis:
+                index.append(by_axis[ax])
+            elif ax == self._channel_axis:
+                index.append(channels)
+            else:  # a squeezed singleton axis
+                assert size == 1
+                index.append(0)
+        if self.spec.format == "zarr":
+            data = read_chunks(handle.array, tuple(index), namespace=self._version)
+        else:  # TIFF: decoded tiles are kept by its store (see formats.py); memmaps need none
+            data = handle.array[tuple(index)]
+        # A memory-mapped window is a view of the file: copy it, so callers get a new array
+        # that stays valid after close().
+        return np.array(data) if isinstance(data, np.memmap) else np.asarray(data)
 
     @property
     def chunk_shape(self) -> tuple[int, ...] | None:
@@ -316,12 +396,37 @@ class LazyImage:
         self.close()
 
     def at_level(self, level: int) -> LazyImage:
-        """The same image (same series and axes override) at pyramid level ``level``."""
+        """The same image (same series, axes override and channels) at pyramid level
+        ``level``."""
         spec = self.spec
         return open_image(
             spec.path, level=level, axes=spec.axes_override, series=spec.series,
             allow_missing_chunks=spec.allow_missing_chunks, reader=self.reader,
+            channels=spec.channels,
         )  # fmt: skip
+
+
+_SAMPLE_NAMES = ("red", "green", "blue", "alpha")
+
+
+def _file_channel_names(spec: ImageSpec, channel_axis: str | None, count: int) -> tuple[str, ...]:
+    if spec.channel_names:
+        return spec.channel_names
+    if channel_axis == "S" and count in (3, 4):
+        return _SAMPLE_NAMES[:count]
+    return ("",) * count
+
+
+def _selection(spec: ImageSpec, channels: Sequence[int] | None) -> tuple[int, ...] | None:
+    """``channels`` checked against the file's channels; None for all of them in order."""
+    if channels is None:
+        return None
+    channel_axis = next((ax for ax in spec.axes if ax in _CHANNEL), None)
+    count = spec.shape[spec.axes.index(channel_axis)] if channel_axis else 1
+    selected = tuple(int(c) for c in channels)
+    if not selected or not all(0 <= c < count for c in selected):
+        raise ValueError(f"channels {selected} outside the image's {count} channel(s)")
+    return None if selected == tuple(range(count)) else selected
 
 
 def _reopen(spec: ImageSpec) -> ArrayHandle:
@@ -358,6 +463,7 @@ def open_image(
     series: int = 0,
     allow_missing_chunks: bool = False,
     reader: str | None = None,
+    channels: Sequence[int] | None = None,
 ) -> LazyImage:
     """Open an image file, slide or Zarr directory lazily.
 
@@ -385,6 +491,9 @@ def open_image(
     reader
         ``"tifffile"``, ``"openslide"``, ``"zarr"`` or ``"pillow"``; default:
         :func:`choose_reader`, with OpenSlide as the fallback for a TIFF that tifffile cannot parse.
+    channels
+        Read only these of the file's channels, in this order (:meth:`LazyImage.with_channels`;
+        an index outside them is a ``ValueError``).
 
     Raises
     ------
@@ -409,6 +518,7 @@ def open_image(
     try:
         spec = _make_spec(shown, probe, level, series, axes)
         spec = dataclasses.replace(spec, allow_missing_chunks=allow_missing_chunks)
+        spec = dataclasses.replace(spec, channels=_selection(spec, channels))
     except BaseException:
         handle.close()
         raise
@@ -517,7 +627,19 @@ def _make_spec(path: str, probe: Probe, level: int, series: int, axes: str | Non
         store_shape=tuple(shape),
         dataset=probe.dataset,
         axes_override=axes,
+        channel_names=_named_channels(probe, store_axes, shape, native),
     )
+
+
+def _named_channels(
+    probe: Probe, store_axes: str, shape: tuple[int, ...], native: str
+) -> tuple[str, ...]:
+    """The file's channel names, where it gives one for each channel of the image (of its C
+    axis, or its one channel)."""
+    if "S" in native or not probe.channel_names:
+        return ()
+    count = shape[store_axes.index("C")] if "C" in store_axes else 1
+    return tuple(probe.channel_names) if len(probe.channel_names) == count else ()
 
 
 def _squeezed(ax: str, size: int) -> bool:

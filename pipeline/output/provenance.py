@@ -91,8 +91,11 @@ def _directory_identity(path: Path) -> dict[str, Any]:
 
 
 def result_options(options: SegmentOptions) -> dict[str, Any]:
-    """The options that decide the output's pixels."""
-    return {k: v for k, v in options.to_dict().items() if k not in EXECUTION_ONLY}
+    """The options that decide the output's pixels. ``channels`` is not one of them: the
+    channels it resolves to are (:func:`fingerprint`)."""
+    return {
+        k: v for k, v in options.to_dict().items() if k not in EXECUTION_ONLY and k != "channels"
+    }
 
 
 def fingerprint(
@@ -101,17 +104,22 @@ def fingerprint(
     *,
     model_sha256: str,
     stain: dict[str, Any] | None = None,
+    channels: tuple[int, ...] | None = None,
 ) -> str:
     """What decides an output's pixels: the input's content identity, the result options,
-    the model and, when stains are mapped, the step and its reference (what is fitted on the
-    slide follows from its content)."""
+    the model, when stains are mapped, the step and its reference (what is fitted on the
+    slide follows from its content), and the input's channels the model is given, where not
+    all of them (``--channels`` by name or index, or chosen for the model, alike)."""
     payload = {
         "input": input_identity(input_path),
         "options": result_options(options),
         "model": model_sha256,
     }
-    if stain is not None:  # absent otherwise: fingerprints of earlier outputs stay valid
+    # Absent otherwise: fingerprints of earlier outputs stay valid.
+    if stain is not None:
         payload["stain"] = stain
+    if channels is not None:
+        payload["channels"] = list(channels)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

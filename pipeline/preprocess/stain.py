@@ -187,18 +187,15 @@ def is_brightfield(image: LazyImage) -> bool:
 
 def stain_step(setting: str, image: LazyImage, model_channels: int | None) -> str | None:
     """What ``--stain setting`` does for this image and model: ``hematoxylin``, ``normalize``
-    or ``None``. ``auto`` separates haematoxylin for RGB of 8 bits into a one-channel model
-    and normalises RGB brightfield (:func:`is_brightfield`) into a three-channel model."""
+    or ``None``. ``auto`` takes RGB brightfield (:func:`is_brightfield`) only: haematoxylin
+    into a one-channel model, normalised into a three-channel one. An RGB fluorescence
+    composite (dark background) is left to the choice of its channels
+    (:mod:`pipeline.io.channels`): colour deconvolution has no meaning for it."""
     if setting in ("hematoxylin", "normalize"):
         return setting
-    if setting == "none":
+    if setting == "none" or model_channels not in (1, 3) or not is_brightfield(image):
         return None
-    rgb = image.n_channels == 3 and image.dtype == np.uint8
-    if rgb and model_channels == 1:
-        return "hematoxylin"
-    if rgb and model_channels == 3 and is_brightfield(image):
-        return "normalize"
-    return None
+    return "hematoxylin" if model_channels == 1 else "normalize"
 
 
 def stain_identity(step: str | None) -> dict[str, Any] | None:

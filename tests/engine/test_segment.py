@@ -466,12 +466,19 @@ def test_channel_mismatch_is_refused(tmp_path, model, capsys):
     rgb = np.zeros((64, 64, 3), np.uint8)
     write_tiff(tmp_path / "rgb.tif", rgb, axes="YXS", tile=None)
     args = ["segment", str(tmp_path / "rgb.tif"), str(tmp_path / "o.zarr"), "--model", model]
-    assert main([*args, "--stain", "none"]) == 2  # (auto: its haematoxylin, tests/test_stain.py)
-    assert "3 channel(s) but the model" in one_error_line(capsys)
+    # Dark RGB is not brightfield: no stain step, and no channel named as a nuclear stain
+    # (tests/engine/test_multichannel.py); the same with --stain none
+    for flags in (["--stain", "none"], []):
+        assert main([*args, *flags]) == 2
+        assert "3 channels (0 red, 1 green, 2 blue) and the model" in one_error_line(capsys)
     rgb16 = np.zeros((64, 64, 3), np.uint16)  # not 8-bit brightfield: left as it is
     write_tiff(tmp_path / "rgb.tif", rgb16, axes="YXS", tile=None)
     assert main(args) == 2
-    assert "3 channel(s) but the model" in one_error_line(capsys)
+    assert "3 channels (0 red, 1 green, 2 blue) and the model" in one_error_line(capsys)
+    model3 = tmp_path / "m3.safetensors"
+    save_unet(seeded_unet(UNetConfig(in_channels=2, depth=1, width=2), seed=0), model3)
+    assert main([*args[:-1], str(model3)]) == 2  # a model of 2 channels: no choice made for it
+    assert "image has 3 channel(s) but the model" in one_error_line(capsys)
 
 
 def test_existing_output_is_skipped_or_refused_or_overwritten(tmp_path, slide, model, capsys):

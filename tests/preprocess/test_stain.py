@@ -133,7 +133,7 @@ def test_stain_none_on_rgb_and_hematoxylin_on_grey_are_one_line(tmp_path, he_sli
         (
             he_slide[0],
             ["--stain", "none", "--model", str(DEFAULT_MODEL)],
-            "image has 3 channel(s) but the model",
+            "3 channels (0 red, 1 green, 2 blue) and the model",
         ),
         (
             grey,
