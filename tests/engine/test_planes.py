@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from imagefiles import write_ome_zarr, write_tiff, write_zarr
 from profiles import examples
 
+from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
-from pipeline.models import UNetConfig
+from pipeline.models import UNetConfig, save_unet
 from pipeline.output.ngff import LABELS_PATH, read_record
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 
@@ -138,3 +139,25 @@ def test_external_2d_model_on_a_volume_is_exact(tmp_path, kind):
         axes="ZYX", batch_size=2,
     )  # fmt: skip
     check(probs, labels, per_plane(str(model), image))
+
+
+def test_bioimageio_2d_package_on_a_volume_runs_as_its_weights(tmp_path):
+    """A 2D package (written by ``tileseg export-model``) on ZYX: plane by plane, with its own
+    normalisation of the volume, as the native file it was exported from."""
+    config = UNetConfig(depth=2, width=4, padding="valid")
+    model = tmp_path / "m.safetensors"
+    save_unet(unet(config, seed=1), model)
+    package = tmp_path / "m.zip"
+    assert main(["export-model", str(model), str(package), "--author", "A Lab"]) == 0
+    volume = np.random.default_rng(3).gamma(2.0, 100.0, (3, 50, 41)).astype(np.uint16)
+    write_zarr(tmp_path / "in.zarr", volume, chunks=(1, 32, 32))
+    found = []
+    for name, path in (("native", model), ("package", package)):
+        options = SegmentOptions(model=str(path), axes="ZYX", tile=32, chunk=16,
+                                 save_probabilities=True, probability_dtype="float32")  # fmt: skip
+        segment_image(tmp_path / "in.zarr", tmp_path / f"{name}.zarr", options)
+        root = zarr.open_group(tmp_path / f"{name}.zarr", mode="r")
+        found.append(root["0"][...])
+        assert read_record(tmp_path / f"{name}.zarr")["model"]["planes"] is True
+    assert found[0].shape == (2, *volume.shape)
+    assert np.abs(found[0] - found[1]).max() < 1e-4
