@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_ome_zarr, write_tiff, write_zarr
 from profiles import examples
+from scipy import ndimage
 
 from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
@@ -161,3 +162,23 @@ def test_bioimageio_2d_package_on_a_volume_runs_as_its_weights(tmp_path):
         assert read_record(tmp_path / f"{name}.zarr")["model"]["planes"] is True
     assert found[0].shape == (2, *volume.shape)
     assert np.abs(found[0] - found[1]).max() < 1e-4
+
+
+def test_instances_of_a_volume_connect_objects_across_planes(tmp_path):
+    """The objects of a plane-wise run are the 3D connected components of its foreground
+    (``scipy.ndimage.label``, up to renumbering), measured in a table."""
+    plane = _fluorescence(1, 96)[0]
+    volume = np.stack([plane, plane, np.roll(plane, 40, axis=1)])  # two planes alike
+    path = write_zarr(tmp_path / "vol.zarr", volume, chunks=(1, 64, 64))
+    options = SegmentOptions(axes="ZYX", instances="connected", table="csv", chunk=32, tile=64)
+    segment_image(path, tmp_path / "out.zarr", options)
+    root = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    labels = root[f"{LABELS_PATH}/0"][...]
+    instances = root["labels/instances/0"][...]
+    truth, n = ndimage.label(labels > 0)
+    assert n > 3 and len(np.unique(instances[instances > 0])) == n
+    pairs = np.unique(np.stack([truth.ravel(), instances.ravel()]), axis=1)
+    assert pairs.shape[1] == n + 1  # one instance id per component, background with 0
+    np.testing.assert_array_equal(instances[0] > 0, instances[1] > 0)
+    assert (instances[0][instances[0] > 0] == instances[1][instances[0] > 0]).all()
+    assert (tmp_path / "out.zarr" / "objects.csv").is_file()
