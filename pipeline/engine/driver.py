@@ -183,8 +183,8 @@ def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileG
             raise TilesegError("--tile", problem)
     if tile % chunk:
         raise TilesegError("--tile", f"tile {tile} is not a multiple of the output chunk {chunk}")
-    planes = (1,) * (g.ndim - module_ndim(model))
     n = module_ndim(model)
+    planes = (1,) * (g.ndim - n)  # a 2D model on a volume: one plane per tile and chunk
     return plan_tiles(
         image.spatial_shape, geometry=g, tile=(*planes, *(tile,) * n),
         chunk=(*planes, *(chunk,) * n),
