@@ -48,6 +48,7 @@ from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import Predictor, label_dtype
 from pipeline.models.object_size import trained_object_size, warn_object_size
+from pipeline.models.planes import module_ndim, runs_plane_wise
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import SplitGrid, label_instances
 from pipeline.objects.measure import measure_objects
@@ -184,17 +185,23 @@ def _channels_problem(image: LazyImage, model: LoadedModel, given: int) -> str:
 
 
 def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileGrid:
+    """The tiling of ``image`` for ``model``: ``--tile``/``--chunk`` (or their defaults for the
+    model's dimensions) on every axis; one plane per tile and chunk along Z for a 2D model run
+    plane by plane, which needs no context there."""
     g = model.geometry
-    tile, chunk = options.tile_and_chunk(g.ndim)
+    tile, chunk = options.tile_and_chunk(module_ndim(model))
     for axis, a in enumerate(g.align):
         if tile < a or tile % a:
             problem = f"tile {tile} is not a multiple of the model's alignment {a} (axis {axis})"
             raise TilesegError("--tile", problem)
     if tile % chunk:
         raise TilesegError("--tile", f"tile {tile} is not a multiple of the output chunk {chunk}")
+    n = module_ndim(model)
+    planes = (1,) * (g.ndim - n)  # a 2D model on a volume: one plane per tile and chunk
     return plan_tiles(
-        image.spatial_shape, geometry=g, tile=(tile,) * g.ndim, chunk=(chunk,) * g.ndim
-    )
+        image.spatial_shape, geometry=g, tile=(*planes, *(tile,) * n),
+        chunk=(*planes, *(chunk,) * n),
+    )  # fmt: skip
 
 
 def segment_image(
@@ -275,6 +282,9 @@ def _open_run(
     model_spec = ModelSpec.for_image(options, image)
     with timer.phase("model_load"):
         model = load_model(model_spec)
+        if runs_plane_wise(model, len(image.spatial_shape)):  # a volume, a 2D model
+            model_spec = replace(model_spec, planes=True)
+            model = load_model(model_spec)
     step = stain_step(options.stain, image, model.in_channels)
     if step is None:
         image = auto_channel(
@@ -638,10 +648,9 @@ def _layout(job: _Job, state: str) -> OutputLayout:
     if job.scale is not None and job.scale.record is not None and image.pixel_size is None:
         scale_base = job.scale.input_factor if image is job.image else None
     classes = int(job.model.classes or 0) or _probe_classes(job.model_spec, options, job.grid)
-    _, chunk = options.tile_and_chunk(job.grid.geometry.ndim)
     layout = OutputLayout(
         spatial_shape=image.spatial_shape,
-        chunks=tuple(min(chunk, n) for n in image.spatial_shape),
+        chunks=_chunks(job.grid, image.spatial_shape),
         classes=classes,
         label_dtype=label_dtype(max(classes, 2)).str,
         probability_dtype=options.probability_dtype if options.save_probabilities else None,
@@ -660,12 +669,16 @@ def _layout(job: _Job, state: str) -> OutputLayout:
 def _model_grid_layout(job: _Job, layout: OutputLayout) -> OutputLayout:
     """The arrays the tasks write when the labels are upsampled after them: level 0 on the
     model's grid, chunked as the output."""
-    _, chunk = job.options.tile_and_chunk(job.grid.geometry.ndim)
     shape = job.image.spatial_shape
     return replace(
-        layout, spatial_shape=shape, chunks=tuple(min(chunk, n) for n in shape),
+        layout, spatial_shape=shape, chunks=_chunks(job.grid, shape),
         pixel_size=None, overview=None, scale_base=None,
     )  # fmt: skip
+
+
+def _chunks(grid: TileGrid, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output chunks of an array of ``shape``: the plan's, clipped to the array."""
+    return tuple(min(c, n) for c, n in zip(grid.chunk, shape, strict=True))
 
 
 def _labels_downsample(job: _Job) -> tuple[float, ...]:

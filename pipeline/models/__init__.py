@@ -20,6 +20,7 @@ from pipeline.models.files import (
 )
 from pipeline.models.metadata import ModelMetadata
 from pipeline.models.onnx_model import load_onnx
+from pipeline.models.planes import plane_model
 from pipeline.models.unet import UNet, UNetConfig, seeded_unet
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class ModelSpec:
     halo: int | None = None
     align: int | None = None
     force_halo: bool = False
+    planes: bool = False  # a 2D model run plane by plane on a volume (models/planes.py)
 
     @classmethod
     def from_options(cls, options: SegmentOptions) -> ModelSpec:
@@ -95,10 +97,11 @@ def _stamp(path: str | None) -> tuple[int, int] | None:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load a model once per process (cached by spec and file stamp)."""
+    flat = load_model(replace(spec, planes=False)) if spec.planes else None
     key = (spec, _stamp(spec.path))
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = _load_uncached(spec)
+            _cache[key] = _load_uncached(spec) if flat is None else plane_model(flat)
         return _cache[key]
 
 

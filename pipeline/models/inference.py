@@ -25,6 +25,7 @@ from pipeline.config import CHANNELS_LAST, FOLD_NORM, PRECISION
 from pipeline.geometry import ModelGeometry, padded_whole
 from pipeline.models import LoadedModel
 from pipeline.models.fold import fold_batch_norm
+from pipeline.models.planes import module_ndim
 
 __all__ = [
     "CPU_BATCH_SIZE",
@@ -209,7 +210,7 @@ class Predictor:
             if fold:
                 fold_batch_norm(module)
             if cl:
-                module = module.to(memory_format=_memory_format(2 + model.geometry.ndim))
+                module = module.to(memory_format=_memory_format(2 + module_ndim(model)))
         autocast = resolve_precision(precision, dev)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same shape

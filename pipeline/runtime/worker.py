@@ -87,7 +87,8 @@ def cached_predictor(
     # What the predictor depends on: not the prefetch, nor the batch size unless compiled.
     numerics = (run.precision, run.channels_last, run.fold_norm, run.compile,
                 run.compile and run.batch_size)  # fmt: skip
-    key = (model.source, model.sha256, device, numerics)
+    # A 2D model run plane by plane is another module (models/planes.py) of the same file.
+    key = (model.source, model.sha256, spec.planes, device, numerics)
     if resolve_device(device).type == "cpu":
         keep_freed_memory()  # else each forward page-faults its activations in again
     with _cache_lock:
