@@ -533,15 +533,16 @@ def _he_tissue(cfg, eosin, hema, tissue, ys, xs, s):
     red cells' stain: the look-alikes a nuclei model must learn to leave out."""
     if cfg.eosin_spread > 0:  # eosin density varies across the section
         eosin = eosin * np.exp(cfg.eosin_spread * (2 * _fbm(cfg, 17, ys, xs, 250.0, 2) - 1))
-    if cfg.cytoplasm > 0:  # granular haematoxylin in cytoplasm: mauve, not a nucleus
-        grain = _fbm(cfg, 18, ys, xs, 7.0, 2, scale=s)
-        hema = hema + tissue * cfg.cytoplasm * (0.3 + 1.4 * grain * _fbm(cfg, 19, ys, xs, 90.0, 2))
+    if cfg.cytoplasm > 0:  # granular cytoplasm: grey-purple, darker than glass, not a nucleus
+        grain = _fbm(cfg, 18, ys, xs, 7.0, 2, scale=s) - 0.5
+        dense = tissue * cfg.cytoplasm * (0.25 + _fbm(cfg, 19, ys, xs, 90.0, 2) + 0.6 * grain)
+        hema, eosin = hema + dense, eosin + 0.4 * dense
     if cfg.collagen > 0:
         dermis, bundle = _collagen(cfg, ys, xs)
         dermis = dermis * tissue
         lift = np.exp(cfg.eosin_spread * (2 * _fbm(cfg, 20, ys, xs, 400.0, 1) - 1))
         eosin = eosin * (1 - dermis) + dermis * (0.03 + (0.7 + 0.6 * lift) * bundle)
-        hema = hema * (1 - dermis) + dermis * bundle * (0.04 + 0.6 * cfg.cytoplasm)
+        hema = hema * (1 - dermis) + dermis * bundle * (0.04 + 0.15 * cfg.cytoplasm)
     if cfg.vacuoles > 0:  # small empty holes in the tissue: glass through it
         cut = 0.78 - 0.06 * min(cfg.vacuoles, 2.0)
         hole = np.clip((_fbm(cfg, 21, ys, xs, 16.0, 2, scale=s) - cut) / 0.025, 0, 1)

@@ -236,7 +236,7 @@ def _he_knobs(rng: np.random.Generator) -> dict[str, Any]:
     return knobs | {
         "collagen": u(0.2, 0.8) if rng.random() < 0.7 else 0.0,
         "red_cells": u(0.3, 1.5) if rng.random() < 0.6 else 0.0,
-        "cytoplasm": u(0.0, 0.3),
+        "cytoplasm": u(0.0, 0.9),
         "vacuoles": u(0.0, 1.0) if rng.random() < 0.4 else 0.0,
         "eosin_spread": u(0.0, 0.5),
     }

@@ -27,9 +27,10 @@ from pipeline.io.readers import open_image
 from pipeline.output.ngff import labels_image_path
 from pipeline.preprocess.stain import TISSUE_OD
 
-__all__ = ["SLIDE", "he_proxy", "score_real_he", "stain_amounts"]
+__all__ = ["CROP", "SLIDE", "he_proxy", "score_real_he", "stain_amounts"]
 
 SLIDE = Path(__file__).parents[1] / "data" / "cmu-small-region.svs"
+CROP = (slice(1700, 2300), slice(1000, 1600))  # epidermis, a hair follicle, dermal collagen
 _CLIP_PERCENTILE = 99.5  # the darkest specks (ink, folds) would drag Otsu's split up
 
 
