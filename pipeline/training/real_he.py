@@ -25,23 +25,23 @@ from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.io.readers import open_image
 from pipeline.output.ngff import labels_image_path
-from pipeline.preprocess.stain import TISSUE_OD
 
 __all__ = ["CROP", "SLIDE", "he_proxy", "score_real_he", "stain_amounts"]
 
 SLIDE = Path(__file__).parents[1] / "data" / "cmu-small-region.svs"
 CROP = (slice(1700, 2300), slice(1000, 1600))  # epidermis, a hair follicle, dermal collagen
+_TISSUE_OD = 0.15  # Macenko's beta: optical density below it in every channel is glass
 _CLIP_PERCENTILE = 99.5  # the darkest specks (ink, folds) would drag Otsu's split up
 
 
 def stain_amounts(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Haematoxylin and eosin amounts of an 8-bit ``(Y, X, 3)`` RGB image by Ruifrok-Johnston
-    deconvolution, and its tissue mask (optical density above ``TISSUE_OD`` in some channel)."""
+    deconvolution, and its tissue mask (optical density above 0.15 in some channel)."""
     from skimage.color import rgb2hed
 
     hed = rgb2hed(rgb)
     od = -np.log((rgb.astype(np.float32) + 1) / 256)
-    return hed[..., 0], hed[..., 1], od.max(axis=-1) > TISSUE_OD
+    return hed[..., 0], hed[..., 1], od.max(axis=-1) > _TISSUE_OD
 
 
 def he_proxy(rgb: np.ndarray, instances: np.ndarray, *, mpp: float) -> dict[str, float]:
