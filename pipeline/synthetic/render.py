@@ -528,7 +528,15 @@ def _has_he_tissue(cfg: SyntheticConfig) -> bool:
     return max(knobs) > 0
 
 
-def _he_tissue(cfg, eosin, hema, tissue, ys, xs, s):
+def _he_tissue(
+    cfg: SyntheticConfig,
+    eosin: np.ndarray,
+    hema: np.ndarray,
+    tissue: np.ndarray | np.float32,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    s: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Eosin and haematoxylin of everything in H&E tissue that is not a nucleus, and the
     red cells' stain: the look-alikes a nuclei model must learn to leave out."""
     if cfg.eosin_spread > 0:  # eosin density varies across the section
@@ -557,7 +565,9 @@ def _dermis(cfg: SyntheticConfig, field: np.ndarray) -> np.ndarray:
     return np.clip((field - cut) / 0.04 + 0.5, 0, 1)
 
 
-def _collagen(cfg: SyntheticConfig, ys, xs) -> tuple[np.ndarray, np.ndarray]:
+def _collagen(
+    cfg: SyntheticConfig, ys: np.ndarray, xs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Dermis-like regions and, in them, collagen bundles: long, wavy, streaked pink bands
     with glass between them, in three directions blended by smooth fields."""
     dermis = _dermis(cfg, _fbm(cfg, 22, ys, xs, 500.0, 2))
@@ -577,7 +587,7 @@ def _collagen(cfg: SyntheticConfig, ys, xs) -> tuple[np.ndarray, np.ndarray]:
     return dermis, bundle.reshape(len(ys), len(xs)).astype(np.float32)
 
 
-def _red_cells(cfg: SyntheticConfig, ys, xs) -> np.ndarray:
+def _red_cells(cfg: SyntheticConfig, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Red blood cells: discs 10..15 px across with a paler centre, at most one per lattice
     site, crowded where a smooth 'vessel' field is high and a few on their own."""
     iy, ix = np.floor(ys / _RED_PITCH).astype(np.int64), np.floor(xs / _RED_PITCH).astype(np.int64)
