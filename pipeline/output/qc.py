@@ -91,28 +91,39 @@ def overlay_png(
     max_side: int = 2048,
     alpha: float = 0.45,
     labels: str = LABELS_PATH,
+    window: tuple[slice, slice] | None = None,
 ) -> Path:
     """Write a downsampled picture of the image with the labels painted over it.
 
     The picture of the image is the output's overview where it is fine enough
     (:func:`overview_thumbnail`), else it is read from ``image`` (the input).
     ``labels``: the labels image to paint, e.g. ``"labels/instances"`` (neighbouring objects
-    then differ in colour unless their ids differ by a multiple of the palette's five)."""
-    from skimage.io import imsave
-    from skimage.segmentation import find_boundaries
-
+    then differ in colour unless their ids differ by a multiple of the palette's five).
+    ``window``: a (y, x) window of the input at full resolution instead (``image`` needed),
+    the labels of level 0 over it."""
+    pyramid = zarr.open_group(output, mode="r")[labels]
+    if window is not None:
+        if image is None:
+            raise ValueError(f"{output}: a window is read from the image, and none was given")
+        thumb = _to_rgb(image.read(window))
+        return _paint(thumb, np.asarray(pyramid["0"][window]), png, alpha)
     small = overview_thumbnail(output, max_side=max_side)
     if small is None:
         if image is None:
             raise ValueError(f"{output}: no overview to draw on, and no image given")
         small = thumbnail(image, max_side=max_side)
     thumb = _to_rgb(small)
-    root = zarr.open_group(output, mode="r")
-    pyramid = root[labels]
     levels = sorted(int(k) for k in pyramid.array_keys())
     # the smallest label level at least as large as the thumbnail
     level = max([k for k in levels if pyramid[str(k)].shape[-2] >= thumb.shape[0]] or [levels[0]])
-    ids = _resize_nearest(pyramid[str(level)][...], thumb.shape[:2])
+    return _paint(thumb, _resize_nearest(pyramid[str(level)][...], thumb.shape[:2]), png, alpha)
+
+
+def _paint(thumb: np.ndarray, ids: np.ndarray, png: str | os.PathLike[str], alpha: float) -> Path:
+    """Labels ``ids`` over the float RGB picture ``thumb``, outlined, written as a PNG."""
+    from skimage.io import imsave
+    from skimage.segmentation import find_boundaries
+
     fg = ids > 0
     # ids 1, 2, ... cycle through the palette's colours; 0 (its black) stays background
     colours = _FILL[np.where(fg, 1 + (ids.astype(np.int64) - 1) % (len(_FILL) - 1), 0)] / 255.0

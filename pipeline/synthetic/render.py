@@ -86,6 +86,14 @@ class SyntheticConfig:
     stain_amounts: tuple[float, float] = (1.0, 1.0)
     white: float = 238.0
     jpeg: int = 0
+    # H&E tissue that is not nuclei (the defaults draw none of it): dermis-like regions of
+    # collagen bundles (share of the tissue), red blood cells (density), haematoxylin in
+    # cytoplasm and keratin (OD), small pale vacuoles (density) and patchy eosin (log spread)
+    collagen: float = 0.0
+    red_cells: float = 0.0
+    cytoplasm: float = 0.0
+    vacuoles: float = 0.0
+    eosin_spread: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "radius", (float(self.radius[0]), float(self.radius[1])))
@@ -107,6 +115,9 @@ class SyntheticConfig:
         he_ok = min(self.stain_amounts) > 0 and 0 < self.white <= 255 and 0 <= self.jpeg <= 100
         if not he_ok:
             raise ValueError("need stain_amounts > 0, white in (0, 255], jpeg in 0..100")
+        tissue_knobs = (self.red_cells, self.cytoplasm, self.vacuoles, self.eosin_spread)
+        if not 0 <= self.collagen <= 1 or min(tissue_knobs) < 0:
+            raise ValueError("need collagen in [0, 1] and non-negative H&E tissue knobs")
         if self.stain_vectors is not None:
             vectors = tuple(tuple(float(v) for v in row) for row in self.stain_vectors)
             if len(vectors) != 2 or any(len(v) != 3 or min(v) < 0 for v in vectors):
@@ -303,6 +314,11 @@ def _objects(cfg: SyntheticConfig, y0: float, y1: float, x0: float, x1: float) -
     keep[loser] = False
     cell_y, cell_x = cand[:, -2], cand[:, -1]
     keep &= (cell_y >= cy0) & (cell_y < cy1) & (cell_x >= cx0) & (cell_x < cx1)
+    if cfg.collagen > 0:  # few cells among the collagen bundles of a dermis (after the
+        # hard-core rule, so that the other nuclei stay as they are)
+        y, x, ids = cand[:, _Y], cand[:, _X], cand[:, _ID].astype(np.int64)
+        dermis = _dermis(cfg, _fbm_points(cfg, 22, y, x, 500.0, 2))
+        keep &= _hash01(_key(cfg, 45), ids, np.zeros_like(ids)) > 0.75 * dermis
     obj, u, cell = cand[keep, :_NCOL], cand[keep, _NCOL + 1 : -2], cand[keep, -2:]
     # touching doublets (e.g. daughter cells): a partner about touching its parent
     pair = u[:, 0] < cfg.doublets
@@ -477,11 +493,17 @@ def _render(
     fibre += (1 - turn) * _fbm(cfg, 13, ys, xs, (40.0, 4.0), 2, scale=s)
     lumen = np.clip((_fbm(cfg, 10, ys, xs, 120.0, 4, scale=s) - 0.7) / 0.03, 0, 1)
     eosin = tissue * (0.12 + 0.4 * stroma + 0.2 * fibre) * (1 - 0.9 * lumen)
-    eosin += 0.4 * np.minimum(amount, 1)
-    hema = 1.3 * nuclei + 0.04 * tissue
+    hema = 0.04 * tissue
     h_vec, e_vec = _stain_vectors(cfg)
+    red = None
+    if _has_he_tissue(cfg):
+        eosin, hema, red = _he_tissue(cfg, eosin, hema, tissue, ys, xs, s)
+    eosin = eosin + 0.4 * np.minimum(amount, 1)
+    hema = hema + 1.3 * nuclei
     od = (cfg.stain_amounts[0] * hema)[..., None] * h_vec
     od += (cfg.stain_amounts[1] * eosin)[..., None] * e_vec
+    if red is not None:  # haemoglobin plus eosin: orange-red, with blue absorbed too
+        od += (cfg.stain_amounts[1] * red)[..., None] * (e_vec + _RED_CELL)
     rgb = (cfg.white * (1 + 0.25 * (illum[..., None] - 1))) * np.exp(-od)  # milder light variation
     rgb = ndimage.gaussian_filter(rgb, (sigma, sigma, 0), mode="nearest", truncate=4.0)
     rgb = rgb[m : m + shape[0], m : m + shape[1]]
@@ -493,6 +515,99 @@ def _render(
 
         rgb = imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(rgb, level=cfg.jpeg))
     return rgb, labels
+
+
+# ---------------------------------------------------------------------------- H&E tissue
+
+_RED_CELL = np.array([0.0, 0.15, 0.55], np.float32)  # red cells' OD beyond eosin's
+_RED_PITCH = 28.0  # lattice of red-cell sites (level-0 px): one cell at most per site
+
+
+def _has_he_tissue(cfg: SyntheticConfig) -> bool:
+    knobs = (cfg.collagen, cfg.red_cells, cfg.cytoplasm, cfg.vacuoles, cfg.eosin_spread)
+    return max(knobs) > 0
+
+
+def _he_tissue(
+    cfg: SyntheticConfig,
+    eosin: np.ndarray,
+    hema: np.ndarray,
+    tissue: np.ndarray | np.float32,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    s: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Eosin and haematoxylin of everything in H&E tissue that is not a nucleus, and the
+    red cells' stain: the look-alikes a nuclei model must learn to leave out."""
+    if cfg.eosin_spread > 0:  # eosin density varies across the section
+        eosin = eosin * np.exp(cfg.eosin_spread * (2 * _fbm(cfg, 17, ys, xs, 250.0, 2) - 1))
+    if cfg.cytoplasm > 0:  # granular cytoplasm: grey-purple, darker than glass, not a nucleus
+        grain = _fbm(cfg, 18, ys, xs, 7.0, 2, scale=s) - 0.5
+        dense = tissue * cfg.cytoplasm * (0.25 + _fbm(cfg, 19, ys, xs, 90.0, 2) + 0.6 * grain)
+        hema, eosin = hema + dense, eosin + 0.4 * dense
+    if cfg.collagen > 0:
+        dermis, bundle = _collagen(cfg, ys, xs)
+        dermis = dermis * tissue
+        lift = np.exp(cfg.eosin_spread * (2 * _fbm(cfg, 20, ys, xs, 400.0, 1) - 1))
+        eosin = eosin * (1 - dermis) + dermis * (0.03 + (0.7 + 0.6 * lift) * bundle)
+        hema = hema * (1 - dermis) + dermis * bundle * (0.04 + 0.15 * cfg.cytoplasm)
+    if cfg.vacuoles > 0:  # small empty holes in the tissue: glass through it
+        cut = 0.78 - 0.06 * min(cfg.vacuoles, 2.0)
+        hole = np.clip((_fbm(cfg, 21, ys, xs, 16.0, 2, scale=s) - cut) / 0.025, 0, 1)
+        eosin, hema = eosin * (1 - 0.9 * hole), hema * (1 - 0.9 * hole)
+    red = _red_cells(cfg, ys, xs) * tissue if cfg.red_cells > 0 else None
+    return eosin, hema, red
+
+
+def _dermis(cfg: SyntheticConfig, field: np.ndarray) -> np.ndarray:
+    """Dermis weight (0..1) from its smooth field: ``collagen`` of the tissue above the cut."""
+    cut = 0.5 - 0.15 * NormalDist().inv_cdf(min(max(cfg.collagen, 1e-3), 0.999))
+    return np.clip((field - cut) / 0.04 + 0.5, 0, 1)
+
+
+def _collagen(
+    cfg: SyntheticConfig, ys: np.ndarray, xs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dermis-like regions and, in them, collagen bundles: long, wavy, streaked pink bands
+    with glass between them, in three directions blended by smooth fields."""
+    dermis = _dermis(cfg, _fbm(cfg, 22, ys, xs, 500.0, 2))
+    y, x = np.meshgrid(ys.astype(np.float64), xs.astype(np.float64), indexing="ij")
+    y, x = y.ravel(), x.ravel()
+    wave = 60.0 * (_fbm_points(cfg, 23, y, x, 160.0, 2) - 0.5)
+    turn = _hash01(_key(cfg, 24), np.zeros(1), np.zeros(1))[0] * np.pi
+    bands, weights = [], []
+    for k in range(3):
+        th = turn + k * np.pi / 3
+        along, across = y * np.cos(th) + x * np.sin(th), x * np.cos(th) - y * np.sin(th) + wave
+        core = _fbm_points(cfg, 25 + k, along / 130.0, across / 24.0, 1.0, 2)
+        streak = _fbm_points(cfg, 28 + k, along / 30.0, across / 2.5, 1.0, 1)
+        bands.append(np.clip((core - 0.5) / 0.03, 0, 1) * (0.65 + 0.6 * streak))
+        weights.append(np.exp(12.0 * _fbm_points(cfg, 31 + k, y, x, 350.0, 2)))
+    bundle = sum(b * w for b, w in zip(bands, weights, strict=True)) / sum(weights)
+    return dermis, bundle.reshape(len(ys), len(xs)).astype(np.float32)
+
+
+def _red_cells(cfg: SyntheticConfig, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Red blood cells: discs 10..15 px across with a paler centre, at most one per lattice
+    site, crowded where a smooth 'vessel' field is high and a few on their own."""
+    iy, ix = np.floor(ys / _RED_PITCH).astype(np.int64), np.floor(xs / _RED_PITCH).astype(np.int64)
+    sy, sx = np.unique(iy), np.unique(ix)
+    site_y, site_x = np.meshgrid(sy, sx, indexing="ij")
+    u = [_hash01(_key(cfg, 40 + j), site_y, site_x) for j in range(4)]
+    r = 5.0 + 2.5 * u[3]
+    room = _RED_PITCH - 2 * r - 1
+    cy, cx = (
+        site_y * _RED_PITCH + r + 0.5 + room * u[1],
+        site_x * _RED_PITCH + r + 0.5 + room * u[2],
+    )
+    vessel = _fbm_points(cfg, 44, cy.ravel(), cx.ravel(), 110.0, 2).reshape(cy.shape)
+    vessel = np.clip((vessel - 0.6) / 0.05, 0, 1)
+    present = u[0] < np.minimum(1.0, cfg.red_cells * (0.02 + 0.6 * vessel))
+    row, col = np.ix_(iy - sy[0], ix - sx[0])  # each pixel's site
+    r, cy, cx = r[row, col], cy[row, col], cx[row, col]
+    d = np.hypot(ys[:, None] - cy, xs[None, :] - cx) / r
+    disc = np.clip((1 - d) * r + 0.5, 0, 1) * (1 - 0.35 * np.exp(-4 * d * d))
+    return (1.4 * present[row, col] * disc).astype(np.float32)
 
 
 def _stain_vectors(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -216,7 +216,8 @@ _E_RANGE = ((0.072, 0.990, 0.105), (0.2159, 0.8012, 0.5581))
 
 
 def _he_knobs(rng: np.random.Generator) -> dict[str, Any]:
-    """Stain vectors, stain amounts, glass brightness and JPEG compression of an H&E slide."""
+    """Stain vectors, stain amounts, glass brightness and JPEG compression of an H&E slide, and
+    its tissue that is not nuclei: collagen, red cells, cytoplasm, vacuoles, patchy eosin."""
     u = rng.uniform
 
     def vector(pair: tuple[tuple[float, ...], ...]) -> tuple[float, float, float]:
@@ -225,11 +226,19 @@ def _he_knobs(rng: np.random.Generator) -> dict[str, Any]:
         v = np.maximum(v, 0.01)
         return tuple(float(c) for c in v / np.linalg.norm(v))
 
-    return {
+    knobs = {
         "stain_vectors": (vector(_H_RANGE), vector(_E_RANGE)),
         "stain_amounts": (float(np.exp(u(-0.6, 0.4))), float(np.exp(u(-0.7, 0.5)))),
         "white": u(215.0, 250.0),
         "jpeg": int(rng.integers(60, 96)) if rng.random() < 0.6 else 0,
+    }
+    # tissue that is not nuclei, drawn after the knobs above so that those keep their values
+    return knobs | {
+        "collagen": u(0.2, 0.8) if rng.random() < 0.7 else 0.0,
+        "red_cells": u(0.3, 1.5) if rng.random() < 0.6 else 0.0,
+        "cytoplasm": u(0.0, 0.9),
+        "vacuoles": u(0.0, 1.0) if rng.random() < 0.4 else 0.0,
+        "eosin_spread": u(0.0, 0.5),
     }
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imagefiles import downsample, write_svs, write_tiff
 from outputs import chunk_files
 from PIL import Image
 
+import pipeline
 from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
@@ -240,3 +242,28 @@ def test_a_dicom_folder_is_one_slide_for_the_cli(tmp_path):
     record = read_record(out)
     assert record["status"] == "complete" and record["reader"] == "openslide"
     assert record["normalization"]["stain"]["method"] == "ruifrok-johnston"  # 256 px: too few
+
+
+# ------------------------------------------------ a real H&E slide shipped with the package
+
+CMU = Path(pipeline.__file__).parent / "data" / "cmu-small-region.svs"
+
+
+def test_the_shipped_he_slide_reads_the_same_through_both_back_ends():
+    """A 2220 x 2967 region of OpenSlide's CMU-1 Aperio slide (JPEG tiles, 20x): every level
+    equal pixel for pixel, its MPP as the scanner wrote it, its thumbnail as tifffile reads it."""
+    by_tifffile = open_image(CMU)
+    by_openslide = open_image(CMU, reader="openslide")
+    assert (by_tifffile.reader, by_openslide.reader) == ("tifffile", "openslide")
+    assert by_tifffile.level_shapes == by_openslide.level_shapes
+    assert by_tifffile.level_shapes[0] == (2967, 2220)
+    for image in (by_tifffile, by_openslide):
+        assert image.pixel_size == pytest.approx((0.499, 0.499))
+    for level in range(by_tifffile.n_levels):
+        a, b = by_tifffile.at_level(level), by_openslide.at_level(level)
+        pixels = a.read(full(a))
+        assert pixels.shape == (3, *a.spatial_shape) and pixels.dtype == np.uint8
+        np.testing.assert_array_equal(b.read(full(b)), pixels)
+    thumbnail = associated_images(CMU)["thumbnail"]
+    with tifffile.TiffFile(CMU) as tif:
+        np.testing.assert_array_equal(thumbnail, tif.pages[1].asarray())

@@ -441,3 +441,28 @@ def test_qc_pictures_are_drawn_on_the_overview_without_reading_the_input(tmp_pat
     np.testing.assert_array_equal(imread(from_overview), imread(from_input))
     with pytest.raises(ValueError, match="no overview"):
         overlay_png(None, with_p, tmp_path / "none.png")
+
+
+def test_a_qc_window_is_drawn_at_full_resolution(tmp_path, model):
+    from skimage.io import imread
+    from skimage.segmentation import find_boundaries
+
+    from pipeline.output.qc import overlay_png
+
+    image = np.random.default_rng(12).integers(0, 255, (256, 192), dtype=np.uint8)
+    slide = write_tiff(tmp_path / "a.ome.tif", image, axes="YX", tile=(32, 32), pyramid_levels=2)
+    out = tmp_path / "out.zarr"
+    segment_image(slide, out, SegmentOptions(model=model, tile=32, chunk=32))
+    stored = zarr.open_array(out / "labels" / "segmentation" / "0", mode="r+")
+    stored[:] = 0
+    stored[50:80, 20:60] = 1  # one object, partly in the window
+    window = (slice(40, 140), slice(30, 110))
+    with open_image(slide) as lazy:
+        picture = imread(overlay_png(lazy, out, tmp_path / "window.png", window=window))
+    assert picture.shape == (100, 80, 3)
+    edges = find_boundaries(np.asarray(stored)[window], mode="inner")
+    assert edges.sum() == 2 * 30 + 28  # cut by the window's left side: 3 of its sides in it
+    red = (np.array([255, 60, 60], np.float32) / 255.0 * 255).astype(np.uint8)  # label 1's colour
+    np.testing.assert_array_equal(picture[edges], np.broadcast_to(red, (edges.sum(), 3)))
+    with pytest.raises(ValueError, match="window"):
+        overlay_png(None, out, tmp_path / "none.png", window=window)

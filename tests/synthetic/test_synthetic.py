@@ -39,11 +39,17 @@ def _stitch(cfg, origin, shape, ys, xs, scale=1):
     return image, labels
 
 
-@pytest.mark.parametrize("kind", ["fluorescence", "he"])
+# H&E tissue that is not nuclei: collagen bundles, red cells, cytoplasm, vacuoles, patchy eosin
+HE_TISSUE = {"collagen": 0.5, "red_cells": 1.5, "cytoplasm": 0.2, "vacuoles": 0.8,
+             "eosin_spread": 0.4}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["fluorescence", "he", "he-tissue"])
 @pytest.mark.parametrize("scale", [1, 2])
 def test_block_grid_independence(kind, scale):
     # truth always; the image too once the (block-seeded) noise is switched off
-    cfg = dataclasses.replace(DENSE, kind=kind, noise=False)
+    knobs = HE_TISSUE if kind == "he-tissue" else {}
+    cfg = dataclasses.replace(DENSE, kind=kind.removesuffix("-tissue"), noise=False, **knobs)
     origin, shape = (700, 900), (300, 300)
     image, labels = render_block(cfg, origin=origin, shape=shape, scale=scale)
     assert len(np.unique(labels)) > 10
@@ -274,3 +280,25 @@ def test_varied_he_slides_draw_stains_and_compression():
     fluorescence = varied_config(1001)
     assert varied_config(1001, kind="he").photons == fluorescence.photons  # same earlier draws
     assert fluorescence.stain_vectors is None and fluorescence.jpeg == 0
+
+
+def test_he_tissue_that_is_not_nuclei_stays_out_of_the_truth():
+    """Collagen bundles, red cells, cytoplasm and vacuoles change the pixels; the truth only
+    loses the nuclei that the dermis thins out; red cells are red, bundles pink."""
+    base = dataclasses.replace(DENSE, kind="he", seed=5, noise=False)
+    plain_image, plain = synthetic_pair((512, 512), config=base)
+    rich = dataclasses.replace(base, **HE_TISSUE)
+    image, labels = synthetic_pair((512, 512), config=rich)
+    np.testing.assert_array_equal(synthetic_pair((512, 512), config=rich)[0], image)
+    kept = set(np.unique(labels).tolist())
+    assert kept < set(np.unique(plain).tolist())  # fewer nuclei, none new
+    assert np.abs(image.astype(int) - plain_image).mean() > 5
+    red = (image[..., 0] > 150) & (image[..., 1] < 90) & (image[..., 2] < 130)
+    assert red.mean() > 0.002 and (labels[red] > 0).mean() < 0.2
+    assert red.sum() > 20 * ((plain_image[..., 0] > 150) & (plain_image[..., 1] < 90)
+                             & (plain_image[..., 2] < 130)).sum()  # fmt: skip
+    # no knob, no change: the default H&E slide is drawn as before
+    zero = dataclasses.replace(base, **dict.fromkeys(HE_TISSUE, 0.0))
+    np.testing.assert_array_equal(synthetic_pair((512, 512), config=zero)[0], plain_image)
+    with pytest.raises(ValueError, match="collagen"):
+        dataclasses.replace(base, collagen=1.5)
