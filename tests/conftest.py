@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # Loads the hypothesis profile before any test module counts its examples.
 import profiles  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """Each test leaves the process environment as it found it: Dask's nanny writes its
+    workers' variables (OMP_NUM_THREADS=1, ...) into the parent's ``os.environ``, and the
+    clusters, workers and children of later tests would start with them."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture

@@ -619,7 +619,7 @@ def test_local_cpu_cluster_workers_get_the_cores_and_the_main_heap():
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="one core: every worker count gets one thread")
-def test_a_second_local_cluster_in_one_process_gets_its_own_worker_environment():
+def test_a_second_local_cluster_in_one_process_gets_its_own_worker_environment(monkeypatch):
     """Dask's nanny writes its workers' variables into this process's environment before it
     spawns them, and a later nanny prefers those to its config: the second run of a
     long-lived process (``tileseg serve``) would start its workers with the first's share."""
@@ -628,6 +628,8 @@ def test_a_second_local_cluster_in_one_process_gets_its_own_worker_environment()
     from flows.cluster import THREAD_VARIABLES, open_cluster
 
     names = ("MALLOC_ARENA_MAX", *THREAD_VARIABLES)
+    for name in names:  # a nanny prefers the parent's own to its config: none set here
+        monkeypatch.delenv(name, raising=False)
     before = {name: os.environ.get(name) for name in names}
     with open_cluster({"type": "local", "n_workers": 2}):
         during = {name: os.environ.get(name) for name in names}
