@@ -5,9 +5,9 @@ checked before any work starts, decides the normalisation, creates the output ar
 runs the tasks of :mod:`pipeline.engine.tasks`. Each task reads its input windows (halo included,
 mirrored at the image border), infers in batches and writes its own chunk-aligned regions
 once. Pyramid levels follow, each computed from the level below (``pipeline/engine/pyramid.py``),
-and the object steps; the overview (``pipeline/output/overview.py``) and, in a local run, the
-pyramid are written after the tasks in a local CPU run and alongside them otherwise. The
-provenance record is written last.
+and the object steps. The overview (``pipeline/output/overview.py``) and the pyramid are written
+after the tasks in a local CPU run; where the forwards are not the host's they are written beside
+the tasks (the pyramid only in a local run). The provenance record is written last.
 """
 
 from __future__ import annotations
