@@ -12,13 +12,17 @@ to round:
   predictor the run used (batch norm folded, channels-last): what tileseg promises to equal,
   with no tiling, no writing and no fixed costs;
 - ``monai`` (when monai is installed): ``sliding_window_inference`` at overlap 0.25, gaussian,
-  roi = tileseg's output tile, batch 4, on a folded channels-last copy of the module.
+  roi = tileseg's default output tile (1024², or ``--tile``), batch 4, on a folded
+  channels-last copy of the module.
+
+``--tile`` sets segment's tile too; without it segment tiles as ``tileseg segment`` does by
+default (an image that fits one window no larger than a batch of default windows is one tile).
 
 Reported: each contender's median seconds with min–max, the per-round ratios segment / whole
 and monai / segment (median and min–max), and the median seconds of segment's phases
 (``pipeline/engine/profile.py``).
 
-Usage: ``python bench/fixed_costs.py [--size 2048] [--tile 1024] [--repeats 5]``
+Usage: ``python bench/fixed_costs.py [--size 2048] [--tile N] [--repeats 5]``
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_TILE = 1024  # tileseg's default 2D output tile: MONAI's roi unless --tile is given
 sys.path.insert(0, str(HERE.parent))
 
 
@@ -52,7 +57,7 @@ def setup(out: Path, size: int) -> None:
         tifffile.imwrite(image_file, image, tile=(256, 256), compression="zlib")
 
 
-def contenders(out: Path, size: int, tile: int, batch: int) -> dict:
+def contenders(out: Path, size: int, tile: int | None, batch: int) -> dict:
     """name -> a function that runs that contender once and returns its seconds (and the
     segment run's timings)."""
     import numpy as np
@@ -103,7 +108,7 @@ def contenders(out: Path, size: int, tile: int, batch: int) -> dict:
         x = torch.from_numpy(norm.apply(image.read((slice(None), slice(None))))[None])
         with torch.inference_mode():
             logits = sliding_window_inference(
-                x, roi_size=(tile, tile), sw_batch_size=batch, predictor=module,
+                x, roi_size=(tile or DEFAULT_TILE,) * 2, sw_batch_size=batch, predictor=module,
                 overlap=0.25, mode="gaussian",
             )  # fmt: skip
             np.asarray(torch.softmax(logits, dim=1)[0].argmax(0))
@@ -113,7 +118,7 @@ def contenders(out: Path, size: int, tile: int, batch: int) -> dict:
     return runs
 
 
-def measure(out: Path, *, size: int, tile: int, batch: int, repeats: int) -> dict:
+def measure(out: Path, *, size: int, tile: int | None, batch: int, repeats: int) -> dict:
     setup(out, size)
     runs = contenders(out, size, tile, batch)
     for run in runs.values():  # warm: the model prepared, the heap grown, the file cached
@@ -163,7 +168,7 @@ def table(result: dict) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=2048)
-    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--tile", type=int, help="output tile (default: tileseg's own choice)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(HERE / "results" / "fixed_costs"))

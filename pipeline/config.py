@@ -191,7 +191,8 @@ class SegmentOptions:
     )  # fmt: skip
     tile: int | None = option(
         None, "output tile side in px, a multiple of the chunk and of the model's alignment "
-        "(default 1024 in 2D, 128 in 3D)", "tiling", (int, _NONE), minimum=1, metavar="N",
+        "(default 1024 in 2D, 128 in 3D; an image whose one window is no larger than a batch "
+        "of those is one tile)", "tiling", (int, _NONE), minimum=1, metavar="N",
     )  # fmt: skip
     chunk: int | None = option(
         None, "output Zarr chunk side in px (default 512 in 2D, 64 in 3D)", "tiling",

@@ -29,6 +29,7 @@ __all__ = [
     "apply_window",
     "group_tiles",
     "mirror",
+    "one_tile",
     "padded_whole",
     "plan_tiles",
     "reflect_indices",
@@ -194,6 +195,30 @@ def plan_tiles(
     )
     window = tuple(geometry.input_size(t, axis) for axis, t in enumerate(eff))
     return TileGrid(shape, eff, chunk, window, geometry)
+
+
+def one_tile(
+    image_shape: Sequence[int],
+    *,
+    geometry: ModelGeometry,
+    tile: Sequence[int],
+    chunk: Sequence[int],
+    batch: int,
+) -> tuple[int, ...] | None:
+    """A tile covering the whole image, where its one window holds no more input pixels than a
+    batch of ``batch`` windows of ``tile``; else None.
+
+    A small image is then one forward pass, computing no halo between its tiles, within the
+    memory a batch of default tiles takes. The tile is a multiple of ``chunk`` and of the
+    model's alignment on every axis, as :func:`plan_tiles` requires.
+    """
+    side = tuple(
+        math.ceil(n / (step := math.lcm(c, a))) * step
+        for n, c, a in zip(image_shape, chunk, geometry.align, strict=True)
+    )
+    covered = plan_tiles(image_shape, geometry=geometry, tile=side, chunk=chunk).window
+    usual = (geometry.input_size(t, axis) for axis, t in enumerate(tile))
+    return side if math.prod(covered) <= batch * math.prod(usual) else None
 
 
 def group_tiles(grid: TileGrid, *, per_group: int) -> list[list[Tile]]:

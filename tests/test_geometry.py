@@ -12,6 +12,7 @@ from pipeline.geometry import (
     ModelGeometry,
     apply_window,
     group_tiles,
+    one_tile,
     padded_whole,
     plan_tiles,
     reflect_indices,
@@ -53,6 +54,24 @@ def test_tiles_cover_image_exactly_once(case):
         count[t.region] += 1
     assert (count == 1).all()
     assert len(grid) == len(list(grid.tiles()))
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(cases(), st.integers(1, 8))
+def test_one_tile_covers_the_image_within_a_batch_of_windows(case, batch):
+    """The whole image as one tile, where its window holds no more pixels than ``batch``
+    windows of the tile asked for; otherwise None."""
+    g, shape, tile, chunk = case
+    tiles, chunks = (tile,) * g.ndim, (chunk,) * g.ndim
+    found = one_tile(shape, geometry=g, tile=tiles, chunk=chunks, batch=batch)
+    usual = np.prod([g.input_size(tile, axis) for axis in range(g.ndim)])
+    covering = [-(-n // np.lcm(chunk, a)) * np.lcm(chunk, a) for n, a in zip(shape, g.align)]
+    whole = plan_tiles(shape, geometry=g, tile=covering, chunk=chunks)
+    if found is None:
+        assert np.prod(whole.window) > batch * usual
+        return
+    grid = plan_tiles(shape, geometry=g, tile=found, chunk=chunks)  # a valid tile, no error
+    assert len(grid) == 1 and np.prod(grid.window) <= batch * usual
 
 
 @settings(max_examples=examples(150), deadline=None)

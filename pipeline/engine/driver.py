@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,18 @@ from pipeline.engine.scale import Scale, choose_scale
 from pipeline.engine.tasks import BlockTask, read_window, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
+    ModelGeometry,
     Tile,
     TileGrid,
     group_tiles,
+    one_tile,
     plan_tiles,
 )
 from pipeline.io import chunk_cache
 from pipeline.io.channels import auto_channel, channel_listing, channel_record, select_channels
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
-from pipeline.models.inference import Predictor, label_dtype
+from pipeline.models.inference import CPU_BATCH_SIZE, Predictor, label_dtype
 from pipeline.models.object_size import trained_object_size, warn_object_size
 from pipeline.models.planes import module_ndim, runs_plane_wise
 from pipeline.objects.export import check_export, export_segmentation
@@ -187,7 +189,8 @@ def _channels_problem(image: LazyImage, model: LoadedModel, given: int) -> str:
 def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileGrid:
     """The tiling of ``image`` for ``model``: ``--tile``/``--chunk`` (or their defaults for the
     model's dimensions) on every axis; one plane per tile and chunk along Z for a 2D model run
-    plane by plane, which needs no context there."""
+    plane by plane, which needs no context there. Without ``--tile`` an image whose one window
+    is no larger than a batch of default windows is one tile (:func:`one_tile`)."""
     g = model.geometry
     tile, chunk = options.tile_and_chunk(module_ndim(model))
     for axis, a in enumerate(g.align):
@@ -198,10 +201,15 @@ def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileG
         raise TilesegError("--tile", f"tile {tile} is not a multiple of the output chunk {chunk}")
     n = module_ndim(model)
     planes = (1,) * (g.ndim - n)  # a 2D model on a volume: one plane per tile and chunk
-    return plan_tiles(
-        image.spatial_shape, geometry=g, tile=(*planes, *(tile,) * n),
-        chunk=(*planes, *(chunk,) * n),
-    )  # fmt: skip
+    tiles, chunks = (*planes, *(tile,) * n), (*planes, *(chunk,) * n)
+    if options.tile is None:
+        # the option's batch, not a device's: a resumed run plans the same tiles anywhere
+        batch = options.batch_size if isinstance(options.batch_size, int) else CPU_BATCH_SIZE
+        own = ModelGeometry(*(getattr(g, f.name)[-n:] for f in fields(g)))  # the model's axes
+        whole = one_tile(image.spatial_shape[-n:], geometry=own, tile=(tile,) * n,
+                         chunk=(chunk,) * n, batch=batch)  # fmt: skip
+        tiles = tiles if whole is None else (*planes, *whole)
+    return plan_tiles(image.spatial_shape, geometry=g, tile=tiles, chunk=chunks)
 
 
 def segment_image(

@@ -821,3 +821,24 @@ def test_usage_errors_are_one_line(argv, problem, capsys):
     assert excinfo.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and problem in err and "--help" in err
+
+
+def test_a_small_image_is_one_tile_without_tile_given(tmp_path, model):
+    """Without ``--tile`` an image whose one window holds no more pixels than a batch of
+    default windows is one forward pass (no halo computed between tiles), labelled exactly as
+    the default tiling labels it; a smaller batch keeps the default tile."""
+    image = np.random.default_rng(3).integers(0, 4000, (1536, 2048), dtype=np.uint16)
+    path = write_tiff(tmp_path / "slide.tif", image, axes="YX", tile=(256, 256))
+    runs = {
+        "default": SegmentOptions(model=model),
+        "tile 1024": SegmentOptions(model=model, tile=1024),
+        "batch 1": SegmentOptions(model=model, batch_size=1),
+    }
+    tiles, labels = {}, {}
+    for name, options in runs.items():
+        out = tmp_path / f"{name}.zarr"
+        tiles[name] = segment_image(path, out, options).record["geometry"]["tile"]
+        labels[name] = zarr.open_group(out, mode="r")[f"{LABELS_PATH}/0"][...]
+    assert tiles == {"default": [1536, 2048], "tile 1024": [1024, 1024], "batch 1": [1024, 1024]}
+    np.testing.assert_array_equal(labels["default"], labels["tile 1024"])
+    np.testing.assert_array_equal(labels["default"], labels["batch 1"])
