@@ -761,13 +761,14 @@ def test_the_flow_timeout_from_the_config_bounds_any_run_of_the_flow(
     from flows.segment_flows import RunTimedOut, segment_directory
 
     folder = tiny_slides(tmp_path / "slides", {"s1.tif": (96, 96), "s2.tif": (96, 96)})
-    run = {"max_concurrent_slides": 1, "flow_timeout_seconds": 1, "qc": False}
+    # time enough for the first slide to start on a loaded machine, which it then outlasts
+    run = {"max_concurrent_slides": 1, "flow_timeout_seconds": 3, "qc": False}
     config = write_config(tmp_path / "c.yaml", model, run=run)
-    seen = InFlight(monkeypatch, hold_s=2.0)  # the first slide outlasts the run's time
+    seen = InFlight(monkeypatch, hold_s=6.0)
     state = segment_directory(str(folder), str(tmp_path / "out"), config=str(config),
                               return_state=True)  # fmt: skip
     assert state.is_failed()
-    with pytest.raises(RunTimedOut, match=r"flow_timeout_seconds \(1 s\) passed with 2 of 2"):
+    with pytest.raises(RunTimedOut, match=r"flow_timeout_seconds \(3 s\) passed with 2 of 2"):
         state.result()
     assert seen.slides == ["s1.tif"]  # s2 never started
     [summary] = summaries(tmp_path / "out")
