@@ -191,15 +191,14 @@ def plan(image: LazyImage, model: LoadedModel, options: SegmentOptions) -> TileG
     model's dimensions) on every axis; one plane per tile and chunk along Z for a 2D model run
     plane by plane, which needs no context there. Without ``--tile`` an image whose one window
     is no larger than a batch of default windows is one tile (:func:`one_tile`)."""
-    g = model.geometry
-    tile, chunk = options.tile_and_chunk(module_ndim(model))
+    g, n = model.geometry, module_ndim(model)
+    tile, chunk = options.tile_and_chunk(n)
     for axis, a in enumerate(g.align):
         if tile < a or tile % a:
             problem = f"tile {tile} is not a multiple of the model's alignment {a} (axis {axis})"
             raise TilesegError("--tile", problem)
     if tile % chunk:
         raise TilesegError("--tile", f"tile {tile} is not a multiple of the output chunk {chunk}")
-    n = module_ndim(model)
     planes = (1,) * (g.ndim - n)  # a 2D model on a volume: one plane per tile and chunk
     tiles, chunks = (*planes, *(tile,) * n), (*planes, *(chunk,) * n)
     if options.tile is None:

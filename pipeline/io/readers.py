@@ -223,7 +223,7 @@ class LazyImage:
         """The name of each channel read ('' where the file names none): the file's own
         (OME-XML, NGFF ``omero`` labels, ImageJ labels), red, green and blue for the samples
         of RGB pixels."""
-        names = _file_channel_names(self.spec, self._channel_axis, self.file_channels)
+        names = self.file_channel_names
         if self.spec.channels is None:
             return names
         return tuple(names[c] for c in self.spec.channels)

@@ -342,8 +342,6 @@ def label_instances(
     """
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
-    if split_on is not None and watershed:  # read by tasks, wherever they run
-        split_on = replace(split_on, path=os.fspath(Path(split_on.path).absolute()))
     layout = read_layout(output)
     criteria = Criteria(
         source=source,
@@ -352,8 +350,9 @@ def label_instances(
         min_distance=int(min_distance), halo=int(halo),
     )  # fmt: skip
     plan = _plan(output, layout, criteria, block_chunks=block_chunks, name=name)
-    if watershed:
-        plan = replace(plan, split_on=split_on)
+    if watershed and split_on is not None:  # read by tasks, wherever they run
+        grid = replace(split_on, path=os.fspath(Path(split_on.path).absolute()))
+        plan = replace(plan, split_on=grid)
     _create_scratch(plan)
     try:
         objects, dtype, edges = _label(
