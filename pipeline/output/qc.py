@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 
 from pipeline.io.readers import LazyImage
-from pipeline.output.ngff import LABELS_PATH, labels_image_path, read_layout
+from pipeline.output.ngff import LABELS_PATH, labels_image_path, read_layout, read_record
 
 __all__ = [
     "foreground_dice",
@@ -100,8 +100,11 @@ def overlay_png(
     ``labels``: the labels image to paint, e.g. ``"labels/instances"`` (neighbouring objects
     then differ in colour unless their ids differ by a multiple of the palette's five).
     ``window``: a (y, x) window of the input at full resolution instead (``image`` needed),
-    the labels of level 0 over it."""
+    the labels of level 0 over it. ``image`` is read in the channels the run of ``output``
+    read (its record's ``channels``) unless it already reads chosen ones."""
     pyramid = zarr.open_group(output, mode="r")[labels]
+    if image is not None:
+        image = _as_segmented(image, output)
     if window is not None:
         if image is None:
             raise ValueError(f"{output}: a window is read from the image, and none was given")
@@ -117,6 +120,14 @@ def overlay_png(
     # the smallest label level at least as large as the thumbnail
     level = max([k for k in levels if pyramid[str(k)].shape[-2] >= thumb.shape[0]] or [levels[0]])
     return _paint(thumb, _resize_nearest(pyramid[str(level)][...], thumb.shape[:2]), png, alpha)
+
+
+def _as_segmented(image: LazyImage, output: str | os.PathLike[str]) -> LazyImage:
+    """``image`` reading the channels the run of ``output`` chose, where it chose some."""
+    chosen = ((read_record(output) or {}).get("channels") or {}).get("indices")
+    if chosen is None or image.spec.channels is not None:
+        return image
+    return image.with_channels(tuple(chosen))
 
 
 def _paint(thumb: np.ndarray, ids: np.ndarray, png: str | os.PathLike[str], alpha: float) -> Path:

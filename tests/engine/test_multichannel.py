@@ -194,3 +194,19 @@ def test_rgb_fluorescence_is_not_haematoxylin(tmp_path, nuclei, capsys):
         np.testing.assert_array_equal(got, want)
     found, true = arrays(tmp_path / "blue.zarr")[1] > 0, nuclei[1] > 0
     assert 2 * (found & true).sum() / (found.sum() + true.sum()) > 0.8
+
+
+def test_the_qc_picture_shows_the_channels_segmented(tmp_path, two):
+    """A directory run's QC picture of a run with no overview (probabilities at the root) is
+    drawn from the input's channels the run read, not from the file's first channels."""
+    from flows.core import SlideJob, qc_path, write_qc
+    from pipeline.output.qc import overlay_png
+
+    path, _ = two
+    out = tmp_path / "out" / "two.zarr"
+    assert segment(path, out, "--channels", "DAPI") == 0
+    png = write_qc(SlideJob(path, out), SegmentOptions(channels="DAPI"))
+    with open_image(path) as image:  # DAPI chosen by hand
+        expected = overlay_png(image.with_channels((1,)), out, tmp_path / "dapi.png", max_side=1024)
+    assert png == str(qc_path(SlideJob(path, out)))
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(expected)))
