@@ -154,6 +154,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", help="directory of label masks named like the images")
     p.add_argument("--synthetic", action="store_true", help="train on generated nuclei images")
     p.add_argument(
+        "--channels",
+        help="the images' channels the model is given, by name or index (NAME|INDEX,...), as "
+        "tileseg segment --channels reads them; segment with the same choice",
+    )
+    p.add_argument(
         "--allow-missing-chunks", action=_OnOff,
         help="read chunks missing from a Zarr image as fill (masks always may omit empty chunks)",
     )  # fmt: skip
@@ -258,8 +263,8 @@ def _train(args: argparse.Namespace) -> int:
         raise TilesegError("--synthetic", "give --images/--masks or --synthetic, not both")
     config = load_train_config(args.config) if args.config else TrainConfig()
     flags = (
-        "images", "masks", "synthetic", "allow_missing_chunks", "epochs", "steps_per_epoch",
-        "batch_size", "device",
+        "images", "masks", "synthetic", "allow_missing_chunks", "channels", "epochs",
+        "steps_per_epoch", "batch_size", "device",
     )  # fmt: skip
     config = with_overrides(config, seed=args.seed, **{k: getattr(args, k) for k in flags})
     result = train(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)

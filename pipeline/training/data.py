@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.errors import TilesegError
 from pipeline.geometry import apply_window, window_read
+from pipeline.io.channels import select_channels
 from pipeline.io.readers import LazyImage, find_images, image_stem, open_image
 from pipeline.preprocess.normalize import Normalization, compute_normalization
 from pipeline.preprocess.stain import slide_stain
@@ -109,6 +110,7 @@ def file_pairs(
     level: int = 0,
     allow_missing_chunks: bool = False,
     stain: str = "none",
+    channels: str | None = None,
 ) -> list[TrainPair]:
     """Pairs of images in ``images`` with the masks of the same :func:`image_stem` in ``masks``.
 
@@ -116,6 +118,8 @@ def file_pairs(
     foreground in a two-class model); they must have the image's spatial shape and one channel.
     ``allow_missing_chunks`` reads chunks missing from a Zarr *image* as fill instead of failing;
     masks always do, since zarr-python 3 omits all-background chunks of label arrays by default.
+    ``channels``: the images' channels the model is given, by name or index, as
+    ``tileseg segment --channels`` reads them (default: all).
     """
     found = find_images(images)
     if not found:
@@ -127,6 +131,7 @@ def file_pairs(
         if mask_path is None:
             raise TilesegError(path, f"no mask named {image_stem(path)}.* in {masks}")
         image = open_image(path, level=level, axes=axes, allow_missing_chunks=allow_missing_chunks)
+        image = select_channels(image, channels)
         mask = open_image(mask_path, level=level, axes=axes, allow_missing_chunks=True)
         if mask.spatial_shape != image.spatial_shape:
             raise TilesegError(

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from pipeline import __version__
 from pipeline.config import load_yaml_config
 from pipeline.errors import TilesegError
+from pipeline.io.channels import channel_listing
+from pipeline.io.readers import LazyImage
 from pipeline.models import ModelMetadata, UNet, UNetConfig, save_unet
 from pipeline.models.object_size import training_object_size
 from pipeline.runtime.heap import keep_freed_memory
@@ -116,6 +118,8 @@ class TrainConfig:
     axes: str | None = None
     level: int = 0
     allow_missing_chunks: bool = False
+    # the images' channels the model is given, by name or index (as `tileseg segment --channels`)
+    channels: str | None = None
     synthetic: SyntheticData | None = None
     heldout: HeldOut | None = None
     val_fraction: float = 0.2
@@ -153,6 +157,7 @@ class TrainConfig:
             self.images is None or self.synthetic is None,
             "give images/masks or synthetic, not both",
         )
+        _require(self.channels is None or self.images is not None, "channels: of images only")
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_crops", "patience"):
             _require(getattr(self, name) >= 1, f"{name}: must be >= 1")
         _require(self.crop >= 2**unet.depth, f"crop: must be >= {2**unet.depth}")
@@ -346,7 +351,7 @@ def _load_data(config: TrainConfig) -> tuple[list[TrainPair], dict[str, Any]]:
     pairs = file_pairs(
         config.images, config.masks, percentiles=config.percentiles, axes=config.axes,
         level=config.level, allow_missing_chunks=config.allow_missing_chunks,
-        stain=config.stain,
+        stain=config.stain, channels=config.channels,
     )  # fmt: skip
     return pairs, {"source": "files", "images": config.images, "masks": config.masks}
 
@@ -413,10 +418,13 @@ def _check_pairs(pairs: list[Any], unet: UNetConfig) -> None:
     for pair in pairs:
         channels = pair.normalization.channels(pair.image.n_channels)
         if channels != unet.in_channels or len(pair.image.spatial_shape) != unet.ndim:
+            hint = ""
+            if channels > unet.in_channels and isinstance(pair.image, LazyImage):
+                hint = f" (channels: {channel_listing(pair.image)}; choose with --channels)"
             raise TilesegError(
                 pair.image.path,
                 f"{channels} channel(s), {len(pair.image.spatial_shape)}D, but the "
-                f"model takes {unet.in_channels} channel(s), {unet.ndim}D",
+                f"model takes {unet.in_channels} channel(s), {unet.ndim}D{hint}",
             )
 
 

@@ -345,3 +345,44 @@ def test_a_recipe_with_heldout_he_images_records_their_dice_through_its_stain_st
     assert record["heldout"]["stain"] == "normalize" and len(record["heldout"]["dice"]) == 1
     with pytest.raises(TilesegError, match="stain: none, hematoxylin or normalize"):
         config_from_mapping({**TINY, "stain": "blue"})
+
+
+def test_training_on_chosen_channels_of_multichannel_images(tmp_path, capsys):
+    """``--channels`` picks the images' channels the model is given, by name, as segment
+    does; without it a one-channel model on two-channel images is one line listing them."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i, name in enumerate(["a", "b"]):
+        dapi, labels = synthetic_pair(
+            (160, 160), config=SyntheticConfig(seed=100 + i, tissue=False)
+        )
+        fitc = np.random.default_rng(i).integers(0, 3000, dapi.shape, dtype=np.uint16)
+        write_tiff(images / f"{name}.ome.tif", np.stack([fitc, dapi.astype(np.uint16)]), axes="CYX",
+                   channel_names=["FITC", "DAPI"])  # fmt: skip
+        write_tiff(masks / f"{name}.tif", labels, axes="YX", tile=None)
+    pair = file_pairs(images, masks, channels="DAPI")[0]
+    assert np.array_equal(
+        pair.image.read((slice(0, 160), slice(0, 160)))[0], dapi_of(images / "a.ome.tif")
+    )
+
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--images", str(images), "--masks", str(masks), "--out", str(out),
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert main([*args, "--channels", "dapi"]) == 0
+    assert load_model(ModelSpec(str(out))).info["training"]["recipe"]["channels"] == "dapi"
+    capsys.readouterr()
+    for extra, problem in [
+        ([], "a.ome.tif: 2 channel(s), 2D, but the model takes 1 channel(s), 2D (channels: 0 FITC"),
+        (["--channels", "GFP"], "a.ome.tif: --channels GFP: no channel named 'GFP'"),
+    ]:
+        assert main([*args, "--overwrite", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0], err
+
+
+def dapi_of(path: Path) -> np.ndarray:
+    from pipeline.io.readers import open_image
+
+    with open_image(path) as image:
+        return image.read((slice(0, 160), slice(0, 160)))[1]
