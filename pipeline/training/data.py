@@ -277,18 +277,20 @@ def synthetic_pairs(
     vary: bool,
     kind: str,
     percentiles: tuple[float, float],
-    textures: bool = False,
+    textures: bool | float = False,
     zoom: tuple[float, float] = (1.0, 1.0),
     stain: str = "none",
 ) -> list[TrainPair]:
     """``images`` generated pairs; image ``i`` uses slide seed ``seed + i`` (varied around the
     defaults when ``vary``, see :func:`varied_config`; every fourth image keeps the defaults,
-    the demo's distribution)."""
+    the demo's distribution). ``textures``: on every varied image, or on this share of them
+    (drawn per slide seed)."""
     pairs = []
     for i in range(images):
         s = seed + i
+        textured = bool(np.random.default_rng([s, 11]).random() < float(textures))
         config = (
-            varied_config(s, kind=kind, textures=textures, zoom=zoom)
+            varied_config(s, kind=kind, textures=textured, zoom=zoom)
             if vary and i % 4
             else SyntheticConfig(kind=kind, seed=s)
         )

@@ -70,15 +70,16 @@ class SyntheticData:
     size: int = 768
     seed: int = 1000
     vary: bool = True
-    textures: bool = (
-        False  # real nuclei's texture and clutter (pipeline.training.data.varied_config)
-    )
+    # real nuclei's texture and clutter (pipeline.training.data.varied_config): on every
+    # varied image (true), or on this share of them, drawn per image
+    textures: bool | float = False
     zoom: tuple[float, float] = (1.0, 1.0)  # scale augmentation: object size factor range
 
     def __post_init__(self) -> None:
         _require(self.kind in ("fluorescence", "he"), "kind: must be fluorescence or he")
         _require(self.images >= 2 and self.size >= 64, "images >= 2 and size >= 64 needed")
         _require(0.25 <= self.zoom[0] <= self.zoom[1] <= 4, "zoom: need 0.25 <= low <= high <= 4")
+        _require(0 <= self.textures <= 1, "textures: true, false or a share in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) > 1:  # the first kind that takes the value: bool | float takes true, 0.5
+            for kind in kinds:
+                try:
+                    return _coerce(kind, value, key)
+                except ValueError:
+                    pass
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"{key}: expected {names}, got {value!r}")
+        (hint,) = kinds
     if is_dataclass(hint):
         return _from_mapping(hint, value, key + ".")
     origin = typing.get_origin(hint)

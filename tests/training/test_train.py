@@ -20,7 +20,14 @@ from pipeline.models import ModelSpec, load_model
 from pipeline.models.files import DEFAULT_MODEL
 from pipeline.output.qc import foreground_dice, instance_f1
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
-from pipeline.training.data import augment, contact_lines, file_pairs, read_crop, varied_config
+from pipeline.training.data import (
+    augment,
+    contact_lines,
+    file_pairs,
+    read_crop,
+    synthetic_pairs,
+    varied_config,
+)
 from pipeline.training.real_nuclei import score_real_nuclei
 from pipeline.training.train import (
     TrainConfig,
@@ -386,3 +393,22 @@ def dapi_of(path: Path) -> np.ndarray:
 
     with open_image(path) as image:
         return image.read((slice(0, 160), slice(0, 160)))[1]
+
+
+def test_textures_on_a_share_of_the_varied_images():
+    """``textures: 0.5`` draws real nuclei's texture on about half of the varied images, each
+    exactly as ``textures: true`` draws it, the others as ``false``; the default-parameter
+    images (every fourth) stay plain."""
+    kw = {"images": 12, "size": 64, "seed": 1000, "vary": True, "kind": "fluorescence",
+          "percentiles": (1.0, 99.8)}  # fmt: skip
+
+    def pixels(pairs):
+        return [p.image.read((slice(0, 64), slice(0, 64))) for p in pairs]
+
+    share, every, none = (pixels(synthetic_pairs(**kw, textures=t)) for t in (0.5, True, False))
+    textured = [np.array_equal(a, b) for a, b in zip(share, every, strict=True)]
+    plain = [np.array_equal(a, b) for a, b in zip(share, none, strict=True)]
+    assert all(t or p for t, p in zip(textured, plain, strict=True))
+    varied = [i for i in range(12) if i % 4]
+    assert 0 < sum(textured[i] and not plain[i] for i in varied) < len(varied)
+    assert all(plain[i] for i in range(0, 12, 4))
