@@ -49,11 +49,11 @@ from pipeline.io.channels import auto_channel, channel_listing, channel_record, 
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import CPU_BATCH_SIZE, Predictor, label_dtype
-from pipeline.models.object_size import trained_object_size, warn_object_size
 from pipeline.models.planes import module_ndim, runs_plane_wise
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import SplitGrid, label_instances
 from pipeline.objects.measure import measure_objects
+from pipeline.objects.size import trained_object_size, warn_object_size
 from pipeline.output.chunk_writer import remove_leftovers
 from pipeline.output.label_classes import class_names
 from pipeline.output.lock import OutputLock, TakenOver, claim_output, is_owner

@@ -6,7 +6,7 @@ per image and before any work starts, the grid the model sees:
 - ``--object-size PX``: objects of ``PX`` input pixels are brought to the model's trained
   object size (a resampling factor ``PX / trained``; > 1 shrinks the image);
 - ``--object-size auto``: the same, with ``PX`` estimated by the model on the image
-  (:func:`~pipeline.models.object_size.estimate_object_size`), on a coarse pyramid level
+  (:func:`~pipeline.objects.size.estimate_object_size`), on a coarse pyramid level
   when the file has one and its objects are still well resolved there;
 - ``--mpp UM``: the image at that pixel size; with ``--object-size`` too, the object size is in
   pixels of the image at ``UM`` and the factors multiply;
@@ -29,7 +29,7 @@ from pipeline.errors import TilesegError
 from pipeline.io.readers import LazyImage
 from pipeline.io.resolution import at_scale
 from pipeline.models import LoadedModel
-from pipeline.models.object_size import estimate_object_size, trained_object_size
+from pipeline.objects.size import estimate_object_size, trained_object_size
 from pipeline.preprocess.normalize import compute_normalization
 from pipeline.preprocess.stain import slide_stain
 

@@ -19,7 +19,7 @@ import tifffile
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.models import ModelSpec, load_model
-from pipeline.models.object_size import object_diameters, trained_object_size
+from pipeline.objects.size import object_diameters, trained_object_size
 from pipeline.output.qc import output_scores
 from pipeline.synthetic.render import synthetic_pair
 from pipeline.training.scale_eval import sized_config

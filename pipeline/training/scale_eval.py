@@ -6,7 +6,7 @@ shrinking), segmented in one whole-image pass, split into objects by the watersh
 ``tileseg segment --instances watershed`` uses, and the labels brought back to the input's
 pixels by nearest-neighbour resizing. That measures the model's quality at a scale,
 independent of how the engine resamples its windows. The factor is the one
-:func:`~pipeline.models.object_size.estimate_object_size` implies (``--object-size auto``),
+:func:`~pipeline.objects.size.estimate_object_size` implies (``--object-size auto``),
 or given.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.models.object_size import estimate_object_size, object_diameters, scale_factor
+from pipeline.objects.size import estimate_object_size, object_diameters, scale_factor
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from pipeline.errors import TilesegError
 from pipeline.io.channels import channel_listing
 from pipeline.io.readers import LazyImage
 from pipeline.models import ModelMetadata, UNet, UNetConfig, save_unet
-from pipeline.models.object_size import training_object_size
+from pipeline.objects.size import training_object_size
 from pipeline.runtime.heap import keep_freed_memory
 from pipeline.training.data import (
     CropGeometry,

@@ -30,8 +30,8 @@ from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.io.readers import open_image
 from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
-from pipeline.models.object_size import object_diameters
 from pipeline.objects.instances import watershed_split
+from pipeline.objects.size import object_diameters
 from pipeline.output.ngff import LABELS_PATH, MODEL_GRID, read_record
 from pipeline.output.provenance import fingerprint
 from pipeline.output.qc import instance_f1

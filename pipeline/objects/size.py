@@ -7,7 +7,11 @@ scale that maps an image's objects onto the model's trained size is ``trained / 
 does, from the model itself: it segments a window of the image resized by a ladder of factors
 and keeps the factor at which the objects found are closest to the trained size, where the
 model is reliable; the objects' median diameter there, divided by the factor, is the estimate.
-It is then measured once more at exactly the scale it implies.
+It is then measured twice more, each time at exactly the scale the last measurement implies,
+with touching objects split apart (:func:`~pipeline.objects.instances.watershed_split`, peaks
+half a trained diameter apart): nuclei pressed into clumps would otherwise count as one large
+object. The ladder itself measures connected components, since at a scale far from the
+trained one a split cuts large objects into pieces of about the trained size.
 
 Diameters are equivalent diameters (that of the disc of the object's area), in pixels of the
 image given; objects touching the analysed window's border are not counted (they are cut).
@@ -22,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
+
+from pipeline.objects.instances import watershed_split
 
 if TYPE_CHECKING:
     from pipeline.io.readers import LazyImage
@@ -44,6 +50,9 @@ __all__ = [
 # enough, since the size is measured again at the exact factor the best of them implies
 _LADDER = tuple(2.0**k for k in range(2, -5, -1))
 _MIN_OBJECTS = 3  # fewer objects than this at a factor say nothing about the size
+# measurements at the exact scale after the ladder's: the second corrects the first where
+# clumps measured as one made the ladder's scale too small
+_REMEASURE = 2
 
 
 @dataclass(frozen=True)
@@ -153,9 +162,12 @@ def _coarser(image: LazyImage, factor: float) -> tuple[LazyImage, float]:
     return best, left
 
 
-def _measure(predictor, norm, image: LazyImage, factor: float, window: int) -> np.ndarray:
+def _measure(
+    predictor, norm, image: LazyImage, factor: float, window: int, *, split: int | None = None
+) -> np.ndarray:
     """Diameters (px of ``image``) of the objects the model finds in a window resized by
-    ``factor`` so that it is about ``window`` px per side."""
+    ``factor`` so that it is about ``window`` px per side: its connected components, or with
+    ``split`` its touching objects split at peaks at least ``split`` px apart."""
     from pipeline.models.inference import predict_whole
 
     source, left = _coarser(image, factor) if factor < 1 else (image, factor)
@@ -167,7 +179,11 @@ def _measure(predictor, norm, image: LazyImage, factor: float, window: int) -> n
     if min(x.shape[1:]) < 16:
         return np.zeros(0)
     probs = predict_whole(predictor, x.astype(np.float32), geometry=predictor.model.geometry)
-    return object_diameters(probs.argmax(0) > 0) / factor
+    mask = probs.argmax(0) > 0
+    return (
+        object_diameters(mask if split is None else watershed_split(mask, min_distance=split))
+        / factor
+    )
 
 
 def estimate_object_size(
@@ -226,10 +242,13 @@ def estimate_object_size(
                 best = (miss, factor, d)
     if best is None:
         raise ValueError("no objects found at any scale")
-    factor = scale_factor(float(np.median(best[2])), trained)
-    d = _measure(predictor, norm, image, factor, window)
-    if len(d) < _MIN_OBJECTS:  # the exact factor lost them: keep the ladder's measurement
-        factor, d = best[1], best[2]
+    _, factor, d = best
+    for _ in range(_REMEASURE):
+        exact = scale_factor(float(np.median(d)), trained)
+        found = _measure(predictor, norm, image, exact, window, split=max(1, round(trained / 2)))
+        if len(found) < _MIN_OBJECTS:  # the exact factor lost them: keep the last measurement
+            break
+        factor, d = exact, found
     return SizeEstimate(float(np.median(d)), factor, len(d), trained)
 
 
