@@ -86,6 +86,9 @@ MODEL_GRID = ".tileseg/model-grid"
 _RGB = ["FF0000", "00FF00", "0000FF"]
 _CHANNEL_COLORS = ["00FFFF", "FF00FF", "FFFF00", "00FF00", "FF0000", "0000FF"]
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+# The overview is a viewer's copy of the input, written on a CPU after the tasks: lz4 encodes it
+# ~2x faster than zstd, for ~10 % more bytes on a few megapixels.
+_OVERVIEW_COMPRESSOR = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
 
 OVERVIEW_PIXELS = 1 << 22  # per channel: 2048 x 2048 in 2D, 161^3 in 3D
@@ -342,7 +345,10 @@ def _create_skeleton(path: Path, layout: OutputLayout, attrs: dict[str, Any]) ->
     elif layout.overview is not None:
         dtype = layout.overview.dtype
         for level, shape in enumerate(layout.overview_levels):
-            _new_array(path / str(level), shape, layout.overview_level_chunks(level), dtype)
+            _new_array(
+                path / str(level), shape, layout.overview_level_chunks(level), dtype,
+                compressor=_OVERVIEW_COMPRESSOR,
+            )  # fmt: skip
         root["multiscales"] = _overview_multiscales(layout)
     root["tileseg"] = {**attrs, "status": "running"}
     _new_group(path, root)
@@ -373,9 +379,16 @@ def _new_group(path: Path, attrs: dict[str, Any] | None = None) -> None:
     _write_json(path / ".zattrs", attrs or {})
 
 
-def _new_array(path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: str) -> None:
-    """An array as :func:`create_array` makes it (zero fill, the output's compressor,
-    ``/``-separated chunk keys)."""
+def _new_array(
+    path: Path,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: str,
+    *,
+    compressor: numcodecs.abc.Codec = _COMPRESSOR,
+) -> None:
+    """An array as :func:`create_array` makes it (zero fill, the output's compressor unless
+    another is given, ``/``-separated chunk keys)."""
     path.mkdir(parents=True)
     meta = {
         "shape": [int(n) for n in shape],
@@ -385,7 +398,7 @@ def _new_array(path: Path, shape: Sequence[int], chunks: Sequence[int], dtype: s
         "order": "C",
         "filters": None,
         "dimension_separator": "/",
-        "compressor": _COMPRESSOR.get_config(),
+        "compressor": compressor.get_config(),
         "zarr_format": 2,
     }
     _write_json(path / ".zarray", meta)
