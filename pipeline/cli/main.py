@@ -156,7 +156,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--channels",
         help="the images' channels the model is given, by name or index (NAME|INDEX,...), as "
-        "tileseg segment --channels reads them; segment with the same choice",
+        "tileseg segment --channels reads them; the model records them and segment reads them",
     )
     p.add_argument(
         "--allow-missing-chunks", action=_OnOff,

@@ -294,11 +294,38 @@ def _open_run(
             model = load_model(model_spec)
     step = stain_step(options.stain, image, model.in_channels)
     if step is None:
+        image = _training_channels(image, model, requested=options.channels)
         image = auto_channel(
             image, requested=options.channels, model_channels=model.in_channels,
             model=model.source,
         )  # fmt: skip
     return image, model_spec, model, step
+
+
+def _trained_channels(model: LoadedModel) -> str | None:
+    """The channels a model was trained on (``tileseg train --channels``), if its record says."""
+    return ((model.info or {}).get("training") or {}).get("recipe", {}).get("channels")
+
+
+def _training_channels(image: LazyImage, model: LoadedModel, *, requested: str | None) -> LazyImage:
+    """``image`` reading the channels the model was trained on, where ``--channels`` chose
+    none and the image has another count than the model takes."""
+    trained = _trained_channels(model)
+    if (
+        trained is None
+        or requested is not None
+        or image.spec.channels is not None
+        or image.n_channels == model.in_channels
+    ):
+        return image
+    try:
+        return select_channels(image, trained)
+    except TilesegError:
+        raise TilesegError(
+            image.path,
+            f"the model was trained on channels {trained}, which this image does not have "
+            f"(channels: {channel_listing(image)}); give --channels NAME|INDEX",
+        ) from None
 
 
 def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:
@@ -710,7 +737,9 @@ def _record(
         "level": job.options.level,
         "model": {"source": model.source, "sha256": model.sha256, "chosen": _model_choice(job)}
         | model.info,
-        "channels": channel_record(job.image, job.options.channels),
+        "channels": channel_record(
+            job.image, job.options.channels, trained=_trained_channels(job.model)
+        ),
         "config": job.options.to_dict(),
         "normalization": normalization.to_dict(),
         "geometry": {

@@ -132,12 +132,21 @@ def auto_channel(
     )
 
 
-def channel_record(image: LazyImage, requested: str | None) -> dict[str, Any] | None:
+def channel_record(
+    image: LazyImage, requested: str | None, *, trained: str | None = None
+) -> dict[str, Any] | None:
     """What the provenance record says of the channels read: which, their names, and why
-    (``--channels`` or the nuclear stain); None when all of them are."""
+    (``--channels``, the channels the model was ``trained`` on, or the nuclear stain); None
+    when all of them are."""
     selected = image.spec.channels
     if selected is None:
         return None
     names = image.file_channel_names
-    how = f"--channels {requested}" if requested is not None else "auto: named as a nuclear stain"
+    how = (
+        f"--channels {requested}"
+        if requested is not None
+        else f"the model's training channels: {trained}"
+        if trained is not None
+        else "auto: named as a nuclear stain"
+    )
     return {"indices": list(selected), "names": [names[c] for c in selected], "chosen": how}

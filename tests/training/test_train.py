@@ -412,3 +412,38 @@ def test_textures_on_a_share_of_the_varied_images():
     varied = [i for i in range(12) if i % 4]
     assert 0 < sum(textured[i] and not plain[i] for i in varied) < len(varied)
     assert all(plain[i] for i in range(0, 12, 4))
+
+
+def test_a_model_trained_on_chosen_channels_segments_those_by_itself(tmp_path, capsys):
+    """A model trained with ``--channels FITC`` on [FITC, DAPI] images reads FITC when it
+    segments such an image without ``--channels`` (not DAPI, which a one-channel model would
+    otherwise pick as the nuclear stain), says so in the record, and stops with one line on an
+    image that has no such channel."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i, name in enumerate(["a", "b"]):
+        fitc, labels = synthetic_pair((96, 96), config=SyntheticConfig(seed=200 + i, tissue=False))
+        dapi = np.random.default_rng(i).integers(0, 3000, fitc.shape, dtype=np.uint16)
+        write_tiff(images / f"{name}.ome.tif", np.stack([fitc.astype(np.uint16), dapi]),
+                   axes="CYX", channel_names=["FITC", "DAPI"])  # fmt: skip
+        write_tiff(masks / f"{name}.tif", labels, axes="YX", tile=None)
+    model = tmp_path / "fitc.safetensors"
+    assert main(["train", "--images", str(images), "--masks", str(masks), "--out", str(model),
+                 "--channels", "FITC", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "out.zarr"
+    segment_image(images / "a.ome.tif", out, SegmentOptions(model=str(model)))
+    record = json.loads((out / ".zattrs").read_text())["tileseg"]
+    assert record["channels"] == {
+        "indices": [0], "names": ["FITC"], "chosen": "the model's training channels: FITC"
+    }  # fmt: skip
+
+    other = write_tiff(tmp_path / "other.ome.tif", np.zeros((2, 96, 96), np.uint16), axes="CYX",
+                       channel_names=["Cy5", "DAPI"])  # fmt: skip
+    capsys.readouterr()
+    code = main(["segment", str(other), str(tmp_path / "o.zarr"), "--model", str(model),
+                 "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "other.ome.tif: the model was trained on channels FITC" in err[0], err
+    assert "give --channels" in err[0]
