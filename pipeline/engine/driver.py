@@ -294,7 +294,7 @@ def _open_run(
             model = load_model(model_spec)
     step = stain_step(options.stain, image, model.in_channels)
     if step is None:
-        image = _training_channels(image, model, requested=options.channels)
+        image = _with_trained_channels(image, model, requested=options.channels)
         image = auto_channel(
             image, requested=options.channels, model_channels=model.in_channels,
             model=model.source,
@@ -307,7 +307,9 @@ def _trained_channels(model: LoadedModel) -> str | None:
     return ((model.info or {}).get("training") or {}).get("recipe", {}).get("channels")
 
 
-def _training_channels(image: LazyImage, model: LoadedModel, *, requested: str | None) -> LazyImage:
+def _with_trained_channels(
+    image: LazyImage, model: LoadedModel, *, requested: str | None
+) -> LazyImage:
     """``image`` reading the channels the model was trained on, where ``--channels`` chose
     none and the image has another count than the model takes."""
     trained = _trained_channels(model)
