@@ -294,10 +294,9 @@ def _open_run(
             model = load_model(model_spec)
     step = stain_step(options.stain, image, model.in_channels)
     if step is None:
-        image = _with_trained_channels(image, model, requested=options.channels)
         image = auto_channel(
             image, requested=options.channels, model_channels=model.in_channels,
-            model=model.source,
+            model=model.source, trained=_trained_channels(model),
         )  # fmt: skip
     return image, model_spec, model, step
 
@@ -305,29 +304,6 @@ def _open_run(
 def _trained_channels(model: LoadedModel) -> str | None:
     """The channels a model was trained on (``tileseg train --channels``), if its record says."""
     return ((model.info or {}).get("training") or {}).get("recipe", {}).get("channels")
-
-
-def _with_trained_channels(
-    image: LazyImage, model: LoadedModel, *, requested: str | None
-) -> LazyImage:
-    """``image`` reading the channels the model was trained on, where ``--channels`` chose
-    none and the image has another count than the model takes."""
-    trained = _trained_channels(model)
-    if (
-        trained is None
-        or requested is not None
-        or image.spec.channels is not None
-        or image.n_channels == model.in_channels
-    ):
-        return image
-    try:
-        return select_channels(image, trained)
-    except TilesegError:
-        raise TilesegError(
-            image.path,
-            f"the model was trained on channels {trained}, which this image does not have "
-            f"(channels: {channel_listing(image)}); give --channels NAME|INDEX",
-        ) from None
 
 
 def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:

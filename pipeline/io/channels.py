@@ -93,17 +93,24 @@ def nuclear_channels(image: LazyImage) -> list[int]:
 
 
 def auto_channel(
-    image: LazyImage, *, requested: str | None, model_channels: int | None, model: str
+    image: LazyImage,
+    *,
+    requested: str | None,
+    model_channels: int | None,
+    model: str,
+    trained: str | None = None,
 ) -> LazyImage:
     """The channels a model of ``model_channels`` input channels is given when nothing maps the
     image's colours (no stain step): those ``--channels`` chose (``requested``), which must be
-    as many; else, for a one-channel model, the one channel named as a nuclear stain.
+    as many; else those the model was ``trained`` on (``tileseg train --channels``, by the same
+    names or indices); else, for a one-channel model, the one channel named as a nuclear stain.
 
     Raises
     ------
     TilesegError
-        For ``--channels`` choosing another number of channels than the model takes, or an
-        image of several channels for a one-channel model without one nuclear stain among them.
+        For ``--channels`` choosing another number of channels than the model takes, an image
+        without the channels the model was trained on, or an image of several channels for a
+        one-channel model without one nuclear stain among them.
     """
     count = image.n_channels
     if model_channels is None or count == model_channels:
@@ -115,6 +122,15 @@ def auto_channel(
             f"({channel_listing(image, image.spec.channels)}) but the model ({model}) takes "
             f"{model_channels}",
         )
+    if trained is not None and image.spec.channels is None:
+        try:
+            return select_channels(image, trained)
+        except TilesegError:
+            raise TilesegError(
+                image.path,
+                f"the model was trained on channels {trained}, which this image does not have "
+                f"(channels: {channel_listing(image)}); give --channels NAME|INDEX",
+            ) from None
     if model_channels != 1 or image.spec.channels is not None:
         return image  # a count the model does not take: refused with the rest of the checks
     nuclear = nuclear_channels(image)
