@@ -268,9 +268,9 @@ class SegmentOptions:
     )  # fmt: skip
     object_size: float | str | None = option(
         None, "typical object diameter in input px (at --mpp, if given), or auto: estimated per "
-        "image with the model; the image is resampled so that objects have the model's trained "
-        "size", "input", (float, int, str, _NONE), flag="auto-float", canonical=_object_size,
-        metavar="PX",
+        "image with the model; the image is resampled so that objects have the size the model "
+        "segments at (the upper quartile of its training objects' diameters)", "input",
+        (float, int, str, _NONE), flag="auto-float", canonical=_object_size, metavar="PX",
     )  # fmt: skip
     labels_at: str | None = option(
         None, "grid the labels are written on when the input is resampled: model (the grid "

@@ -155,7 +155,8 @@ def _large_nuclei_figures(out: Path, options: SegmentOptions) -> dict[str, str]:
     return {
         "large_nuclei_size": f"{big['estimated_diameter_px']:.0f} px estimated (truth "
         f"{big['true_diameter_px']:.0f} px, model trained at {big['trained_diameter_px']:.0f} "
-        f"px): segmented at {big['input_px_per_model_px']:.2f} input px per model px",
+        f"px): segmented at {big['input_px_per_model_px']:.2f} input px per model px, "
+        f"objects {big['target_diameter_px']:.0f} px there",
         "large_nuclei_dice": f"{big['foreground_dice']:.3f} (generated, 1024², --object-size "
         f"auto, object F1 {big['object_f1']:.3f}; without it: Dice "
         f"{plain['foreground_dice']:.3f}, object F1 {plain['object_f1']:.3f})",

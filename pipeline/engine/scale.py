@@ -3,8 +3,10 @@
 A U-Net segments objects near the size it was trained on. :func:`choose_scale` decides, once
 per image and before any work starts, the grid the model sees:
 
-- ``--object-size PX``: objects of ``PX`` input pixels are brought to the model's trained
-  object size (a resampling factor ``PX / trained``; > 1 shrinks the image);
+- ``--object-size PX``: objects of ``PX`` input pixels are brought to the size the model
+  segments at, the upper quartile of its training objects' diameters (a resampling factor
+  ``PX / target``; > 1 shrinks the image;
+  :func:`~pipeline.objects.size.target_object_size`);
 - ``--object-size auto``: the same, with ``PX`` estimated by the model on the image
   (:func:`~pipeline.objects.size.estimate_object_size`), on a coarse pyramid level
   when the file has one and its objects are still well resolved there;
@@ -29,7 +31,7 @@ from pipeline.errors import TilesegError
 from pipeline.io.readers import LazyImage
 from pipeline.io.resolution import at_scale
 from pipeline.models import LoadedModel
-from pipeline.objects.size import estimate_object_size, trained_object_size
+from pipeline.objects.size import estimate_object_size, target_object_size, trained_object_size
 from pipeline.preprocess.normalize import compute_normalization
 from pipeline.preprocess.stain import slide_stain
 
@@ -104,8 +106,9 @@ def choose_scale(
         else:
             diameter, chosen = float(options.object_size), "given object size"
             sizes = {"object_size_px": diameter}
-        sizes["trained_object_size_px"] = trained
-        factor = diameter / trained
+        target = target_object_size(model) or trained
+        sizes.update(trained_object_size_px=trained, target_object_size_px=target)
+        factor = diameter / target
     if mpp is None and options.object_size is None:
         return Scale(image, image, input_factor=(1.0,) * len(image.spatial_shape))
     resampled, record = at_scale(image, mpp=mpp, factor=factor)

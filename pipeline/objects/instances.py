@@ -253,7 +253,12 @@ def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
         nearest_source(w.start, w.stop, f, n)
         for w, f, n in zip(window, grid.factors, shape, strict=True)
     ]
-    source = tuple(slice(int(ix[0]), int(ix[-1]) + 1) for ix in index)
+    # At the image's edges the grid's own edge rows belong to the window too: an enlarged
+    # grid's row 0 lies under no input pixel's centre, yet it is part of the objects there.
+    source = tuple(
+        slice(0 if w.start == 0 else int(ix[0]), n if w.stop == m else int(ix[-1]) + 1)
+        for w, ix, n, m in zip(window, index, shape, plan.shape, strict=True)
+    )
     mask = _foreground(plan, source, path=grid.path)
     split = watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
     return split[np.ix_(*(ix - s.start for ix, s in zip(index, source, strict=True)))]

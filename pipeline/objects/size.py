@@ -2,11 +2,13 @@
 
 A U-Net sees a fixed context (89 px for the default model): nuclei far larger than the ones it
 was trained on are segmented as their texture (chromocentres), far smaller ones vanish. The
-scale that maps an image's objects onto the model's trained size is ``trained / observed``
-(:func:`scale_factor`). :func:`estimate_object_size` finds the observed size the way Cellpose
-does, from the model itself: it segments a window of the image resized by a ladder of factors
-and keeps the factor at which the objects found are closest to the trained size, where the
-model is reliable; the objects' median diameter there, divided by the factor, is the estimate.
+scale that maps an image's objects onto the size a model segments at is ``target /
+observed`` (:func:`scale_factor`), the target being the upper quartile of the model's training
+objects' diameters (:func:`target_object_size`). :func:`estimate_object_size` finds the
+observed size the way Cellpose does, from the model itself: it segments a window of the image
+resized by a ladder of factors and keeps the factor at which the objects found are closest to
+the trained size, where the model is reliable; the objects' median diameter there, divided by
+the factor, is the estimate.
 It is then measured twice more, each time at exactly the scale the last measurement implies,
 with touching objects split apart (:func:`~pipeline.objects.instances.watershed_split`, peaks
 half a trained diameter apart): nuclei pressed into clumps would otherwise count as one large
@@ -41,6 +43,7 @@ __all__ = [
     "object_diameters",
     "scale_factor",
     "size_warning",
+    "target_object_size",
     "trained_object_size",
     "training_object_size",
     "warn_object_size",
@@ -73,22 +76,22 @@ class SizeEstimate:
         }
 
 
-def scale_factor(object_size: float, trained_size: float) -> float:
-    """The resize factor that brings objects of ``object_size`` px to ``trained_size`` px.
+def scale_factor(object_size: float, target_size: float) -> float:
+    """The resize factor that brings objects of ``object_size`` px to ``target_size`` px.
 
     Parameters
     ----------
-    object_size, trained_size
-        Typical object diameters in pixels (image and model), both > 0.
+    object_size, target_size
+        Typical object diameters in pixels: the image's and the one wanted, both > 0.
 
     Returns
     -------
     float
-        ``trained_size / object_size``: < 1 shrinks the image (large objects), > 1 enlarges it.
+        ``target_size / object_size``: < 1 shrinks the image (large objects), > 1 enlarges it.
     """
-    if not (object_size > 0 and trained_size > 0) or math.isinf(object_size * trained_size):
-        raise ValueError(f"object sizes must be finite and > 0, not {object_size}, {trained_size}")
-    return trained_size / object_size
+    if not (object_size > 0 and target_size > 0) or math.isinf(object_size * target_size):
+        raise ValueError(f"object sizes must be finite and > 0, not {object_size}, {target_size}")
+    return target_size / object_size
 
 
 def object_diameters(labels: np.ndarray, *, min_area: int = 4) -> np.ndarray:
@@ -116,6 +119,19 @@ def trained_object_size(model: LoadedModel) -> float | None:
     record = (model.info or {}).get("training") or {}
     size = (record.get("object_size") or {}).get("diameter_px")
     return float(size) if size else None
+
+
+def target_object_size(model: LoadedModel) -> float | None:
+    """The object diameter (px) a model segments at: the upper quartile of its training
+    objects' diameters (their median where only that is recorded), if recorded.
+
+    A quarter of the objects the model learned from were larger, so the size is well inside
+    its training; the extra pixels per object over the median let the watershed split
+    touching objects that the median's scale merges.
+    """
+    record = (model.info or {}).get("training") or {}
+    quartiles = (record.get("object_size") or {}).get("diameter_quartiles_px")
+    return float(quartiles[1]) if quartiles else trained_object_size(model)
 
 
 def training_object_size(masks, *, window: int = 1024) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 ``--object-size auto`` (:mod:`pipeline.engine.scale`) and, to show why, without it.
 
 At its own scale the model sees the nuclei's chromatin texture, not the nuclei, and outlines
-their bright spots; brought to its trained object size it finds them whole. The image comes
+their bright spots; brought to the size it segments at it finds them whole. The image comes
 from :func:`~pipeline.training.scale_eval.sized_config`, the generator of the held-out scale
 bins, so the truth's object size is known.
 """
@@ -49,7 +49,8 @@ def score_large_nuclei(
     -------
     dict or None
         ``true_diameter_px`` (median of the truth's objects), ``estimated_diameter_px``,
-        ``trained_diameter_px``, ``input_px_per_model_px`` (the scale segmented at),
+        ``trained_diameter_px``, ``target_diameter_px`` (the size the objects are brought to),
+        ``input_px_per_model_px`` (the scale segmented at),
         ``foreground_dice``, ``object_f1`` (IoU 0.5), ``objects``, ``true_objects``, ``image``,
         ``output`` and, with ``compare``, ``unscaled`` (the same scores without
         ``--object-size``). None when the model records no trained object size: it cannot be
@@ -69,6 +70,7 @@ def score_large_nuclei(
         "true_diameter_px": float(np.median(object_diameters(truth))),
         "estimated_diameter_px": done["object_size_px"],
         "trained_diameter_px": done["trained_object_size_px"],
+        "target_diameter_px": done["target_object_size_px"],
         "input_px_per_model_px": max(done["input_factor"]),
         **output_scores(out, truth),
         "image": str(path),

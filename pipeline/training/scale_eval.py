@@ -6,8 +6,8 @@ shrinking), segmented in one whole-image pass, split into objects by the watersh
 ``tileseg segment --instances watershed`` uses, and the labels brought back to the input's
 pixels by nearest-neighbour resizing. That measures the model's quality at a scale,
 independent of how the engine resamples its windows. The factor is the one
-:func:`~pipeline.objects.size.estimate_object_size` implies (``--object-size auto``),
-or given.
+``--object-size auto`` uses (the size :func:`~pipeline.objects.size.estimate_object_size`
+finds, brought to :func:`~pipeline.objects.size.target_object_size`), or given.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.objects.size import estimate_object_size, object_diameters, scale_factor
+from pipeline.objects.size import (
+    estimate_object_size,
+    object_diameters,
+    scale_factor,
+    target_object_size,
+)
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 
 if TYPE_CHECKING:
@@ -98,7 +103,7 @@ def evaluate_bin(
         if f is None:
             found = estimate_object_size(ArrayImage(image, f"bin {diameter}"), model, device=device)
             estimates.append(round(found.diameter, 2))
-            f = scale_factor(found.diameter, found.trained)
+            f = scale_factor(found.diameter, target_object_size(model) or found.trained)
         factors.append(round(f, 4))
         pred = segment_at_scale(image, model, f, device=device)
         a, b = pred > 0, truth > 0

@@ -42,11 +42,16 @@ from pipeline.training.scale_eval import BINS, sized_config
 TRAINED = 10.0  # the trained object size the test models record
 
 
-def sized_model(directory: Path, config: UNetConfig, seed: int = 0, **metadata) -> str:
-    """A seeded U-Net file that records a trained object size (and ``metadata``)."""
+def sized_model(
+    directory: Path, config: UNetConfig, seed: int = 0, *, quartiles=None, **metadata
+) -> str:
+    """A seeded U-Net file that records a trained object size (its ``quartiles`` too, if
+    given) and ``metadata``."""
     path = directory / "model.safetensors"
     model = randomise_batchnorm(seeded_unet(config, seed=seed), seed)
     training = {"object_size": {"diameter_px": TRAINED}}
+    if quartiles is not None:
+        training["object_size"]["diameter_quartiles_px"] = list(quartiles)
     save_unet(model, path, training=training, metadata=ModelMetadata(**metadata))
     return str(path)
 
@@ -150,8 +155,10 @@ def test_object_size_auto_finds_large_nuclei_and_segments_them(tmp_path, large_n
 @pytest.mark.parametrize("diameter", [8, 32])  # enlarged, and shrunk, for the model
 def test_the_watershed_of_upsampled_labels_splits_on_the_model_grid(tmp_path, diameter):
     """Instances on the input's grid are the model grid's watershed (at --min-distance in its
-    pixels, where objects have the trained size) brought over by nearest neighbour, block by
-    block and across chunk borders: not a watershed of the resampled, blocky labels."""
+    pixels, where objects have the size the model segments at) brought over by nearest
+    neighbour, block by block and across chunk borders: not a watershed of the resampled,
+    blocky labels. 8 px nuclei are enlarged 2.2x, so the grid's edge rows lie under no input
+    pixel's centre, yet are split with the objects they belong to."""
     image, _ = synthetic_pair((256, 256), config=sized_config(diameter, seed=1))
     write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(64, 64))
     common = {"object_size": float(diameter), "tile": 64}
@@ -186,7 +193,7 @@ def test_object_size_auto_meets_the_quality_targets_in_every_diameter_bin(tmp_pa
         record = segment_image(path, out, options).record
         done = record["resample"]  # the scale used and how it was chosen
         assert done["chosen_by"] == "auto" and done["estimate"]["objects"] >= 3
-        ratio = done["object_size_px"] / done["trained_object_size_px"]
+        ratio = done["object_size_px"] / done["target_object_size_px"]
         assert done["scale_factor"] == pytest.approx(ratio, rel=1e-3)
         assert record["instances"]["split_on_factors"] == done["input_factor"]  # model's grid
         assert done["object_size_px"] == pytest.approx(np.median(object_diameters(truth)), rel=0.25)
@@ -252,11 +259,11 @@ def test_labels_on_either_grid_carry_their_ngff_scale(tmp_path, large_nuclei):
 def test_labels_on_the_model_grid_without_a_pixel_size_are_scaled_in_input_pixels(tmp_path):
     image, _ = synthetic_pair((320, 320), config=sized_config(32, seed=2))
     write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(64, 64))
-    options = SegmentOptions(object_size=36.575, labels_at="model", tile=64,
+    options = SegmentOptions(object_size=44.25, labels_at="model", tile=64,
                              instances="connected", export=("geojson",))  # fmt: skip
     segment_image(tmp_path / "in.tif", tmp_path / "out.zarr", options)  # the default model
     root = zarr.open_group(tmp_path / "out.zarr", mode="r")
-    assert root[f"{LABELS_PATH}/0"].shape == (128, 128)  # 14.63 px objects: 2.5 times smaller
+    assert root[f"{LABELS_PATH}/0"].shape == (128, 128)  # to 17.7 px objects: 2.5 times smaller
     for group in (root[LABELS_PATH], root["labels/instances"]):
         assert scale_of(group) == pytest.approx([2.5, 2.5])
         assert "unit" not in group.attrs["multiscales"][0]["axes"][0]
@@ -283,6 +290,25 @@ def test_an_object_size_at_mpp_multiplies_its_factor(tmp_path, large_nuclei, cap
     root = zarr.open_group(out, mode="r")
     assert root[f"{LABELS_PATH}/0"].shape == (768, 768)
     assert scale_of(root[LABELS_PATH])[-2:] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize(("quartiles", "target"), [((8.0, 12.5), 12.5), (None, TRAINED)])
+def test_objects_are_brought_to_the_upper_quartile_of_the_trained_sizes(
+    tmp_path, quartiles, target
+):
+    """A model is run where a quarter of its training objects were larger than the image's
+    are made: well inside its training, with more pixels per object than the median gives (a
+    model that records only the median is run at that)."""
+    image, _ = synthetic_pair((160, 160), config=sized_config(25, seed=0))
+    write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(64, 64))
+    config = UNetConfig(depth=1, width=2, classes=2)
+    model = sized_model(tmp_path, config, quartiles=quartiles)
+    options = SegmentOptions(model=model, object_size=25.0, tile=64)
+    done = segment_image(tmp_path / "in.tif", tmp_path / "o.zarr", options).record["resample"]
+    assert done["trained_object_size_px"] == TRAINED
+    assert done["target_object_size_px"] == target
+    assert done["scale_factor"] == pytest.approx(25.0 / target)
+    assert done["input_factor"] == pytest.approx([25.0 / target] * 2)
 
 
 def test_object_sizes_resample_2d_images_only(tmp_path, capsys):

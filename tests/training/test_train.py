@@ -257,6 +257,21 @@ def test_shipped_default_is_trained_by_its_committed_recipe():
     assert config_from_mapping(record["recipe"]) == committed
 
 
+def test_the_shipped_default_records_the_scale_targets_at_its_segmenting_size():
+    """The record's held-out bins were segmented as ``--object-size auto`` segments: objects
+    brought to the upper quartile of the training objects' diameters; every bin meets issue
+    26's targets there (estimate within 25 %, Dice >= 0.9, object F1 >= 0.85)."""
+    with safe_open(str(DEFAULT_MODEL), framework="pt") as f:
+        record = json.loads(f.metadata()["tileseg.training"])
+    target = record["object_size"]["diameter_quartiles_px"][1]
+    for row in record["heldout_scales"]["bins"]:
+        for true, found, factor in zip(row["true_diameter_px"], row["estimated_diameter_px"],
+                                       row["factor"], strict=True):  # fmt: skip
+            assert factor == pytest.approx(target / found, rel=1e-3)  # both rounded
+            assert found == pytest.approx(true, rel=0.25)
+        assert row["foreground_dice"] >= 0.9 and row["object_f1"] >= 0.85, row
+
+
 def test_shipped_default_generalises_to_real_fluorescence_nuclei(tmp_path):
     """The default model, trained on generated images only, on a real DSB 2018 image."""
     score = score_real_nuclei(tmp_path, options=SegmentOptions(precision="fp32"))
