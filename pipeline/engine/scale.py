@@ -26,11 +26,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.io.readers import LazyImage
 from pipeline.io.resolution import at_scale
 from pipeline.models import LoadedModel
+from pipeline.models.planes import module_ndim, one_plane_model
 from pipeline.objects.size import estimate_object_size, target_object_size, trained_object_size
 from pipeline.preprocess.normalize import compute_normalization
 from pipeline.preprocess.stain import slide_stain
@@ -93,6 +96,12 @@ def choose_scale(
         mpp, chosen = model.pixel_size_um, "model pixel size"
     factor, sizes = 1.0, None
     if options.object_size is not None:
+        if module_ndim(model) == 3:
+            raise TilesegError(
+                "--object-size",
+                "sizes are for 2D models (on images, or volumes plane by plane); a 3D model "
+                "takes --mpp",
+            )
         trained = trained_object_size(model)
         if trained is None:
             raise TilesegError(
@@ -131,8 +140,11 @@ def _estimate(
     options: SegmentOptions,
 ) -> tuple[float, dict[str, Any]]:
     """The typical object diameter in pixels of ``image`` at ``mpp`` (of ``image`` without),
-    estimated on the coarsest level where objects still look at least the trained size."""
-    if image.spatial_axes != "YX":
+    estimated on the coarsest level where objects still look at least the trained size; a
+    volume's on its middle plane."""
+    if image.spatial_axes == "ZYX":  # a volume segmented plane by plane
+        image, model = _Plane(image, image.spatial_shape[0] // 2), one_plane_model(model)
+    elif image.spatial_axes != "YX":
         raise TilesegError(image.path, "--object-size auto: sizes are estimated on 2D images")
     # H&E: the model sees the slide's stains mapped as the run maps them, fitted once here
     stain = slide_stain(image, options.stain, model.in_channels)
@@ -164,7 +176,32 @@ def _estimate(
         assert image.pixel_size is not None
         diameter *= math.sqrt(math.prod(image.pixel_size)) / mpp
     estimate = {**found.to_dict(), "level": level_no, "level_downsample": round(ratio, 4)}
+    if isinstance(image, _Plane):
+        estimate["plane"] = image.z
     return diameter, {"object_size_px": round(diameter, 2), "estimate": estimate}
+
+
+class _Plane:
+    """One Z plane of a volume as a 2D image, read lazily: what the size estimate reads."""
+
+    level, n_levels, spatial_axes = 0, 1, "YX"
+
+    def __init__(self, volume: LazyImage, z: int) -> None:
+        self.volume, self.z = volume, z
+        self.path = f"{volume.path} (plane {z})"
+        self.spatial_shape = tuple(volume.spatial_shape[1:])
+        self.level_shapes = (self.spatial_shape,)
+        self.n_channels, self.dtype = volume.n_channels, volume.dtype
+        self.pixel_size = volume.pixel_size[1:] if volume.pixel_size else None
+
+    def read(self, spatial_region: tuple[slice, ...]) -> np.ndarray:
+        return self.volume.read((slice(self.z, self.z + 1), *spatial_region))[:, 0]
+
+    def at_level(self, level: int) -> _Plane:
+        return self
+
+    def close(self) -> None:
+        pass  # the volume stays open: the run reads it
 
 
 def _estimate_levels(image: LazyImage) -> list[LazyImage]:

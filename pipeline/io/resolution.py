@@ -96,33 +96,39 @@ def at_scale(
     The pixels are read from the coarsest pyramid level at least as fine as the target
     (:func:`pick_level`; by pixel size where the image states one, else by level shape) and
     resampled by the one rule of :mod:`pipeline.resample`. ``--mpp`` and ``--object-size``
-    both come here, so a factor given with a pixel size multiplies it. The record's
-    ``input_factor`` is the result's pixel in pixels of ``image`` (per axis).
+    both come here, so a factor given with a pixel size multiplies it. A volume (``ZYX``) is
+    resampled in Y and X only, its planes kept: a 2D model segments it plane by plane. The
+    record's ``input_factor`` is the result's pixel in pixels of ``image`` (per axis).
 
     Raises
     ------
     TilesegError
-        When ``mpp`` is given and the image does not say its pixel size, or the image is not 2D.
+        When ``mpp`` is given and the image does not say its pixel size, or the image is
+        neither 2D nor a ``ZYX`` volume.
     """
     what = "--mpp" if mpp is not None else "--object-size"
     if mpp is not None and image.pixel_size is None:
         raise TilesegError(image.path, f"--mpp {mpp}: the image does not say its pixel size")
-    if image.spatial_axes != "YX":
-        raise TilesegError(image.path, f"{what}: only 2D images are resampled")
-    levels = [image if k == image.level else image.at_level(k) for k in range(image.n_levels)]
+    if image.spatial_axes not in ("YX", "ZYX"):
+        raise TilesegError(image.path, f"{what}: only 2D images and ZYX volumes are resampled")
+    keep = (1.0,) * (len(image.spatial_shape) - 2)  # a volume's planes
+    levels = _plane_levels(image)
     if image.pixel_size is not None:
-        base = image.pixel_size if mpp is None else (mpp, mpp)
+        base = image.pixel_size[-2:] if mpp is None else (mpp, mpp)
         target = tuple(b * factor for b in base)
-        sizes = [max(lv.pixel_size or image.pixel_size) for lv in levels]
+        sizes = [max((lv.pixel_size or image.pixel_size)[-2:]) for lv in levels]
         source = levels[pick_level(sizes, max(target))]
         source_size = source.pixel_size or image.pixel_size
-        factors = tuple(t / p for t, p in zip(target, source_size, strict=True))
-        input_factor = tuple(t / p for t, p in zip(target, image.pixel_size, strict=True))
+        factors = keep + tuple(t / p for t, p in zip(target, source_size[-2:], strict=True))
+        input_factor = keep + tuple(
+            t / p for t, p in zip(target, image.pixel_size[-2:], strict=True)
+        )
+        target = (*source_size[: len(keep)], *target)
     else:
-        ratios = [max(_ratios(image, lv)) for lv in levels]
+        ratios = [max(_ratios(image, lv)[-2:]) for lv in levels]
         source = levels[pick_level(ratios, factor)]
-        factors = tuple(factor / r for r in _ratios(image, source))
-        target, input_factor = None, (factor, factor)
+        factors = keep + tuple(factor / r for r in _ratios(image, source)[-2:])
+        target, input_factor = None, (*keep, factor, factor)
     for other in levels:
         if other is not source and other is not image:
             other.close()
@@ -135,11 +141,23 @@ def at_scale(
         "kernel": "triangle, support max(1, factor) input px, mirrored borders",
     }
     if all(abs(f - 1) <= _SAME for f in factors):
-        record["factor"] = [1.0, 1.0]
+        record["factor"] = [1.0] * len(factors)
         return source, record
     resampled = _resampled(source, factors, target)
     record["shape"] = list(resampled.spatial_shape)
     return resampled, record
+
+
+def _plane_levels(image: LazyImage) -> list[LazyImage]:
+    """The pyramid levels of ``image`` (itself at its own level) that keep its planes: all of
+    a 2D image's; a volume's with as many Z planes."""
+    levels = [image if k == image.level else image.at_level(k) for k in range(image.n_levels)]
+    planes = image.spatial_shape[:-2]
+    kept = [lv for lv in levels if lv.spatial_shape[:-2] == planes]
+    for other in levels:
+        if all(other is not k for k in kept):
+            other.close()
+    return kept
 
 
 def _ratios(image: LazyImage, level: LazyImage) -> tuple[float, ...]:
@@ -155,7 +173,7 @@ def _resampled(
     shape = tuple(r.out_size for r in rules)
     spec = source.spec
     native = list(spec.shape)
-    for ax, n in zip("YX", shape, strict=True):
+    for ax, n in zip(source.spatial_axes, shape, strict=True):
         native[spec.axes.index(ax)] = n
     resampled: ImageSpec = dataclasses.replace(
         spec, shape=tuple(native), level_shapes=(shape,), pixel_size=pixel_size,

@@ -18,7 +18,14 @@ import torch
 from pipeline.geometry import ModelGeometry
 from pipeline.models.files import LoadedModel
 
-__all__ = ["PlaneWise", "module_ndim", "plane_geometry", "plane_model", "runs_plane_wise"]
+__all__ = [
+    "PlaneWise",
+    "module_ndim",
+    "one_plane_model",
+    "plane_geometry",
+    "plane_model",
+    "runs_plane_wise",
+]
 
 
 class PlaneWise(torch.nn.Module):
@@ -61,6 +68,20 @@ def plane_model(model: LoadedModel) -> LoadedModel:
         geometry=plane_geometry(model.geometry),
         info={**model.info, "planes": True},
     )
+
+
+def one_plane_model(model: LoadedModel) -> LoadedModel:
+    """The 2D model a plane-wise model runs on each plane (``model`` itself otherwise): what
+    looks at one plane, such as the object-size estimate, runs."""
+    if not isinstance(model.module, PlaneWise):
+        return model
+    g = model.geometry
+    geometry = ModelGeometry(
+        halo=g.halo[1:], align=g.align[1:], shrink=g.shrink[1:],
+        size_min=g.size_min[1:], size_step=g.size_step[1:],
+    )  # fmt: skip
+    info = {k: v for k, v in model.info.items() if k != "planes"}
+    return replace(model, module=model.module.inner, geometry=geometry, info=info)
 
 
 def runs_plane_wise(model: LoadedModel, spatial_ndim: int) -> bool:

@@ -21,8 +21,10 @@ from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.models import UNetConfig, save_unet
+from pipeline.objects.size import object_diameters
 from pipeline.output.ngff import LABELS_PATH, read_record
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
+from pipeline.training.scale_eval import sized_config
 
 
 def per_plane(model: str, image: np.ndarray, **numerics) -> np.ndarray:
@@ -182,3 +184,59 @@ def test_instances_of_a_volume_connect_objects_across_planes(tmp_path):
     np.testing.assert_array_equal(instances[0] > 0, instances[1] > 0)
     assert (instances[0][instances[0] > 0] == instances[1][instances[0] > 0]).all()
     assert (tmp_path / "out.zarr" / "objects.csv").is_file()
+
+
+def _sized_volume(diameter: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ZYX stack of three generated images of nuclei ~``diameter`` px across, and its truth."""
+    pairs = [synthetic_pair((side, side), config=sized_config(diameter, seed=s)) for s in range(3)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize("labels_at", ["input", "model"])
+def test_a_volume_at_an_object_size_is_each_plane_at_that_size(tmp_path, labels_at):
+    """Only Y and X are resampled; each plane's labels are those of the plane as a 2D image
+    at that object size, on either grid, with Z's NGFF scale kept."""
+    volume, _ = _sized_volume(40, 160)
+    path = write_ome_zarr(tmp_path / "v.ome.zarr", volume, axes="ZYX", chunks=(1, 64, 64),
+                          levels=2, pixel_size=(2.0, 0.5, 0.5))  # fmt: skip
+    options = SegmentOptions(object_size=40.0, labels_at=labels_at, tile=64,
+                             normalize="fixed", scale=1 / 1000)  # fmt: skip
+    done = segment_image(path, tmp_path / "v.zarr", options).record["resample"]
+    factor = 40.0 / 17.7  # to the default model's target object size
+    assert done["input_factor"] == pytest.approx([1.0, factor, factor])
+    out = zarr.open_group(tmp_path / "v.zarr", mode="r")
+    labels = out[f"{LABELS_PATH}/0"][...]
+    side = 160 if labels_at == "input" else done["shape"][-1]
+    assert labels.shape == (3, side, side) and labels.any()
+    scale = out[LABELS_PATH].attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    step = 0.5 if labels_at == "input" else 0.5 * factor
+    assert scale[0]["scale"] == pytest.approx([2.0, step, step])
+    for z, plane in enumerate(volume):
+        flat = write_ome_zarr(tmp_path / f"p{z}.ome.zarr", plane, axes="YX", chunks=(64, 64),
+                              levels=2, pixel_size=(0.5, 0.5))  # fmt: skip
+        segment_image(flat, tmp_path / f"p{z}.zarr", options)
+        alone = zarr.open_group(tmp_path / f"p{z}.zarr", mode="r")[f"{LABELS_PATH}/0"][...]
+        np.testing.assert_array_equal(labels[z], alone)
+
+
+def test_a_volume_at_a_pixel_size_reads_the_level_that_keeps_its_planes(tmp_path):
+    volume, _ = _sized_volume(16, 128)
+    path = write_ome_zarr(tmp_path / "v.ome.zarr", volume, axes="ZYX", chunks=(1, 64, 64),
+                          levels=2, pixel_size=(2.0, 0.5, 0.5))  # fmt: skip
+    args = ["segment", str(path), str(tmp_path / "o.zarr"), "--mpp", "1", "--no-progress"]
+    assert main(args) == 0
+    done = read_record(tmp_path / "o.zarr")["resample"]
+    assert done["level"] == 1 and done["factor"] == [1.0, 1.0, 1.0]
+    labels = zarr.open_array(tmp_path / "o.zarr" / LABELS_PATH / "0")
+    assert labels.shape == (3, 64, 64)
+
+
+def test_object_size_auto_on_a_volume_is_estimated_on_its_middle_plane(tmp_path):
+    volume, truth = _sized_volume(48, 384)
+    path = write_zarr(tmp_path / "v.zarr", volume, chunks=(1, 128, 128))
+    options = SegmentOptions(axes="ZYX", object_size="auto", tile=128)
+    done = segment_image(path, tmp_path / "o.zarr", options).record["resample"]
+    assert done["chosen_by"] == "auto" and done["estimate"]["plane"] == 1
+    true = np.median(object_diameters(truth[1]))
+    assert done["object_size_px"] == pytest.approx(true, rel=0.25)
+    assert done["input_factor"][0] == 1.0

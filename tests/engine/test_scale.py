@@ -311,15 +311,18 @@ def test_objects_are_brought_to_the_upper_quartile_of_the_trained_sizes(
     assert done["input_factor"] == pytest.approx([25.0 / target] * 2)
 
 
-def test_object_sizes_resample_2d_images_only(tmp_path, capsys):
+def test_object_sizes_are_for_2d_models(tmp_path, capsys):
+    """A volume takes an object size when a 2D model segments it plane by plane
+    (tests/engine/test_planes.py); a 3D model's objects are not sized in one line."""
     volume = np.zeros((16, 64, 64), np.float32)
     write_zarr(tmp_path / "v.zarr", volume, chunks=(8, 32, 32))
-    model = sized_model(tmp_path, UNetConfig(depth=1, width=2, classes=2))
+    model = sized_model(tmp_path, UNetConfig(ndim=3, depth=1, width=2, classes=2))
     args = ["segment", str(tmp_path / "v.zarr"), str(tmp_path / "o.zarr"), "--axes", "ZYX",
             "--model", model, "--object-size", "20", "--no-progress"]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--object-size: only 2D images are resampled" in err[0]
+    assert len(err) == 1 and "--object-size: sizes are for 2D models" in err[0], err
+    assert not (tmp_path / "o.zarr").exists()
 
 
 def test_the_tissue_mask_comes_from_the_input_pyramid_and_lies_over_the_model_grid(

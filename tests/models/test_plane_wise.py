@@ -10,7 +10,13 @@ from pipeline.geometry import ModelGeometry
 from pipeline.models import ModelSpec, UNetConfig, load_model, seeded_unet
 from pipeline.models.files import DEFAULT_MODEL
 from pipeline.models.inference import Predictor
-from pipeline.models.planes import PlaneWise, module_ndim, plane_geometry, plane_model
+from pipeline.models.planes import (
+    PlaneWise,
+    module_ndim,
+    one_plane_model,
+    plane_geometry,
+    plane_model,
+)
 
 
 def test_plane_geometry_has_no_context_along_z():
@@ -52,6 +58,15 @@ def test_loaded_plane_model_keeps_the_file_and_says_planes():
     assert planes.info["planes"] is True and "planes" not in flat.info
     assert planes.geometry == plane_geometry(flat.geometry)
     assert (module_ndim(planes), module_ndim(flat)) == (2, 2)
+
+
+def test_one_plane_model_is_the_2d_model_a_plane_model_runs():
+    flat = load_model(ModelSpec(str(DEFAULT_MODEL)))
+    planes = load_model(ModelSpec(str(DEFAULT_MODEL), planes=True))
+    one = one_plane_model(planes)
+    assert one.module is planes.module.inner and not isinstance(one.module, PlaneWise)
+    assert one.geometry == flat.geometry and one.info == flat.info
+    assert one_plane_model(flat) is flat
 
 
 @pytest.mark.parametrize("fold_norm", ["on", "off"])
