@@ -38,7 +38,7 @@ from pipeline.objects.size import estimate_object_size, target_object_size, trai
 from pipeline.preprocess.normalize import compute_normalization
 from pipeline.preprocess.stain import slide_stain
 
-__all__ = ["Scale", "choose_scale", "scale_note"]
+__all__ = ["Scale", "choose_scale", "middle_plane", "scale_note"]
 
 # Levels coarser than this (per side) are not used for the estimate: their objects are blurred
 # into each other even when they are large.
@@ -143,7 +143,7 @@ def _estimate(
     estimated on the coarsest level where objects still look at least the trained size; a
     volume's on its middle plane."""
     if image.spatial_axes == "ZYX":  # a volume segmented plane by plane
-        image, model = _Plane(image, image.spatial_shape[0] // 2), one_plane_model(model)
+        image, model = middle_plane(image), one_plane_model(model)
     elif image.spatial_axes != "YX":
         raise TilesegError(image.path, "--object-size auto: sizes are estimated on 2D images")
     # H&E: the model sees the slide's stains mapped as the run maps them, fitted once here
@@ -179,6 +179,12 @@ def _estimate(
     if isinstance(image, _Plane):
         estimate["plane"] = image.z
     return diameter, {"object_size_px": round(diameter, 2), "estimate": estimate}
+
+
+def middle_plane(volume: LazyImage) -> _Plane:
+    """The middle Z plane of a ``ZYX`` volume as a lazily read 2D image (``path`` names the
+    plane): where a volume segmented plane by plane has its objects sized."""
+    return _Plane(volume, volume.spatial_shape[0] // 2)
 
 
 class _Plane:

@@ -240,3 +240,13 @@ def test_object_size_auto_on_a_volume_is_estimated_on_its_middle_plane(tmp_path)
     true = np.median(object_diameters(truth[1]))
     assert done["object_size_px"] == pytest.approx(true, rel=0.25)
     assert done["input_factor"][0] == 1.0
+
+
+def test_a_volume_of_large_nuclei_warns_once_from_its_middle_plane(tmp_path, caplog):
+    volume, _ = _sized_volume(64, 384)
+    path = write_zarr(tmp_path / "v.zarr", volume, chunks=(1, 128, 128))
+    with caplog.at_level("WARNING", logger="tileseg"):
+        segment_image(path, tmp_path / "o.zarr", SegmentOptions(axes="ZYX", tile=256))
+    (record,) = [r for r in caplog.records if "objects look about" in r.getMessage()]
+    assert "v.zarr (plane 1): objects look about" in record.getMessage()
+    assert read_record(tmp_path / "o.zarr")["status"] == "complete"  # a warning, not an error
