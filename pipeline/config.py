@@ -160,6 +160,12 @@ def _object_size(value: float | str) -> float | str:
     return float(value)
 
 
+def _diameter(value: float) -> float:
+    if not 0 < value < 1e6:
+        raise ValueError(f"must be a diameter in px > 0, got {value!r}")
+    return float(value)
+
+
 def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
@@ -174,8 +180,9 @@ class SegmentOptions:
     """
 
     model: str | None = option(
-        None, "model file: .safetensors (built-in U-Net) or TorchScript .pt (default: the "
-        "shipped model)", "model", (str, _NONE), metavar="PATH",
+        None, "model: .safetensors (built-in U-Net), TorchScript .pt, .onnx, or a bioimage.io "
+        "rdf.yaml or .zip (default: the shipped model for the image)", "model", (str, _NONE),
+        metavar="PATH",
     )  # fmt: skip
     halo: int | None = option(
         None, "context per side in px (TorchScript models; else from the model file)", "model",
@@ -184,6 +191,11 @@ class SegmentOptions:
     align: int | None = option(
         None, "tile origin alignment (TorchScript models; else from the model file)", "model",
         (int, _NONE), minimum=1, metavar="N",
+    )  # fmt: skip
+    model_object_size: float | None = option(
+        None, "object diameter in px the model was trained at, for a model that records none "
+        "(TorchScript, ONNX, bioimage.io) or in place of its record: --object-size brings "
+        "objects to it", "model", (float, int, _NONE), canonical=_diameter, metavar="PX",
     )  # fmt: skip
     force_halo: bool = option(
         False, "use --halo even below the model's measured receptive field (tiles are then "

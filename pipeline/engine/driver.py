@@ -53,7 +53,7 @@ from pipeline.models.planes import module_ndim, one_plane_model, runs_plane_wise
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import SplitGrid, label_instances
 from pipeline.objects.measure import measure_objects
-from pipeline.objects.size import trained_object_size, warn_object_size
+from pipeline.objects.size import trained_object_size, warn_object_size, with_object_size
 from pipeline.output.chunk_writer import remove_leftovers
 from pipeline.output.label_classes import class_names
 from pipeline.output.lock import OutputLock, TakenOver, claim_output, is_owner
@@ -292,6 +292,8 @@ def _open_run(
         if runs_plane_wise(model, len(image.spatial_shape)):  # a volume, a 2D model
             model_spec = replace(model_spec, planes=True)
             model = load_model(model_spec)
+        if options.model_object_size is not None:
+            model = with_object_size(model, options.model_object_size)
     step = stain_step(options.stain, image, model.in_channels)
     if step is None:
         image = auto_channel(

@@ -106,8 +106,8 @@ def choose_scale(
         if trained is None:
             raise TilesegError(
                 "--object-size",
-                f"the model ({model.source}) records no trained object size: resample the "
-                "image with --mpp, or use a model trained by tileseg",
+                f"the model ({model.source}) records no trained object size: give it with "
+                "--model-object-size, or resample the image with --mpp",
             )
         if options.object_size == "auto":
             diameter, sizes = _estimate(image, model, trained, mpp=mpp, options=options)

@@ -47,6 +47,7 @@ __all__ = [
     "trained_object_size",
     "training_object_size",
     "warn_object_size",
+    "with_object_size",
 ]
 
 # resize factors tried, from 4x enlarged (4 px objects) to 1/16 (256 px objects); octaves are
@@ -115,10 +116,11 @@ def object_diameters(labels: np.ndarray, *, min_area: int = 4) -> np.ndarray:
 
 
 def trained_object_size(model: LoadedModel) -> float | None:
-    """The object diameter (px) a model was trained at, from its training record, if recorded."""
+    """The object diameter (px) a model was trained at, if recorded: in its training record,
+    else in its metadata (``object_size_px``, for TorchScript, ONNX and other models)."""
     record = (model.info or {}).get("training") or {}
     size = (record.get("object_size") or {}).get("diameter_px")
-    return float(size) if size else None
+    return float(size) if size else model.metadata.object_size_px
 
 
 def target_object_size(model: LoadedModel) -> float | None:
@@ -132,6 +134,17 @@ def target_object_size(model: LoadedModel) -> float | None:
     record = (model.info or {}).get("training") or {}
     quartiles = (record.get("object_size") or {}).get("diameter_quartiles_px")
     return float(quartiles[1]) if quartiles else trained_object_size(model)
+
+
+def with_object_size(model: LoadedModel, diameter: float) -> LoadedModel:
+    """``model`` recording ``diameter`` (px) as the object size it was trained at, in place
+    of any recorded one (``--model-object-size``); it is also the size it segments at, since
+    nothing is known of the spread of its training objects."""
+    from dataclasses import replace
+
+    training = dict((model.info or {}).get("training") or {})
+    training["object_size"] = {"diameter_px": float(diameter), "measure": "given"}
+    return replace(model, info={**(model.info or {}), "training": training})
 
 
 def training_object_size(masks, *, window: int = 1024) -> dict[str, Any]:

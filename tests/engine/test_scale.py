@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 from exactness import check, randomise_batchnorm, reference, run
+from external_models import script, unet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imagefiles import write_tiff, write_zarr
@@ -27,7 +29,7 @@ from profiles import examples
 
 from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
-from pipeline.engine.driver import segment_image
+from pipeline.engine.driver import expected_fingerprint, segment_image
 from pipeline.io.readers import open_image
 from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
 from pipeline.objects.instances import watershed_split
@@ -395,8 +397,27 @@ def test_object_size_needs_a_model_that_records_its_trained_size(tmp_path, capsy
     assert main([*args, "--object-size", "20"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tileseg: error: --object-size: the model (")
-    assert "records no trained object size" in err[0]
+    assert "records no trained object size: give it with --model-object-size" in err[0]
     assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "tileseg"])
+def test_the_trained_object_size_of_any_model_can_be_given(tmp_path, kind):
+    """``--model-object-size``: a model that records no size (a TorchScript file) is run at
+    an object size, and a size given replaces a recorded one; objects are brought to it."""
+    image, _ = synthetic_pair((160, 160), config=sized_config(24, seed=0))
+    path = write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(64, 64))
+    config = UNetConfig(depth=1, width=2, classes=2)
+    if kind == "torchscript":
+        model = str(script(unet(config), tmp_path / "m.pt"))
+    else:
+        model = sized_model(tmp_path, config, quartiles=(8.0, 12.5))
+    options = SegmentOptions(model=model, object_size=24.0, model_object_size=8.0, tile=64)
+    done = segment_image(path, tmp_path / "o.zarr", options).record["resample"]
+    assert done["trained_object_size_px"] == done["target_object_size_px"] == 8.0
+    assert done["input_factor"] == pytest.approx([3.0, 3.0])
+    again = replace(options, model_object_size=12.0)  # another size: another output
+    assert expected_fingerprint(path, again) != read_record(tmp_path / "o.zarr")["fingerprint"]
 
 
 def test_object_size_auto_without_objects_is_one_line(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""Class names and training pixel size: in every model kind's metadata, on the model spec, in
-the provenance record, and written by ``tileseg train``."""
+"""Class names, training pixel size and object size: in every model kind's metadata, on the
+model spec, in the provenance record, and written by ``tileseg train``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.errors import TilesegError
 from pipeline.models import ModelMetadata, ModelSpec, UNetConfig, load_model, save_unet
+from pipeline.objects.size import target_object_size, trained_object_size
 from pipeline.training.data import file_pairs
 from pipeline.training.train import TrainConfig, _model_metadata, train
 
@@ -46,7 +47,8 @@ def test_the_default_model_names_its_classes():
     [({"class_names": ["a", "b", "c"]}, "3 class_names"),
      ({"class_names": ["a", "a"]}, "distinct"),
      ({"class_names": "ab"}, "list of strings"),
-     ({"pixel_size_um": -1}, "positive number")],
+     ({"pixel_size_um": -1}, "positive number"),
+     ({"object_size_px": 0}, "object_size_px must be a positive number")],
 )  # fmt: skip
 def test_bad_metadata_is_refused_in_one_line(tmp_path, meta, problem):
     config = UNetConfig(depth=1, width=2, padding="valid", classes=2)
@@ -58,7 +60,8 @@ def test_bad_metadata_is_refused_in_one_line(tmp_path, meta, problem):
 
 def test_torchscript_and_onnx_carry_metadata(tmp_path):
     config = UNetConfig(depth=1, width=2, padding="valid", classes=2)
-    meta = {"classes": 2, "class_names": ["bg", "cell"], "pixel_size_um": 0.5}
+    meta = {"classes": 2, "class_names": ["bg", "cell"], "pixel_size_um": 0.5,
+            "object_size_px": 12}  # fmt: skip
     ts = script(unet(config), tmp_path / "m.pt", meta)
     path = export_onnx(unet(config), tmp_path / "m.onnx", shape=(1, 1, 32, 32))
     proto = onnx.load(str(path))
@@ -68,6 +71,7 @@ def test_torchscript_and_onnx_carry_metadata(tmp_path):
         loaded = load_model(ModelSpec(str(p)))
         assert loaded.class_names == ("bg", "cell") and loaded.pixel_size_um == 0.5
         assert loaded.info["class_names"] == ["bg", "cell"]
+        assert trained_object_size(loaded) == target_object_size(loaded) == 12.0
 
 
 @pytest.mark.slow
