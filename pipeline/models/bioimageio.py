@@ -36,7 +36,7 @@ import torch
 
 from pipeline.errors import TilesegError
 from pipeline.models.files import LoadedModel, probe_threads, torch_forward
-from pipeline.models.metadata import ModelMetadata
+from pipeline.models.metadata import ModelMetadata, parse_metadata
 from pipeline.models.onnx_model import onnx_module
 from pipeline.models.probe import probe_geometry
 from pipeline.preprocess.normalize import Normalization, percentiles_of, sample_pixels
@@ -201,7 +201,10 @@ def load_bioimageio(
         )  # fmt: skip
     geometry, how = _package_halo(geometry, how, target, module.spatial, given=halo)
     names = _channel_names(target)
-    facts = ModelMetadata(names, _pixel_size(source))
+    ours = _tileseg_config(descr)
+    size = parse_metadata({"object_size_px": ours.get("object_size_px")}, classes=None,
+                          source=path).object_size_px  # fmt: skip
+    facts = ModelMetadata(names, _pixel_size(source), size)
     digest = hashlib.sha256(path.read_bytes() + (b"" if path.suffix == ".zip" else data))
     info = {
         "arch": f"bioimageio/{kind}", "name": descr.name, "geometry": how,
@@ -209,6 +212,8 @@ def load_bioimageio(
         "postprocessing": [p.model_dump(mode="json") for p in target.postprocessing],
         **facts.to_dict(),
     }  # fmt: skip
+    if ours.get("training"):  # a tileseg model's record: its object size among it
+        info["training"] = ours["training"]
     steps = [p.model_dump(mode="json") for p in source.preprocessing]
     normalize = _normalizer(steps, path) if any(s["id"] != "ensure_dtype" for s in steps) else None
     classes = None if names is None else len(names)
@@ -216,6 +221,13 @@ def load_bioimageio(
         module, geometry, channels, classes, digest.hexdigest(), os.fspath(path), info, facts,
         normalization=normalize,
     )  # fmt: skip
+
+
+def _tileseg_config(descr: Any) -> dict[str, Any]:
+    """The package's ``config.tileseg`` entry (a training record, ``object_size_px``), if any."""
+    config = descr.config.model_dump(mode="json") if descr.config is not None else {}
+    ours = config.get("tileseg")
+    return ours if isinstance(ours, dict) else {}
 
 
 def _check_processing(steps: Any, allowed: tuple[str, ...], what: str, path: Path) -> None:

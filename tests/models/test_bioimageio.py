@@ -22,6 +22,8 @@ from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
 from pipeline.models import ModelMetadata, ModelSpec, UNetConfig, load_model, save_unet
 from pipeline.models.bioimageio import _quiet, opened
+from pipeline.models.files import DEFAULT_MODEL
+from pipeline.objects.size import target_object_size, trained_object_size
 from pipeline.output.ngff import LABELS_PATH, read_record
 
 
@@ -47,6 +49,16 @@ def test_exported_model_validates_and_reimports_with_its_geometry(tmp_path, padd
     assert loaded.geometry == config.geometry
     assert loaded.class_names == ("background", "nucleus") and loaded.pixel_size_um == 0.5
     assert loaded.info["arch"] == "bioimageio/torchscript"
+
+
+def test_an_exported_model_keeps_its_object_size(tmp_path):
+    """The default model's package carries its training record: reloaded, it segments at the
+    same object size (``--object-size``) as the file it came from."""
+    package = tmp_path / "default.zip"
+    assert main(["export-model", str(DEFAULT_MODEL), str(package), "--author", "A Lab"]) == 0
+    native, loaded = load_model(ModelSpec(str(DEFAULT_MODEL))), load_model(ModelSpec(str(package)))
+    assert trained_object_size(loaded) == trained_object_size(native) == 14.63
+    assert target_object_size(loaded) == target_object_size(native) == 17.7
 
 
 def test_exported_model_reimported_gives_the_same_labels(tmp_path):
