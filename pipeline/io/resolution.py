@@ -63,12 +63,17 @@ class ResampledImage(LazyImage):
         """The window at the target pixel size, in the image's dtype (see :class:`LazyImage`)."""
         region = self._check_region(spatial_region)
         rules = self.rules
-        spans = [r.source_span(s.start, s.stop) for r, s in zip(rules, region, strict=True)]
+        # an axis kept as it is (a volume's Z) is read as asked, not with the kernel's margin
+        spans = [
+            (s.start, s.stop) if r.factor == 1 else r.source_span(s.start, s.stop)
+            for r, s in zip(rules, region, strict=True)
+        ]
         if any(s.stop <= s.start for s in region):
             return np.zeros((self.n_channels, *(s.stop - s.start for s in region)), self.dtype)
         data = self._read_stored(tuple(slice(lo, hi) for lo, hi in spans))
         for axis, (rule, s, (lo, _)) in enumerate(zip(rules, region, spans, strict=True)):
-            data = resample_axis(data, axis + 1, rule, s.start, s.stop, offset=lo)
+            if rule.factor != 1:
+                data = resample_axis(data, axis + 1, rule, s.start, s.stop, offset=lo)
         if self.dtype.kind in "ui":
             info = np.iinfo(self.dtype)
             data = np.clip(np.rint(data), info.min, info.max)
