@@ -337,6 +337,11 @@ class SegmentOptions:
         "(labels upsampled to the input's grid are split on that grid)", "objects", (int,),
         minimum=1, metavar="N",
     )  # fmt: skip
+    min_area: int = option(
+        0, "foreground specks smaller than N px of the labels written are left out before "
+        "objects are found (on the grid split on, the same area there); 0 keeps all",
+        "objects", (int,), minimum=0, metavar="PX",
+    )  # fmt: skip
     table: str = option(
         "none", "per-object measurements in OUTPUT/objects.<format> (needs --instances)",
         "objects", (str,), choices=TABLES,
@@ -454,6 +459,8 @@ def options_from_mapping(
         raise TilesegError(source or "--table", "table: per-object tables need --instances")
     if options.export and options.instances == "none":
         raise TilesegError(source or "--export", "export: object polygons need --instances")
+    if options.min_area and options.instances == "none":
+        raise TilesegError(source or "--min-area", "min_area: leaves specks out of --instances")
     if options.instance_threshold is not None and not (
         options.instances != "none" and options.save_probabilities
     ):

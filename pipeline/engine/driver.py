@@ -1080,7 +1080,7 @@ def _objects(
         grid_scale = math.sqrt(math.prod(split_on.factors)) if split_on else 1.0
         found["instances"] = run_once(output, "instances", lambda: label_instances(
             output, watershed=options.instances == "watershed",
-            min_distance=options.min_distance, split_on=split_on,
+            min_distance=options.min_distance, split_on=split_on, min_area=options.min_area,
             halo=max(64, math.ceil(64 * grid_scale)),
             source="labels" if threshold is None else "probabilities",
             threshold=0.5 if threshold is None else threshold, **run,

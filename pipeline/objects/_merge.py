@@ -50,6 +50,7 @@ class Criteria:
     watershed: bool
     min_distance: int
     halo: int
+    min_area: float = 0.0  # specks left out: px of the grid the foreground is read on
 
 
 @dataclass(frozen=True)

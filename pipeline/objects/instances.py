@@ -47,6 +47,7 @@ module labels the blocks (step 1), writes the labels image (step 4) and drives t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -194,10 +195,21 @@ def _foreground(plan: _Plan, window: tuple[slice, ...], *, path: str | None = No
     return q > rule.threshold
 
 
+def _without_specks(mask: np.ndarray, rule: Criteria) -> np.ndarray:
+    """``mask`` without its connected components of fewer than ``rule.min_area`` pixels."""
+    if rule.min_area <= 0:
+        return mask
+    components, _ = ndimage.label(mask, _structure(mask.ndim, rule.connectivity))
+    keep = np.bincount(components.ravel()) >= rule.min_area
+    keep[0] = False
+    return keep[components]
+
+
 def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
     plan, coords = item
     rule, region = plan.criteria, plan.region(0, coords)
-    halo = rule.halo if rule.watershed else 0
+    # a halo shows the block every speck that touches it whole, and the watershed its objects
+    halo = rule.halo if rule.watershed or rule.min_area > 0 else 0
     window = tuple(
         slice(max(0, r.start - halo), min(n, r.stop + halo))
         for r, n in zip(region, plan.shape, strict=True)
@@ -205,7 +217,7 @@ def _label_block(item: tuple[_Plan, tuple[int, ...]]) -> dict[str, int]:
     if rule.watershed:
         extended = _split(plan, window)
     else:
-        mask = _foreground(plan, window)
+        mask = _without_specks(_foreground(plan, window), rule)
         extended, _ = ndimage.label(mask, _structure(plan.ndim, rule.connectivity))
     crop = tuple(
         slice(r.start - w.start, r.stop - w.start) for r, w in zip(region, window, strict=True)
@@ -244,7 +256,7 @@ def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
     its labels came from (``plan.split_on``), brought to the window by nearest neighbour."""
     rule, grid = plan.criteria, plan.split_on
     if grid is None:
-        mask = _foreground(plan, window)
+        mask = _without_specks(_foreground(plan, window), rule)
         return watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
     from pipeline.resample import nearest_source
 
@@ -259,7 +271,7 @@ def _split(plan: _Plan, window: tuple[slice, ...]) -> np.ndarray:
         slice(0 if w.start == 0 else int(ix[0]), n if w.stop == m else int(ix[-1]) + 1)
         for w, ix, n, m in zip(window, index, shape, plan.shape, strict=True)
     )
-    mask = _foreground(plan, source, path=grid.path)
+    mask = _without_specks(_foreground(plan, source, path=grid.path), rule)
     split = watershed_split(mask, min_distance=rule.min_distance, connectivity=rule.connectivity)
     return split[np.ix_(*(ix - s.start for ix, s in zip(index, source, strict=True)))]
 
@@ -311,6 +323,7 @@ def label_instances(
     watershed: bool = False,
     min_distance: int = 7,
     halo: int = 64,
+    min_area: int = 0,
     block_chunks: int = 2,
     consecutive: bool = True,
     name: str = "instances",
@@ -333,6 +346,10 @@ def label_instances(
     watershed
         Split touching objects (:func:`watershed_split` with ``min_distance``) on each block
         plus ``halo`` px; exact for objects at most ``halo`` px across (see the module doc).
+    min_area
+        Connected components of the foreground smaller than this many output pixels are
+        left out as specks (on the grid split on, the same area there). Exact at any area:
+        the blocks' halo grows to hold any speck whole.
     block_chunks
         Output chunks per block side in the labelling and writing tasks.
     consecutive
@@ -348,11 +365,15 @@ def label_instances(
     started = time.perf_counter()
     output = os.fspath(Path(output).absolute())
     layout = read_layout(output)
+    factors = split_on.factors if watershed and split_on is not None else (1.0,)
+    floor = min_area / math.prod(factors)  # in pixels of the grid the foreground is read on
+    if min_area > 0:  # a speck spans at most its area in pixels, in output px at most this
+        halo = max(halo, math.ceil(floor * max(factors)) + 1)
     criteria = Criteria(
         source=source,
         foreground_classes=tuple(map(int, foreground_classes)) if foreground_classes else None,
         threshold=float(threshold), connectivity=int(connectivity), watershed=bool(watershed),
-        min_distance=int(min_distance), halo=int(halo),
+        min_distance=int(min_distance), halo=int(halo), min_area=floor,
     )  # fmt: skip
     plan = _plan(output, layout, criteria, block_chunks=block_chunks, name=name)
     if watershed and split_on is not None:  # read by tasks, wherever they run

@@ -64,6 +64,38 @@ def test_connected_components_equal_whole_image_labelling(ndim, data):
     assert sorted(np.unique(got[got > 0])) == list(range(1, n + 1))  # consecutive ids
 
 
+def without_specks(mask: np.ndarray, connectivity: int, min_area: int) -> np.ndarray:
+    labels, _ = whole_image_labels(mask, connectivity)
+    keep = np.bincount(labels.ravel()) >= min_area
+    keep[0] = False
+    return keep[labels]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@settings(
+    max_examples=examples(12),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+)
+@given(data=st.data())
+def test_specks_are_left_out_as_in_the_whole_image(ndim, data):
+    """``min_area``: the components of fewer pixels are dropped exactly as a whole-image
+    labelling drops them, whatever blocks they cross (the halo grows to hold them)."""
+    mask, chunks, connectivity, block_chunks = data.draw(masks(ndim))
+    min_area = data.draw(st.integers(1, 60))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.zarr"
+        make_output(out, mask.astype(np.uint8), chunks)
+        summary = label_instances(
+            out, connectivity=connectivity, block_chunks=block_chunks, min_area=min_area
+        )
+        got = read(out)
+    expected, n = whole_image_labels(without_specks(mask, connectivity, min_area), connectivity)
+    assert one_to_one(got, expected)
+    assert summary.objects == n
+
+
 def corner_mask() -> np.ndarray:
     """Objects across chunk corners (chunks of 10), along faces and at the image border."""
     m = np.zeros((40, 50), bool)
@@ -173,6 +205,13 @@ def test_watershed_equals_whole_image_for_objects_within_the_halo(chunk, seed):
         small_halo = read(out)
     assert one_to_one(got, watershed_split(mask, min_distance=4))
     assert np.array_equal(small_halo > 0, mask)
+    with tempfile.TemporaryDirectory() as tmp:  # specks left out before the split
+        out = Path(tmp) / "out.zarr"
+        make_output(out, mask.astype(np.uint8), (chunk, chunk))
+        label_instances(out, watershed=True, min_distance=4, halo=extent, block_chunks=1,
+                        min_area=120)  # fmt: skip
+        cleaned = read(out)
+    assert one_to_one(cleaned, watershed_split(without_specks(mask, 1, 120), min_distance=4))
     pairs = np.unique(np.stack([small_halo.ravel(), cc.ravel()]), axis=1)
     assert len(np.unique(pairs[0])) == pairs.shape[1]  # each object inside one component
 
@@ -207,6 +246,17 @@ def test_watershed_on_the_grid_labels_came_from_equals_its_split_brought_over(fa
     assert one_to_one(got, watershed_split(coarse, min_distance=4)[pick])
     assert summary.objects == len(np.unique(got)) - 1
     assert attrs["tileseg-instances"]["split_on_factors"] == [factor, factor]
+    with tempfile.TemporaryDirectory() as tmp:  # specks of 40 output px: 40 / factor² there
+        out, grid = Path(tmp) / "out.zarr", Path(tmp) / "grid.zarr"
+        make_output(grid, coarse.astype(np.uint8), (32, 32))
+        make_output(out, coarse[pick].astype(np.uint8), (chunk, chunk))
+        label_instances(
+            out, watershed=True, min_distance=4, halo=int(np.ceil((extent + 2) * factor)),
+            block_chunks=1, split_on=SplitGrid(str(grid), (factor, factor)), min_area=40,
+        )  # fmt: skip
+        cleaned = read(out)
+    kept = without_specks(coarse, 1, 40 / factor**2)
+    assert one_to_one(cleaned, watershed_split(kept, min_distance=4)[pick])
 
 
 def test_empty_foreground_and_single_block(tmp_path):
