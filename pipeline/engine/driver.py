@@ -33,7 +33,7 @@ from pipeline.config import SERIAL_CORES, SegmentOptions
 from pipeline.engine.profile import PhaseTimer
 from pipeline.engine.pyramid import PyramidFeed, pyramid_parts, run_pyramid
 from pipeline.engine.resumable import pending, run_once, run_resumable
-from pipeline.engine.scale import Scale, choose_scale, middle_plane
+from pipeline.engine.scale import Scale, choose_scale
 from pipeline.engine.tasks import BlockTask, read_window, run_block, run_blocks, writing
 from pipeline.errors import TilesegError
 from pipeline.geometry import (
@@ -49,7 +49,7 @@ from pipeline.io.channels import auto_channel, channel_listing, channel_record, 
 from pipeline.io.readers import LazyImage, open_image
 from pipeline.models import LoadedModel, ModelSpec, load_model
 from pipeline.models.inference import CPU_BATCH_SIZE, Predictor, label_dtype
-from pipeline.models.planes import module_ndim, one_plane_model, runs_plane_wise
+from pipeline.models.planes import module_ndim, runs_plane_wise
 from pipeline.objects.export import check_export, export_segmentation
 from pipeline.objects.instances import SplitGrid, label_instances
 from pipeline.objects.measure import measure_objects
@@ -339,13 +339,9 @@ def _check_object_size(
     with timer.phase("normalization"):
         normalization = compute_normalization(image, mode="percentile", stain=stain)
     with timer.phase("object_size"):
-        if image.spatial_axes == "ZYX" and module_ndim(model) == 2:  # a volume, plane by plane
-            # the 2D model on the middle plane; the run's predictor is the plane-wise one
-            plane, flat = middle_plane(image), one_plane_model(model)
-            warn_object_size(plane, flat, device=options.device, normalization=normalization)
-        else:
-            warn_object_size(image, model, device=options.device, predictor=predictor,
-                             normalization=normalization)  # fmt: skip
+        warn_object_size(
+            image, model, device=options.device, predictor=predictor, normalization=normalization
+        )
     same = options.normalize == "percentile" and tuple(options.percentiles) == (1.0, 99.8)
     return normalization if same and model.normalization is None else None
 

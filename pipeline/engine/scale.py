@@ -26,19 +26,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import SegmentOptions
 from pipeline.errors import TilesegError
 from pipeline.io.readers import LazyImage
 from pipeline.io.resolution import at_scale
 from pipeline.models import LoadedModel
-from pipeline.models.planes import module_ndim, one_plane_model
-from pipeline.objects.size import estimate_object_size, target_object_size, trained_object_size
+from pipeline.models.planes import module_ndim
+from pipeline.objects.size import (
+    estimate_object_size,
+    on_one_plane,
+    target_object_size,
+    trained_object_size,
+)
 from pipeline.preprocess.normalize import compute_normalization
 from pipeline.preprocess.stain import slide_stain
 
-__all__ = ["Scale", "choose_scale", "middle_plane", "scale_note"]
+__all__ = ["Scale", "choose_scale", "scale_note"]
 
 # Levels coarser than this (per side) are not used for the estimate: their objects are blurred
 # into each other even when they are large.
@@ -142,9 +145,9 @@ def _estimate(
     """The typical object diameter in pixels of ``image`` at ``mpp`` (of ``image`` without),
     estimated on the coarsest level where objects still look at least the trained size; a
     volume's on its middle plane."""
-    if image.spatial_axes == "ZYX":  # a volume segmented plane by plane
-        image, model = middle_plane(image), one_plane_model(model)
-    elif image.spatial_axes != "YX":
+    plane = image.spatial_shape[0] // 2 if image.spatial_axes == "ZYX" else None
+    image, model = on_one_plane(image, model)
+    if image.spatial_axes != "YX":
         raise TilesegError(image.path, "--object-size auto: sizes are estimated on 2D images")
     # H&E: the model sees the slide's stains mapped as the run maps them, fitted once here
     stain = slide_stain(image, options.stain, model.in_channels)
@@ -176,38 +179,9 @@ def _estimate(
         assert image.pixel_size is not None
         diameter *= math.sqrt(math.prod(image.pixel_size)) / mpp
     estimate = {**found.to_dict(), "level": level_no, "level_downsample": round(ratio, 4)}
-    if isinstance(image, _Plane):
-        estimate["plane"] = image.z
+    if plane is not None:
+        estimate["plane"] = plane
     return diameter, {"object_size_px": round(diameter, 2), "estimate": estimate}
-
-
-def middle_plane(volume: LazyImage) -> _Plane:
-    """The middle Z plane of a ``ZYX`` volume as a lazily read 2D image (``path`` names the
-    plane): where a volume segmented plane by plane has its objects sized."""
-    return _Plane(volume, volume.spatial_shape[0] // 2)
-
-
-class _Plane:
-    """One Z plane of a volume as a 2D image, read lazily: what the size estimate reads."""
-
-    level, n_levels, spatial_axes = 0, 1, "YX"
-
-    def __init__(self, volume: LazyImage, z: int) -> None:
-        self.volume, self.z = volume, z
-        self.path = f"{volume.path} (plane {z})"
-        self.spatial_shape = tuple(volume.spatial_shape[1:])
-        self.level_shapes = (self.spatial_shape,)
-        self.n_channels, self.dtype = volume.n_channels, volume.dtype
-        self.pixel_size = volume.pixel_size[1:] if volume.pixel_size else None
-
-    def read(self, spatial_region: tuple[slice, ...]) -> np.ndarray:
-        return self.volume.read((slice(self.z, self.z + 1), *spatial_region))[:, 0]
-
-    def at_level(self, level: int) -> _Plane:
-        return self
-
-    def close(self) -> None:
-        pass  # the volume stays open: the run reads it
 
 
 def _estimate_levels(image: LazyImage) -> list[LazyImage]:

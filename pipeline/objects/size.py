@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +41,7 @@ __all__ = [
     "SizeEstimate",
     "estimate_object_size",
     "object_diameters",
+    "on_one_plane",
     "scale_factor",
     "size_warning",
     "target_object_size",
@@ -118,8 +119,7 @@ def object_diameters(labels: np.ndarray, *, min_area: int = 4) -> np.ndarray:
 def trained_object_size(model: LoadedModel) -> float | None:
     """The object diameter (px) a model was trained at, if recorded: in its training record,
     else in its metadata (``object_size_px``, for TorchScript, ONNX and other models)."""
-    record = (model.info or {}).get("training") or {}
-    size = (record.get("object_size") or {}).get("diameter_px")
+    size = _object_size_record(model).get("diameter_px")
     return float(size) if size else model.metadata.object_size_px
 
 
@@ -131,8 +131,7 @@ def target_object_size(model: LoadedModel) -> float | None:
     its training; the extra pixels per object over the median let the watershed split
     touching objects that the median's scale merges.
     """
-    record = (model.info or {}).get("training") or {}
-    quartiles = (record.get("object_size") or {}).get("diameter_quartiles_px")
+    quartiles = _object_size_record(model).get("diameter_quartiles_px")
     return float(quartiles[1]) if quartiles else trained_object_size(model)
 
 
@@ -140,11 +139,17 @@ def with_object_size(model: LoadedModel, diameter: float) -> LoadedModel:
     """``model`` recording ``diameter`` (px) as the object size it was trained at, in place
     of any recorded one (``--model-object-size``); it is also the size it segments at, since
     nothing is known of the spread of its training objects."""
-    from dataclasses import replace
-
-    training = dict((model.info or {}).get("training") or {})
-    training["object_size"] = {"diameter_px": float(diameter), "measure": "given"}
+    given = {"diameter_px": float(diameter), "measure": "given"}
+    training = {**_training_record(model), "object_size": given}
     return replace(model, info={**(model.info or {}), "training": training})
+
+
+def _training_record(model: LoadedModel) -> dict[str, Any]:
+    return (model.info or {}).get("training") or {}
+
+
+def _object_size_record(model: LoadedModel) -> dict[str, Any]:
+    return _training_record(model).get("object_size") or {}
 
 
 def training_object_size(masks, *, window: int = 1024) -> dict[str, Any]:
@@ -287,6 +292,40 @@ def _predictor(model: LoadedModel, device: str) -> Predictor:
     return Predictor.create(model, device=device, precision="fp32", channels_last="on")
 
 
+class _Plane:
+    """One Z plane of a volume as a 2D image, read lazily: what the size is found on."""
+
+    level, n_levels, spatial_axes = 0, 1, "YX"
+
+    def __init__(self, volume: LazyImage, z: int) -> None:
+        self.volume, self.z = volume, z
+        self.path = f"{volume.path} (plane {z})"
+        self.spatial_shape = tuple(volume.spatial_shape[1:])
+        self.level_shapes = (self.spatial_shape,)
+        self.n_channels, self.dtype = volume.n_channels, volume.dtype
+        self.pixel_size = volume.pixel_size[1:] if volume.pixel_size else None
+
+    def read(self, spatial_region: tuple[slice, ...]) -> np.ndarray:
+        return self.volume.read((slice(self.z, self.z + 1), *spatial_region))[:, 0]
+
+    def at_level(self, level: int) -> _Plane:
+        return self
+
+    def close(self) -> None:
+        pass  # the volume stays open: the run reads it
+
+
+def on_one_plane(image: LazyImage, model: LoadedModel) -> tuple[LazyImage, LoadedModel]:
+    """A volume that a 2D model segments plane by plane, as its middle plane (read lazily;
+    ``path`` names the plane) and the 2D model: where its objects are sized. Any other image
+    and model as they are."""
+    from pipeline.models.planes import module_ndim, one_plane_model
+
+    if len(image.spatial_shape) != 3 or module_ndim(model) != 2:
+        return image, model
+    return _Plane(image, image.spatial_shape[0] // 2), one_plane_model(model)
+
+
 def size_warning(
     image: LazyImage,
     model: LoadedModel,
@@ -300,14 +339,19 @@ def size_warning(
     trained size (beyond a factor ``tolerance`` either way), else None.
 
     One forward of a central window at the image's own scale settles the usual case (objects
-    found near the trained size); only otherwise is the size estimated. Models without a
-    recorded trained size, 3D images, and images where no objects are found give None: the
-    check is advice, never a reason to stop a run. ``predictor``: the model as the run
-    prepared it (shared, so the check costs one small forward, not a copy of the model);
-    ``normalization``: the image's 1-99.8 % percentile normalisation, when the run has it.
+    found near the trained size); only otherwise is the size estimated. A volume that a 2D
+    model segments plane by plane is looked at on its middle plane (:func:`on_one_plane`).
+    Models without a recorded trained size, other 3D images, and images where no objects are
+    found give None: the check is advice, never a reason to stop a run. ``predictor``: the
+    model as the run prepared it (shared, so the check costs one small forward, not a copy of
+    the model); ``normalization``: the image's 1-99.8 % percentile normalisation, when the run
+    has it.
     """
     from pipeline.preprocess.normalize import compute_normalization
 
+    plane, flat = on_one_plane(image, model)
+    if flat is not model:  # a volume: the 2D model on its middle plane, not the run's predictor
+        image, model, predictor = plane, flat, None
     trained = trained_object_size(model)
     if trained is None or len(image.spatial_shape) != 2:
         return None
