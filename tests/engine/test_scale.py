@@ -376,6 +376,9 @@ def test_the_fingerprint_changes_with_the_object_size_and_the_labels_grid(tmp_pa
         (["--object-size", "0"], "must be a diameter in px > 0 or auto"),
         (["--object-size", "big"], "expected a number or auto"),
         (["--labels-at", "level0"], "invalid choice"),
+        (["--model-object-size", "0"], "must be a diameter in px > 0"),
+        (["--min-area", "-1"], "min_area: must be >= 0"),
+        (["--min-area", "50"], "min_area: leaves specks out of --instances"),
     ],
 )
 def test_bad_object_sizes_are_one_line(tmp_path, capsys, flags, problem):
