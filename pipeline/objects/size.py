@@ -58,6 +58,8 @@ _MIN_OBJECTS = 3  # fewer objects than this at a factor say nothing about the si
 # measurements at the exact scale after the ladder's: the second corrects the first where
 # clumps measured as one made the ladder's scale too small
 _REMEASURE = 2
+# two factors' objects are the same objects when their sizes in the image differ less than this
+_SAME_SIZE = math.log(1.5)
 
 
 @dataclass(frozen=True)
@@ -267,16 +269,8 @@ def estimate_object_size(
         raise ValueError("object sizes are estimated on 2D images")
     norm = normalization or compute_normalization(image, mode="percentile")
     predictor = predictor or _predictor(model, device)
-    best = None
-    for factor in _LADDER:
-        d = _measure(predictor, norm, image, factor, window)
-        if len(d) >= _MIN_OBJECTS:
-            miss = abs(math.log(float(np.median(d)) * factor / trained))
-            if best is None or miss < best[0]:
-                best = (miss, factor, d)
-    if best is None:
-        raise ValueError("no objects found at any scale")
-    _, factor, d = best
+    ladder = [(f, _measure(predictor, norm, image, f, window)) for f in _LADDER]
+    factor, d = _closest_confirmed(ladder, trained)
     for _ in range(_REMEASURE):
         exact = scale_factor(float(np.median(d)), trained)
         found = _measure(predictor, norm, image, exact, window, split=max(1, round(trained / 2)))
@@ -284,6 +278,30 @@ def estimate_object_size(
             break
         factor, d = exact, found
     return SizeEstimate(float(np.median(d)), factor, len(d), trained)
+
+
+def _closest_confirmed(
+    ladder: list[tuple[float, np.ndarray]], trained: float
+) -> tuple[float, np.ndarray]:
+    """The ladder's factor whose objects look closest to the trained size, among those whose
+    objects a neighbouring factor finds at about the same size in the image.
+
+    Texture inside large objects (chromocentres, nucleoli, specks) can look like objects at
+    one factor; the objects themselves are found at the same size in the image over several
+    factors. Without any confirmed factor, every factor with objects competes.
+    """
+    medians = [float(np.median(d)) if len(d) >= _MIN_OBJECTS else None for _, d in ladder]
+
+    def confirmed(i: int) -> bool:
+        near = [medians[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
+        return any(m is not None and abs(math.log(m / medians[i])) < _SAME_SIZE for m in near)
+
+    found = [i for i, m in enumerate(medians) if m is not None]
+    if not found:
+        raise ValueError("no objects found at any scale")
+    pool = [i for i in found if confirmed(i)] or found
+    best = min(pool, key=lambda i: abs(math.log(medians[i] * ladder[i][0] / trained)))
+    return ladder[best]
 
 
 def _predictor(model: LoadedModel, device: str) -> Predictor:

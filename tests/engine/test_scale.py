@@ -39,7 +39,7 @@ from pipeline.output.provenance import fingerprint
 from pipeline.output.qc import instance_f1
 from pipeline.resample import Resampling, nearest_source, resample_axis
 from pipeline.synthetic.render import synthetic_pair
-from pipeline.training.scale_eval import BINS, sized_config
+from pipeline.training.scale_eval import BINS, SCALE_SEEDS, sized_config
 
 TRAINED = 10.0  # the trained object size the test models record
 
@@ -186,7 +186,7 @@ def test_object_size_auto_meets_the_quality_targets_in_every_diameter_bin(tmp_pa
     seeds, scored pooled over them): estimate within 25 %, foreground Dice >= 0.9, object F1
     >= 0.85 (IoU 0.5). Pooled, as one image of the large bins holds only about 20 nuclei."""
     counts = np.zeros(5, np.int64)  # overlap, predicted + true area; matched, found, true
-    for seed in (0, 1):
+    for seed in SCALE_SEEDS:
         image, truth = synthetic_pair((max(256, 8 * diameter),) * 2,
                                       config=sized_config(diameter, seed=seed))  # fmt: skip
         path = write_tiff(tmp_path / f"{seed}.tif", image, axes="YX", tile=(128, 128))

@@ -88,6 +88,19 @@ def test_clumped_nuclei_are_measured_one_by_one(model, diameter):
     assert found.diameter == pytest.approx(true, rel=0.15)
 
 
+@pytest.mark.parametrize("diameter", [48, 90, 150])
+def test_textured_nuclei_are_sized_by_their_outlines_not_their_chromocentres(model, diameter):
+    """Large dim nuclei with bright chromocentres: at some factor the chromocentres (or a
+    few specks) look like objects of the trained size; only the nuclei keep their size in
+    the image from one factor to the next, so they are what the estimate measures."""
+    for seed in range(6):
+        config = sized_config(diameter, seed=seed, textured=True)
+        image, truth = synthetic_pair((1024, 1024), config=config)
+        true = float(np.median(object_diameters(truth)))
+        found = estimate_object_size(ArrayImage(image[None], "img"), model)
+        assert found.diameter == pytest.approx(true, rel=0.25), seed
+
+
 def test_size_warning_only_for_objects_far_from_the_trained_size(model, tmp_path):
     small, _ = synthetic_pair((256, 256), config=sized_config(16, seed=3))
     large, _ = synthetic_pair((512, 512), config=sized_config(64, seed=3))
