@@ -20,8 +20,8 @@ from scipy import ndimage
 from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import segment_image
-from pipeline.models import UNetConfig, save_unet
-from pipeline.objects.size import object_diameters
+from pipeline.models import UNetConfig, default_model, save_unet
+from pipeline.objects.size import object_diameters, target_object_size
 from pipeline.output.ngff import LABELS_PATH, read_record
 from pipeline.synthetic.render import SyntheticConfig, synthetic_pair
 from pipeline.training.scale_eval import sized_config
@@ -202,7 +202,7 @@ def test_a_volume_at_an_object_size_is_each_plane_at_that_size(tmp_path, labels_
     options = SegmentOptions(object_size=40.0, labels_at=labels_at, tile=64,
                              normalize="fixed", scale=1 / 1000)  # fmt: skip
     done = segment_image(path, tmp_path / "v.zarr", options).record["resample"]
-    factor = 40.0 / 17.7  # to the default model's target object size
+    factor = 40.0 / target_object_size(default_model())  # to the default model's target size
     assert done["input_factor"] == pytest.approx([1.0, factor, factor])
     out = zarr.open_group(tmp_path / "v.zarr", mode="r")
     labels = out[f"{LABELS_PATH}/0"][...]

@@ -31,9 +31,9 @@ from pipeline.cli.main import main
 from pipeline.config import SegmentOptions
 from pipeline.engine.driver import expected_fingerprint, segment_image
 from pipeline.io.readers import open_image
-from pipeline.models import ModelMetadata, UNetConfig, save_unet, seeded_unet
+from pipeline.models import ModelMetadata, UNetConfig, default_model, save_unet, seeded_unet
 from pipeline.objects.instances import watershed_split
-from pipeline.objects.size import object_diameters
+from pipeline.objects.size import object_diameters, target_object_size
 from pipeline.output.ngff import LABELS_PATH, MODEL_GRID, read_record
 from pipeline.output.provenance import fingerprint
 from pipeline.output.qc import instance_f1
@@ -261,11 +261,12 @@ def test_labels_on_either_grid_carry_their_ngff_scale(tmp_path, large_nuclei):
 def test_labels_on_the_model_grid_without_a_pixel_size_are_scaled_in_input_pixels(tmp_path):
     image, _ = synthetic_pair((320, 320), config=sized_config(32, seed=2))
     write_tiff(tmp_path / "in.tif", image, axes="YX", tile=(64, 64))
-    options = SegmentOptions(object_size=44.25, labels_at="model", tile=64,
+    size = 2.5 * target_object_size(default_model())  # segmented 2.5 times smaller
+    options = SegmentOptions(object_size=size, labels_at="model", tile=64,
                              instances="connected", export=("geojson",))  # fmt: skip
     segment_image(tmp_path / "in.tif", tmp_path / "out.zarr", options)  # the default model
     root = zarr.open_group(tmp_path / "out.zarr", mode="r")
-    assert root[f"{LABELS_PATH}/0"].shape == (128, 128)  # to 17.7 px objects: 2.5 times smaller
+    assert root[f"{LABELS_PATH}/0"].shape == (128, 128)
     for group in (root[LABELS_PATH], root["labels/instances"]):
         assert scale_of(group) == pytest.approx([2.5, 2.5])
         assert "unit" not in group.attrs["multiscales"][0]["axes"][0]

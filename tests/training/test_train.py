@@ -30,6 +30,7 @@ from pipeline.training.data import (
     varied_config,
 )
 from pipeline.training.real_nuclei import score_real_nuclei
+from pipeline.training.scale_eval import sized_config
 from pipeline.training.train import (
     TrainConfig,
     config_from_mapping,
@@ -278,7 +279,7 @@ def test_shipped_default_generalises_to_real_fluorescence_nuclei(tmp_path):
     score = score_real_nuclei(tmp_path, options=SegmentOptions(precision="fp32"))
     assert score["true_objects"] == 125
     assert score["foreground_dice"] >= 0.9  # 0.927 when written
-    assert score["object_f1"] >= 0.85  # 0.901 when written (128 objects found)
+    assert score["object_f1"] >= 0.85  # 0.873 when written (134 objects found)
 
 
 def test_min_area_leaves_the_real_image_s_specks_out(tmp_path):
@@ -293,25 +294,45 @@ def test_min_area_leaves_the_real_image_s_specks_out(tmp_path):
     assert np.bincount(components.ravel())[1:].min() >= 50
 
 
-def test_shipped_default_tolerates_textured_nuclei(tmp_path):
-    """Nuclei with bright chromocentres, dark nucleoli, dim and bright ones in one image,
-    mitotic ones, clumps, defocus and background ramps (``varied_config(textures=True)``, slide
-    seeds the recipe never trained on): outlined whole, not as their texture."""
+def _pooled_scores(tmp_path, pairs, options: SegmentOptions) -> tuple[float, float]:
+    """Pooled foreground Dice and object F1 of ``tileseg segment`` on (image, truth) pairs."""
     counts = np.zeros(5, np.int64)  # overlap, predicted + true area; matched, found, true
-    for seed in range(5000, 5006):
-        config = replace(varied_config(seed, textures=True), tissue=False)
-        image, truth = synthetic_pair((512, 512), config=config)
-        path = write_tiff(tmp_path / f"{seed}.tif", image, axes="YX", tile=(128, 128))
-        out = tmp_path / f"{seed}.zarr"
-        segment_image(path, out, SegmentOptions(instances="watershed", tile=512))
+    for i, (image, truth) in enumerate(pairs):
+        path = write_tiff(tmp_path / f"{i}.tif", image, axes="YX", tile=(128, 128))
+        out = tmp_path / f"{i}.zarr"
+        segment_image(path, out, replace(options, instances="watershed"))
         root = zarr.open_group(out, mode="r")
         a, b = root["labels/segmentation/0"][...] > 0, truth > 0
         score = instance_f1(root["labels/instances/0"][...], truth)
         counts += [(a & b).sum(), a.sum() + b.sum(), score["matched"], score["predicted"],
                    score["true"]]  # fmt: skip
     overlap, area, matched, found, true = counts
-    assert 2 * overlap / area >= 0.92  # 0.944 when written
-    assert 2 * matched / (found + true) >= 0.8  # 0.844 when written
+    return 2 * overlap / area, 2 * matched / (found + true)
+
+
+def test_shipped_default_tolerates_textured_nuclei(tmp_path):
+    """Nuclei with bright chromocentres, dark nucleoli, dim and bright ones in one image,
+    mitotic ones, clumps, defocus and background ramps (``varied_config(textures=True)``, slide
+    seeds the recipe never trained on): outlined whole, not as their texture."""
+    configs = [replace(varied_config(s, textures=True), tissue=False) for s in range(5000, 5006)]
+    pairs = [synthetic_pair((512, 512), config=c) for c in configs]
+    dice, f1 = _pooled_scores(tmp_path, pairs, SegmentOptions(tile=512))
+    assert dice >= 0.92  # 0.949 when written
+    assert f1 >= 0.8  # 0.827 when written
+
+
+def test_shipped_default_segments_large_textured_nuclei_at_their_estimated_scale(tmp_path):
+    """Issue 26's case: cultured cells' nuclei 40-150 px across, dim with bright chromocentres,
+    a few very bright mitotic ones, under ``--object-size auto``. A model trained without
+    textured nuclei scores Dice 0.936 and object F1 0.888 on these nine images."""
+    pairs = [
+        synthetic_pair((1024, 1024), config=sized_config(d, seed=seed, textured=True))
+        for d in (40, 90, 150)
+        for seed in range(3)
+    ]
+    dice, f1 = _pooled_scores(tmp_path, pairs, SegmentOptions(object_size="auto"))
+    assert dice >= 0.94  # 0.948 when written
+    assert f1 >= 0.9  # 0.917 when written
 
 
 def test_instance_f1_counts_objects_matched_above_the_iou():
