@@ -280,26 +280,32 @@ def estimate_object_size(
     return SizeEstimate(float(np.median(d)), factor, len(d), trained)
 
 
+def _medians(ladder: list[tuple[float, np.ndarray]]) -> list[float | None]:
+    """Each factor's median diameter (px of the image), None where too few objects."""
+    return [float(np.median(d)) if len(d) >= _MIN_OBJECTS else None for _, d in ladder]
+
+
+def _confirmed(medians: list[float | None], i: int) -> bool:
+    """Whether a neighbouring factor of the ladder finds objects of about factor ``i``'s size
+    in the image: texture inside large objects (chromocentres, nucleoli, specks) can look like
+    objects at one factor, while the objects themselves keep their size from one to the next."""
+    own = medians[i]
+    near = [medians[j] for j in (i - 1, i + 1) if 0 <= j < len(medians)]
+    return own is not None and any(
+        m is not None and abs(math.log(m / own)) < _SAME_SIZE for m in near
+    )
+
+
 def _closest_confirmed(
     ladder: list[tuple[float, np.ndarray]], trained: float
 ) -> tuple[float, np.ndarray]:
-    """The ladder's factor whose objects look closest to the trained size, among those whose
-    objects a neighbouring factor finds at about the same size in the image.
-
-    Texture inside large objects (chromocentres, nucleoli, specks) can look like objects at
-    one factor; the objects themselves are found at the same size in the image over several
-    factors. Without any confirmed factor, every factor with objects competes.
-    """
-    medians = [float(np.median(d)) if len(d) >= _MIN_OBJECTS else None for _, d in ladder]
-
-    def confirmed(i: int) -> bool:
-        near = [medians[j] for j in (i - 1, i + 1) if 0 <= j < len(ladder)]
-        return any(m is not None and abs(math.log(m / medians[i])) < _SAME_SIZE for m in near)
-
+    """The ladder's factor whose objects look closest to the trained size, among the
+    :func:`_confirmed` ones; without any, every factor with objects competes."""
+    medians = _medians(ladder)
     found = [i for i, m in enumerate(medians) if m is not None]
     if not found:
         raise ValueError("no objects found at any scale")
-    pool = [i for i in found if confirmed(i)] or found
+    pool = [i for i in found if _confirmed(medians, i)] or found
     best = min(pool, key=lambda i: abs(math.log(medians[i] * ladder[i][0] / trained)))
     return ladder[best]
 
@@ -356,8 +362,9 @@ def size_warning(
     """One line for ``tileseg segment`` when the image's objects look far from the model's
     trained size (beyond a factor ``tolerance`` either way), else None.
 
-    One forward of a central window at the image's own scale settles the usual case (objects
-    found near the trained size); only otherwise is the size estimated. A volume that a 2D
+    Three forwards of a central window settle the usual case: objects found near the trained
+    size at the image's own scale, and at about the same size at half or twice that scale
+    (:func:`_confirmed`); only otherwise is the size estimated. A volume that a 2D
     model segments plane by plane is looked at on its middle plane (:func:`on_one_plane`).
     Models without a recorded trained size, other 3D images, and images where no objects are
     found give None: the check is advice, never a reason to stop a run. ``predictor``: the
@@ -375,8 +382,8 @@ def size_warning(
         return None
     norm = normalization or compute_normalization(image, mode="percentile")
     predictor = predictor or _predictor(model, device)
-    d = _measure(predictor, norm, image, 1.0, 256)
-    if len(d) >= _MIN_OBJECTS and 1 / tolerance <= np.median(d) / trained <= tolerance:
+    medians = _medians([(f, _measure(predictor, norm, image, f, 256)) for f in (2.0, 1.0, 0.5)])
+    if _confirmed(medians, 1) and 1 / tolerance <= medians[1] / trained <= tolerance:
         return None
     try:
         found = estimate_object_size(

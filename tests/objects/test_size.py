@@ -113,6 +113,22 @@ def test_size_warning_only_for_objects_far_from_the_trained_size(model, tmp_path
     assert "trained at" in line
 
 
+def test_the_size_warning_is_not_fooled_by_chromocentres(model, tmp_path):
+    """~90 px nuclei with bright chromocentres (issue 26's case): at the image's own scale
+    the chromocentres look like objects of the trained size, but a factor of 2 away they are
+    not the same size in the image; the warning checks, and names the nuclei's size."""
+    for seed in range(6):
+        image, truth = synthetic_pair(
+            (1024, 1024), config=sized_config(90, seed=seed, textured=True)
+        )
+        path = write_tiff(tmp_path / f"{seed}.tif", image, axes="YX", tile=(256, 256))
+        line = size_warning(open_image(path), model)
+        assert line is not None, seed
+        true = float(np.median(object_diameters(truth)))
+        found = float(line.split("objects look about ")[1].split(" px")[0])
+        assert found == pytest.approx(true, rel=0.25)
+
+
 def test_shrunk_windows_are_read_from_a_coarser_pyramid_level(model, tmp_path):
     from pipeline.objects.size import _coarser
 
