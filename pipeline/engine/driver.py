@@ -305,7 +305,7 @@ def _open_run(
 
 def _trained_channels(model: LoadedModel) -> str | None:
     """The channels a model was trained on (``tileseg train --channels``), if its record says."""
-    return ((model.info or {}).get("training") or {}).get("recipe", {}).get("channels")
+    return model.training.get("recipe", {}).get("channels")
 
 
 def expected_fingerprint(input_path: str | os.PathLike[str], options: SegmentOptions) -> str:

@@ -153,7 +153,7 @@ def _output_axis(b: Any, axis: str, g: Any, i: int, unit: dict[str, Any]) -> Any
 
 
 def _readme(loaded: Any, name: str) -> str:
-    training = loaded.info.get("training") or {}
+    training = loaded.training
     lines = [f"# {name}", "", "A U-Net exported by tileseg (`tileseg export-model`).", "",
              "## Validation", ""]  # fmt: skip
     if "val_dice" in training:

@@ -78,6 +78,11 @@ class LoadedModel:
     def pixel_size_um(self) -> float | None:
         return self.metadata.pixel_size_um
 
+    @property
+    def training(self) -> dict[str, Any]:
+        """The training record ``tileseg train`` wrote into the model; empty without one."""
+        return (self.info or {}).get("training") or {}
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()

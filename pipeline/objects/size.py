@@ -142,16 +142,12 @@ def with_object_size(model: LoadedModel, diameter: float) -> LoadedModel:
     of any recorded one (``--model-object-size``); it is also the size it segments at, since
     nothing is known of the spread of its training objects."""
     given = {"diameter_px": float(diameter), "measure": "given"}
-    training = {**_training_record(model), "object_size": given}
+    training = {**model.training, "object_size": given}
     return replace(model, info={**(model.info or {}), "training": training})
 
 
-def _training_record(model: LoadedModel) -> dict[str, Any]:
-    return (model.info or {}).get("training") or {}
-
-
 def _object_size_record(model: LoadedModel) -> dict[str, Any]:
-    return _training_record(model).get("object_size") or {}
+    return model.training.get("object_size") or {}
 
 
 def training_object_size(masks, *, window: int = 1024) -> dict[str, Any]:
@@ -256,9 +252,10 @@ def estimate_object_size(
     Returns
     -------
     SizeEstimate
-        The median diameter of the objects found at the factor closest to the trained size,
-        measured again at the factor it implies. Raises ``ValueError`` when no factor finds
-        objects or the model records no trained size.
+        The median diameter of the objects found at the factor closest to the trained size
+        (among the factors whose objects a neighbouring factor finds at about the same size in
+        the image, when any does), measured again at the factor it implies. Raises
+        ``ValueError`` when no factor finds objects or the model records no trained size.
     """
     from pipeline.preprocess.normalize import compute_normalization
 
