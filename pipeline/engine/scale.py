@@ -34,6 +34,7 @@ from pipeline.models import LoadedModel
 from pipeline.models.planes import module_ndim
 from pipeline.objects.size import (
     estimate_object_size,
+    middle_plane,
     on_one_plane,
     target_object_size,
     trained_object_size,
@@ -145,8 +146,9 @@ def _estimate(
     """The typical object diameter in pixels of ``image`` at ``mpp`` (of ``image`` without),
     estimated on the coarsest level where objects still look at least the trained size; a
     volume's on its middle plane."""
-    plane = image.spatial_shape[0] // 2 if image.spatial_axes == "ZYX" else None
-    image, model = on_one_plane(image, model)
+    flat, model = on_one_plane(image, model)
+    plane = None if flat is image else middle_plane(image)
+    image = flat
     if image.spatial_axes != "YX":
         raise TilesegError(image.path, "--object-size auto: sizes are estimated on 2D images")
     # H&E: the model sees the slide's stains mapped as the run maps them, fitted once here

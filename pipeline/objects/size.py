@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SizeEstimate",
     "estimate_object_size",
+    "middle_plane",
     "object_diameters",
     "on_one_plane",
     "scale_factor",
@@ -344,7 +345,12 @@ def on_one_plane(image: LazyImage, model: LoadedModel) -> tuple[LazyImage, Loade
 
     if len(image.spatial_shape) != 3 or module_ndim(model) != 2:
         return image, model
-    return _Plane(image, image.spatial_shape[0] // 2), one_plane_model(model)
+    return _Plane(image, middle_plane(image)), one_plane_model(model)
+
+
+def middle_plane(volume: LazyImage) -> int:
+    """The Z index of a volume's middle plane, the one :func:`on_one_plane` looks at."""
+    return volume.spatial_shape[0] // 2
 
 
 def size_warning(
@@ -365,8 +371,8 @@ def size_warning(
     model segments plane by plane is looked at on its middle plane (:func:`on_one_plane`).
     Models without a recorded trained size, other 3D images, and images where no objects are
     found give None: the check is advice, never a reason to stop a run. ``predictor``: the
-    model as the run prepared it (shared, so the check costs one small forward, not a copy of
-    the model); ``normalization``: the image's 1-99.8 % percentile normalisation, when the run
+    model as the run prepared it (shared, so the check costs three small forwards, not a copy
+    of the model); ``normalization``: the image's 1-99.8 % percentile normalisation, when the run
     has it.
     """
     from pipeline.preprocess.normalize import compute_normalization
